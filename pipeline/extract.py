@@ -212,6 +212,9 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
     key, material = cache_key(images, settings, weights)
     store_path = store_path_for(images, settings, weights, key)
     with store_lock(store_path):
+        # Holding the lock, any temporary file of this store is an orphan of a killed writer.
+        for orphan in store_path.parent.glob(f".{store_path.name}.tmp-*"):
+            orphan.unlink()
         existing = _open_existing(store_path, key)
         missing = tuple(t for t in settings.layers if existing is None or t not in existing.taps)
         timings = {"scan": scanned - started}

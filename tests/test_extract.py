@@ -153,3 +153,35 @@ def test_a_few_flowers17_images(flowers17, tmp_path):
     assert len(store) == 9 and not store.skipped and store.class_names == ("daffodil", "pansy", "sunflower")
     assert np.isfinite(store.features("block2_pool")).all() and store.features("block2_pool").std() > 0
     assert store.manifest["data"]["root"] == str(SHARED_DATA.resolve() / "flowers17")
+
+
+def test_extraction_refuses_a_store_another_process_writes(split_folder, tmp_path):
+    settings = tiny_settings(split_folder, tmp_path / "f")
+    store = extract_features(settings).store_path
+    orphan = store.with_name(f".{store.name}.tmp-99999")
+    orphan.write_bytes(b"left by a writer killed during the merge")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store import store_lock\n"
+         "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LayertapError, match="another process is extracting into .*wait for it to finish"):
+            extract_features(settings)
+        assert orphan.exists(), "nothing may be touched without the lock"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract_features(settings).cache_hit
+    assert not orphan.exists()
+
+
+def test_mixed_precision_and_float16_store(split_folder, tmp_path):
+    result = extract_features(tiny_settings(split_folder, tmp_path / "f", precision="bfloat16",
+                                            store_dtype="float16", compression="lzf"))
+    store = FeatureStore(result.store_path)
+    reference = FeatureStore(extract_features(tiny_settings(split_folder, tmp_path / "g")).store_path)
+    assert store.dtype == "float16" and store.manifest["precision"] == "bfloat16"
+    low, high = store.features("block2_pool").astype(np.float32), reference.features("block2_pool")
+    assert np.isfinite(low).all()
+    assert np.abs(low - high).max() <= 0.05 * np.abs(high).max()

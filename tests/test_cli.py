@@ -1,0 +1,80 @@
+"""The command line: help that teaches, summaries, inspect, clean errors and exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from pipeline.cli import main
+
+TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool,block2_pool", "--batch-size", "4", "-q"]
+
+
+def test_module_help_runs_in_a_subprocess():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0
+    for text in ("--layers", "--pool", "gridN", "hed-bsds500", "examples:", "--split-file", "resumes"):
+        assert text in run.stdout
+
+
+def test_extract_prints_a_summary_then_a_cache_hit(split_folder, tmp_path, capsys):
+    out = str(tmp_path / "f")
+    assert main(["extract", "--data", str(split_folder), "--out", out, *TINY]) == 0
+    first = capsys.readouterr().out
+    assert "block1_pool" in first and "computed" in first and "images/s" in first
+    assert "18 in 3 classes (train 9, val 3, test 6)" in first
+    assert main(["extract", "--data", str(split_folder), "--out", out, *TINY]) == 0
+    second = capsys.readouterr().out
+    assert "cache hit: no image decoded" in second and "cached" in second
+
+
+def test_inspect_shows_provenance_and_skipped(class_folder, tmp_path, capsys):
+    (class_folder / "red" / "empty.png").write_bytes(b"")
+    assert main(["extract", "--data", str(class_folder), "--out", str(tmp_path / "f"), *TINY]) == 0
+    capsys.readouterr()
+    store = next((tmp_path / "f").glob("*.h5"))
+    assert main(["inspect", str(store)]) == 0
+    shown = capsys.readouterr().out
+    for text in ("random-seed0", "sha256", "caffe", "block2_pool", "12 images, 3 classes", "red/empty.png: empty file"):
+        assert text in shown
+
+
+def test_layers_lists_taps_and_flatten_cost(capsys):
+    assert main(["layers", "vgg16", "--size", "224"]) == 0
+    shown = capsys.readouterr().out
+    assert "block4_pool *" in shown and "block1_conv2" in shown
+    assert "3,211,264" in shown  # flatten features of block1_conv2 at 224 px
+
+
+def test_user_errors_exit_2_with_the_fix(class_folder, tmp_path, capsys):
+    args = ["extract", "--data", str(class_folder), "--out", str(tmp_path / "f"), "--weights", "random",
+            "--size", "32", "-q"]
+    assert main([*args, "--layers", "block9_pool"]) == 2
+    assert "layer 'block9_pool' is not in vgg16; recommended taps" in capsys.readouterr().err
+    assert main([*args, "--pool", "flat"]) == 2
+    assert "use one of: avg, max, avgmax" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "absent.h5")]) == 2
+    assert "run `layertap extract` first" in capsys.readouterr().err
+
+
+def test_flatten_on_a_large_map_warns_with_the_numbers(class_folder, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert main(["extract", "--data", str(class_folder), "--out", str(tmp_path / "f"), "--weights", "random",
+                     "--size", "64", "--layers", "block1_conv2", "--pool", "flatten", "-q"]) == 0
+    assert "262,144 features per image" in caplog.text and "Dense(256) head" in caplog.text
+
+
+def test_sample_set_is_built_offline(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    assert main(["sample", "--dest", str(tmp_path / "sample")]) == 0
+    folder = tmp_path / "sample"
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["test", "train", "val"]
+    assert len(list(folder.glob("*/*/*.jpg"))) == 80
+    assert sorted(p.name for p in (folder / "train").iterdir()) == ["brick", "grass", "gravel", "moon"]
