@@ -19,13 +19,23 @@ SIZE ?= 224
 OUT ?= features
 STORE ?=
 EXTRACT_ARGS ?=
+CLASSIFIERS ?= logreg,linsvm,knn,dense
+MODEL ?=
+IMAGES ?=
+# The store that stage two uses: STORE=..., else the one these extraction flags describe.
+EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --backbone $(BACKBONE) \
+  $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
+STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install demo extract inspect layers sample flowers17 test test-all clean
+.PHONY: help install demo extract classify sweep predict inspect layers sample flowers17 test test-all clean
 help:
-	@echo "make demo        install, then extract features from the embedded sample set (offline)"
+	@echo "make demo        install, then extract features from the embedded sample set and classify them (offline)"
 	@echo "make test        install, then run the fast test suite"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
+	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
+	@echo "make sweep       linear-probe accuracy per tap of the store, table and plot in models/"
+	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/'"
 	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
@@ -40,11 +50,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(MAKE) --no-print-directory extract
+	$(MAKE) --no-print-directory classify
 
 extract: install
-	$(BIN)/layertap extract --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) \
-	  --backbone $(BACKBONE) $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) \
-	  --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
+	$(BIN)/layertap extract $(EXTRACT_FLAGS)
+
+classify: install
+	$(BIN)/layertap classify $(STAGE2_FLAGS) --classifiers $(CLASSIFIERS)
+
+sweep: install
+	$(BIN)/layertap sweep $(STAGE2_FLAGS)
+
+predict: install
+	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=models/<run>/<tap>-<clf> IMAGES='files or folders'"; exit 2; }
+	$(BIN)/layertap predict $(MODEL) $(IMAGES)
 
 inspect: install
 	@test -n "$(STORE)" || { echo "usage: make inspect STORE=features/<store>.h5"; ls $(OUT)/*.h5 2>/dev/null; exit 2; }

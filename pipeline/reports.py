@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
@@ -30,3 +34,108 @@ def _cell(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(path, confusion, class_names, title: str) -> None:
+    plt = _pyplot()
+    matrix = np.asarray(confusion)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), value in np.ndenumerate(matrix):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def classification_table(report: dict, class_names) -> str:
+    rows = [[name, report[name]["precision"], report[name]["recall"], report[name]["f1-score"],
+             int(report[name]["support"])] for name in (*class_names, "macro avg", "weighted avg")]
+    return format_table(["class", "precision", "recall", "f1", "support"], rows)
+
+
+def write_model_report(model_dir, metrics: dict, class_names, title: str) -> None:
+    """``metrics.json``, ``report.md`` and ``confusion.png`` in a model folder."""
+    model_dir = Path(model_dir)
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(model_dir / "confusion.png", metrics["confusion"], class_names, title)
+    chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics["chosen"].items())
+    text = [f"# {title}", "",
+            f"test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
+            f"(train {metrics['n_train']}, val {metrics['n_val']}; split {metrics.get('split_source', '?')})", "",
+            f"fit time {metrics['fit_seconds']:.2f} s; trainable parameters {metrics['trainable_params']:,}"
+            + (f"; chosen: {chosen}" if chosen else ""), "", "```",
+            classification_table(metrics["report"], class_names), "```", "", "![confusion matrix](confusion.png)", ""]
+    (model_dir / "report.md").write_text("\n".join(text))
+
+
+COMPARISON_HEADERS = ["tap", "classifier", "test acc", "macro F1", "fit s", "trainable params", "dims"]
+
+
+def comparison_table(rows) -> str:
+    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["accuracy"], r["macro_f1"],
+                                              r["fit_seconds"], r["trainable_params"], r["dims"]] for r in rows])
+
+
+def write_comparison(run_dir, rows, store, split_source: str) -> None:
+    run_dir = Path(run_dir)
+    (run_dir / "comparison.json").write_text(json.dumps({"store": str(store.path), "store_key": store.key,
+                                                          "split": split_source, "rows": rows}, indent=2))
+    (run_dir / "comparison.md").write_text(
+        f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest['weights']}; "
+        f"split: {split_source}; best first.\n\n```\n{comparison_table(rows)}\n```\n")
+
+
+SWEEP_HEADERS = ["tap", "map", "dims", "test acc", "C", "GFLOPs to tap", "% of net", "params to tap",
+                 "flatten dims", "Dense(256) params, flatten", "Dense(256) params, avg"]
+
+
+def sweep_table(rows) -> str:
+    return format_table(SWEEP_HEADERS, [[r["tap"], r["map"], r["dims"], r["accuracy"], r["C"], r["gflops"],
+                                         100.0 * r["flops_share"], r["params_to_tap"], r["flatten_dims"],
+                                         r["dense_flatten"], r["dense_avg"]] for r in rows])
+
+
+def write_sweep(run_dir, rows, store) -> Path:
+    """``sweep.md``, ``sweep.json`` and ``sweep.png`` (test accuracy and cost against depth)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    m = store.manifest
+    (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "rows": rows}, indent=2))
+    (run_dir / "sweep.md").write_text(
+        f"# Layer sweep: {m['backbone']} ({m['weights']} weights), {m['image_size']} px, {m['pooling']} pooling\n\n"
+        "Linear probe (standardised logistic regression, C by stratified 3-fold CV on the training rows) "
+        "per tap, low to high.\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(rows))
+    ax.plot(x, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    ax.set_xticks(list(x), [f"{r['tap']}\n{r['dims']} dims" for r in rows], fontsize=8)
+    ax.set_ylabel("test accuracy (linear probe)")
+    ax.set_ylim(0, 1)
+    cost = ax.twinx()
+    cost.bar(x, [r["gflops"] for r in rows], alpha=0.2, color="tab:gray", label="GFLOPs to reach the tap")
+    cost.set_ylabel("GFLOPs per image to reach the tap")
+    ax.set_zorder(cost.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_title(f"{m['backbone']} ({m['weights']}): which layer?")
+    fig.tight_layout()
+    fig.savefig(run_dir / "sweep.png", dpi=120)
+    plt.close(fig)
+    return run_dir / "sweep.png"

@@ -78,3 +78,19 @@ def test_sample_set_is_built_offline(tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["test", "train", "val"]
     assert len(list(folder.glob("*/*/*.jpg"))) == 80
     assert sorted(p.name for p in (folder / "train").iterdir()) == ["brick", "grass", "gravel", "moon"]
+
+
+def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
+    models = tmp_path / "models"
+    assert main(["classify", "--data", str(split_folder), "--out", str(tmp_path / "f"), "--models", str(models),
+                 "--classifiers", "logreg,knn", *TINY]) == 0
+    shown = capsys.readouterr().out
+    assert "test acc" in shown and "best: " in shown
+    model = next(models.glob("*/block2_pool-logreg"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(model), str(split_folder / "test"), str(tmp_path / "bad.png"), "--output",
+                 str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("path,error,class1,prob1") and len(lines) == 1 + 6 + 1
+    assert "6 images classified, 1 not readable" in capsys.readouterr().out

@@ -1,0 +1,49 @@
+"""Classifier specs, and the Keras Dense head as a conforming scikit-learn estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pipeline.classifiers import DenseHeadClassifier, make_classifier, split_specs, trainable_params
+
+
+@parametrize_with_checks([DenseHeadClassifier(hidden_units=16, epochs=40, learning_rate=0.05, batch_size=32,
+                                             validation_fraction=0)])
+def test_dense_head_is_a_scikit_learn_estimator(estimator, check):
+    check(estimator)
+
+
+def test_specs_split_outside_json_and_build():
+    specs = split_specs('logreg,knn:{"n_neighbors": 3, "weights": "distance"},sklearn.tree.DecisionTreeClassifier')
+    assert specs == ["logreg", 'knn:{"n_neighbors": 3, "weights": "distance"}', "sklearn.tree.DecisionTreeClassifier"]
+    assert isinstance(make_classifier("logreg"), GridSearchCV)
+    assert make_classifier(specs[1]).steps[-1][1].n_neighbors == 3
+    assert make_classifier('sklearn.tree.DecisionTreeClassifier:{"max_depth": 2}').max_depth == 2
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("forest", "classifier 'forest' is not known; use one of: logreg, linsvm, knn, dense"),
+    ("logreg:{bad json}", "parameters after ':' must be a JSON object"),
+    ("sklearn.nope.Thing", "cannot be imported"),
+    ("sklearn.preprocessing.StandardScaler", "is not a scikit-learn classifier"),
+    ('logreg:{"normalize": "minmax"}', "normalize='minmax' is not known; use standard or l2"),
+])
+def test_bad_specs_say_what_is_accepted(spec, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_classifier(spec)
+
+
+def test_dense_head_early_stops_on_validation_data_and_counts_parameters():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 5)).astype("float32")
+    y = np.where(X[:, 0] > 0, "yes", "no")
+    head = DenseHeadClassifier(hidden_units=4, epochs=300, patience=3, learning_rate=0.05)
+    head.fit(X[:40], y[:40], validation_data=(X[40:], y[40:]))
+    assert head.n_iter_ < 300 and head.best_epoch_ <= head.n_iter_
+    assert head.trainable_params_ == trainable_params(head) == 5 * 4 + 4 + 4 * 2 + 2
+    assert (head.predict(X[40:]) == y[40:]).mean() > 0.8
+    with pytest.raises(ValueError, match=r"validation labels \['maybe'\] do not occur"):
+        head.fit(X[:40], y[:40], validation_data=(X[40:42], ["maybe", "yes"]))

@@ -1,0 +1,114 @@
+"""Stage two: splits, training from a store only, saved models, the sweep, prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_class_folder, tiny_settings
+
+import pipeline.images
+from pipeline import LayertapError
+from pipeline.classify import ClassifySettings, classify, load_model, resolve_splits, sweep
+from pipeline.extract import extract_features
+from pipeline.predict import predict_images
+from pipeline.store import FeatureStore
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Two stores of the same three colour classes: one with a recorded split, one without."""
+    root = tmp_path_factory.mktemp("stage2")
+    split_root = root / "splits"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        make_class_folder(split_root / split, per_class=n)
+    flat = make_class_folder(root / "flat", per_class=12)
+    split_store = extract_features(tiny_settings(split_root, root / "f", layers=("block1_pool", "block2_pool")))
+    flat_store = extract_features(tiny_settings(flat, root / "f", layers=("block1_pool",)))
+    return {"split": split_store.store_path, "flat": flat_store.store_path, "flat_data": flat, "root": root}
+
+
+def test_recorded_split_is_used(stores):
+    splits, source = resolve_splits(FeatureStore(stores["split"]))
+    assert source == "recorded in the store"
+    assert [int((splits == s).sum()) for s in ("train", "val", "test")] == [18, 9, 9]
+
+
+def test_made_split_is_stratified_and_deterministic(stores):
+    store = FeatureStore(stores["flat"])
+    a, source = resolve_splits(store, seed=3)
+    b, _ = resolve_splits(store, seed=3)
+    c, _ = resolve_splits(store, seed=4)
+    assert source.startswith("stratified, seed 3")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    for label in range(3):
+        assert ((a == "test") & (store.labels == label)).sum() == 3
+
+
+def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatch):
+    def no_images(*args, **kwargs):
+        raise AssertionError("stage two opened an image")
+
+    monkeypatch.setattr(pipeline.images.Image, "open", no_images)
+    run_dir, rows = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg", "knn", "dense"),
+                                              out_dir=str(tmp_path)))
+    assert len(rows) == 6 and rows == sorted(rows, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+    assert {r["classifier"] for r in rows} == {"logreg", "knn", "dense"}
+    model_dir = run_dir / "block2_pool-logreg"
+    for name in ("manifest.json", "metrics.json", "report.md", "confusion.png", "model.joblib"):
+        assert (model_dir / name).is_file(), name
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["n_test"] == 9 and "macro avg" in metrics["report"] and "C" in metrics["chosen"]
+    assert metrics["trainable_params"] == 128 * 3 + 3
+    assert (run_dir / "block1_pool-dense" / "head.keras").is_file()
+    assert "test acc" in (run_dir / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("spec", ["logreg", "linsvm", "knn", "dense"])
+def test_saved_model_predicts_identically(stores, tmp_path, spec):
+    run_dir, rows = classify(ClassifySettings(store=str(stores["split"]), classifiers=(spec,),
+                                              layers=("block1_pool",), out_dir=str(tmp_path)))
+    estimator, manifest = load_model(rows[0]["model_dir"])
+    store = FeatureStore(stores["split"])
+    test = store.splits == "test"
+    metrics = json.loads((run_dir / f"block1_pool-{spec}" / "metrics.json").read_text())
+    assert estimator.predict(store.features("block1_pool")[test]).tolist() == metrics["predictions"]
+    assert manifest["tap"] == "block1_pool" and manifest["store_key"] == store.key
+
+
+def test_tampered_model_is_refused_before_loading(stores, tmp_path):
+    _, rows = classify(ClassifySettings(store=str(stores["split"]), layers=("block1_pool",), out_dir=str(tmp_path)))
+    model_file = tmp_path.joinpath(rows[0]["model_dir"], "model.joblib")
+    model_file.write_bytes(model_file.read_bytes() + b"\x00")
+    with pytest.raises(LayertapError, match="does not match its manifest .* Refusing to load it"):
+        load_model(rows[0]["model_dir"])
+
+
+def test_sweep_has_a_row_per_tap_low_to_high_and_a_plot(stores, tmp_path):
+    run_dir, rows = sweep(stores["split"], out_dir=str(tmp_path))
+    assert [r["tap"] for r in rows] == ["block1_pool", "block2_pool"]
+    assert rows[0]["gflops"] < rows[1]["gflops"] and 0 < rows[1]["flops_share"] < 1
+    assert rows[0]["flatten_dims"] == 16 * 16 * 64 and rows[0]["dense_avg"] == 64 * 256 + 256
+    assert (run_dir / "sweep.png").stat().st_size > 1000 and "block2_pool" in (run_dir / "sweep.md").read_text()
+
+
+def test_missing_tap_says_how_to_extract_it(stores, tmp_path):
+    with pytest.raises(LayertapError, match="has no tap block3_pool.*--layers block3_pool"):
+        classify(ClassifySettings(store=str(stores["flat"]), layers=("block3_pool",), out_dir=str(tmp_path)))
+
+
+def test_predict_on_a_folder_with_a_corrupt_image(stores, tmp_path):
+    _, rows = classify(ClassifySettings(store=str(stores["flat"]), out_dir=str(tmp_path)))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for name in ("red", "blue"):
+        src = stores["flat_data"] / name / "img_11.jpg"
+        (folder / f"{name}.jpg").write_bytes(src.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    results = {r["path"].rsplit("/", 1)[-1]: r for r in predict_images(rows[0]["model_dir"], [folder], top_k=2)}
+    assert "error" in results["broken.jpg"]
+    assert len(results["red.jpg"]["top"]) == 2
+    assert abs(sum(p for _, p in results["red.jpg"]["top"])) <= 1.0 + 1e-6
+    assert results["red.jpg"]["top"][0][0] == "red" and results["blue.jpg"]["top"][0][0] == "blue"
