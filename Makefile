@@ -4,8 +4,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Quiet TensorFlow's C++ start-up chatter; real failures still raise Python exceptions.
-export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 # make extract DATA=... BACKBONE=vgg16 LAYERS=block4_pool,block5_pool POOL=avg WEIGHTS=... SIZE=224
 DATA ?= sample

@@ -186,7 +186,7 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = len(history.epoch)
         losses = self.history_.get("val_loss") or self.history_["loss"]
         self.best_epoch_ = int(np.argmin(losses)) + 1
-        self.trainable_params_ = int(sum(np.prod(w.shape) for w in self.model_.trainable_weights))
+        self.trainable_params_ = _count_trainable(self.model_)
         return self
 
     def _validation(self, X, y_index, validation_data):
@@ -226,8 +226,12 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
         head.model_ = model
         head.classes_ = np.asarray(classes)
         head.n_features_in_ = int(model.input_shape[-1])
-        head.trainable_params_ = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+        head.trainable_params_ = _count_trainable(model)
         return head
+
+
+def _count_trainable(model) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
 def build_dense_head(n_features: int, n_classes: int, mean, variance, hidden_units: int = 256,

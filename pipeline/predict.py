@@ -28,11 +28,8 @@ def list_image_files(inputs) -> list[Path]:
 
 def class_scores(estimator, X) -> np.ndarray:
     """Class probabilities, or a softmax of decision scores for classifiers without them."""
-    if hasattr(estimator, "predict_proba"):
-        try:
-            return np.asarray(estimator.predict_proba(X))
-        except AttributeError:  # e.g. a GridSearchCV around a LinearSVC
-            pass
+    if hasattr(estimator, "predict_proba"):  # GridSearchCV and Pipeline hide it when the model lacks it
+        return np.asarray(estimator.predict_proba(X))
     scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
     if scores.ndim == 1:
         scores = np.stack([-scores, scores], axis=1)
