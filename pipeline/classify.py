@@ -209,8 +209,17 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def _is_keras_model(obj) -> bool:
+    import keras
+
+    return isinstance(obj, keras.Model)
+
+
 def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
-    """Write a fitted classifier and its manifest into ``model_dir`` (replaced as a whole)."""
+    """Write a fitted classifier (or a fine-tuned Keras model) and its manifest into ``model_dir``.
+
+    The folder is replaced as a whole.
+    """
     import joblib
 
     tmp = model_dir.with_name(model_dir.name + f".tmp-{os.getpid()}")
@@ -220,6 +229,10 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
         estimator.model_.save(tmp / "head.keras")
         files = {"head.keras": None}
         manifest = {**manifest, "format": "keras", "params": estimator.get_params()}
+    elif _is_keras_model(estimator):  # a fine-tuned model: pixels in, probabilities out
+        estimator.save(tmp / "model.keras")
+        files = {"model.keras": None}
+        manifest = {**manifest, "format": "keras-images"}
     else:
         joblib.dump(estimator, tmp / "model.joblib")
         files = {"model.joblib": None}
@@ -236,7 +249,8 @@ def load_model(model_dir: str | os.PathLike):
     """Load a model folder, refusing any file whose sha256 differs from its manifest.
 
     Returns:
-        ``(estimator, manifest)``.
+        ``(estimator, manifest)``; for a fine-tuned model (format ``keras-images``) the estimator
+        is the ``keras.Model`` that maps uint8 pixels to class probabilities.
 
     Raises:
         FileNotFoundError: not a model folder.
@@ -254,6 +268,12 @@ def load_model(model_dir: str | os.PathLike):
             raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
                                 f"{expected[:16]}); it was changed after training. Refusing to load it: "
                                 "retrain with `layertap classify`")
+    if manifest["format"] == "keras-images":
+        import keras
+
+        import pipeline.backbones  # noqa: F401 - registers the custom layers the model uses
+
+        return keras.saving.load_model(model_dir / "model.keras", safe_mode=True, compile=False), manifest
     if manifest["format"] == "keras":
         import keras
 

@@ -55,7 +55,9 @@ class ExtractSettings:
         image_size: Images are resized to ``image_size`` x ``image_size``.
         resize: ``squash`` (whole image, aspect not kept) or ``crop`` (centre crop).
         draft: Decode JPEGs at reduced DCT scale when that still covers ``image_size``.
-        precision: ``float32``, or ``bfloat16``/``float16`` mixed precision (GPUs).
+        precision: ``float32``, ``bfloat16``/``float16`` mixed precision, or ``auto``: bfloat16 on
+            GPUs and on CPUs with bfloat16 units (AMX, AVX512-BF16), else float32. The resolved
+            value is part of the cache key.
         store_dtype: ``float32`` or ``float16`` for the stored features.
         compression: ``none``, ``gzip`` or ``lzf`` for the stored features.
         out_dir: Folder of the stores.
@@ -77,7 +79,7 @@ class ExtractSettings:
     image_size: int = 224
     resize: str = "squash"
     draft: bool = True
-    precision: str = "float32"
+    precision: str = "auto"
     store_dtype: str = "float32"
     compression: str = "none"
     out_dir: str = "features"
@@ -88,7 +90,7 @@ class ExtractSettings:
     progress: bool = True
 
     def __post_init__(self):
-        from pipeline.backbones import PRECISIONS, get_backbone
+        from pipeline.backbones import get_backbone, resolve_precision
 
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
@@ -96,7 +98,7 @@ class ExtractSettings:
         layers = tuple(self.layers) if not isinstance(self.layers, str) else split_names(self.layers)
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         _check_choice("resize", self.resize, RESIZE_MODES)
-        _check_choice("precision", self.precision, tuple(PRECISIONS))
+        object.__setattr__(self, "precision", resolve_precision(self.precision))
         _check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         _check_choice("compression", self.compression, COMPRESSIONS)
         for name, low in (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),

@@ -221,7 +221,7 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         return ImageRecord(record.path, record.label, record.split, digest, fmt)
 
-    results = list(_progress(_ordered_map(check, images.records, workers or default_workers()),
+    results = list(progress_bar(_ordered_map(check, images.records, workers or default_workers()),
                              total=len(images), desc="scan", enabled=progress))
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
@@ -330,7 +330,8 @@ def _ordered_map(fn, items, workers: int, prefetch: int | None = None):
                 future.cancel()
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "img"):
+def progress_bar(iterable, total: int, desc: str, enabled: bool, unit: str = "img"):
+    """``iterable`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm

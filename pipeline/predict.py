@@ -47,24 +47,31 @@ def predict_images(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_s
     from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
 
     estimator, m = load_model(model_dir)
-    backbone = get_backbone(m["backbone"])
-    weights = resolve_weights(backbone, m["weights_arg"], seed=m["seed"])
-    if weights.sha256 != m["weights_sha256"]:
-        raise LayertapError(f"the {m['weights']} weights here (sha256 {weights.sha256[:16]}) are not the ones "
-                            f"{model_dir} was trained on ({m['weights_sha256'][:16]}); its features would not match")
-    base = build_backbone(backbone, weights, m["image_size"], m["precision"])
-    extractor = build_extractor(base, backbone, [m["tap"]], m["pooling"])
+    if m["format"] == "keras-images":  # fine-tuned: the whole network is in the model file
+        def scores(x):
+            return np.asarray(estimator.predict_on_batch(x), dtype=np.float64)
+    else:
+        backbone = get_backbone(m["backbone"])
+        weights = resolve_weights(backbone, m["weights_arg"], seed=m["seed"])
+        if weights.sha256 != m["weights_sha256"]:
+            raise LayertapError(f"the {m['weights']} weights here (sha256 {weights.sha256[:16]}) are not the "
+                                f"ones {model_dir} was trained on ({m['weights_sha256'][:16]}); its features "
+                                "would not match")
+        base = build_backbone(backbone, weights, m["image_size"], m["precision"])
+        extractor = build_extractor(base, backbone, [m["tap"]], m["pooling"])
+
+        def scores(x):
+            return class_scores(estimator, np.asarray(extractor.predict_on_batch(x)[m["tap"]]))
+
     files = list_image_files(inputs)
     decode = partial(decode_image, size=m["image_size"], resize=m["resize"], draft=m["draft"])
     results: list[dict] = [{} for _ in files]
     batch: list[tuple[int, np.ndarray]] = []
 
     def flush():
-        x = np.stack([a for _, a in batch])
-        features = np.asarray(extractor.predict_on_batch(x)[m["tap"]])
-        for (i, _), scores in zip(batch, class_scores(estimator, features)):
-            order = np.argsort(scores)[::-1][:top_k]
-            results[i] = {"path": str(files[i]), "top": [(m["class_names"][j], float(scores[j])) for j in order]}
+        for (i, _), row in zip(batch, scores(np.stack([a for _, a in batch]))):
+            order = np.argsort(row)[::-1][:top_k]
+            results[i] = {"path": str(files[i]), "top": [(m["class_names"][j], float(row[j])) for j in order]}
         batch.clear()
 
     for i, array, reason in iter_decoded(files, decode, workers or default_workers(), 2 * batch_size):

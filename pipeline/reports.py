@@ -139,3 +139,76 @@ def write_sweep(run_dir, rows, store) -> Path:
     fig.savefig(run_dir / "sweep.png", dpi=120)
     plt.close(fig)
     return run_dir / "sweep.png"
+
+
+def plot_learning_curves(path, history: list[dict], title: str) -> None:
+    """Train and validation accuracy and loss per epoch over both phases, the unfreeze point marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [e[metric] for e in history], "o-", ms=3, label=f"train {metric}")
+        ax.plot(epochs, [e[f"val_{metric}"] for e in history], "o-", ms=3, label=f"validation {metric}")
+        phase2 = [i for i, e in enumerate(history) if e["phase"] == 2]
+        if phase2:
+            ax.axvline(phase2[0] + 0.5, color="gray", ls="--", lw=1, label="unfreeze (phase 2)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(0, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gain_text(gain: dict) -> str:
+    return (f"{gain['gain']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}; "
+            f"not better in {gain['p_not_better']:.1%} of {gain['resamples']:,} paired bootstrap resamples)")
+
+
+def stage_table(metrics: dict) -> str:
+    """Stage two against stage three on the same test images."""
+    two = metrics["stage_two"]
+    phases = metrics["phases"]
+    rows = [["two", f"{two['classifier']} on stored {metrics['tap']} features", two["accuracy"],
+             two["trainable_params"], two["fit_seconds"]],
+            ["three, phase 1", f"Dense head, backbone frozen ({phases[0]['data']})", metrics["phase1_accuracy"],
+             phases[0]["trainable"], phases[0]["seconds"]]]
+    if len(phases) > 1:
+        rows.append(["three, phase 2", f"unfrozen from {phases[1]['unfrozen_from']}"
+                     + (" (not kept: phase 1 was better on val)" if metrics["kept"] == "phase 1" else ""),
+                     metrics["accuracy"], phases[1]["trainable"], phases[1]["seconds"]])
+    return format_table(["stage", "model", "test acc", "trainable params", "train s"], rows)
+
+
+def write_finetune_report(model_dir, metrics: dict, store) -> None:
+    """``metrics.json``, ``report.md``, ``learning_curves.png`` and ``confusion.png`` of a fine-tuned model."""
+    model_dir = Path(model_dir)
+    m = store.manifest
+    title = f"{m['backbone']} fine-tuned at {metrics['tap']} ({m['weights']} weights, {m['image_size']} px)"
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(model_dir / "confusion.png", metrics["confusion"], store.class_names, title)
+    plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
+    phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}", p["epochs_run"],
+                   p["best_epoch"], p["best_val_loss"], p["best_val_accuracy"], p["trainable"], p["frozen"],
+                   p["seconds"]] for i, p in enumerate(metrics["phases"])]
+    text = [f"# {title}", "",
+            f"Test images: {metrics['n_test']}, the same as stage two's (split {metrics['split_source']}; "
+            f"test-row fingerprint {metrics['test_rows_sha256'][:16]}). Train {metrics['n_train']}, "
+            f"validation {metrics['n_val']} ({metrics['val_source']}).", "",
+            "```", stage_table(metrics), "```", "",
+            f"**Gain of fine-tuning over stage two ({metrics['stage_two']['classifier']}): "
+            f"{gain_text(metrics['gain'])}.**", "",
+            f"Gain of phase 2 over phase 1: {gain_text(metrics['gain_over_phase1'])}. Weights kept: "
+            f"{metrics['kept']} (lowest validation loss). Stage-two model: {metrics['stage_two']['source']}.", "",
+            "```", format_table(["phase", "data", "unfrozen from", "lr", "epochs", "best epoch", "best val loss",
+                                 "best val acc", "trainable", "frozen", "seconds"], phase_rows), "```", "",
+            f"Augmentation: {', '.join(f'{k}={v}' for k, v in metrics['augmentation'].items()) or 'none'}; "
+            f"precision {metrics['precision']}; BatchNorm layers "
+            "frozen (inference mode); decoding took "
+            f"{metrics['decode_seconds']:.1f} s. The phase-1 head starts from a seeded random initialisation.", "",
+            "![learning curves](learning_curves.png)", "", "```",
+            classification_table(metrics["report"], store.class_names), "```", "",
+            "![confusion matrix](confusion.png)", ""]
+    (model_dir / "report.md").write_text("\n".join(text))

@@ -1,0 +1,129 @@
+"""Composing a backbone for fine-tuning: augmentation, the trunk up to a tap, pooling, a head; freezing by name.
+
+Everything uses the Keras 3 API, so the model trains unchanged on the TensorFlow, JAX and PyTorch backends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# name -> default factor; flip takes a mode instead.
+AUGMENTATIONS = {"flip": "horizontal", "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
+FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
+
+
+def parse_augmentation(text: str) -> dict:
+    """``flip,rotation=0.2`` -> ``{"flip": "horizontal", "rotation": 0.2}``; ``none`` -> ``{}``.
+
+    Raises:
+        ValueError: an unknown augmentation or a bad value.
+    """
+    known = "none, or a comma list of: flip[=horizontal|vertical|horizontal_and_vertical], " \
+            "rotation[=0.1], zoom[=0.1], contrast[=0.1]"
+    spec = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item == "none":
+            continue
+        name, _, value = item.partition("=")
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"augmentation {name!r} is not known; use {known}")
+        if name == "flip":
+            if value and value not in FLIP_MODES:
+                raise ValueError(f"augmentation flip={value!r} is not known; use one of: {', '.join(FLIP_MODES)}")
+            spec[name] = value or AUGMENTATIONS[name]
+            continue
+        try:
+            factor = float(value) if value else AUGMENTATIONS[name]
+        except ValueError:
+            factor = -1.0
+        if not 0 < factor < 1:
+            raise ValueError(f"augmentation {item!r}: the factor must be a number between 0 and 1")
+        spec[name] = factor
+    return spec
+
+
+def build_augmentation(spec: dict, seed: int = 0):
+    """A ``keras.Sequential`` of Random* layers (identity at inference), or None for no augmentation."""
+    import keras
+
+    layers = []
+    if "flip" in spec:
+        layers.append(keras.layers.RandomFlip(spec["flip"], seed=seed, name="flip"))
+    if "rotation" in spec:
+        layers.append(keras.layers.RandomRotation(spec["rotation"], fill_mode="reflect", seed=seed + 1,
+                                                  name="rotation"))
+    if "zoom" in spec:
+        layers.append(keras.layers.RandomZoom(spec["zoom"], fill_mode="reflect", seed=seed + 2, name="zoom"))
+    if "contrast" in spec:
+        layers.append(keras.layers.RandomContrast(spec["contrast"], seed=seed + 3, name="contrast"))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def build_finetune_model(trunk, backbone: str, tap: str, pooling: str, head, augment=None):
+    """pixels -> augment -> preprocess -> trunk (inference mode) -> pooling -> head.
+
+    Args:
+        trunk: ``keras.Model`` from the backbone's input to the tap's output.
+        head: ``keras.Model`` from pooled features to class probabilities.
+
+    Returns:
+        ``(model, features)``: the classifier, and the model up to the pooled features that
+        shares its layers (what stage one stored for this tap).
+    """
+    import keras
+
+    from pipeline.backbones import BackbonePreprocess, TapPooling
+
+    # float32 input: uint8 arrays are converted per batch, and the Random* layers need floats.
+    pixels = keras.Input(shape=trunk.input_shape[1:], name="pixels")
+    x = augment(pixels) if augment is not None else pixels
+    x = BackbonePreprocess(backbone, name="preprocess")(x)
+    # training=False documents the intent; what keeps BatchNorm in inference mode under fit()
+    # is that its layers stay frozen (Keras 3 runs a non-trainable BatchNorm in inference mode).
+    maps = trunk(x, training=False)
+    pooled = TapPooling(pooling, name=f"{tap}_{pooling}")(maps)
+    return keras.Model(pixels, head(pooled), name=f"{trunk.name}_finetune"), keras.Model(pixels, pooled)
+
+
+def default_unfreeze_from(trunk, backbone) -> str:
+    """The backbone's usual first unfrozen layer if the trunk has it, else the first layer of the tap's block."""
+    names = [layer.name for layer in trunk.layers]
+    if backbone.unfreeze_from in names:
+        return backbone.unfreeze_from
+    block = names[-1].split("_")[0] + "_"   # block4_pool -> block4_, conv4_block6_out -> conv4_
+    return next(layer.name for layer in trunk.layers if layer.name.startswith(block) and layer.weights)
+
+
+def set_trainable(trunk, unfreeze_from: str | None) -> list[str]:
+    """Freeze the trunk, then unfreeze from the named layer upward; BatchNorm layers stay frozen.
+
+    Args:
+        unfreeze_from: Layer name; None freezes everything.
+
+    Returns:
+        The names of the layers with weights that are now trainable.
+
+    Raises:
+        ValueError: the layer is not in the trunk; the message lists the layers that are.
+    """
+    import keras
+
+    names = [layer.name for layer in trunk.layers]
+    if unfreeze_from is not None and unfreeze_from not in names:
+        weighted = [layer.name for layer in trunk.layers if layer.weights]
+        raise ValueError(f"unfreeze_from={unfreeze_from!r} is not a layer at or below the tap {names[-1]}; "
+                         f"use one of: {', '.join(weighted)}")
+    trunk.trainable = True  # the container's flag gates its layers' flags
+    start = names.index(unfreeze_from) if unfreeze_from is not None else len(names)
+    unfrozen = []
+    for index, layer in enumerate(trunk.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def param_counts(model) -> dict[str, int]:
+    """Trainable and frozen (non-trainable, including BatchNorm statistics) parameter counts."""
+    count = lambda weights: int(sum(np.prod(w.shape) for w in weights))  # noqa: E731
+    return {"trainable": count(model.trainable_weights), "frozen": count(model.non_trainable_weights)}

@@ -1,0 +1,177 @@
+"""Stage three: freezing by name, BatchNorm in inference mode, same test images, save -> predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_class_folder, tiny_settings
+
+from pipeline import LayertapError
+from pipeline.backbones import BackbonePreprocess, build_backbone, get_backbone, resolve_weights
+from pipeline.classifiers import build_dense_head
+from pipeline.classify import ClassifySettings, classify, load_model
+from pipeline.cli import main
+from pipeline.compose import (
+    build_augmentation,
+    build_finetune_model,
+    default_unfreeze_from,
+    parse_augmentation,
+    set_trainable,
+)
+from pipeline.extract import extract_features
+from pipeline.finetune import FinetuneSettings, bootstrap_gain, finetune
+from pipeline.predict import predict_images
+from pipeline.store import FeatureStore
+
+QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_tune_epochs=2, batch_size=8,
+             learning_rate=1e-2, fine_tune_learning_rate=1e-3, hidden_units=8, workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """A tiny store with a recorded split, stage two run on it, then stage three through the CLI."""
+    root = tmp_path_factory.mktemp("stage3")
+    data = root / "data"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        make_class_folder(data / split, per_class=n)
+    store = extract_features(tiny_settings(data, root / "f")).store_path
+    models = root / "models"
+    classify(ClassifySettings(store=str(store), classifiers=("logreg", "knn"), out_dir=str(models)))
+    args = ["finetune", "--store", str(store), "--models", str(models), "--layer", "block2_pool",
+            "--unfreeze-from", "block2_conv2", "--epochs", "3", "--fine-tune-epochs", "2", "--batch-size", "8",
+            "--lr", "0.01", "--fine-tune-lr", "0.001", "--hidden-units", "8", "--workers", "2", "-q"]
+    return {"root": root, "data": data, "store": store, "models": models, "args": args}
+
+
+@pytest.fixture(scope="module")
+def finetuned(staged):
+    assert main(staged["args"]) == 0
+    model_dir = staged["models"] / staged["store"].stem / "block2_pool-finetune"
+    return model_dir, json.loads((model_dir / "metrics.json").read_text())
+
+
+def _trunk(backbone_name: str, tap: str, size: int = 32):
+    backbone = get_backbone(backbone_name)
+    base = build_backbone(backbone, resolve_weights(backbone, "random"), size)
+    return backbone, keras.Model(base.inputs, base.get_layer(tap).output, name="trunk")
+
+
+@pytest.mark.parametrize("backbone_name, tap, unfreeze_from", [
+    ("vgg16", "block3_pool", "block3_conv2"),
+    ("resnet50", "conv3_block4_out", "conv3_block4_1_conv"),
+])
+def test_phase_two_changes_only_unfrozen_weights_and_batchnorm_stays_in_inference(backbone_name, tap,
+                                                                                  unfreeze_from):
+    backbone, trunk = _trunk(backbone_name, tap)
+    unfrozen = set_trainable(trunk, unfreeze_from)
+    assert unfrozen[0] == unfreeze_from
+    bn = [layer for layer in trunk.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(not layer.trainable for layer in bn)
+    dims = trunk.output.shape[-1]
+    head = build_dense_head(dims, 3, np.zeros(dims), np.ones(dims), hidden_units=0)
+    model, _ = build_finetune_model(trunk, backbone.name, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
+    before = {w.path: keras.ops.convert_to_numpy(w) for w in trunk.weights}
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 255, (8, 32, 32, 3)).astype(np.uint8), rng.integers(0, 3, 8), batch_size=4,
+              epochs=1, verbose=0)
+    names = [layer.name for layer in trunk.layers]
+    start = names.index(unfreeze_from)
+    for index, layer in enumerate(trunk.layers):
+        for weight in layer.weights:
+            changed = not np.array_equal(before[weight.path], keras.ops.convert_to_numpy(weight))
+            should_change = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+            assert changed == should_change, (layer.name, weight.path)
+    # every BatchNorm statistic is untouched: the layers ran in inference mode under fit()
+    assert all(np.array_equal(before[w.path], keras.ops.convert_to_numpy(w)) for layer in bn for w in layer.weights)
+
+
+def test_unfreeze_default_and_unknown_name():
+    backbone, trunk = _trunk("vgg16", "block4_pool")
+    assert default_unfreeze_from(trunk, backbone) == "block4_conv1"  # block5_conv1 is above the tap
+    _, full = _trunk("vgg16", "block5_pool")
+    assert default_unfreeze_from(full, backbone) == "block5_conv1"
+    with pytest.raises(ValueError, match="'block5_conv1' is not a layer at or below the tap block4_pool.*block4_conv3"):
+        set_trainable(trunk, "block5_conv1")
+
+
+def test_augmentation_specs():
+    assert parse_augmentation("flip,rotation=0.2") == {"flip": "horizontal", "rotation": 0.2}
+    assert parse_augmentation("none") == {} and build_augmentation({}) is None
+    with pytest.raises(ValueError, match="'blur' is not known; use none, or a comma list of: flip"):
+        parse_augmentation("blur")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        parse_augmentation("zoom=2")
+    layer = build_augmentation({"flip": "horizontal", "zoom": 0.1})
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)  # off at inference
+
+
+def test_bootstrap_gain_interval():
+    rng = np.random.default_rng(0)
+    old = rng.random(400) < 0.6
+    assert bootstrap_gain(old, old) == pytest.approx({"gain": 0, "low": 0, "high": 0, "p_not_better": 1,
+                                                      "resamples": 10_000, "level": 0.95})
+    better = old | (rng.random(400) < 0.5)
+    gain = bootstrap_gain(better, old)
+    assert gain["gain"] == pytest.approx(better.mean() - old.mean())
+    assert 0 < gain["low"] < gain["gain"] < gain["high"] and gain["p_not_better"] == 0
+    with pytest.raises(ValueError, match="equal-length"):
+        bootstrap_gain(old, old[:10])
+
+
+def test_report_compares_with_stage_two_on_the_same_test_images(staged, finetuned, capsys):
+    model_dir, metrics = finetuned
+    run_dir = model_dir.parent
+    stage_two = json.loads((run_dir / "block2_pool-logreg" / "metrics.json").read_text())
+    knn = json.loads((run_dir / "block2_pool-knn" / "metrics.json").read_text())
+    assert metrics["test_rows_sha256"] == stage_two["test_rows_sha256"] and metrics["n_test"] == 9
+    best = max((stage_two, knn), key=lambda m: m["accuracy"])
+    assert metrics["stage_two"]["accuracy"] == best["accuracy"]
+    assert metrics["stage_two"]["source"].endswith(("block2_pool-logreg", "block2_pool-knn"))
+    assert metrics["gain"]["gain"] == pytest.approx(metrics["accuracy"] - best["accuracy"])
+    assert metrics["gain"]["low"] <= metrics["gain"]["gain"] <= metrics["gain"]["high"]
+    assert [p["unfrozen_from"] for p in metrics["phases"]] == [None, "block2_conv2"]
+    assert metrics["phases"][1]["trainable"] > metrics["phases"][0]["trainable"]
+    assert {e["phase"] for e in metrics["history"]} == {1, 2} and metrics["composition_error"] < 1e-3
+    for name in ("model.keras", "manifest.json", "report.md", "learning_curves.png", "confusion.png"):
+        assert (model_dir / name).is_file(), name
+    assert "Gain of fine-tuning over stage two" in (model_dir / "report.md").read_text()
+
+
+def test_saved_model_round_trips_through_predict(staged, finetuned):
+    model_dir, metrics = finetuned
+    store = FeatureStore(staged["store"])
+    test_paths = [p for p, s in zip(store.rows.paths, store.rows.splits) if s == "test"]
+    results = predict_images(model_dir, [staged["data"] / p for p in test_paths], top_k=1)
+    assert [r["top"][0][0] for r in results] == [store.class_names[i] for i in metrics["predictions"]]
+    model, manifest = load_model(model_dir)
+    assert manifest["format"] == "keras-images" and manifest["tap"] == "block2_pool"
+    assert isinstance(model, keras.Model)
+
+
+def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_path):
+    model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path),
+                                                   **{**QUICK, "fine_tune_epochs": 0}))
+    assert metrics["stage_two"]["classifier"] == "logreg" and "trained now" in metrics["stage_two"]["source"]
+    assert len(metrics["phases"]) == 1 and metrics["kept"] == "phase 1"
+    assert metrics["accuracy"] == metrics["phase1_accuracy"]
+
+
+def test_wrong_preprocessing_is_caught_before_training(staged, tmp_path, monkeypatch):
+    monkeypatch.setattr(BackbonePreprocess, "call", lambda self, x: keras.ops.cast(x, "float32"))
+    with pytest.raises(LayertapError, match="does not reproduce the store's features"):
+        finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), **QUICK))
+
+
+def test_changed_image_is_refused(staged, tmp_path):
+    data = tmp_path / "moved"
+    shutil.copytree(staged["data"], data)
+    changed = data / "test" / "red" / "img_1.jpg"
+    changed.write_bytes(changed.read_bytes() + b"\x00")
+    with pytest.raises(LayertapError, match=r"test/red/img_1.jpg \(the file changed since the store was extracted"):
+        finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), data_root=str(data), **QUICK))
