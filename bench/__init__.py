@@ -1,0 +1,1 @@
+"""layertap benchmarks: `make bench` (CPU). Each measurement runs in a fresh process."""

@@ -1,0 +1,57 @@
+"""Accuracy on flowers17 with its split file, in one process: ``python -m bench.accuracy --work DIR``.
+
+Extends the store the speed benchmark made at 224 px to all five VGG16 taps (only the missing taps
+are computed), runs the linear-probe sweep and the four stage-two classifiers on the best tap; then
+stage three at a reduced size on CPU (stated in the output): the best tap at ``--finetune-size``,
+stage two on it, and a short fine-tuning schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench.common import FLOWERS, SPLIT, emit
+
+TAPS = ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool")
+CLASSIFIERS = ("logreg", "linsvm", "knn", "dense")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", required=True, help="folder with features/ from the speed benchmark")
+    parser.add_argument("--weights", default="hed-bsds500")
+    parser.add_argument("--finetune-size", type=int, default=150)
+    parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    from pipeline.classify import ClassifySettings, classify, sweep
+    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.finetune import FinetuneSettings, finetune
+
+    work = Path(args.work)
+    common = dict(data=str(FLOWERS), split_file=str(SPLIT), weights=args.weights, out_dir=str(work / "features"),
+                  progress=False)
+    started = time.perf_counter()
+    store = extract_features(ExtractSettings(layers=TAPS, image_size=224, **common)).store_path
+    extend_s = time.perf_counter() - started
+    _, sweep_rows = sweep(store, out_dir=str(work / "models"))
+    best_tap = max(sweep_rows, key=lambda r: r["accuracy"])["tap"]
+    _, classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
+                                                   out_dir=str(work / "models")))
+    small = extract_features(ExtractSettings(layers=(best_tap,), image_size=args.finetune_size, **common)).store_path
+    _, small_rows = classify(ClassifySettings(store=str(small), classifiers=CLASSIFIERS, out_dir=str(work / "models")))
+    _, metrics = finetune(FinetuneSettings(store=str(small), layer=best_tap, fine_tune_epochs=args.fine_tune_epochs,
+                                           out_dir=str(work / "models"), progress=False))
+    keep = ("accuracy", "phase1_accuracy", "stage_two", "gain", "gain_over_phase1", "kept", "tap", "unfreeze_from",
+            "fit_seconds", "n_train", "n_val", "n_test")
+    emit({"weights": args.weights, "extend_store_s": extend_s, "sweep": sweep_rows, "best_tap": best_tap,
+          "classifiers_224": classifier_rows, "classifiers_small": small_rows, "finetune_size": args.finetune_size,
+          "fine_tune_epochs": args.fine_tune_epochs,
+          "finetune": {k: metrics[k] for k in keep} | {"phases": [{k: v for k, v in p.items() if k != "unfrozen_layers"}
+                                                                  for p in metrics["phases"]]}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmarks: run one measurement in a fresh process, machine facts, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+FLOWERS = ROOT.parent / "shared" / "data" / "flowers17"
+SPLIT = ROOT.parent / "shared" / "data" / "flowers17-split.csv"
+
+
+def run_child(args: list[str], env: dict | None = None, timeout: float = 1200) -> dict:
+    """Run ``python -m <args>`` in a fresh process and return its last stdout line (JSON) plus peak RSS.
+
+    A fresh process per measurement: no warm caches, compiled functions or allocator pools carry over,
+    and the peak resident memory (``ru_maxrss`` from ``wait4``) is that measurement's alone.
+    """
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT), **(env or {})}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    return {**result, "process_wall_s": wall}
+
+
+def machine() -> dict:
+    import numpy
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "numpy": numpy.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            info["memory_gb"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(result: dict) -> None:
+    """The child's answer: one JSON line on stdout, with its own peak RSS."""
+    print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def write_results(name: str, payload: dict, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    (RESULTS / f"{name}-latest.json").write_text(json.dumps(payload, indent=2, default=str))
+    (RESULTS / f"{name}-latest.md").write_text(markdown)
+    return path

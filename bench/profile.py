@@ -1,0 +1,75 @@
+"""Where extraction time goes on this machine: ``python -m bench.profile [--size 224] [--n 256]``.
+
+Times each part alone on the same flowers17 images: JPEG decode + resize (with and without draft
+mode, on the decoding threads), the forward pass to ``block5_pool`` from ready arrays (float32,
+XLA-compiled, bfloat16), and writing the features to HDF5. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import numpy as np
+
+from bench.common import FLOWERS, emit
+
+
+def _rate(fn, n: int, repeat: int = 2) -> float:
+    """Images per second of ``fn()`` over ``n`` images: the best of ``repeat`` runs after one warm-up."""
+    fn()
+    best = min(_timed(fn) for _ in range(repeat))
+    return n / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    import h5py
+    import keras
+
+    from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
+    from pipeline.images import decode_image, default_workers, iter_decoded
+
+    paths = sorted(FLOWERS.rglob("*.jpg"))[: args.n]
+    rows = {}
+    for draft in (True, False):
+        decode = partial(decode_image, size=args.size, draft=draft)
+        rows[f"decode+resize, {'draft' if draft else 'full'} JPEG, {default_workers()} threads"] = _rate(
+            lambda: list(iter_decoded(paths, decode, default_workers(), 64)), len(paths))
+    images = np.stack([decode_image(p, args.size) for p in paths])
+    backbone = get_backbone("vgg16")
+    weights = resolve_weights(backbone, "hed-bsds500")
+    for precision, jit in (("float32", False), ("float32", True), ("bfloat16", False)):
+        extractor = build_extractor(build_backbone(backbone, weights, args.size, precision), backbone,
+                                    ["block5_pool"], "avg")
+        extractor.jit_compile = jit
+        batches = [images[i:i + args.batch_size] for i in range(0, len(images) - args.batch_size + 1, args.batch_size)]
+        label = f"forward to block5_pool, {precision}{', XLA' if jit else ''}, batch {args.batch_size}"
+        rows[label] = _rate(lambda: [extractor.predict_on_batch(b) for b in batches], len(batches) * args.batch_size)
+        keras.backend.clear_session()
+    features = np.random.default_rng(0).random((len(paths), 512), dtype=np.float32)
+
+    def write():
+        with h5py.File(f"/tmp/layertap-profile-{args.size}.h5", "w") as fh:
+            fh.create_dataset("f", data=features)
+    rows["HDF5 write of the features"] = _rate(write, len(paths))
+    width = max(map(len, rows))
+    for name, rate in rows.items():
+        print(f"{name:<{width}}  {rate:10.1f} images/s")
+    emit({"size": args.size, "n": len(paths), "images_per_s": rows})
+
+
+if __name__ == "__main__":
+    main()
