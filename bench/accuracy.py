@@ -1,9 +1,8 @@
 """Accuracy on flowers17 with its split file, in one process: ``python -m bench.accuracy --work DIR``.
 
 Extends the store the speed benchmark made at 224 px to all five VGG16 taps (only the missing taps
-are computed), runs the linear-probe sweep and the four stage-two classifiers on the best tap; then
-stage three at a reduced size on CPU (stated in the output): the best tap at ``--finetune-size``,
-stage two on it, and a short fine-tuning schedule.
+are computed), runs the linear-probe sweep and the four stage-two classifiers on the best tap, then
+stage three at that tap with the default schedule but at most ``--fine-tune-epochs`` epochs of phase 2.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", required=True, help="folder with features/ from the speed benchmark")
     parser.add_argument("--weights", default="hed-bsds500")
-    parser.add_argument("--finetune-size", type=int, default=150)
-    parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    parser.add_argument("--fine-tune-epochs", type=int, default=5)
     args = parser.parse_args()
 
     from pipeline.classify import ClassifySettings, classify, sweep
@@ -40,15 +38,13 @@ def main() -> None:
     best_tap = max(sweep_rows, key=lambda r: r["accuracy"])["tap"]
     _, classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
                                                    out_dir=str(work / "models")))
-    small = extract_features(ExtractSettings(layers=(best_tap,), image_size=args.finetune_size, **common)).store_path
-    _, small_rows = classify(ClassifySettings(store=str(small), classifiers=CLASSIFIERS, out_dir=str(work / "models")))
-    _, metrics = finetune(FinetuneSettings(store=str(small), layer=best_tap, fine_tune_epochs=args.fine_tune_epochs,
+    _, metrics = finetune(FinetuneSettings(store=str(store), layer=best_tap, fine_tune_epochs=args.fine_tune_epochs,
                                            out_dir=str(work / "models"), progress=False))
-    keep = ("accuracy", "phase1_accuracy", "stage_two", "gain", "gain_over_phase1", "kept", "tap", "unfreeze_from",
-            "fit_seconds", "n_train", "n_val", "n_test")
+    keep = ("accuracy", "phase1_accuracy", "precision", "stage_two", "gain", "gain_over_phase1", "kept", "tap",
+            "unfreeze_from", "fit_seconds", "n_train", "n_val", "n_test")
     emit({"weights": args.weights, "extend_store_s": extend_s, "sweep": sweep_rows, "best_tap": best_tap,
-          "classifiers_224": classifier_rows, "classifiers_small": small_rows, "finetune_size": args.finetune_size,
-          "fine_tune_epochs": args.fine_tune_epochs,
+          "classifiers_224": classifier_rows, "fine_tune_epochs": args.fine_tune_epochs, "finetune_seconds":
+          sum(p["seconds"] for p in metrics["phases"]), "precision": metrics["precision"],
           "finetune": {k: metrics[k] for k in keep} | {"phases": [{k: v for k, v in p.items() if k != "unfrozen_layers"}
                                                                   for p in metrics["phases"]]}})
 

@@ -121,7 +121,7 @@ def accuracy_tables(a: dict) -> str:
     out = [format_table(["tap", "dims", "test acc", "C", "GFLOPs to tap"],
                         [[r["tap"], r["dims"], r["accuracy"], r["C"], r["gflops"]] for r in a["sweep"]],
                         title=f"\nAccuracy, flowers17 split (816/204/340), {a['weights']} weights, 224 px, avg "
-                              "pooling. Sweep: logistic regression per tap")]
+                              f"pooling, {a['precision']}. Sweep: logistic regression per tap")]
     out.append(format_table(["classifier", "test acc", "macro F1", "fit s"],
                             [[r["classifier"], r["accuracy"], r["macro_f1"], r["fit_seconds"]]
                              for r in a["classifiers_224"]],
@@ -129,11 +129,12 @@ def accuracy_tables(a: dict) -> str:
     f = a["finetune"]
     gain = f["gain"]
     out.append(format_table(["stage", "test acc"], [
-        [f"two: best classifier ({f['stage_two']['classifier']})", f["stage_two"]["accuracy"]],
+        [f"two: the best classifier above ({f['stage_two']['classifier']})", f["stage_two"]["accuracy"]],
         ["three, phase 1 (head on the frozen backbone)", f["phase1_accuracy"]],
         [f"three, phase 2 (unfrozen from {f['unfreeze_from']}, at most {a['fine_tune_epochs']} epochs)",
          f["accuracy"]]],
-        title=f"\nStage three at {a['finetune_size']} px on CPU ({f['tap']})"))
+        title=f"\nStage three at {f['tap']}, 224 px, {a['precision']} on CPU "
+              f"({a['finetune_seconds']:.0f} s of training)"))
     out.append(f"gain over stage two: {gain['gain']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}, "
                "paired bootstrap over the 340 test images)")
     out.append("For orientation only, published with ImageNet weights (not measured here): VGG16 features + "
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory-n", type=int, default=300, help="N of the memory benchmark (default: 300)")
     parser.add_argument("--skip-accuracy", action="store_true", help="speed, cache and memory only")
-    parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    parser.add_argument("--fine-tune-epochs", type=int, default=5)
     args = parser.parse_args(argv)
     if not FLOWERS.is_dir() or not SPLIT.is_file():
         print(f"bench: {FLOWERS} and {SPLIT} are needed (see ../shared/data/README.md)", file=sys.stderr)

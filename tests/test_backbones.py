@@ -111,3 +111,21 @@ def test_imagenet_offline_error_names_alternatives():
                                    imagenet_file="vgg16_offline_test.h5")
     with pytest.raises(LayertapError, match="could not be downloaded .* --weights hed-bsds500 .* --weights random"):
         resolve_weights(backbone, "imagenet")
+
+
+def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import keras
+
+    import pipeline.backbones as backbones
+
+    monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0"])
+    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: False)
+    assert backbones.resolve_precision("auto") == "float32"
+    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: True)
+    assert backbones.resolve_precision("auto") == "bfloat16"
+    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0", "gpu:0"])
+    assert backbones.resolve_precision("auto") == "bfloat16"
+    assert backbones.resolve_precision("float16") == "float16"
+    with pytest.raises(ValueError, match="precision='fp8' is not known; use one of: auto, float32"):
+        backbones.resolve_precision("fp8")
