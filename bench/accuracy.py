@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", required=True, help="folder with features/ from the speed benchmark")
     parser.add_argument("--weights", default="hed-bsds500")
-    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--fine-tune-epochs", type=int, default=3)
     args = parser.parse_args()
 
     from pipeline.classify import ClassifySettings, classify, sweep

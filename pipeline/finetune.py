@@ -229,13 +229,14 @@ def stage_two_baseline(store: FeatureStore, run_dir: Path, tap: str, splits: np.
             log.warning("stage-two model %s was tested on other images (another seed?); not compared",
                         metrics_path.parent)
             continue
-        return {"classifier": row["classifier"], "accuracy": metrics["accuracy"],
-                "predictions": metrics["predictions"], "fit_seconds": metrics["fit_seconds"],
-                "trainable_params": metrics["trainable_params"], "source": str(metrics_path.parent)}
+        return _baseline(row["classifier"], metrics, str(metrics_path.parent))
     _, metrics = train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)
-    return {"classifier": "logreg", "accuracy": metrics["accuracy"], "predictions": metrics["predictions"],
-            "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
-            "source": "trained now (no stage-two run on this tap with these test images)"}
+    return _baseline("logreg", metrics, "trained now (no stage-two run on this tap with these test images)")
+
+
+def _baseline(classifier: str, metrics: dict, source: str) -> dict:
+    keys = ("accuracy", "predictions", "fit_seconds", "trainable_params")
+    return {"classifier": classifier, **{k: metrics[k] for k in keys}, "source": source}
 
 
 def _fit_rows(splits: np.ndarray, labels: np.ndarray, seed: int, val_fraction: float):

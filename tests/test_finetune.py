@@ -154,11 +154,13 @@ def test_saved_model_round_trips_through_predict(staged, finetuned):
     assert isinstance(model, keras.Model)
 
 
-def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_path):
-    model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path),
+@pytest.mark.parametrize("phase1", ["store", "images"])
+def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_path, phase1):
+    model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), phase1=phase1,
                                                    **{**QUICK, "fine_tune_epochs": 0}))
     assert metrics["stage_two"]["classifier"] == "logreg" and "trained now" in metrics["stage_two"]["source"]
     assert len(metrics["phases"]) == 1 and metrics["kept"] == "phase 1"
+    assert metrics["phases"][0]["data"] == {"store": "stored features", "images": "augmented images"}[phase1]
     assert metrics["accuracy"] == metrics["phase1_accuracy"]
 
 
