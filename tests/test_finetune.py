@@ -137,7 +137,8 @@ def test_report_compares_with_stage_two_on_the_same_test_images(staged, finetune
     assert metrics["gain"]["low"] <= metrics["gain"]["gain"] <= metrics["gain"]["high"]
     assert [p["unfrozen_from"] for p in metrics["phases"]] == [None, "block2_conv2"]
     assert metrics["phases"][1]["trainable"] > metrics["phases"][0]["trainable"]
-    assert {e["phase"] for e in metrics["history"]} == {1, 2} and metrics["composition_error"] < 1e-3
+    assert {e["phase"] for e in metrics["history"]} == {1, 2}
+    assert metrics["composition_error"] < (1e-3 if metrics["precision"] == "float32" else 2e-2)
     for name in ("model.keras", "manifest.json", "report.md", "learning_curves.png", "confusion.png"):
         assert (model_dir / name).is_file(), name
     assert "Gain of fine-tuning over stage two" in (model_dir / "report.md").read_text()
