@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layertap: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("layertap: interrupted; committed shards are kept, rerun the same command to resume",
-              file=sys.stderr)
+        print("layertap: interrupted; committed extraction shards are kept (rerun the same command to resume); "
+              "model folders are written only when their training completes", file=sys.stderr)
         return 130
 
 
