@@ -208,7 +208,10 @@ def write_finetune_report(model_dir, metrics: dict, store) -> None:
             f"precision {metrics['precision']}; BatchNorm layers "
             "frozen (inference mode); decoding took "
             f"{metrics['decode_seconds']:.1f} s. The phase-1 head starts from a seeded random initialisation.", "",
-            "![learning curves](learning_curves.png)", "", "```",
+            "![learning curves](learning_curves.png)", "",
+            "Validation figures are on unaugmented images throughout. Training figures come from each phase's own "
+            "data: with phase 1 on stored features and phase 2 on augmented images, training accuracy drops at "
+            "the unfreeze point without anything being lost.", "", "```",
             classification_table(metrics["report"], store.class_names), "```", "",
             "![confusion matrix](confusion.png)", ""]
     (model_dir / "report.md").write_text("\n".join(text))
