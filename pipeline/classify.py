@@ -26,6 +26,8 @@ from pipeline.images import SPLITS
 from pipeline.store import FeatureStore
 
 MANIFEST = "manifest.json"
+# The model file of each format: the Dense head, a fine-tuned model (pixels in), anything else.
+MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "joblib": "model.joblib"}
 
 
 @dataclass(frozen=True)
@@ -209,35 +211,28 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _is_keras_model(obj) -> bool:
-    import keras
-
-    return isinstance(obj, keras.Model)
-
-
 def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     """Write a fitted classifier (or a fine-tuned Keras model) and its manifest into ``model_dir``.
 
     The folder is replaced as a whole.
     """
     import joblib
+    import keras
 
     tmp = model_dir.with_name(model_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if isinstance(estimator, DenseHeadClassifier):
-        estimator.model_.save(tmp / "head.keras")
-        files = {"head.keras": None}
         manifest = {**manifest, "format": "keras", "params": estimator.get_params()}
-    elif _is_keras_model(estimator):  # a fine-tuned model: pixels in, probabilities out
-        estimator.save(tmp / "model.keras")
-        files = {"model.keras": None}
+        estimator.model_.save(tmp / MODEL_FILES["keras"])
+    elif isinstance(estimator, keras.Model):  # a fine-tuned model: pixels in, probabilities out
         manifest = {**manifest, "format": "keras-images"}
+        estimator.save(tmp / MODEL_FILES["keras-images"])
     else:
-        joblib.dump(estimator, tmp / "model.joblib")
-        files = {"model.joblib": None}
         manifest = {**manifest, "format": "joblib"}
-    manifest["files"] = {name: _sha256(tmp / name) for name in files}
+        joblib.dump(estimator, tmp / MODEL_FILES["joblib"])
+    name = MODEL_FILES[manifest["format"]]
+    manifest["files"] = {name: _sha256(tmp / name)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -268,21 +263,19 @@ def load_model(model_dir: str | os.PathLike):
             raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
                                 f"{expected[:16]}); it was changed after training. Refusing to load it: "
                                 "retrain with `layertap classify`")
-    if manifest["format"] == "keras-images":
-        import keras
+    path = model_dir / MODEL_FILES[manifest["format"]]
+    if manifest["format"] == "joblib":
+        import joblib
 
-        import pipeline.backbones  # noqa: F401 - registers the custom layers the model uses
+        return joblib.load(path), manifest
+    import keras
 
-        return keras.saving.load_model(model_dir / "model.keras", safe_mode=True, compile=False), manifest
+    import pipeline.backbones  # noqa: F401 - registers the custom layers a fine-tuned model uses
+
+    model = keras.saving.load_model(path, safe_mode=True, compile=False)
     if manifest["format"] == "keras":
-        import keras
-
-        model = keras.saving.load_model(model_dir / "head.keras", safe_mode=True, compile=False)
-        return DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))),
-                                              manifest["params"]), manifest
-    import joblib
-
-    return joblib.load(model_dir / "model.joblib"), manifest
+        model = DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))), manifest["params"])
+    return model, manifest
 
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,

@@ -32,8 +32,8 @@ CLASSIFY_EXAMPLES = """\
 examples:
   layertap classify --store features/<store>.h5 --classifiers logreg,linsvm,knn,dense
   layertap classify --data photos/ --weights imagenet --layers block4_pool,block5_pool --classifiers logreg,dense
-  layertap classify --store S.h5 \\
-                    --classifiers 'logreg:{"normalize": "l2"},sklearn.ensemble.RandomForestClassifier:{"n_estimators": 300}'
+  layertap classify --store S.h5 --classifiers \\
+    'logreg:{"normalize": "l2"},sklearn.ensemble.RandomForestClassifier:{"n_estimators": 300}'
 
 Splits: the store's recorded split (folders or CSV); where there is none, a seeded
 stratified train/val/test split (stage three uses the same). Classifiers fit on train+val
@@ -97,6 +97,41 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--max-pixels", type=int, default=None,
                      help="skip larger images as decompression bombs (default: Pillow's limit, ~89 MP)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from pipeline.finetune import FinetuneSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(FinetuneSettings)}  # one source of defaults
+    group = p.add_argument_group("fine-tuning")
+    group.add_argument("--layer", help="tap to fine-tune at (default: the best tap of the stage-two run, "
+                                       "else the store's deepest)")
+    group.add_argument("--unfreeze-from", metavar="LAYER",
+                       help="first layer trained in phase 2 (default: block5_conv1 for vgg16, conv5_block1_1_conv "
+                            "for resnet50, or the first layer of the tap's block when the tap is lower)")
+    group.add_argument("--epochs", type=int, default=default["epochs"],
+                       help="most epochs of phase 1, head only (default: %(default)s)")
+    group.add_argument("--fine-tune-epochs", type=int, default=default["fine_tune_epochs"],
+                       help="most epochs of phase 2; 0 stops after phase 1 (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=default["learning_rate"],
+                       help="Adam learning rate of phase 1 (default: %(default)s)")
+    group.add_argument("--fine-tune-lr", type=float, default=default["fine_tune_learning_rate"],
+                       help="Adam learning rate of phase 2 (default: %(default)s)")
+    group.add_argument("--patience", type=int, default=default["patience"],
+                       help="epochs without a lower validation loss before a phase stops (default: %(default)s)")
+    group.add_argument("--augment", default=default["augment"], metavar="SPEC",
+                       help="none, or comma list of flip[=horizontal|vertical|horizontal_and_vertical], "
+                            "rotation[=0.1], zoom[=0.1], contrast[=0.1] (default: %(default)s)")
+    group.add_argument("--hidden-units", type=int, default=default["hidden_units"],
+                       help="head's hidden layer, 0 for none (default: %(default)s)")
+    group.add_argument("--dropout", type=float, default=default["dropout"],
+                       help="dropout in the head (default: %(default)s)")
+    group.add_argument("--phase1", default=default["phase1"], choices=("store", "images"),
+                       help="train the phase-1 head on the stored features (seconds, no augmentation) or on "
+                            "augmented images through the frozen backbone (default: %(default)s)")
+    group.add_argument("--data-root", metavar="DIR", help="the store's images, if they moved since extraction")
 
 
 def _extract_settings(args):
@@ -328,60 +363,38 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--models", default="models", help="folder of the runs (default: %(default)s)")
     group.add_argument("--run", help="run folder name (default: the store's name)")
 
-    p = sub.add_parser("classify", parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="stage two: train classifiers on a store's taps and compare them",
-                       description="Train each classifier on each tap of one feature store (no image is "
-                                   "decoded) and report test accuracy, per-class precision/recall/F1, "
-                                   "confusion matrices, fit time and trainable parameters.",
-                       epilog=CLASSIFY_EXAMPLES)
-    p.add_argument("--classifiers", default="logreg", metavar="SPECS",
-                   help="comma-separated: logreg, linsvm, knn, dense, or an import path, each optionally "
-                        "with :{json params} (default: %(default)s)")
-    _add_extract_args(p)
-    p.set_defaults(func=cmd_classify)
+    def stage_command(name: str, func, add_args=None, **text) -> None:
+        """A command that works on a store: --store or the extraction flags, then its own options."""
+        p = sub.add_parser(name, parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter, **text)
+        if add_args:
+            add_args(p)
+        _add_extract_args(p)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser("sweep", parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="linear-probe accuracy of every tap, low to high, as a table and a plot",
-                       description="Which layer should I use? For every tap of the store: test accuracy of "
-                                   "the linear probe, feature dimensions, the forward-pass cost of reaching "
-                                   "the tap, and the Dense-head parameters flatten and avg pooling imply.",
-                       epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
-                              "../shared/data/flowers17-split.csv --weights hed-bsds500")
-    _add_extract_args(p)
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("finetune", parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="stage three: fine-tune the backbone end to end and report the gain over stage two",
-                       description="Phase 1 trains a Dense head on the frozen backbone; phase 2 unfreezes the "
-                                   "backbone from a named layer and trains with a much lower learning rate, "
-                                   "stopping early on the validation loss. Tested on stage two's test images, "
-                                   "with the gain over the best stage-two classifier and its bootstrap interval.",
-                       epilog=FINETUNE_EXAMPLES)
-    group = p.add_argument_group("fine-tuning")
-    group.add_argument("--layer", help="tap to fine-tune at (default: the best tap of the stage-two run, "
-                                       "else the store's deepest)")
-    group.add_argument("--unfreeze-from", metavar="LAYER",
-                       help="first layer trained in phase 2 (default: block5_conv1 for vgg16, conv5_block1_1_conv "
-                            "for resnet50, or the first layer of the tap's block when the tap is lower)")
-    group.add_argument("--epochs", type=int, default=50, help="most epochs of phase 1, head only (default: 50)")
-    group.add_argument("--fine-tune-epochs", type=int, default=10,
-                       help="most epochs of phase 2; 0 stops after phase 1 (default: 10)")
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of phase 1 (default: 1e-3)")
-    group.add_argument("--fine-tune-lr", type=float, default=1e-5,
-                       help="Adam learning rate of phase 2 (default: 1e-5)")
-    group.add_argument("--patience", type=int, default=5,
-                       help="epochs without a lower validation loss before a phase stops (default: 5)")
-    group.add_argument("--augment", default="flip,rotation,zoom", metavar="SPEC",
-                       help="none, or comma list of flip[=horizontal|vertical|horizontal_and_vertical], "
-                            "rotation[=0.1], zoom[=0.1], contrast[=0.1] (default: %(default)s)")
-    group.add_argument("--hidden-units", type=int, default=256, help="head's hidden layer, 0 for none (default: 256)")
-    group.add_argument("--dropout", type=float, default=0.5, help="dropout in the head (default: 0.5)")
-    group.add_argument("--phase1", default="store", choices=("store", "images"),
-                       help="train the phase-1 head on the stored features (seconds, no augmentation) or on "
-                            "augmented images through the frozen backbone (default: %(default)s)")
-    group.add_argument("--data-root", metavar="DIR", help="the store's images, if they moved since extraction")
-    _add_extract_args(p)
-    p.set_defaults(func=cmd_finetune)
+    stage_command(
+        "classify", cmd_classify, help="stage two: train classifiers on a store's taps and compare them",
+        description="Train each classifier on each tap of one feature store (no image is decoded) and report test "
+                    "accuracy, per-class precision/recall/F1, confusion matrices, fit time and trainable parameters.",
+        epilog=CLASSIFY_EXAMPLES,
+        add_args=lambda p: p.add_argument(
+            "--classifiers", default="logreg", metavar="SPECS",
+            help="comma-separated: logreg, linsvm, knn, dense, or an import path, each optionally with "
+                 ":{json params} (default: %(default)s)"))
+    stage_command(
+        "sweep", cmd_sweep, help="linear-probe accuracy of every tap, low to high, as a table and a plot",
+        description="Which layer should I use? For every tap of the store: test accuracy of the linear probe, "
+                    "feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head parameters "
+                    "flatten and avg pooling imply.",
+        epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
+               "../shared/data/flowers17-split.csv --weights hed-bsds500")
+    stage_command(
+        "finetune", cmd_finetune, add_args=_add_finetune_args,
+        help="stage three: fine-tune the backbone end to end and report the gain over stage two",
+        description="Phase 1 trains a Dense head on the frozen backbone; phase 2 unfreezes the backbone from a "
+                    "named layer and trains with a much lower learning rate, stopping early on the validation "
+                    "loss. Tested on stage two's test images, with the gain over the best stage-two classifier "
+                    "and its bootstrap interval.",
+        epilog=FINETUNE_EXAMPLES)
 
     p = sub.add_parser("predict", help="classify images with a trained model folder",
                        description="Runs the backbone as the model's manifest says and prints (or writes) "

@@ -94,6 +94,20 @@ def default_unfreeze_from(trunk, backbone) -> str:
     return next(layer.name for layer in trunk.layers if layer.name.startswith(block) and layer.weights)
 
 
+def check_unfreeze_from(trunk, unfreeze_from: str) -> int:
+    """The index in ``trunk.layers`` of the first layer to unfreeze.
+
+    Raises:
+        ValueError: the layer is not in the trunk; the message lists the layers that are.
+    """
+    names = [layer.name for layer in trunk.layers]
+    if unfreeze_from not in names:
+        weighted = [layer.name for layer in trunk.layers if layer.weights]
+        raise ValueError(f"unfreeze_from={unfreeze_from!r} is not a layer at or below the tap {names[-1]}; "
+                         f"use one of: {', '.join(weighted)}")
+    return names.index(unfreeze_from)
+
+
 def set_trainable(trunk, unfreeze_from: str | None) -> list[str]:
     """Freeze the trunk, then unfreeze from the named layer upward; BatchNorm layers stay frozen.
 
@@ -104,17 +118,12 @@ def set_trainable(trunk, unfreeze_from: str | None) -> list[str]:
         The names of the layers with weights that are now trainable.
 
     Raises:
-        ValueError: the layer is not in the trunk; the message lists the layers that are.
+        ValueError: the layer is not in the trunk (see :func:`check_unfreeze_from`).
     """
     import keras
 
-    names = [layer.name for layer in trunk.layers]
-    if unfreeze_from is not None and unfreeze_from not in names:
-        weighted = [layer.name for layer in trunk.layers if layer.weights]
-        raise ValueError(f"unfreeze_from={unfreeze_from!r} is not a layer at or below the tap {names[-1]}; "
-                         f"use one of: {', '.join(weighted)}")
+    start = check_unfreeze_from(trunk, unfreeze_from) if unfreeze_from is not None else len(trunk.layers)
     trunk.trainable = True  # the container's flag gates its layers' flags
-    start = names.index(unfreeze_from) if unfreeze_from is not None else len(names)
     unfrozen = []
     for index, layer in enumerate(trunk.layers):
         layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)

@@ -18,7 +18,6 @@ Both stages are tested on the same images: the split comes from
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,15 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LayertapError
-from pipeline.compose import (
-    build_augmentation,
-    build_finetune_model,
-    default_unfreeze_from,
-    param_counts,
-    parse_augmentation,
-    set_trainable,
-)
-from pipeline.images import BadImageError, decode_image, default_workers, iter_decoded, progress_bar
+from pipeline.compose import build_augmentation, build_finetune_model, check_unfreeze_from, default_unfreeze_from, \
+    param_counts, parse_augmentation, set_trainable
+from pipeline.images import BadImageError, decode_image, default_workers, fingerprint, iter_decoded, progress_bar
 from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -140,8 +133,8 @@ def bootstrap_gain(correct_new: np.ndarray, correct_old: np.ndarray, resamples: 
             "resamples": resamples, "level": level}
 
 
-def load_split_images(store: FeatureStore, rows: np.ndarray, data_root: Path, workers: int = 0,
-                      progress: bool = False) -> np.ndarray:
+def load_images(store: FeatureStore, rows: np.ndarray, data_root: Path, workers: int = 0,
+                progress: bool = False) -> np.ndarray:
     """Decode the images of the given store rows exactly as stage one did, as one uint8 array.
 
     Each file must still have the content the store fingerprinted.
@@ -163,7 +156,7 @@ def load_split_images(store: FeatureStore, rows: np.ndarray, data_root: Path, wo
             data = path.read_bytes()
         except OSError as exc:
             raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
-        if hashlib.blake2b(data, digest_size=16).hexdigest() != fingerprints[row]:
+        if fingerprint(data) != fingerprints[row]:
             raise BadImageError("the file changed since the store was extracted")
         return decode(io.BytesIO(data))
 
@@ -182,10 +175,12 @@ def load_split_images(store: FeatureStore, rows: np.ndarray, data_root: Path, wo
     return images
 
 
-def choose_tap(store: FeatureStore, run_dir: Path, layer: str | None) -> str:
-    """The named tap, else the best tap of stage two's run on this store, else the store's deepest tap."""
-    from pipeline.backbones import get_backbone
+def choose_tap(store: FeatureStore, run_dir: Path, layer: str | None, base) -> str:
+    """The named tap, else the best tap of stage two's run on this store, else the store's deepest tap.
 
+    Args:
+        base: The store's backbone model, for the depth of each layer.
+    """
     if layer:
         if layer not in store.taps:
             raise LayertapError(f"{store.path.name} has no tap {layer}; it has {', '.join(store.taps)}. "
@@ -194,8 +189,7 @@ def choose_tap(store: FeatureStore, run_dir: Path, layer: str | None) -> str:
     comparison = _stage_two_comparison(store, run_dir)
     if comparison:
         return comparison["rows"][0]["tap"]
-    model = get_backbone(store.manifest["backbone"]).build(store.manifest["image_size"])
-    depth = {lyr.name: i for i, lyr in enumerate(model.layers)}
+    depth = {lyr.name: i for i, lyr in enumerate(base.layers)}
     return max(store.taps, key=lambda t: depth.get(t, -1))
 
 
@@ -207,11 +201,12 @@ def _stage_two_comparison(store: FeatureStore, run_dir: Path) -> dict | None:
     return comparison if comparison.get("store_key") == store.key and comparison.get("rows") else None
 
 
-def stage_two_baseline(store: FeatureStore, run_dir: Path, tap: str, splits: np.ndarray, seed: int) -> dict:
+def stage_two_baseline(store: FeatureStore, X: np.ndarray, run_dir: Path, tap: str, splits: np.ndarray,
+                       seed: int) -> dict:
     """The best stage-two classifier on ``tap`` that was tested on exactly these test images.
 
     Read from the stage-two run in ``run_dir``; where there is none, a logistic-regression probe
-    is trained now on the store (seconds).
+    is trained now on ``X``, the tap's stored features (seconds).
 
     Returns:
         ``{"classifier", "accuracy", "predictions", "fit_seconds", "trainable_params", "source"}``.
@@ -230,7 +225,7 @@ def stage_two_baseline(store: FeatureStore, run_dir: Path, tap: str, splits: np.
                         metrics_path.parent)
             continue
         return _baseline(row["classifier"], metrics, str(metrics_path.parent))
-    _, metrics = train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)
+    _, metrics = train_one(store, X, "logreg", splits, seed)
     return _baseline("logreg", metrics, "trained now (no stage-two run on this tap with these test images)")
 
 
@@ -312,13 +307,6 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     store = FeatureStore(settings.store)
     m = store.manifest
     run_dir = Path(settings.out_dir) / (settings.run or store.path.stem)
-    tap = choose_tap(store, run_dir, settings.layer)
-    splits, split_source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
-    labels = store.labels
-    train, val, val_source = _fit_rows(splits, labels, settings.seed, settings.val_fraction)
-    test = np.flatnonzero(splits == "test")
-    baseline = stage_two_baseline(store, run_dir, tap, splits, settings.seed)
-
     backbone = get_backbone(m["backbone"])
     weights = resolve_weights(backbone, m["settings"]["weights"], seed=m["settings"]["seed"])
     if weights.sha256 != m["weights_sha256"]:
@@ -331,11 +319,18 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     precision = m["precision"]
     keras.utils.set_random_seed(settings.seed)
     base = build_backbone(backbone, weights, m["image_size"], precision)
+    tap = choose_tap(store, run_dir, settings.layer, base)
     trunk = keras.Model(base.inputs, base.get_layer(tap).output, name=f"{backbone.name}_to_{tap}")
     unfreeze_from = settings.unfreeze_from or default_unfreeze_from(trunk, backbone)
-    set_trainable(trunk, unfreeze_from)  # checks the name now, before any training
+    check_unfreeze_from(trunk, unfreeze_from)  # now, not after phase 1
     set_trainable(trunk, None)
-    X = store.features(tap).astype(np.float32)
+
+    splits, split_source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
+    labels = store.labels
+    train, val, val_source = _fit_rows(splits, labels, settings.seed, settings.val_fraction)
+    test = np.flatnonzero(splits == "test")
+    X = store.features(tap).astype(np.float32)  # one HDF5 read for the baseline and phase 1
+    baseline = stage_two_baseline(store, X, run_dir, tap, splits, settings.seed)
     n_classes = len(store.class_names)
     head = build_dense_head(X.shape[1], n_classes, X[train].mean(axis=0), X[train].var(axis=0),
                             settings.hidden_units, settings.dropout)
@@ -343,11 +338,15 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     model, features_model = build_finetune_model(trunk, backbone.name, tap, m["pooling"], head,
                                                  build_augmentation(augmentation, settings.seed))
 
+    # One decoding pass; train and val images only where a phase trains on images.
+    on_images = settings.phase1 == "images" or settings.fine_tune_epochs > 0
     started = time.perf_counter()
-    images = {name: load_split_images(store, rows, data_root, settings.workers, settings.progress)
-              for name, rows in (("train", train), ("val", val), ("test", test))}
+    decoded = load_images(store, np.concatenate([test, train, val]) if on_images else test, data_root,
+                          settings.workers, settings.progress)
     decode_seconds = time.perf_counter() - started
-    composition_error = _check_composition(features_model, images["train"][:8], X[train[:8]],
+    images = {"test": decoded[:len(test)], "train": decoded[len(test):len(test) + len(train)],
+              "val": decoded[len(test) + len(train):]}
+    composition_error = _check_composition(features_model, images["test"][:8], X[test[:8]],
                                            exact=precision == "float32" and store.dtype == "float32")
     y = {"train": labels[train], "val": labels[val], "test": labels[test]}
 

@@ -186,6 +186,11 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def fingerprint(data: bytes) -> str:
+    """The content hash a store records for each image file (blake2b-128, hex)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
@@ -218,11 +223,10 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         if width * height > max_pixels:
             return Skipped(record.path, f"decompression bomb: {width}x{height} = {width * height:,} "
                                         f"pixels is over the limit of {max_pixels:,}")
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        return ImageRecord(record.path, record.label, record.split, digest, fmt)
+        return ImageRecord(record.path, record.label, record.split, fingerprint(data), fmt)
 
     results = list(progress_bar(_ordered_map(check, images.records, workers or default_workers()),
-                             total=len(images), desc="scan", enabled=progress))
+                                total=len(images), desc="scan", enabled=progress))
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
     scanned = ImageList(images.root, kept, images.class_names, skipped, images.name)

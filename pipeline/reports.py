@@ -70,11 +70,17 @@ def classification_table(report: dict, class_names) -> str:
     return format_table(["class", "precision", "recall", "f1", "support"], rows)
 
 
-def write_model_report(model_dir, metrics: dict, class_names, title: str) -> None:
-    """``metrics.json``, ``report.md`` and ``confusion.png`` in a model folder."""
+def _write_metrics(model_dir, metrics: dict, class_names, title: str) -> Path:
+    """``metrics.json`` and ``confusion.png``, which every model folder has."""
     model_dir = Path(model_dir)
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_confusion(model_dir / "confusion.png", metrics["confusion"], class_names, title)
+    return model_dir
+
+
+def write_model_report(model_dir, metrics: dict, class_names, title: str) -> None:
+    """``metrics.json``, ``report.md`` and ``confusion.png`` in a model folder."""
+    model_dir = _write_metrics(model_dir, metrics, class_names, title)
     chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics["chosen"].items())
     text = [f"# {title}", "",
             f"test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
@@ -184,11 +190,9 @@ def stage_table(metrics: dict) -> str:
 
 def write_finetune_report(model_dir, metrics: dict, store) -> None:
     """``metrics.json``, ``report.md``, ``learning_curves.png`` and ``confusion.png`` of a fine-tuned model."""
-    model_dir = Path(model_dir)
     m = store.manifest
     title = f"{m['backbone']} fine-tuned at {metrics['tap']} ({m['weights']} weights, {m['image_size']} px)"
-    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_confusion(model_dir / "confusion.png", metrics["confusion"], store.class_names, title)
+    model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
     plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
     phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}", p["epochs_run"],
                    p["best_epoch"], p["best_val_loss"], p["best_val_accuracy"], p["trainable"], p["frozen"],

@@ -46,6 +46,13 @@ def make_class_folder(root: Path, per_class: int = 4, fmt: str = "JPEG") -> Path
     return root
 
 
+def make_split_folder(root: Path, train: int, val: int, test: int) -> Path:
+    """``root/<split>/<colour>/img_<i>.jpg`` with the given images per class in each split."""
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        make_class_folder(root / split, per_class=n)
+    return root
+
+
 def add_bad_files(root: Path, label: str = "red") -> dict[str, str]:
     """Add one bad file of each kind to a class folder; return name -> expected reason fragment."""
     folder = root / label
@@ -66,10 +73,7 @@ def class_folder(tmp_path) -> Path:
 
 @pytest.fixture
 def split_folder(tmp_path) -> Path:
-    root = tmp_path / "splits"
-    for split, n in (("train", 3), ("val", 1), ("test", 2)):
-        make_class_folder(root / split, per_class=n)
-    return root
+    return make_split_folder(tmp_path / "splits", train=3, val=1, test=2)
 
 
 def tiny_settings(data, out, **overrides):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_class_folder, tiny_settings
+from conftest import make_class_folder, make_split_folder, tiny_settings
 
 import pipeline.images
 from pipeline import LayertapError
@@ -20,9 +20,7 @@ from pipeline.store import FeatureStore
 def stores(tmp_path_factory):
     """Two stores of the same three colour classes: one with a recorded split, one without."""
     root = tmp_path_factory.mktemp("stage2")
-    split_root = root / "splits"
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        make_class_folder(split_root / split, per_class=n)
+    split_root = make_split_folder(root / "splits", train=6, val=3, test=3)
     flat = make_class_folder(root / "flat", per_class=12)
     split_store = extract_features(tiny_settings(split_root, root / "f", layers=("block1_pool", "block2_pool")))
     flat_store = extract_features(tiny_settings(flat, root / "f", layers=("block1_pool",)))

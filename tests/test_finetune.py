@@ -8,8 +8,9 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import make_class_folder, tiny_settings
+from conftest import make_split_folder, tiny_settings
 
+import pipeline.finetune
 from pipeline import LayertapError
 from pipeline.backbones import BackbonePreprocess, build_backbone, get_backbone, resolve_weights
 from pipeline.classifiers import build_dense_head
@@ -24,6 +25,7 @@ from pipeline.compose import (
 )
 from pipeline.extract import extract_features
 from pipeline.finetune import FinetuneSettings, bootstrap_gain, finetune
+from pipeline.images import decode_image
 from pipeline.predict import predict_images
 from pipeline.store import FeatureStore
 
@@ -35,9 +37,7 @@ QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_t
 def staged(tmp_path_factory):
     """A tiny store with a recorded split, stage two run on it, then stage three through the CLI."""
     root = tmp_path_factory.mktemp("stage3")
-    data = root / "data"
-    for split, n in (("train", 6), ("val", 3), ("test", 3)):
-        make_class_folder(data / split, per_class=n)
+    data = make_split_folder(root / "data", train=6, val=3, test=3)
     store = extract_features(tiny_settings(data, root / "f")).store_path
     models = root / "models"
     classify(ClassifySettings(store=str(store), classifiers=("logreg", "knn"), out_dir=str(models)))
@@ -156,13 +156,22 @@ def test_saved_model_round_trips_through_predict(staged, finetuned):
 
 
 @pytest.mark.parametrize("phase1", ["store", "images"])
-def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_path, phase1):
+def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_path, phase1, monkeypatch):
+    decoded = []
+
+    def counting_decode(*args, **kwargs):
+        decoded.append(1)
+        return decode_image(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.finetune, "decode_image", counting_decode)
     model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), phase1=phase1,
                                                    **{**QUICK, "fine_tune_epochs": 0}))
     assert metrics["stage_two"]["classifier"] == "logreg" and "trained now" in metrics["stage_two"]["source"]
     assert len(metrics["phases"]) == 1 and metrics["kept"] == "phase 1"
     assert metrics["phases"][0]["data"] == {"store": "stored features", "images": "augmented images"}[phase1]
     assert metrics["accuracy"] == metrics["phase1_accuracy"]
+    # without a phase on images, only the test images are decoded
+    assert len(decoded) == {"store": 9, "images": 9 + 18 + 9}[phase1]
 
 
 def test_wrong_preprocessing_is_caught_before_training(staged, tmp_path, monkeypatch):
