@@ -22,7 +22,8 @@ def run_child(args: list[str], env: dict | None = None, timeout: float = 1200) -
     A fresh process per measurement: no warm caches, compiled functions or allocator pools carry over,
     and the peak resident memory (``ru_maxrss`` from ``wait4``) is that measurement's alone.
     """
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT), **(env or {})}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path, **(env or {})}
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -176,9 +176,12 @@ def resolve_precision(precision: str) -> str:
         raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
     if precision != "auto":
         return precision
-    if any(not device.lower().startswith("cpu") for device in keras.distribution.list_devices()):
-        return "bfloat16"
-    return "bfloat16" if _cpu_has_bf16() else "float32"
+    return "bfloat16" if on_gpu() or _cpu_has_bf16() else "float32"
+
+
+def on_gpu() -> bool:
+    """Whether the Keras backend computes on an accelerator."""
+    return any(not device.lower().startswith("cpu") for device in keras.distribution.list_devices())
 
 
 def _cpu_has_bf16() -> bool:

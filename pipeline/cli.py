@@ -80,6 +80,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
                        help="squash the whole image, or centre-crop to a square (default: %(default)s)")
     model.add_argument("--no-draft", dest="draft", action="store_false",
                        help="decode JPEGs at full resolution (default: reduced DCT scale when it covers --size)")
+    model.add_argument("--decoder", default="pillow", choices=("pillow", "nvjpeg"),
+                       help="JPEG decoding: pillow (default: --workers processes on the CPU cores) or nvjpeg (on "
+                            "the GPU through torchvision; slower than 16 cores on an H100 host, see bench/NOTES.md)")
     model.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="compute precision: bfloat16/float16 are mixed precision; auto (default) is bfloat16 "
                             "on GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16: ~6x faster than float32, "
@@ -91,7 +94,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     store.add_argument("--compression", default="none", choices=("none", "gzip", "lzf"))
     run = p.add_argument_group("speed (not part of the cache key)")
     run.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=0, help="decoding threads (default: one per core)")
+    run.add_argument("--workers", type=int, default=0,
+                     help="decoding worker processes (default: one per core, at most 16; 1 decodes in a thread)")
     run.add_argument("--shard-size", type=int, default=512,
                      help="images per committed shard; a killed run resumes from the last one")
     run.add_argument("--max-pixels", type=int, default=None,
@@ -141,7 +145,7 @@ def _extract_settings(args):
     return ExtractSettings(
         data=args.data, split_file=args.split_file, root=args.root, backbone=args.backbone,
         layers=args.layers, pooling=args.pool, weights=args.weights, seed=args.seed, image_size=args.size,
-        resize=args.resize, draft=args.draft, precision=args.precision, store_dtype=args.dtype,
+        resize=args.resize, draft=args.draft, decoder=args.decoder, precision=args.precision, store_dtype=args.dtype,
         compression=args.compression, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
         shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet)
 
@@ -302,7 +306,7 @@ def cmd_inspect(args) -> int:
     fields = [("data", f"{m['data']['name']} at {m['data']['root']}"), ("backbone", m["backbone"]),
               ("weights", f"{m['weights']} (sha256 {m['weights_sha256'][:16]}...)"),
               ("image size", f"{m['image_size']} px, {m['resize']}, {m['interpolation']}"
-                             f"{', JPEG draft' if m['draft'] else ''}"),
+                             f"{', JPEG draft' if m['draft'] else ''}, {m.get('decoder', 'pillow')} decoder"),
               ("preprocessing", m["preprocessing"]), ("pooling", m["pooling"]),
               ("precision", f"{m['precision']} compute, {store.dtype} stored"),
               ("keras", f"{m['keras_version']} on {m['keras_backend']}"),

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LayertapError, __version__
-from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, decode_image, default_workers,
-                             find_images, iter_decoded, scan_images)
+from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, ProcessDecoder, decode_image,
+                             default_workers, find_images, iter_decoded, ordered_map, scan_images)
 from pipeline.pooling import flatten_warning, parse_pooling
 from pipeline.store import COMPRESSIONS, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, write_shard
 
@@ -54,7 +54,10 @@ class ExtractSettings:
         seed: Seed for ``random`` weights.
         image_size: Images are resized to ``image_size`` x ``image_size``.
         resize: ``squash`` (whole image, aspect not kept) or ``crop`` (centre crop).
-        draft: Decode JPEGs at reduced DCT scale when that still covers ``image_size``.
+        draft: Decode JPEGs at reduced DCT scale when that still covers ``image_size`` (Pillow only).
+        decoder: ``pillow`` (worker processes on the CPU cores) or ``nvjpeg`` (JPEGs decoded and
+            resized on the GPU; needs torchvision with CUDA, see :mod:`pipeline.gpu_decode`). Part
+            of the cache key: the two decoders' pixels differ slightly.
         precision: ``float32``, ``bfloat16``/``float16`` mixed precision, or ``auto``: bfloat16 on
             GPUs and on CPUs with bfloat16 units (AMX, AVX512-BF16), else float32. The resolved
             value is part of the cache key.
@@ -62,7 +65,7 @@ class ExtractSettings:
         compression: ``none``, ``gzip`` or ``lzf`` for the stored features.
         out_dir: Folder of the stores.
         batch_size: Images per forward pass (not part of the cache key).
-        workers: Decoding threads; 0 means one per core.
+        workers: Decoding worker processes (one: a thread); 0 means one per core.
         shard_size: Images per committed shard (not part of the cache key).
         max_pixels: Larger images are skipped as decompression bombs.
         progress: Show progress bars.
@@ -79,6 +82,7 @@ class ExtractSettings:
     image_size: int = 224
     resize: str = "squash"
     draft: bool = True
+    decoder: str = "pillow"
     precision: str = "auto"
     store_dtype: str = "float32"
     compression: str = "none"
@@ -91,6 +95,7 @@ class ExtractSettings:
 
     def __post_init__(self):
         from pipeline.backbones import get_backbone, resolve_precision
+        from pipeline.gpu_decode import check_decoder
 
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
@@ -99,6 +104,7 @@ class ExtractSettings:
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         _check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
+        check_decoder(self.decoder)
         _check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         _check_choice("compression", self.compression, COMPRESSIONS)
         for name, low in (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
@@ -171,7 +177,8 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
         "class_names": list(images.class_names),
         "backbone": settings.backbone, "weights": weights.id, "weights_sha256": weights.sha256,
         "image_size": settings.image_size, "resize": settings.resize, "interpolation": "bilinear",
-        "draft": settings.draft, "preprocessing": get_backbone(settings.backbone).preprocessing,
+        "draft": settings.draft and settings.decoder == "pillow", "decoder": settings.decoder,
+        "preprocessing": get_backbone(settings.backbone).preprocessing,
         "pooling": settings.pooling, "precision": settings.precision, "store_dtype": settings.store_dtype,
         **keras_info(),
     }
@@ -318,49 +325,97 @@ def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], 
         The number of images decoded.
     """
     records = images.records
-    paths = [Path(images.root) / records[i].path for (start, stop), _ in todo for i in range(start, stop)]
-    decode = partial(decode_image, size=settings.image_size, resize=settings.resize, draft=settings.draft,
-                     max_pixels=settings.max_pixels)
-    workers = settings.workers or default_workers()
-    stream = iter_decoded(paths, decode, workers, prefetch=max(2 * settings.batch_size, 4 * workers))
+    chunks = [(a, min(a + settings.batch_size, stop)) for (start, stop), _ in todo
+              for a in range(start, stop, settings.batch_size)]
     class_index = {name: i for i, name in enumerate(images.class_names)}
-    bar = _bar(total=done + len(paths), initial=done, enabled=settings.progress)
+    bar = _bar(total=done + sum(b - a for a, b in chunks), initial=done, enabled=settings.progress)
+    batches = decoded_batches([Path(images.root) / r.path for r in records], chunks, settings)
     n_decoded = 0
     try:
         for (start, stop), shard_path in todo:
-            rows, skipped, batch, outputs = Rows(), [], [], {tap: [] for tap in shapes}
-            for i in range(start, stop):
-                _, array, reason = next(stream)
-                n_decoded += 1
-                record = records[i]
-                bar.update(1)
-                if array is None:
-                    skipped.append((record.path, reason))
-                    continue
-                rows.extend(Rows([record.path], [class_index[record.label]], [record.split],
-                                 [record.fingerprint]))
-                batch.append(array)
-                if len(batch) == settings.batch_size:
-                    _forward(extractor, batch, settings.batch_size, outputs)
-                    batch = []
-            if batch:
-                _forward(extractor, batch, settings.batch_size, outputs)
+            rows, skipped, outputs = Rows(), [], {tap: [] for tap in shapes}
+            position = start
+            while position < stop:
+                (a, b), pixels, reasons = next(batches)
+                for record, reason in zip(records[a:b], reasons):
+                    if reason is None:
+                        rows.extend(Rows([record.path], [class_index[record.label]], [record.split],
+                                         [record.fingerprint]))
+                    else:
+                        skipped.append((record.path, reason))
+                if len(pixels):
+                    _forward(extractor, pixels, settings.batch_size, outputs)
+                n_decoded += b - a
+                bar.update(b - a)
+                position = b
             features = {tap: (np.concatenate(v) if v else np.zeros((0, _dims(extractor, tap)), np.float32))
                         for tap, v in outputs.items()}
             shard_manifest = {**manifest, "shard": [start, stop], "shard_taps": list(shapes)}
             write_shard(shard_path, rows=rows, features=features, class_names=images.class_names,
                         skipped=skipped, manifest=shard_manifest, map_shapes=shapes, dtype=settings.store_dtype)
     finally:
+        batches.close()
         bar.close()
     return n_decoded
 
 
-def _forward(extractor, batch: list[np.ndarray], batch_size: int, outputs: dict) -> None:
+def decoded_batches(paths: list[Path], chunks: list[tuple[int, int]], settings: ExtractSettings):
+    """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
+
+    Yields:
+        ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
+        uint8 batch (NumPy, or a device tensor for ``nvjpeg``) and, per path, ``None`` or why it
+        was skipped.
+    """
+    workers = settings.workers or default_workers()
+    if settings.decoder == "nvjpeg":
+        from pipeline.gpu_decode import NvjpegDecoder
+
+        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
+        try:
+            # One thread decodes the next batch on the GPU while this one runs the forward pass.
+            for chunk, (pixels, reasons) in zip(chunks, ordered_map(lambda c: decoder(paths[c[0]:c[1]]),
+                                                                     chunks, workers=1, prefetch=2)):
+                yield chunk, pixels, reasons
+        finally:
+            decoder.close()
+        return
+    if workers > 1:
+        decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
+                                 draft=settings.draft, max_pixels=settings.max_pixels)
+        try:
+            yield from decoder.batches(paths, chunks)
+        finally:
+            decoder.close()
+        return
+    # One worker: a thread, so that decoding still overlaps the forward pass.
+    decode = partial(decode_image, size=settings.image_size, resize=settings.resize, draft=settings.draft,
+                     max_pixels=settings.max_pixels)
+    stream = iter_decoded((paths[i] for a, b in chunks for i in range(a, b)), decode, 1, prefetch=settings.batch_size)
+    try:
+        for a, b in chunks:
+            arrays, reasons = [], []
+            for _ in range(a, b):
+                _, array, reason = next(stream)
+                reasons.append(reason)
+                if array is not None:
+                    arrays.append(array)
+            size = settings.image_size
+            yield (a, b), (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), reasons
+    finally:
+        stream.close()
+
+
+def _forward(extractor, pixels, batch_size: int, outputs: dict) -> None:
     """One forward pass; the last, short batch is padded so the model keeps one input shape."""
-    n = len(batch)
-    x = np.stack(batch)
-    if n < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    n = len(pixels)
+    if isinstance(pixels, np.ndarray):
+        x = pixels
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    else:
+        from pipeline.gpu_decode import to_backend
+        x = to_backend(pixels, batch_size)
     result = extractor.predict_on_batch(x)
     for tap in outputs:
         outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import os
+import struct
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -191,6 +192,60 @@ def fingerprint(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+_SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman JPEGs (what nvJPEG decodes)
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(width, height, components, exif_orientation)`` of a Huffman JPEG, or ``None``.
+
+    A marker walk in a few microseconds (no pixels, no Pillow): ``None`` for anything that is not
+    a baseline or progressive JPEG with 1 or 3 components, which then goes to Pillow.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, orientation, size = 2, 1, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        body = pos + 4
+        if marker == 0xE1 and data[body:body + 6] == b"Exif\x00\x00":
+            orientation = _exif_orientation(data, body + 6, pos + 2 + length)
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _SOF or body + 6 > size:
+                return None
+            height, width = struct.unpack_from(">HH", data, body + 1)
+            components = data[body + 5]
+            if components not in (1, 3) or not width or not height:
+                return None
+            return width, height, components, orientation
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(data: bytes, tiff: int, end: int) -> int:
+    try:
+        order = {b"II": "<", b"MM": ">"}[data[tiff:tiff + 2]]
+        ifd = tiff + struct.unpack_from(order + "I", data, tiff + 4)[0]
+        for i in range(struct.unpack_from(order + "H", data, ifd)[0]):
+            entry = ifd + 2 + 12 * i
+            if entry + 12 > end:
+                break
+            if struct.unpack_from(order + "H", data, entry)[0] == 0x0112:
+                value = struct.unpack_from(order + "H", data, entry + 8)[0]
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
+
+
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
@@ -213,9 +268,13 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         if fmt is None:
             return Skipped(record.path, f"not an image (first bytes {data[:8]!r}; "
                                         "JPEG, PNG, BMP, GIF, WebP and TIFF are read)")
+        header = jpeg_header(data) if fmt == "JPEG" else None
         try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-                width, height = im.size
+            if header:  # the common case, without Pillow's header parser (which holds the GIL)
+                width, height = header[:2]
+            else:
+                with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+                    width, height = im.size
         except Image.DecompressionBombError as exc:
             return Skipped(record.path, f"decompression bomb: {exc}")
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a skip, never a crash
@@ -225,7 +284,7 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                                         f"pixels is over the limit of {max_pixels:,}")
         return ImageRecord(record.path, record.label, record.split, fingerprint(data), fmt)
 
-    results = list(progress_bar(_ordered_map(check, images.records, workers or default_workers()),
+    results = list(progress_bar(ordered_map(check, images.records, workers or default_workers()),
                                 total=len(images), desc="scan", enabled=progress))
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
@@ -295,7 +354,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def default_workers() -> int:
-    """Decoding threads: one per core, at most 16 (Pillow releases the GIL while decoding)."""
+    """Decoding workers: one per core, at most 16."""
     return max(1, min(16, os.cpu_count() or 1))
 
 
@@ -312,11 +371,11 @@ def iter_decoded(paths: Iterable[Path], decode: Callable[[Path], np.ndarray], wo
         except BadImageError as exc:
             return None, str(exc)
 
-    for index, (array, reason) in enumerate(_ordered_map(safe, paths, workers, prefetch)):
+    for index, (array, reason) in enumerate(ordered_map(safe, paths, workers, prefetch)):
         yield index, array, reason
 
 
-def _ordered_map(fn, items, workers: int, prefetch: int | None = None):
+def ordered_map(fn, items, workers: int, prefetch: int | None = None):
     """``map(fn, items)`` in a thread pool with at most ``prefetch`` items in flight."""
     prefetch = prefetch or 4 * workers
     items = iter(items)
@@ -340,3 +399,96 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool, unit: str = "im
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+class ProcessDecoder:
+    """Decode images in worker processes straight into shared-memory batches.
+
+    Pillow holds Python's GIL for part of every image (header parsing, EXIF, mode conversion), so
+    decoding threads stop scaling at a few cores: measured on a 16-core host, 16 threads decoded
+    about 600 images/s where 16 processes decode several thousand (bench/NOTES.md). Each batch
+    is decoded into one of ``depth`` slots of a shared buffer, so no pixels are pickled.
+
+    Args:
+        size: Output side in pixels.
+        batch_size: Images per batch (rows of a slot).
+        workers: Worker processes.
+        depth: Batches in flight (decoding ahead of the consumer; default :attr:`DEPTH`).
+        **decode_kwargs: Passed to :func:`decode_image` (``resize``, ``draft``, ``max_pixels``).
+    """
+
+    DEPTH = 6
+
+    def __init__(self, size: int, batch_size: int, workers: int, depth: int | None = None, **decode_kwargs):
+        import multiprocessing
+        from multiprocessing import shared_memory
+
+        self.shape = (depth or self.DEPTH, batch_size, size, size, 3)
+        self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
+        self._slots = np.ndarray(self.shape, np.uint8, self._shm.buf)
+        self.workers = workers
+        # forkserver: never fork a process that runs a framework's threads.
+        context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+        self._pool = context.Pool(workers, initializer=_attach_slots,
+                                  initargs=(self._shm.name, self.shape, {"size": size, **decode_kwargs}))
+
+    def batches(self, paths: list[Path], chunks: list[tuple[int, int]]):
+        """Yield ``((a, b), pixels, reasons)`` for each chunk of ``paths``, in order.
+
+        ``pixels`` is a view of a shared slot: valid until the generator is resumed.
+        """
+        depth = self.shape[0]
+        pending = deque()
+
+        def submit(j: int) -> None:
+            a, b = chunks[j]
+            piece = max(1, -(-(b - a) // (2 * self.workers)))
+            tasks = [[(j % depth, row, str(paths[i])) for row, i in enumerate(range(start, min(start + piece, b)),
+                                                                          start - a)]
+                     for start in range(a, b, piece)]
+            pending.append(self._pool.map_async(_decode_rows, tasks))
+
+        for j in range(min(depth, len(chunks))):
+            submit(j)
+        for j, (a, b) in enumerate(chunks):
+            reasons = [reason for part in pending.popleft().get() for reason in part]
+            slot = self._slots[j % depth, :b - a]
+            ok = [row for row, reason in enumerate(reasons) if reason is None]
+            yield (a, b), (slot if len(ok) == b - a else slot[ok]), reasons
+            if j + depth < len(chunks):
+                submit(j + depth)
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+        self._slots = None
+        self._shm.close()
+        self._shm.unlink()
+
+
+_SLOTS: dict = {}
+
+
+def _attach_slots(name: str, shape: tuple, decode_kwargs: dict) -> None:
+    from multiprocessing import shared_memory
+
+    # Workers share the creating process's resource tracker, which unlinks the segment if that
+    # process dies without closing the decoder; the workers themselves end when their task pipe
+    # closes (tests/test_extract.py kills an extraction and checks both).
+    shm = shared_memory.SharedMemory(name=name)
+    # Below the process that runs the forward passes, which must not wait for a time slice when
+    # every core decodes (a precaution: not measured apart, see bench/NOTES.md).
+    os.nice(5)
+    _SLOTS.update(shm=shm, slots=np.ndarray(shape, np.uint8, shm.buf), kwargs=decode_kwargs)
+
+
+def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
+    """In a worker: decode each ``(slot, row, path)`` into the shared slots; ``None`` or the skip reason."""
+    reasons = []
+    for slot, row, path in tasks:
+        try:
+            _SLOTS["slots"][slot, row] = decode_image(path, **_SLOTS["kwargs"])
+            reasons.append(None)
+        except BadImageError as exc:
+            reasons.append(str(exc))
+    return reasons

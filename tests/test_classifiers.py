@@ -10,8 +10,14 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pipeline.classifiers import DenseHeadClassifier, make_classifier, split_specs, trainable_params
 
 
+def _float32_network(estimator) -> dict[str, str]:
+    # The network computes in float32, and oneDNN's matrix kernels block rows differently for
+    # another row order: probabilities then differ in the 8th digit, over this check's 1e-7.
+    return {"check_methods_sample_order_invariance": "float32 matrix kernels depend on row order (~3e-8)"}
+
+
 @parametrize_with_checks([DenseHeadClassifier(hidden_units=16, epochs=40, learning_rate=0.05, batch_size=32,
-                                             validation_fraction=0)])
+                                             validation_fraction=0)], expected_failed_checks=_float32_network)
 def test_dense_head_is_a_scikit_learn_estimator(estimator, check):
     check(estimator)
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -117,15 +118,40 @@ KILLER = textwrap.dedent("""
 """)
 
 
+def processes_marked(mark: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if mark.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def leaked_segments(before: set[str]) -> set[str]:
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
+
+
 def test_killed_run_resumes_to_identical_features(split_folder, tmp_path):
     out = tmp_path / "killed"
     args = ["extract", "--data", str(split_folder), "--weights", "random", "--size", "32", "--layers",
             "block1_pool,block2_pool", "--batch-size", "2", "--shard-size", "4", "--workers", "2", "-q",
             "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    mark = f"layertap-test-{os.getpid()}-{time.time()}"
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark}
     run = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    deadline = time.time() + 10
+    while (processes_marked(mark) or leaked_segments(shm_before)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_marked(mark), "decoding workers must end with the killed extraction"
+    assert not leaked_segments(shm_before), "the killed extraction's shared memory must be freed"
     assert not list(out.glob("*.h5")), "a killed run must leave no store that later stages accept"
     committed = sorted(out.glob("*.parts/*/shard-*.h5"))
     leftovers = list(out.glob("*.parts/*/.shard-*.tmp-*"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import add_bad_files, make_class_folder, photo
@@ -145,3 +147,27 @@ def test_iter_decoded_keeps_order_and_reports_failures(class_folder):
 def test_every_good_file_is_listed(tmp_path):
     root = make_class_folder(tmp_path / "d", per_class=2, fmt="PNG")
     assert len(scan_images(find_images(root)).records) == 6
+
+
+def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folder):
+    from pipeline.images import ProcessDecoder
+
+    expected = add_bad_files(class_folder)
+    paths = sorted(class_folder.rglob("*.*"))
+    chunks = [(a, min(a + 5, len(paths))) for a in range(0, len(paths), 5)]
+    decoder = ProcessDecoder(24, 5, workers=2, depth=2, resize="squash", draft=True)
+    segment = Path("/dev/shm") / decoder._shm.name
+    seen = []
+    try:
+        for (a, b), pixels, reasons in decoder.batches(paths, chunks):
+            good = [p for p, r in zip(paths[a:b], reasons) if r is None]
+            assert pixels.shape == (len(good), 24, 24, 3)
+            for path, array in zip(good, pixels):
+                np.testing.assert_array_equal(array, decode_image(path, 24))
+            seen += [(p.name, r) for p, r in zip(paths[a:b], reasons) if r is not None]
+    finally:
+        decoder.close()
+    assert {name for name, _ in seen} == set(expected)
+    for name, reason in seen:  # the scan before an extraction names empty and non-image files itself
+        assert expected[name] in reason or reason.startswith("cannot decode")
+    assert not segment.exists()

@@ -1,0 +1,346 @@
+"""GPU benchmark: ours against a tuned PyTorch pipeline and the forward-only ceiling (``make bench-gpu``).
+
+Runs on a CUDA machine with torch, torchvision and JAX; Keras runs on JAX (``KERAS_BACKEND=jax``,
+TensorFlow is not needed). Every measurement runs in its own process, on the same files, at
+224 px and batch 256, for VGG16 (to ``block5_pool``) and ResNet50 (to ``conv5_block3_out``),
+global average pooled:
+
+- ``ceiling``: the torchvision network's forward pass alone, bfloat16 and channels-last, on
+  batches already on the GPU (the rate no pipeline over the same network can beat).
+- ``torch``: the tuned PyTorch pipeline: ``DataLoader`` with one worker process per core
+  decoding and resizing with Pillow, pinned memory, then the ``ceiling`` network; the features are
+  saved with ``np.save``. ``torch-draft`` is the same with Pillow's JPEG draft mode.
+- ``keras-forward``: our extractor (Keras on JAX, bfloat16) on uint8 batches from host memory:
+  our forward-pass ceiling.
+- ``ours-pillow`` / ``ours-nvjpeg``: ``pipeline.extract.extract_features`` end to end, from the
+  JPEG files to an HDF5 store, decoding on CPU threads or on the GPU.
+- ``nvjpeg``: :class:`pipeline.gpu_decode.NvjpegDecoder` alone (decode + resize, no network).
+
+Weights: seeded random for ours and torchvision's default initialisation for the peers (no
+network here; speed does not depend on the weights). The data set is the given image folder
+repeated (hard links) to ``--images`` files so the runs last seconds, read once beforehand so all
+come from the page cache. Rates are steady-state (after the first batch, which holds the JIT
+compilation and worker start-up); ``wall_s`` is the whole child, start-up and compilation included.
+
+    KERAS_BACKEND=jax python -m bench.gpu --data DIR [--images 16384] [--backbones vgg16,resnet50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import RESULTS, emit, machine, run_child
+
+BATCH = 256
+SIZE = 224
+DEVICE = "cuda"  # "cpu" only for a smoke run of the script on a machine without a GPU
+TAPS = {"vgg16": "block5_pool", "resnet50": "conv5_block3_out"}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def list_images(data: Path) -> list[Path]:
+    return sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def torch_trunk(name: str, compile_: bool = False):
+    """torchvision's network up to the tap, bfloat16, channels-last, eval, on the GPU."""
+    import torch
+    import torchvision
+
+    if name == "vgg16":
+        trunk = torchvision.models.vgg16().features
+    else:
+        trunk = torch.nn.Sequential(*list(torchvision.models.resnet50().children())[:-2])
+    trunk = trunk.eval().to(DEVICE, memory_format=torch.channels_last, dtype=torch.bfloat16)
+    return torch.compile(trunk) if compile_ else trunk
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def child_ceiling(args) -> dict:
+    import torch
+
+    model = torch_trunk(args.backbone, args.compile)
+    inputs = [torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=torch.bfloat16)
+              .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    with torch.inference_mode():
+        for i in range(5):
+            model(inputs[i % 2]).mean((2, 3)).float()
+        _sync()
+        steps = 30
+        start = time.perf_counter()
+        for i in range(steps):
+            model(inputs[i % 2]).mean((2, 3)).float()
+        _sync()
+        seconds = time.perf_counter() - start
+    return {"images": steps * BATCH, "steady_s": seconds}
+
+
+class _Files:
+    def __init__(self, paths, draft, size):
+        self.paths, self.draft, self.size = paths, draft, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            if self.draft:
+                im.draft("RGB", (self.size, self.size))
+            im = im.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+            return torch.from_numpy(np.array(im))
+
+
+def child_torch(args) -> dict:
+    import torch
+
+    paths = list_images(Path(args.data))
+    model = torch_trunk(args.backbone)
+    mean = torch.tensor(MEAN, device=DEVICE).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=DEVICE).view(1, 3, 1, 1) * 255
+    loader = torch.utils.data.DataLoader(_Files(paths, args.draft, SIZE), batch_size=BATCH,
+                                         num_workers=os.cpu_count(), pin_memory=DEVICE == "cuda", prefetch_factor=4)
+    features, first = [], None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x in loader:
+            x = x.to(DEVICE, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = ((x - mean) / std).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            features.append(model(x).mean((2, 3)).float().cpu())
+            if first is None:
+                first = time.perf_counter()
+    np.save(Path(args.out) / "features.npy", torch.cat(features).numpy())
+    end = time.perf_counter()
+    return {"images": len(paths), "steady_s": end - first, "steady_images": len(paths) - BATCH,
+            "e2e_s": end - start}
+
+
+def child_keras_forward(args) -> dict:
+    from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
+
+    backbone = get_backbone(args.backbone)
+    base = build_backbone(backbone, resolve_weights(backbone, "random"), SIZE, "bfloat16")
+    model = build_extractor(base, backbone, (TAPS[args.backbone],), "avg")
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
+    for i in range(3):
+        model.predict_on_batch(inputs[i % 2])
+    steps = 20
+    start = time.perf_counter()
+    for i in range(steps):
+        model.predict_on_batch(inputs[i % 2])
+    return {"images": steps * BATCH, "steady_s": time.perf_counter() - start, "precision": "bfloat16"}
+
+
+def child_ours(args) -> dict:
+    import pipeline.extract as extract
+    from pipeline.extract import ExtractSettings, extract_features
+
+    marks = {}
+    slices, forward = extract.extract_slices, extract._forward
+
+    def timed_slices(*a, **k):
+        marks["start"] = time.perf_counter()
+        return slices(*a, **k)
+
+    def timed_forward(extractor, pixels, batch_size, outputs):
+        begin = time.perf_counter()
+        forward(extractor, pixels, batch_size, outputs)
+        marks.setdefault("first", (time.perf_counter(), len(pixels)))
+        marks["forward_s"] = marks.get("forward_s", 0.0) + time.perf_counter() - begin
+
+    if args.depth:
+        from pipeline.images import ProcessDecoder
+        ProcessDecoder.DEPTH = args.depth
+
+    extract.extract_slices, extract._forward = timed_slices, timed_forward
+    start = time.perf_counter()
+    result = extract_features(ExtractSettings(
+        data=args.data, backbone=args.backbone, layers=(TAPS[args.backbone],), weights="random", image_size=SIZE,
+        batch_size=BATCH, shard_size=4096, decoder=args.decoder, precision="auto", out_dir=args.out,
+        progress=False))
+    end = time.perf_counter()
+    first, first_n = marks["first"]
+    loop_end = marks["start"] + result.timings["extract"]
+    return {"images": result.n_decoded, "steady_s": loop_end - first, "steady_images": result.n_decoded - first_n,
+            "e2e_s": end - start, "timings": result.timings, "decoder": args.decoder,
+            "forward_s": marks["forward_s"]}
+
+
+def child_nvjpeg(args) -> dict:
+    from pipeline.gpu_decode import NvjpegDecoder
+
+    paths = list_images(Path(args.data))
+    decoder = NvjpegDecoder(SIZE, workers=os.cpu_count())
+    decoder(paths[:BATCH])
+    start = time.perf_counter()
+    for i in range(0, len(paths), BATCH):
+        decoder(paths[i:i + BATCH])
+    seconds = time.perf_counter() - start
+    decoder.close()
+    return {"images": len(paths), "steady_s": seconds}
+
+
+CHILDREN = {"ceiling": child_ceiling, "torch": child_torch, "keras-forward": child_keras_forward,
+            "ours": child_ours, "nvjpeg": child_nvjpeg}
+
+
+def child_main(argv=None) -> None:
+    global SIZE, BATCH, DEVICE
+    parser = argparse.ArgumentParser()
+    parser.add_argument("child", choices=CHILDREN)
+    parser.add_argument("--backbone", default="vgg16")
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    parser.add_argument("--decoder", default="pillow")
+    parser.add_argument("--draft", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--depth", type=int, default=0, help="ours: batches decoding ahead (default: ours')")
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    args = parser.parse_args(argv)
+    SIZE, BATCH = args.size, args.batch_size
+    import torch
+    if not torch.cuda.is_available():
+        DEVICE = "cpu"
+        import pipeline.gpu_decode
+        pipeline.gpu_decode.DEVICE = "cpu"
+        pipeline.gpu_decode.nvjpeg_available = lambda: True
+    result = CHILDREN[args.child](args)
+    steady = result.get("steady_images", result["images"])
+    emit({**result, "images_per_s": steady / result["steady_s"]})
+
+
+def tile(data: Path, n: int, into: Path) -> int:
+    """Hard-link the folder's JPEGs (class folders kept) until there are ``n``; read them once."""
+    source = list_images(data)
+    count = 0
+    while count < n:
+        for path in source:
+            if count == n:
+                break
+            target = into / path.parent.name / f"r{count // len(source)}_{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+            target.read_bytes()
+            count += 1
+    return count
+
+
+def gpu_facts() -> dict:
+    facts = machine()
+    try:
+        import torch
+        import torchvision
+
+        facts.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, torchvision=torchvision.__version__)
+    except Exception as exc:  # noqa: BLE001 - facts are best effort
+        facts["gpu"] = f"unknown ({exc})"
+    from importlib import metadata
+    for package in ("jax", "keras"):
+        try:
+            facts[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return facts
+
+
+def table(rows: list[dict], facts: dict, size: int, batch_size: int) -> str:
+    lines = [f"GPU extraction, {size} px, batch {batch_size}, steady-state images/s (after the first batch); "
+             f"{facts.get('gpu')}, {facts.get('cpus')} host cores, torch {facts.get('torch')}, "
+             f"jax {facts.get('jax')}, keras {facts.get('keras')}; seeded random weights", "",
+             "| backbone | pipeline | images/s | vs torch pipeline | vs ceiling | wall s |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        mine = [r for r in rows if r["backbone"] == backbone]
+        rate = {r["name"]: r.get("images_per_s") for r in mine}
+        peer = max((rate.get("torch") or 0), (rate.get("torch-draft") or 0)) or None
+        ceiling = rate.get("ceiling")
+        for r in mine:
+            value = r.get("images_per_s")
+            if value is None:
+                lines.append(f"| {backbone} | {r['name']} | failed: {r.get('error', '')[:60]} | | | |")
+                continue
+            vs_peer = f"{value / peer:.2f}x" if peer and r["name"] not in ("ceiling", "nvjpeg") else ""
+            vs_ceiling = f"{value / ceiling:.0%}" if ceiling and r["name"] != "nvjpeg" else ""
+            lines.append(f"| {backbone} | {r['name']} | {value:,.0f} | {vs_peer} | {vs_ceiling} | "
+                         f"{r.get('process_wall_s', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder of class folders of JPEGs")
+    parser.add_argument("--images", type=int, default=16384, help="files to run over (the folder repeated)")
+    parser.add_argument("--backbones", default="vgg16,resnet50")
+    parser.add_argument("--only", default="", help="comma list of measurements to run (default: all)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for gpu-*.json and gpu-latest.md")
+    parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    args = parser.parse_args()
+    env = {"KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+    plan = [("ceiling", []), ("torch", []), ("torch-draft", ["--draft"]), ("keras-forward", []),
+            ("ours-pillow", ["--decoder", "pillow"]), ("ours-nvjpeg", ["--decoder", "nvjpeg"])]
+    only = set(filter(None, args.only.split(",")))
+    facts = gpu_facts()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="layertap-gpu-") as tmp:
+        data = Path(tmp) / "images"
+        n = tile(Path(args.data), args.images, data)
+        print(f"{n} files under {data}", flush=True)
+        steps = [("all", "nvjpeg", [])] if not only or "nvjpeg" in only else []
+        steps += [(b, name, extra) for b in args.backbones.split(",") for name, extra in plan
+                  if not only or name in only]
+        for backbone, name, extra in steps:
+            out = Path(tmp) / f"out-{backbone}-{name}"
+            out.mkdir()
+            child = name.split("-")[0] if name.startswith(("torch", "ours")) else name
+            command = ["-m", "bench.gpu", "child", child, "--backbone", backbone if backbone != "all" else "vgg16",
+                       "--data", str(data), "--out", str(out), "--size", str(args.size),
+                       "--batch-size", str(args.batch_size), *extra]
+            try:
+                result = run_child(command, env=env, timeout=600)
+            except Exception as exc:  # noqa: BLE001 - one failed measurement must not lose the others
+                result = {"error": str(exc)[-2000:]}
+            row = {"backbone": backbone, "name": name, **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    markdown = table(rows, facts, args.size, args.batch_size)
+    print(markdown)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": facts, "images": n, "batch_size": args.batch_size, "size": args.size, "rows": rows}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"gpu-{stamp}.json", "gpu-latest.json"):
+        (results / name).write_text(json.dumps(payload, indent=2, default=str))
+    (results / "gpu-latest.md").write_text(markdown)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child_main(sys.argv[2:])
+    else:
+        main()
