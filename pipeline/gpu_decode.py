@@ -1,9 +1,10 @@
 """JPEG decoding on the GPU: nvJPEG through torchvision, resized on the device.
 
-On a GPU machine the forward pass of VGG16 runs at several thousand images per second, faster
-than Pillow decodes JPEGs on a 16-core host; the ``nvjpeg`` decoder moves decoding and resizing
-onto the GPU and hands the batch to the Keras backend without a trip through host memory
-(DLPack for JAX, the tensor itself for PyTorch).
+The ``nvjpeg`` decoder moves decoding and resizing onto the GPU and hands the batch to the Keras
+backend without a trip through host memory (DLPack for JAX, the tensor itself for PyTorch). It
+is for hosts with few cores per GPU: on an H100 with 16 host cores, torchvision's decoder (one
+lock, Huffman decoding on one thread) ran at about 3,000 images/s, slower than 16 Pillow worker
+processes (bench/NOTES.md), so it is not the default.
 
 What it decodes matches :func:`pipeline.images.decode_image` in meaning (EXIF orientation applied,
 RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for bit
