@@ -166,10 +166,6 @@ def child_ours(args) -> dict:
         marks.setdefault("first", (time.perf_counter(), len(pixels)))
         marks["forward_s"] = marks.get("forward_s", 0.0) + time.perf_counter() - begin
 
-    if args.depth:
-        from pipeline.images import ProcessDecoder
-        ProcessDecoder.DEPTH = args.depth
-
     extract.extract_slices, extract._forward = timed_slices, timed_forward
     start = time.perf_counter()
     result = extract_features(ExtractSettings(
@@ -212,7 +208,6 @@ def child_main(argv=None) -> None:
     parser.add_argument("--decoder", default="pillow")
     parser.add_argument("--draft", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--depth", type=int, default=0, help="ours: batches decoding ahead (default: ours')")
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--batch-size", type=int, default=BATCH)
     args = parser.parse_args(argv)

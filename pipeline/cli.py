@@ -95,7 +95,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("speed (not part of the cache key)")
     run.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     run.add_argument("--workers", type=int, default=0,
-                     help="decoding worker processes (default: one per core, at most 16; 1 decodes in a thread)")
+                     help="decoding worker processes (default: one per core, at most 16)")
     run.add_argument("--shard-size", type=int, default=512,
                      help="images per committed shard; a killed run resumes from the last one")
     run.add_argument("--max-pixels", type=int, default=None,

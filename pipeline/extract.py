@@ -22,15 +22,14 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import LayertapError, __version__
-from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, ProcessDecoder, decode_image,
-                             default_workers, find_images, iter_decoded, ordered_map, scan_images)
+from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, ProcessDecoder, default_workers,
+                             find_images, ordered_map, scan_images)
 from pipeline.pooling import flatten_warning, parse_pooling
 from pipeline.store import COMPRESSIONS, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, write_shard
 
@@ -65,7 +64,7 @@ class ExtractSettings:
         compression: ``none``, ``gzip`` or ``lzf`` for the stored features.
         out_dir: Folder of the stores.
         batch_size: Images per forward pass (not part of the cache key).
-        workers: Decoding worker processes (one: a thread); 0 means one per core.
+        workers: Decoding worker processes; 0 means one per core.
         shard_size: Images per committed shard (not part of the cache key).
         max_pixels: Larger images are skipped as decompression bombs.
         progress: Show progress bars.
@@ -380,30 +379,12 @@ def decoded_batches(paths: list[Path], chunks: list[tuple[int, int]], settings: 
         finally:
             decoder.close()
         return
-    if workers > 1:
-        decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
-                                 draft=settings.draft, max_pixels=settings.max_pixels)
-        try:
-            yield from decoder.batches(paths, chunks)
-        finally:
-            decoder.close()
-        return
-    # One worker: a thread, so that decoding still overlaps the forward pass.
-    decode = partial(decode_image, size=settings.image_size, resize=settings.resize, draft=settings.draft,
-                     max_pixels=settings.max_pixels)
-    stream = iter_decoded((paths[i] for a, b in chunks for i in range(a, b)), decode, 1, prefetch=settings.batch_size)
+    decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
+                             draft=settings.draft, max_pixels=settings.max_pixels)
     try:
-        for a, b in chunks:
-            arrays, reasons = [], []
-            for _ in range(a, b):
-                _, array, reason = next(stream)
-                reasons.append(reason)
-                if array is not None:
-                    arrays.append(array)
-            size = settings.image_size
-            yield (a, b), (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), reasons
+        yield from decoder.batches(paths, chunks)
     finally:
-        stream.close()
+        decoder.close()
 
 
 def _forward(extractor, pixels, batch_size: int, outputs: dict) -> None:

@@ -413,17 +413,15 @@ class ProcessDecoder:
         size: Output side in pixels.
         batch_size: Images per batch (rows of a slot).
         workers: Worker processes.
-        depth: Batches in flight (decoding ahead of the consumer; default :attr:`DEPTH`).
+        depth: Batches in flight, decoding ahead of the consumer (six: bench/NOTES.md).
         **decode_kwargs: Passed to :func:`decode_image` (``resize``, ``draft``, ``max_pixels``).
     """
 
-    DEPTH = 6
-
-    def __init__(self, size: int, batch_size: int, workers: int, depth: int | None = None, **decode_kwargs):
+    def __init__(self, size: int, batch_size: int, workers: int, depth: int = 6, **decode_kwargs):
         import multiprocessing
         from multiprocessing import shared_memory
 
-        self.shape = (depth or self.DEPTH, batch_size, size, size, 3)
+        self.shape = (depth, batch_size, size, size, 3)
         self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
         self._slots = np.ndarray(self.shape, np.uint8, self._shm.buf)
         self.workers = workers
@@ -442,11 +440,9 @@ class ProcessDecoder:
 
         def submit(j: int) -> None:
             a, b = chunks[j]
-            piece = max(1, -(-(b - a) // (2 * self.workers)))
-            tasks = [[(j % depth, row, str(paths[i])) for row, i in enumerate(range(start, min(start + piece, b)),
-                                                                          start - a)]
-                     for start in range(a, b, piece)]
-            pending.append(self._pool.map_async(_decode_rows, tasks))
+            rows = [(j % depth, i - a, str(paths[i])) for i in range(a, b)]
+            piece = max(1, -(-len(rows) // (2 * self.workers)))  # two tasks a worker
+            pending.append(self._pool.map_async(_decode_rows, [rows[k:k + piece] for k in range(0, len(rows), piece)]))
 
         for j in range(min(depth, len(chunks))):
             submit(j)

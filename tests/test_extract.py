@@ -40,9 +40,9 @@ def test_second_run_decodes_no_image(split_folder, tmp_path, monkeypatch):
     first = extract_features(settings)
 
     def no_decoding(*args, **kwargs):
-        raise AssertionError("an image was decoded on a cache hit")
+        raise AssertionError("decoding started on a cache hit")
 
-    monkeypatch.setattr(extract_module, "decode_image", no_decoding)
+    monkeypatch.setattr(extract_module, "decoded_batches", no_decoding)
     second = extract_features(tiny_settings(split_folder, tmp_path / "f", batch_size=2, workers=1))
     assert second.cache_hit and second.n_decoded == 0
     assert second.store_path == first.store_path
