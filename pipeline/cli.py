@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import textwrap
 from pathlib import Path
 
-from pipeline import LayertapError, __version__
+from pipeline import LayertapError, __version__, set_backend_defaults
 
 EXTRACT_EXAMPLES = """\
 examples:
@@ -119,6 +118,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                        help="most epochs of phase 1, head only (default: %(default)s)")
     group.add_argument("--fine-tune-epochs", type=int, default=default["fine_tune_epochs"],
                        help="most epochs of phase 2; 0 stops after phase 1 (default: %(default)s)")
+    group.add_argument("--fine-tune-minutes", type=float, default=None, metavar="M",
+                       help="wall-clock budget of phase 2: it stops after the batch that spends it (that epoch "
+                            "is still validated, the best weights kept); for CPUs where an epoch takes minutes "
+                            "(default: no limit)")
     group.add_argument("--lr", type=float, default=default["learning_rate"],
                        help="Adam learning rate of phase 1 (default: %(default)s)")
     group.add_argument("--fine-tune-lr", type=float, default=default["fine_tune_learning_rate"],
@@ -237,9 +240,10 @@ def cmd_finetune(args) -> int:
     settings = FinetuneSettings(
         store=_store_for(args), layer=args.layer, unfreeze_from=args.unfreeze_from, epochs=args.epochs,
         fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.lr, fine_tune_learning_rate=args.fine_tune_lr,
-        batch_size=args.batch_size, patience=args.patience, augment=args.augment, hidden_units=args.hidden_units,
-        dropout=args.dropout, phase1=args.phase1, data_root=args.data_root, out_dir=args.models, run=args.run,
-        seed=args.seed, workers=args.workers, progress=not args.quiet)
+        fine_tune_minutes=args.fine_tune_minutes, batch_size=args.batch_size, patience=args.patience,
+        augment=args.augment, hidden_units=args.hidden_units, dropout=args.dropout, phase1=args.phase1,
+        data_root=args.data_root, out_dir=args.models, run=args.run, seed=args.seed, workers=args.workers,
+        progress=not args.quiet)
     model_dir, metrics = finetune(settings)
     print(f"\nstage two vs stage three on the same {metrics['n_test']} test images "
           f"({metrics['tap']}):\n{stage_table(metrics)}\n\ngain over stage two: {gain_text(metrics['gain'])}\n"
@@ -441,8 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # TensorFlow's C++ start-up messages bury the summary; real failures still raise in Python.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    set_backend_defaults()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")

@@ -329,6 +329,7 @@ def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], 
     class_index = {name: i for i, name in enumerate(images.class_names)}
     bar = _bar(total=done + sum(b - a for a, b in chunks), initial=done, enabled=settings.progress)
     batches = decoded_batches([Path(images.root) / r.path for r in records], chunks, settings)
+    pad_to = settings.batch_size if _pads_short_batches() else None
     n_decoded = 0
     try:
         for (start, stop), shard_path in todo:
@@ -343,7 +344,7 @@ def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], 
                     else:
                         skipped.append((record.path, reason))
                 if len(pixels):
-                    _forward(extractor, pixels, settings.batch_size, outputs)
+                    _forward(extractor, pixels, pad_to, outputs)
                 n_decoded += b - a
                 bar.update(b - a)
                 position = b
@@ -387,16 +388,31 @@ def decoded_batches(paths: list[Path], chunks: list[tuple[int, int]], settings: 
         decoder.close()
 
 
-def _forward(extractor, pixels, batch_size: int, outputs: dict) -> None:
-    """One forward pass; the last, short batch is padded so the model keeps one input shape."""
+def _pads_short_batches() -> bool:
+    """Whether a short batch (the last one, or one with skipped images) is padded to the full batch size.
+
+    Yes where a new input shape means a compile that costs more than the padding images' compute: JAX
+    and torch (XLA, inductor) and any GPU. TensorFlow on a CPU retraces once, in about 0.5 s for VGG16,
+    and then takes any batch size, while 18 padding images cost about 4 s of float32 forward on two
+    cores (bench/NOTES.md).
+    """
+    import keras
+
+    from pipeline.backbones import on_gpu
+
+    return keras.backend.backend() != "tensorflow" or on_gpu()
+
+
+def _forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
+    """One forward pass; a short batch is padded to ``pad_to`` images so the model keeps one input shape."""
     n = len(pixels)
     if isinstance(pixels, np.ndarray):
         x = pixels
-        if n < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        if pad_to and n < pad_to:
+            x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], x.dtype)])
     else:
         from pipeline.gpu_decode import to_backend
-        x = to_backend(pixels, batch_size)
+        x = to_backend(pixels, pad_to or len(pixels))
     result = extractor.predict_on_batch(x)
     for tap in outputs:
         outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])

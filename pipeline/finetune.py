@@ -55,6 +55,9 @@ class FinetuneSettings:
         fine_tune_learning_rate: Adam learning rate of phase 2, typically 100x lower.
         batch_size: Images per step.
         patience: Epochs without a lower validation loss before a phase stops.
+        fine_tune_minutes: Wall-clock budget of phase 2's training: it stops after the batch that
+            spends it (that epoch's validation still runs, the best weights are kept); 0 skips
+            phase 2; None: no limit. For slow machines, where one epoch of phase 2 takes minutes.
         augment: ``none`` or a comma list of ``flip[=horizontal|vertical|horizontal_and_vertical]``,
             ``rotation[=0.1]``, ``zoom[=0.1]``, ``contrast[=0.1]`` (factors as in Keras's Random* layers).
         hidden_units: Width of the head's hidden layer (0: softmax regression on the pooled features).
@@ -78,6 +81,7 @@ class FinetuneSettings:
     fine_tune_learning_rate: float = 1e-5
     batch_size: int = 32
     patience: int = 5
+    fine_tune_minutes: float | None = None
     augment: str = "flip,rotation,zoom"
     hidden_units: int = 256
     dropout: float = 0.5
@@ -103,6 +107,8 @@ class FinetuneSettings:
         for name in ("learning_rate", "fine_tune_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        if self.fine_tune_minutes is not None and not self.fine_tune_minutes >= 0:
+            raise ValueError(f"fine_tune_minutes={self.fine_tune_minutes!r} must be >= 0 (or None: no limit)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
 
@@ -271,6 +277,23 @@ def _phase_summary(history: list[dict], seconds: float, counts: dict, **extra) -
             "best_val_accuracy": history[best]["val_accuracy"] if history else None, **counts, **extra}
 
 
+def _time_limit(minutes: float):
+    """A callback that stops training after the batch that ends past ``minutes`` from the start of training."""
+    import keras
+
+    class TimeLimit(keras.callbacks.Callback):
+        stopped = False
+
+        def on_train_begin(self, logs=None):
+            self.deadline = time.monotonic() + 60 * minutes
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.monotonic() > self.deadline:
+                self.model.stop_training = self.stopped = True
+
+    return TimeLimit()
+
+
 def _optimizer(learning_rate: float, precision: str):
     import keras
 
@@ -339,7 +362,8 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
                                                  build_augmentation(augmentation, settings.seed))
 
     # One decoding pass; train and val images only where a phase trains on images.
-    on_images = settings.phase1 == "images" or settings.fine_tune_epochs > 0
+    phase2 = settings.fine_tune_epochs > 0 and settings.fine_tune_minutes != 0
+    on_images = settings.phase1 == "images" or phase2
     started = time.perf_counter()
     decoded = load_images(store, np.concatenate([test, train, val]) if on_images else test, data_root,
                           settings.workers, settings.progress)
@@ -350,14 +374,21 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
                                            exact=precision == "float32" and store.dtype == "float32")
     y = {"train": labels[train], "val": labels[val], "test": labels[test]}
 
-    def fit(net, inputs, val_inputs, epochs, learning_rate):
+    def fit(net, inputs, val_inputs, epochs, learning_rate, minutes=None):
+        """Train ``net`` for at most ``epochs`` and ``minutes``; returns its history and whether time ran out."""
         verbose = 2 if settings.progress and net is model else 0  # a line per epoch where epochs take long
         net.compile(optimizer=_optimizer(learning_rate, precision), loss="sparse_categorical_crossentropy",
                     metrics=["accuracy"])
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
-                                             restore_best_weights=True)
-        return net.fit(inputs, y["train"], validation_data=(val_inputs, y["val"]), epochs=epochs,
-                       batch_size=settings.batch_size, shuffle=True, callbacks=[stop], verbose=verbose)
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
+                                                   restore_best_weights=True)]
+        if minutes is not None:
+            callbacks.append(_time_limit(minutes))
+        history = net.fit(inputs, y["train"], validation_data=(val_inputs, y["val"]), epochs=epochs,
+                          batch_size=settings.batch_size, shuffle=True, callbacks=callbacks, verbose=verbose)
+        time_limited = minutes is not None and callbacks[-1].stopped
+        if time_limited:
+            log.info("stopped in epoch %d: the %g-minute budget is spent", len(history.history["loss"]), minutes)
+        return history, time_limited
 
     # Phase 1: the trunk is frozen, the head learns.
     counts = param_counts(model)
@@ -367,18 +398,19 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     keras.utils.set_random_seed(settings.seed)
     started = time.perf_counter()
     if settings.phase1 == "store":
-        history = fit(head, X[train], X[val], settings.epochs, settings.learning_rate)
+        history, _ = fit(head, X[train], X[val], settings.epochs, settings.learning_rate)
     else:
-        history = fit(model, images["train"], images["val"], settings.epochs, settings.learning_rate)
+        history, _ = fit(model, images["train"], images["val"], settings.epochs, settings.learning_rate)
     curves = _history(history, 1)
     phases = [_phase_summary(curves, time.perf_counter() - started, counts, learning_rate=settings.learning_rate,
                              data="stored features" if settings.phase1 == "store" else "augmented images",
                              unfrozen_from=None)]
-    phase1_probs = _predict(model, images["test"], settings.batch_size)
+    # The frozen trunk computes the stored features (checked above), so the head on them is phase 1's model.
+    phase1_probs = _predict(head, X[test], settings.batch_size)
     kept = "phase 1"
 
     # Phase 2: unfreeze from the named layer, recompile, train slowly on augmented images.
-    if settings.fine_tune_epochs:
+    if phase2:
         phase1_weights = model.get_weights()
         unfrozen = set_trainable(trunk, unfreeze_from)
         counts = param_counts(model)
@@ -387,20 +419,21 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
                  f"{counts['trainable']:,}", f"{counts['frozen']:,}")
         keras.utils.set_random_seed(settings.seed + 1)
         started = time.perf_counter()
-        history = fit(model, images["train"], images["val"], settings.fine_tune_epochs,
-                      settings.fine_tune_learning_rate)
-        phase2 = _history(history, 2)
-        curves += phase2
-        phases.append(_phase_summary(phase2, time.perf_counter() - started, counts,
+        history, time_limited = fit(model, images["train"], images["val"], settings.fine_tune_epochs,
+                                    settings.fine_tune_learning_rate, settings.fine_tune_minutes)
+        phase2_curves = _history(history, 2)
+        curves += phase2_curves
+        phases.append(_phase_summary(phase2_curves, time.perf_counter() - started, counts,
                                      learning_rate=settings.fine_tune_learning_rate, data="augmented images",
-                                     unfrozen_from=unfreeze_from, unfrozen_layers=unfrozen))
+                                     unfrozen_from=unfreeze_from, unfrozen_layers=unfrozen,
+                                     time_limited=time_limited))
         if phases[1]["best_val_loss"] <= phases[0]["best_val_loss"]:
             kept = "phase 2"
         else:  # the best weights of both phases are kept
             model.set_weights(phase1_weights)
         set_trainable(trunk, None)
 
-    probs = _predict(model, images["test"], settings.batch_size)
+    probs = phase1_probs if kept == "phase 1" else _predict(model, images["test"], settings.batch_size)
     predicted, phase1_predicted = probs.argmax(axis=1), phase1_probs.argmax(axis=1)
     baseline_correct = np.asarray(baseline["predictions"]) == y["test"]
     class_ids = list(range(n_classes))

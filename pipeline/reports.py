@@ -194,7 +194,8 @@ def write_finetune_report(model_dir, metrics: dict, store) -> None:
     title = f"{m['backbone']} fine-tuned at {metrics['tap']} ({m['weights']} weights, {m['image_size']} px)"
     model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
     plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
-    phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}", p["epochs_run"],
+    phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}",
+                   f"{p['epochs_run']}{' (time limit)' if p.get('time_limited') else ''}",
                    p["best_epoch"], p["best_val_loss"], p["best_val_accuracy"], p["trainable"], p["frozen"],
                    p["seconds"]] for i, p in enumerate(metrics["phases"])]
     text = [f"# {title}", "",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from pipeline import set_backend_defaults
+
+# Before any test imports Keras: the tests compute with the kernels the layertap command uses, so a
+# result from a CLI subprocess and one from this process agree bit for bit.
+set_backend_defaults()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -136,6 +136,24 @@ def leaked_segments(before: set[str]) -> set[str]:
     return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
 
 
+def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_folder, tmp_path, monkeypatch):
+    import keras
+
+    sizes, predict = [], keras.Model.predict_on_batch
+    monkeypatch.setattr(keras.Model, "predict_on_batch", lambda self, x: sizes.append(len(x)) or predict(self, x))
+    settings = dict(batch_size=5, shard_size=100)  # 18 images: batches of 5, 5, 5 and 3
+    unpadded = extract_features(tiny_settings(split_folder, tmp_path / "a", **settings))
+    assert sizes == ([5, 5, 5, 3] if keras.backend.backend() == "tensorflow" else [5, 5, 5, 5])
+    sizes.clear()
+    monkeypatch.setattr(extract_module, "_pads_short_batches", lambda: True)
+    padded = extract_features(tiny_settings(split_folder, tmp_path / "b", **settings))
+    assert sizes == [5, 5, 5, 5]
+    a, b = FeatureStore(unpadded.store_path), FeatureStore(padded.store_path)
+    assert len(a) == len(b) == 18
+    for tap in ("block1_pool", "block2_pool"):
+        np.testing.assert_allclose(a.features(tap), b.features(tap), rtol=1e-5, atol=1e-6)
+
+
 def test_killed_run_resumes_to_identical_features(split_folder, tmp_path):
     out = tmp_path / "killed"
     args = ["extract", "--data", str(split_folder), "--weights", "random", "--size", "32", "--layers",

@@ -187,3 +187,21 @@ def test_changed_image_is_refused(staged, tmp_path):
     changed.write_bytes(changed.read_bytes() + b"\x00")
     with pytest.raises(LayertapError, match=r"test/red/img_1.jpg \(the file changed since the store was extracted"):
         finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), data_root=str(data), **QUICK))
+
+
+
+def test_time_budget_stops_phase_two_in_its_first_epoch_and_says_so(staged, finetuned, tmp_path):
+    _, unlimited = finetuned
+    assert unlimited["phases"][1]["epochs_run"] == 2 and not unlimited["phases"][1]["time_limited"]
+    model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path),
+                                                   fine_tune_minutes=1e-6, **QUICK))
+    phase1, phase2 = metrics["phases"]
+    assert phase1["epochs_run"] == 3 and "time_limited" not in phase1  # the budget is phase 2's alone
+    assert phase2["epochs_run"] == 1 and phase2["time_limited"]  # validated after its first batch
+    assert phase2["best_val_loss"] is not None
+    assert " 1 (time limit) " in (model_dir / "report.md").read_text()
+    _, skipped = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path / "none"),
+                                           fine_tune_minutes=0, **QUICK))
+    assert len(skipped["phases"]) == 1 and skipped["kept"] == "phase 1"
+    with pytest.raises(ValueError, match="fine_tune_minutes"):
+        FinetuneSettings(store=str(staged["store"]), fine_tune_minutes=-1)
