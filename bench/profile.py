@@ -1,8 +1,10 @@
 """Where extraction time goes on this machine: ``python -m bench.profile [--size 224] [--n 256]``.
 
 Times each part alone on the same flowers17 images: JPEG decode + resize (with and without draft
-mode, on the decoding threads), the forward pass to ``block5_pool`` from ready arrays (float32,
-XLA-compiled, bfloat16), and writing the features to HDF5. Prints a table and one JSON line.
+mode, on the decoding threads), the forward pass to ``block5_pool`` from ready arrays (``--forward``:
+float32, XLA-compiled float32, mixed bfloat16), and writing the features to HDF5. Prints a table and
+one JSON line. TensorFlow runs as the environment says (``TF_ENABLE_ONEDNN_OPTS=0`` or ``1`` compares
+its two CPU kernel libraries); this script does not apply :func:`pipeline.set_backend_defaults`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from functools import partial
 import numpy as np
 
 from bench.common import FLOWERS, emit
+
+FORWARD = {"float32": ("float32", False), "float32-xla": ("float32", True), "bfloat16": ("bfloat16", False)}
 
 
 def _rate(fn, n: int, repeat: int = 2) -> float:
@@ -34,7 +38,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--forward", default=",".join(FORWARD),
+                        help="comma list of forward variants to time (default: %(default)s; bfloat16 is "
+                             "emulated and slow on CPUs without bfloat16 units)")
     args = parser.parse_args()
+    variants = args.forward.split(",")
+    unknown = set(variants) - set(FORWARD)
+    if unknown:
+        parser.error(f"--forward: unknown {', '.join(sorted(unknown))}; use {', '.join(FORWARD)}")
 
     import h5py
     import keras
@@ -51,7 +62,7 @@ def main() -> None:
     images = np.stack([decode_image(p, args.size) for p in paths])
     backbone = get_backbone("vgg16")
     weights = resolve_weights(backbone, "hed-bsds500")
-    for precision, jit in (("float32", False), ("float32", True), ("bfloat16", False)):
+    for precision, jit in (FORWARD[v] for v in variants):
         extractor = build_extractor(build_backbone(backbone, weights, args.size, precision), backbone,
                                     ["block5_pool"], "avg")
         extractor.jit_compile = jit

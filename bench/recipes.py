@@ -9,7 +9,12 @@ the imports and stops when the features are on disk, so model building and weigh
 - ``dataset``: the current Keras guide's recipe, ``keras.utils.image_dataset_from_directory`` (tf.data,
   prefetched) and ``model.predict(dataset)``.
 - ``ours``: ``pipeline.extract.extract_features`` into a fresh feature store, at ``--precision auto``
-  (bfloat16 where the CPU has bfloat16 units) or ``float32`` (the peers' arithmetic).
+  (bfloat16 where the CPU has bfloat16 units) or ``float32`` (the peers' arithmetic), with the
+  backend settings the ``layertap`` command makes (:func:`pipeline.set_backend_defaults`: oneDNN
+  kernels on every x86-64 CPU). The peers run with TensorFlow's defaults, as users run them.
+
+Each prints one JSON line; ``ours`` adds ``extract_images_per_s``, its rate after start-up (scan,
+model build), which ``make bench`` uses to size the image set of the speed rows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import emit
+from pipeline import set_backend_defaults
 
 
 def conv_base(size: int, tap: str, weights: str):
@@ -35,7 +41,7 @@ def conv_base(size: int, tap: str, weights: str):
     return keras.Model(base.inputs, pooled)
 
 
-def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> int:
+def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> dict:
     import tensorflow as tf
     from keras.applications.vgg16 import preprocess_input
 
@@ -53,10 +59,10 @@ def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out:
         if done >= flow.samples:
             break
     np.savez(out / "features.npz", features=features, labels=labels)
-    return done
+    return {"images": done}
 
 
-def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> int:
+def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> dict:
     import keras
     import tensorflow as tf
     from keras.applications.vgg16 import preprocess_input
@@ -67,18 +73,18 @@ def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out:
     ds = ds.map(lambda x, y: preprocess_input(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     features = model.predict(ds, verbose=0)
     np.savez(out / "features.npz", features=features)
-    return len(features)
+    return {"images": len(features)}
 
 
 def ours(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path, split_file=None,
-         precision: str = "auto") -> int:
+         precision: str = "auto") -> dict:
     from pipeline.extract import ExtractSettings, extract_features
 
     result = extract_features(ExtractSettings(data=str(data), split_file=split_file, layers=(tap,), weights=weights,
                                               image_size=size, batch_size=batch_size, out_dir=str(out),
                                               precision=precision, progress=False))
     assert not result.cache_hit, "the benchmark needs a fresh output folder"
-    return result.n_decoded
+    return {"images": result.n_decoded, "extract_images_per_s": result.images_per_s}
 
 
 RECIPES = {"datagen": datagen, "dataset": dataset, "ours": ours}
@@ -96,6 +102,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--precision", default="auto", help="ours only: float32, bfloat16 or auto (default)")
     args = parser.parse_args()
+    if args.recipe == "ours":
+        set_backend_defaults()  # before Keras loads TensorFlow, as the layertap command does
     import keras  # noqa: F401 - imports are not timed
     if args.recipe != "ours":
         import tensorflow  # noqa: F401
@@ -103,14 +111,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     kwargs = {"split_file": args.split_file, "precision": args.precision} if args.recipe == "ours" else {}
-    n = RECIPES[args.recipe](Path(args.data), args.size, args.tap, args.weights, args.batch_size, out, **kwargs)
+    done = RECIPES[args.recipe](Path(args.data), args.size, args.tap, args.weights, args.batch_size, out, **kwargs)
     seconds = time.perf_counter() - started
     precision = "float32"
     if args.recipe == "ours":
         from pipeline.backbones import resolve_precision
         precision = resolve_precision(args.precision)
-    emit({"recipe": args.recipe, "size": args.size, "tap": args.tap, "precision": precision, "images": n,
-          "seconds": seconds, "images_per_s": n / seconds})
+    emit({"recipe": args.recipe, "size": args.size, "tap": args.tap, "precision": precision, **done,
+          "seconds": seconds, "images_per_s": done["images"] / seconds})
 
 
 if __name__ == "__main__":

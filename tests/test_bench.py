@@ -7,6 +7,7 @@ import pytest
 from conftest import COLOURS, photo
 
 from bench.recipes import RECIPES
+from bench.run import _subset
 from pipeline.store import FeatureStore
 
 pytest.importorskip("tensorflow", reason="the peer recipes are TensorFlow-backend Keras code")
@@ -23,7 +24,7 @@ def test_peer_recipes_and_ours_give_the_same_features(tmp_path):
         out = tmp_path / name
         out.mkdir()
         kwargs = {"precision": "float32"} if name == "ours" else {}
-        assert recipe(data, 32, "block3_pool", "random", 4, out, **kwargs) == 6
+        assert recipe(data, 32, "block3_pool", "random", 4, out, **kwargs)["images"] == 6
         if name == "ours":
             features[name] = FeatureStore(next(out.glob("*.h5"))).features("block3_pool")
         else:
@@ -32,3 +33,15 @@ def test_peer_recipes_and_ours_give_the_same_features(tmp_path):
     for name in ("datagen", "dataset"):
         assert features[name].shape == (6, 256)
         np.testing.assert_allclose(features[name], features["ours"], atol=1e-4 * scale, err_msg=name)
+
+
+def test_speed_subset_takes_the_same_first_images_of_every_class(tmp_path):
+    source = tmp_path / "all"
+    for name in ("b", "a"):
+        (source / name).mkdir(parents=True)
+        for i in (3, 1, 2):
+            (source / name / f"img_{i}.jpg").write_bytes(b"%d" % i)
+    subset = _subset(tmp_path / "subset", sorted(source.iterdir()), 2)
+    assert sorted(str(p.relative_to(subset)) for p in subset.rglob("*.jpg")) == [
+        "a/img_1.jpg", "a/img_2.jpg", "b/img_1.jpg", "b/img_2.jpg"]
+    assert (subset / "a" / "img_2.jpg").read_bytes() == b"2"
