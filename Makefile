@@ -45,7 +45,7 @@ help:
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
 	@echo "make test-all    the tests including slow ones"
-	@echo "make bench       extraction speed vs the Keras recipes, cache, memory, accuracy (CPU, ~15 min;"
+	@echo "make bench       extraction speed vs the Keras recipes, cache, memory, accuracy (CPU, 13-16 min;"
 	@echo "                 needs ../shared/data/flowers17): tables printed and written to bench/results/"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50 (~6 min)"
