@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,15 @@ def run_child(args: list[str], env: dict | None = None, timeout: float = 1200) -
     lines = [line for line in out.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
     return {**result, "process_wall_s": wall}
+
+
+def link(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (a copy across file systems), making ``target``'s folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def machine() -> dict:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, emit, machine, run_child
+from bench.common import RESULTS, emit, link, machine, run_child
 
 BATCH = 256
 SIZE = 224
@@ -160,9 +160,9 @@ def child_ours(args) -> dict:
         marks["start"] = time.perf_counter()
         return slices(*a, **k)
 
-    def timed_forward(extractor, pixels, batch_size, outputs):
+    def timed_forward(extractor, pixels, pad_to, outputs):
         begin = time.perf_counter()
-        forward(extractor, pixels, batch_size, outputs)
+        forward(extractor, pixels, pad_to, outputs)
         marks.setdefault("first", (time.perf_counter(), len(pixels)))
         marks["forward_s"] = marks.get("forward_s", 0.0) + time.perf_counter() - begin
 
@@ -232,11 +232,7 @@ def tile(data: Path, n: int, into: Path) -> int:
             if count == n:
                 break
             target = into / path.parent.name / f"r{count // len(source)}_{path.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
+            link(path, target)
             target.read_bytes()
             count += 1
     return count

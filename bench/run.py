@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import FLOWERS, RESULTS, SPLIT, machine, run_child, write_results
+from bench.common import FLOWERS, RESULTS, SPLIT, link, machine, run_child, write_results
 from pipeline.reports import format_table
 
 PEERS = ("datagen", "dataset")
@@ -51,12 +50,8 @@ def _recipe(recipe: str, out: Path, size: int, tap: str = "block5_pool", data: P
 def _subset(folder: Path, classes: list[Path], per_class: int) -> Path:
     """The first ``per_class`` JPEGs of each class folder, hard-linked (copied across file systems) into ``folder``."""
     for cls in classes:
-        (folder / cls.name).mkdir(parents=True, exist_ok=True)
         for path in sorted(cls.glob("*.jpg"))[:per_class]:
-            try:
-                os.link(path, folder / cls.name / path.name)
-            except OSError:
-                shutil.copyfile(path, folder / cls.name / path.name)
+            link(path, folder / cls.name / path.name)
     return folder
 
 

@@ -31,7 +31,8 @@ import numpy as np
 from pipeline import LayertapError
 from pipeline.compose import build_augmentation, build_finetune_model, check_unfreeze_from, default_unfreeze_from, \
     param_counts, parse_augmentation, set_trainable
-from pipeline.images import BadImageError, decode_image, default_workers, fingerprint, iter_decoded, progress_bar
+from pipeline.images import BadImageError, decode_image, default_workers, fingerprint, iter_decoded, progress_bar, \
+    read_file
 from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,7 @@ def load_images(store: FeatureStore, rows: np.ndarray, data_root: Path, workers:
     decode = partial(decode_image, size=size, resize=m["resize"], draft=m["draft"])
 
     def checked(row: int) -> np.ndarray:
-        path = data_root / store.rows.paths[row]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
+        data = read_file(data_root / store.rows.paths[row])
         if fingerprint(data) != fingerprints[row]:
             raise BadImageError("the file changed since the store was extracted")
         return decode(io.BytesIO(data))
@@ -361,15 +358,17 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     model, features_model = build_finetune_model(trunk, backbone.name, tap, m["pooling"], head,
                                                  build_augmentation(augmentation, settings.seed))
 
-    # One decoding pass; train and val images only where a phase trains on images.
+    # One decoding pass, of what is used: train and val images where a phase trains on images; all test
+    # images where phase 2 runs (phase 1 is tested on the stored features), else the 8 the check below uses.
     phase2 = settings.fine_tune_epochs > 0 and settings.fine_tune_minutes != 0
-    on_images = settings.phase1 == "images" or phase2
+    fit_rows = [train, val] if settings.phase1 == "images" or phase2 else []
+    test_images = test if phase2 else test[:8]
     started = time.perf_counter()
-    decoded = load_images(store, np.concatenate([test, train, val]) if on_images else test, data_root,
-                          settings.workers, settings.progress)
+    decoded = load_images(store, np.concatenate([test_images, *fit_rows]), data_root, settings.workers,
+                          settings.progress)
     decode_seconds = time.perf_counter() - started
-    images = {"test": decoded[:len(test)], "train": decoded[len(test):len(test) + len(train)],
-              "val": decoded[len(test) + len(train):]}
+    images = {"test": decoded[:len(test_images)], "train": decoded[len(test_images):len(test_images) + len(train)],
+              "val": decoded[len(test_images) + len(train):]}
     composition_error = _check_composition(features_model, images["test"][:8], X[test[:8]],
                                            exact=precision == "float32" and store.dtype == "float32")
     y = {"train": labels[train], "val": labels[val], "test": labels[test]}

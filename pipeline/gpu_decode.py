@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import numpy as np
+from functools import partial
 
 from pipeline import LayertapError
-from pipeline.images import BadImageError, decode_image, jpeg_header
+from pipeline.images import decode_image, jpeg_header, or_reason, read_file
 
 DECODERS = ("pillow", "nvjpeg")
 DEVICE = "cuda"  # where NvjpegDecoder decodes by default (the tests set "cpu")
@@ -105,13 +103,12 @@ class NvjpegDecoder:
     def _decode(self, paths: list[os.PathLike]) -> tuple[object, list[str | None]]:
         import torch
 
-        blobs = list(self._pool.map(_read, paths))
-        reasons: list[str | None] = [None] * len(paths)
+        read = list(self._pool.map(partial(or_reason, read_file), paths))
+        blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
         images: list = [None] * len(paths)
         gpu, host = [], []
         for i, blob in enumerate(blobs):
-            if isinstance(blob, str):
-                reasons[i] = blob
+            if blob is None:
                 continue
             header = jpeg_header(blob)
             if header is None or header[0] * header[1] > self.max_pixels:
@@ -124,11 +121,12 @@ class NvjpegDecoder:
                     host.append(i)
                 else:
                     images[i] = self._finish(_orient(image, orientation))
-        for i, result in zip(host, self._pool.map(self._pillow, [paths[i] for i in host])):
-            if isinstance(result, str):
-                reasons[i] = result
-            else:
-                images[i] = torch.from_numpy(result.copy()).to(self.device, non_blocking=True)
+        pillow = partial(or_reason, partial(decode_image, size=self.size, resize=self.resize, draft=False,
+                                            max_pixels=self.max_pixels))
+        for i, (array, reason) in zip(host, self._pool.map(pillow, [paths[i] for i in host])):
+            reasons[i] = reason
+            if array is not None:
+                images[i] = torch.from_numpy(array.copy()).to(self.device, non_blocking=True)
         kept = [image for image in images if image is not None]
         batch = torch.stack(kept) if kept else torch.zeros((0, self.size, self.size, 3), dtype=torch.uint8,
                                                            device=self.device)
@@ -165,20 +163,6 @@ class NvjpegDecoder:
         if tuple(x.shape[2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x.squeeze(0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-
-    def _pillow(self, path) -> np.ndarray | str:
-        try:
-            return decode_image(path, self.size, self.resize, draft=False, max_pixels=self.max_pixels)
-        except BadImageError as exc:
-            return str(exc)
-
-
-def _read(path: os.PathLike) -> bytes | str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-    return data if data else "empty file"
 
 
 def _orient(image, orientation: int):

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,29 @@ def fingerprint(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def read_file(path: os.PathLike) -> bytes:
+    """A file's bytes.
+
+    Raises:
+        BadImageError: it cannot be read, or it is empty.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise BadImageError("empty file")
+    return data
+
+
+def or_reason(fn: Callable, item) -> tuple[object | None, str | None]:
+    """``(fn(item), None)``, or ``(None, why)`` where ``fn`` raises :class:`BadImageError`."""
+    try:
+        return fn(item), None
+    except BadImageError as exc:
+        return None, str(exc)
+
+
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman JPEGs (what nvJPEG decodes)
 
 
@@ -258,12 +282,9 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         LayertapError: no usable image is left, or a class has none.
     """
     def check(record: ImageRecord) -> ImageRecord | Skipped:
-        try:
-            data = (images.root / record.path).read_bytes()
-        except OSError as exc:
-            return Skipped(record.path, f"cannot read: {exc.strerror or exc}")
-        if not data:
-            return Skipped(record.path, "empty file")
+        data, reason = or_reason(read_file, images.root / record.path)
+        if reason:
+            return Skipped(record.path, reason)
         fmt = sniff_format(data[:16])
         if fmt is None:
             return Skipped(record.path, f"not an image (first bytes {data[:8]!r}; "
@@ -365,13 +386,7 @@ def iter_decoded(paths: Iterable[Path], decode: Callable[[Path], np.ndarray], wo
     Yields:
         ``(index, array, None)`` for a decoded image, ``(index, None, reason)`` for a bad one.
     """
-    def safe(path: Path) -> tuple[np.ndarray | None, str | None]:
-        try:
-            return decode(path), None
-        except BadImageError as exc:
-            return None, str(exc)
-
-    for index, (array, reason) in enumerate(ordered_map(safe, paths, workers, prefetch)):
+    for index, (array, reason) in enumerate(ordered_map(partial(or_reason, decode), paths, workers, prefetch)):
         yield index, array, reason
 
 
@@ -482,9 +497,8 @@ def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
     """In a worker: decode each ``(slot, row, path)`` into the shared slots; ``None`` or the skip reason."""
     reasons = []
     for slot, row, path in tasks:
-        try:
-            _SLOTS["slots"][slot, row] = decode_image(path, **_SLOTS["kwargs"])
-            reasons.append(None)
-        except BadImageError as exc:
-            reasons.append(str(exc))
+        array, reason = or_reason(partial(decode_image, **_SLOTS["kwargs"]), path)
+        if reason is None:
+            _SLOTS["slots"][slot, row] = array
+        reasons.append(reason)
     return reasons

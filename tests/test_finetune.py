@@ -170,8 +170,9 @@ def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_
     assert len(metrics["phases"]) == 1 and metrics["kept"] == "phase 1"
     assert metrics["phases"][0]["data"] == {"store": "stored features", "images": "augmented images"}[phase1]
     assert metrics["accuracy"] == metrics["phase1_accuracy"]
-    # without a phase on images, only the test images are decoded
-    assert len(decoded) == {"store": 9, "images": 9 + 18 + 9}[phase1]
+    # without phase 2, phase 1 is tested on the stored features: only the 8 test images that check the
+    # composition are decoded, plus train and val where phase 1 trains on images
+    assert len(decoded) == {"store": 8, "images": 8 + 18 + 9}[phase1]
 
 
 def test_wrong_preprocessing_is_caught_before_training(staged, tmp_path, monkeypatch):
@@ -187,7 +188,6 @@ def test_changed_image_is_refused(staged, tmp_path):
     changed.write_bytes(changed.read_bytes() + b"\x00")
     with pytest.raises(LayertapError, match=r"test/red/img_1.jpg \(the file changed since the store was extracted"):
         finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), data_root=str(data), **QUICK))
-
 
 
 def test_time_budget_stops_phase_two_in_its_first_epoch_and_says_so(staged, finetuned, tmp_path):
