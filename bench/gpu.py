@@ -13,7 +13,7 @@ global average pooled:
 - ``keras-forward``: our extractor (Keras on JAX, bfloat16) on uint8 batches from host memory:
   our forward-pass ceiling.
 - ``ours-pillow`` / ``ours-nvjpeg``: ``pipeline.extract.extract_features`` end to end, from the
-  JPEG files to an HDF5 store, decoding on CPU threads or on the GPU.
+  JPEG files to an HDF5 store, decoding in worker processes on the CPU or on the GPU.
 - ``nvjpeg``: :class:`pipeline.gpu_decode.NvjpegDecoder` alone (decode + resize, no network).
 
 Weights: seeded random for ours and torchvision's default initialisation for the peers (no
