@@ -30,9 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     set_backend_defaults()  # before Keras loads TensorFlow, as the layertap command does
 
-    from pipeline.classify import ClassifySettings, classify, sweep
-    from pipeline.extract import ExtractSettings, extract_features
-    from pipeline.finetune import FinetuneSettings, finetune
+    from pipeline import ClassifySettings, ExtractSettings, FinetuneSettings, classify, extract_features, finetune, \
+        sweep
 
     work = Path(args.work)
     common = dict(data=str(FLOWERS), split_file=str(SPLIT), weights=args.weights, out_dir=str(work / "features"),
@@ -42,8 +41,8 @@ def main() -> None:
     extract_s = time.perf_counter() - started
     _, sweep_rows = sweep(store, out_dir=str(work / "models"))
     best_tap = max(sweep_rows, key=lambda r: r["accuracy"])["tap"]
-    _, classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
-                                                   out_dir=str(work / "models")))
+    classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
+                                                out_dir=str(work / "models"))).rows
     budget = None if args.deadline is None else (args.deadline - time.time()) / 60
     if budget is not None and budget < MIN_PHASE2_MINUTES:
         budget = 0.0  # skip phase 2: a few batches would say nothing, and its validation still costs a pass

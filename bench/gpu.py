@@ -133,11 +133,9 @@ def child_torch(args) -> dict:
 
 
 def child_keras_forward(args) -> dict:
-    from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
+    from pipeline.backbones import create_extractor
 
-    backbone = get_backbone(args.backbone)
-    base = build_backbone(backbone, resolve_weights(backbone, "random"), SIZE, "bfloat16")
-    model = build_extractor(base, backbone, (TAPS[args.backbone],), "avg")
+    model = create_extractor(args.backbone, "random", TAPS[args.backbone], "avg", SIZE, "bfloat16").model
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
     for i in range(3):

@@ -50,8 +50,9 @@ def main() -> None:
     import h5py
     import keras
 
-    from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
-    from pipeline.images import decode_image, default_workers, iter_decoded
+    from pipeline.backbones import create_extractor
+    from pipeline.decoding import decode_image, iter_decoded
+    from pipeline.images import default_workers
 
     paths = sorted(FLOWERS.rglob("*.jpg"))[: args.n]
     rows = {}
@@ -60,11 +61,8 @@ def main() -> None:
         rows[f"decode+resize, {'draft' if draft else 'full'} JPEG, {default_workers()} threads"] = _rate(
             lambda: list(iter_decoded(paths, decode, default_workers(), 64)), len(paths))
     images = np.stack([decode_image(p, args.size) for p in paths])
-    backbone = get_backbone("vgg16")
-    weights = resolve_weights(backbone, "hed-bsds500")
     for precision, jit in (FORWARD[v] for v in variants):
-        extractor = build_extractor(build_backbone(backbone, weights, args.size, precision), backbone,
-                                    ["block5_pool"], "avg")
+        extractor = create_extractor("vgg16", "hed-bsds500", "block5_pool", "avg", args.size, precision).model
         extractor.jit_compile = jit
         batches = [images[i:i + args.batch_size] for i in range(0, len(images) - args.batch_size + 1, args.batch_size)]
         label = f"forward to block5_pool, {precision}{', XLA' if jit else ''}, batch {args.batch_size}"

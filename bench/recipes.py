@@ -33,10 +33,9 @@ def conv_base(size: int, tap: str, weights: str):
     """VGG16 with our weights up to ``tap``, global average pooled (peers use keras's own layers)."""
     import keras
 
-    from pipeline.backbones import build_backbone, get_backbone, resolve_weights
+    from pipeline.backbones import create_extractor
 
-    backbone = get_backbone("vgg16")
-    base = build_backbone(backbone, resolve_weights(backbone, weights), size)
+    base = create_extractor("vgg16", weights, tap, image_size=size).base
     pooled = keras.layers.GlobalAveragePooling2D()(base.get_layer(tap).output)
     return keras.Model(base.inputs, pooled)
 
@@ -115,7 +114,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     precision = "float32"
     if args.recipe == "ours":
-        from pipeline.backbones import resolve_precision
+        from pipeline.runtime import resolve_precision
         precision = resolve_precision(args.precision)
     emit({"recipe": args.recipe, "size": args.size, "tap": args.tap, "precision": precision, **done,
           "seconds": seconds, "images_per_s": done["images"] / seconds})

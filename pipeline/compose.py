@@ -1,11 +1,19 @@
-"""Composing a backbone for fine-tuning: augmentation, the trunk up to a tap, pooling, a head; freezing by name.
+"""Composing a backbone for fine-tuning (augmentation, the trunk up to a tap, pooling, a head), freezing by name,
+and training one phase.
 
 Everything uses the Keras 3 API, so the model trains unchanged on the TensorFlow, JAX and PyTorch backends.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
+
+from pipeline import LayertapError, import_keras
+
+log = logging.getLogger(__name__)
 
 # name -> default factor; flip takes a mode instead.
 AUGMENTATIONS = {"flip": "horizontal", "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
@@ -44,7 +52,7 @@ def parse_augmentation(text: str) -> dict:
 
 def build_augmentation(spec: dict, seed: int = 0):
     """A ``keras.Sequential`` of Random* layers (identity at inference), or None for no augmentation."""
-    import keras
+    keras = import_keras()
 
     layers = []
     if "flip" in spec:
@@ -70,9 +78,9 @@ def build_finetune_model(trunk, backbone: str, tap: str, pooling: str, head, aug
         ``(model, features)``: the classifier, and the model up to the pooled features that
         shares its layers (what stage one stored for this tap).
     """
-    import keras
+    from pipeline.layers import BackbonePreprocess, TapPooling
 
-    from pipeline.backbones import BackbonePreprocess, TapPooling
+    keras = import_keras()
 
     # float32 input: uint8 arrays are converted per batch, and the Random* layers need floats.
     pixels = keras.Input(shape=trunk.input_shape[1:], name="pixels")
@@ -120,7 +128,7 @@ def set_trainable(trunk, unfreeze_from: str | None) -> list[str]:
     Raises:
         ValueError: the layer is not in the trunk (see :func:`check_unfreeze_from`).
     """
-    import keras
+    keras = import_keras()
 
     start = check_unfreeze_from(trunk, unfreeze_from) if unfreeze_from is not None else len(trunk.layers)
     trunk.trainable = True  # the container's flag gates its layers' flags
@@ -136,3 +144,68 @@ def param_counts(model) -> dict[str, int]:
     """Trainable and frozen (non-trainable, including BatchNorm statistics) parameter counts."""
     count = lambda weights: int(sum(np.prod(w.shape) for w in weights))  # noqa: E731
     return {"trainable": count(model.trainable_weights), "frozen": count(model.non_trainable_weights)}
+
+
+def check_composition(features_model, images: np.ndarray, stored: np.ndarray, exact: bool) -> float:
+    """The composed model must reproduce the stored features: else preprocessing or weights differ.
+
+    ``exact``: float32 compute and storage; else (bfloat16/float16 somewhere) rounding allows 2%.
+    """
+    computed = np.asarray(features_model.predict_on_batch(images), dtype=np.float32)
+    error = float(np.abs(computed - stored).max() / max(float(np.abs(stored).max()), 1e-6))
+    tolerance = 1e-3 if exact else 2e-2
+    if error > tolerance:
+        raise LayertapError(f"the fine-tuning model does not reproduce the store's features (relative error "
+                            f"{error:.2g} > {tolerance}); the weights or preprocessing differ from extraction")
+    return error
+
+
+def predict_batched(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model``'s outputs for ``inputs`` in batches of ``batch_size``, as float64."""
+    chunks = [np.asarray(model.predict_on_batch(inputs[i:i + batch_size]), dtype=np.float64)
+              for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(chunks)
+
+
+def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_rate: float, precision: str,
+                batch_size: int, patience: int, minutes: float | None = None, verbose: int = 0):
+    """Compile ``net`` with Adam and train it, stopping early on the validation loss (best weights kept).
+
+    Args:
+        minutes: Wall-clock budget: training stops after the batch that spends it.
+
+    Returns:
+        ``(history, time_limited)``: one dict of metrics per epoch, and whether the budget ran out.
+    """
+    keras = import_keras()
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if precision == "float16":  # float16 gradients underflow without loss scaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    net.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+    if minutes is not None:
+        callbacks.append(_time_limit(minutes))
+    history = net.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size,
+                      shuffle=True, callbacks=callbacks, verbose=verbose)
+    time_limited = minutes is not None and callbacks[-1].stopped
+    if time_limited:
+        log.info("stopped in epoch %d: the %g-minute budget is spent", len(history.history["loss"]), minutes)
+    keys = list(history.history)
+    return [{k: float(history.history[k][i]) for k in keys} for i in range(len(history.epoch))], time_limited
+
+
+def _time_limit(minutes: float):
+    """A callback that stops training after the batch that ends past ``minutes`` from the start of training."""
+    keras = import_keras()
+
+    class TimeLimit(keras.callbacks.Callback):
+        stopped = False
+
+        def on_train_begin(self, logs=None):
+            self.deadline = time.monotonic() + 60 * minutes
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.monotonic() > self.deadline:
+                self.model.stop_training = self.stopped = True
+
+    return TimeLimit()

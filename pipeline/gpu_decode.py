@@ -6,7 +6,7 @@ is for hosts with few cores per GPU: on an H100 with 16 host cores, torchvision'
 lock, Huffman decoding on one thread) ran at about 3,000 images/s, slower than 16 Pillow worker
 processes (bench/NOTES.md), so it is not the default.
 
-What it decodes matches :func:`pipeline.images.decode_image` in meaning (EXIF orientation applied,
+What it decodes matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation applied,
 RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for bit
 (another IDCT, chroma upsampling and resize kernel), so the decoder is part of a store's cache key.
 Files nvJPEG cannot take (PNG and the other formats, CMYK JPEGs, images whose GPU decode fails)
@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from pipeline import LayertapError
-from pipeline.images import decode_image, jpeg_header, or_reason, read_file
+from pipeline.decoding import decode_image
+from pipeline.images import jpeg_header, or_reason, read_file
 
 DECODERS = ("pillow", "nvjpeg")
 DEVICE = "cuda"  # where NvjpegDecoder decodes by default (the tests set "cpu")
@@ -64,7 +65,7 @@ class NvjpegDecoder:
 
     Args:
         size: Output side in pixels.
-        resize: ``squash`` or ``crop`` (see :func:`pipeline.images.decode_image`).
+        resize: ``squash`` or ``crop`` (see :func:`pipeline.decoding.decode_image`).
         max_pixels: Larger images are skipped as decompression bombs.
         device: ``cuda`` (nvJPEG; the default, :data:`DEVICE`) or ``cpu`` (libjpeg-turbo; for tests).
         workers: Threads that read files and run Pillow for the files nvJPEG does not take.
@@ -179,8 +180,11 @@ def _orient(image, orientation: int):
 def to_backend(batch, batch_size: int):
     """A device batch from :class:`NvjpegDecoder`, zero-padded to ``batch_size`` rows (one input shape, one
     compiled function), as an input the Keras backend takes without a host copy."""
-    import keras
     import torch
+
+    from pipeline import import_keras
+
+    keras = import_keras()
 
     if len(batch) < batch_size:
         batch = torch.cat([batch, batch.new_zeros((batch_size - len(batch),) + tuple(batch.shape[1:]))])

@@ -75,7 +75,9 @@ def flatten_warning(tap: str, shape: tuple[int, int, int], mode: str) -> str | N
 
 def pool_tensor(x, mode: str):
     """Pool a ``(B, H, W, C)`` tensor with Keras ops (any backend)."""
-    from keras import ops
+    from pipeline import import_keras
+
+    ops = import_keras().ops
 
     if mode == "avg":
         return ops.mean(x, axis=(1, 2))

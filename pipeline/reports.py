@@ -104,7 +104,7 @@ def write_comparison(run_dir, rows, store, split_source: str) -> None:
     (run_dir / "comparison.json").write_text(json.dumps({"store": str(store.path), "store_key": store.key,
                                                           "split": split_source, "rows": rows}, indent=2))
     (run_dir / "comparison.md").write_text(
-        f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest['weights']}; "
+        f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest.weights}; "
         f"split: {split_source}; best first.\n\n```\n{comparison_table(rows)}\n```\n")
 
 
@@ -125,7 +125,7 @@ def write_sweep(run_dir, rows, store) -> Path:
     m = store.manifest
     (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "rows": rows}, indent=2))
     (run_dir / "sweep.md").write_text(
-        f"# Layer sweep: {m['backbone']} ({m['weights']} weights), {m['image_size']} px, {m['pooling']} pooling\n\n"
+        f"# Layer sweep: {m.backbone} ({m.weights} weights), {m.image_size} px, {m.pooling} pooling\n\n"
         "Linear probe (standardised logistic regression, C by stratified 3-fold CV on the training rows) "
         "per tap, low to high.\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
@@ -140,7 +140,7 @@ def write_sweep(run_dir, rows, store) -> Path:
     cost.set_ylabel("GFLOPs per image to reach the tap")
     ax.set_zorder(cost.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.set_title(f"{m['backbone']} ({m['weights']}): which layer?")
+    ax.set_title(f"{m.backbone} ({m.weights}): which layer?")
     fig.tight_layout()
     fig.savefig(run_dir / "sweep.png", dpi=120)
     plt.close(fig)
@@ -191,7 +191,7 @@ def stage_table(metrics: dict) -> str:
 def write_finetune_report(model_dir, metrics: dict, store) -> None:
     """``metrics.json``, ``report.md``, ``learning_curves.png`` and ``confusion.png`` of a fine-tuned model."""
     m = store.manifest
-    title = f"{m['backbone']} fine-tuned at {metrics['tap']} ({m['weights']} weights, {m['image_size']} px)"
+    title = f"{m.backbone} fine-tuned at {metrics['tap']} ({m.weights} weights, {m.image_size} px)"
     model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
     plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
     phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}",

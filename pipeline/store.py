@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from pipeline import LayertapError
+from pipeline.manifest import StoreManifest
 
 FORMAT = "layertap-feature-store"
 FORMAT_VERSION = 1
@@ -66,6 +67,10 @@ class Rows:
 class FeatureStore:
     """Read access to a complete feature store.
 
+    Attributes:
+        manifest: How the features were made (:class:`pipeline.manifest.StoreManifest`).
+        taps, dims, map_shapes, dtype, class_names, rows, skipped: What the store holds.
+
     Args:
         path: The ``.h5`` file.
         kind: ``store`` (default) or ``shard``.
@@ -87,7 +92,7 @@ class FeatureStore:
                                         f"{attrs.get('format')!r}, kind={attrs.get('kind')!r})")
                 if not attrs.get("complete"):
                     raise LayertapError(f"{self.path} is incomplete; rerun the extraction that made it")
-                self.manifest: dict = json.loads(attrs["manifest"])
+                self.manifest = StoreManifest.from_dict(json.loads(attrs["manifest"]))
                 self.taps: tuple[str, ...] = tuple(fh["features"].keys())
                 self.dims = {tap: int(fh["features"][tap].shape[1]) for tap in self.taps}
                 self.map_shapes = {tap: tuple(int(d) for d in fh["features"][tap].attrs["map_shape"])
@@ -102,7 +107,7 @@ class FeatureStore:
 
     @property
     def key(self) -> str:
-        return self.manifest["key"]
+        return self.manifest.key
 
     @property
     def labels(self) -> np.ndarray:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import LayertapError
-from pipeline.backbones import (build_backbone, build_extractor, get_backbone, hed_weights_path,
-                                load_weights_by_name, resolve_weights)
+from pipeline.backbones import build_backbone, build_extractor, get_backbone, load_weights_by_name
+from pipeline.weights import hed_weights_path, resolve_weights
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +116,19 @@ def test_imagenet_offline_error_names_alternatives():
 def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     import keras
 
-    import pipeline.backbones as backbones
+    import pipeline.runtime as runtime
 
+    monkeypatch.setattr(runtime, "_accelerator_device_nodes", lambda: True)  # ask Keras
     monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0"])
-    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: False)
-    assert backbones.resolve_precision("auto") == "float32"
-    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: True)
-    assert backbones.resolve_precision("auto") == "bfloat16"
-    monkeypatch.setattr(backbones, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: False)
+    assert runtime.resolve_precision("auto") == "float32"
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: True)
+    assert runtime.resolve_precision("auto") == "bfloat16"
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: False)
     monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0", "gpu:0"])
-    assert backbones.resolve_precision("auto") == "bfloat16"
-    assert backbones.resolve_precision("float16") == "float16"
+    assert runtime.resolve_precision("auto") == "bfloat16"
+    monkeypatch.setattr(runtime, "_accelerator_device_nodes", lambda: False)  # no device node: no GPU
+    assert runtime.resolve_precision("auto") == "float32"
+    assert runtime.resolve_precision("float16") == "float16"
     with pytest.raises(ValueError, match="precision='fp8' is not known; use one of: auto, float32"):
-        backbones.resolve_precision("fp8")
+        runtime.resolve_precision("fp8")

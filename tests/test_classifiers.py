@@ -7,7 +7,8 @@ import pytest
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.classifiers import DenseHeadClassifier, make_classifier, split_specs, trainable_params
+from pipeline.classifiers import DenseHeadClassifier, make_classifier, trainable_params
+from pipeline.cli import split_list
 
 
 def _float32_network(estimator) -> dict[str, str]:
@@ -23,8 +24,8 @@ def test_dense_head_is_a_scikit_learn_estimator(estimator, check):
 
 
 def test_specs_split_outside_json_and_build():
-    specs = split_specs('logreg,knn:{"n_neighbors": 3, "weights": "distance"},sklearn.tree.DecisionTreeClassifier')
-    assert specs == ["logreg", 'knn:{"n_neighbors": 3, "weights": "distance"}', "sklearn.tree.DecisionTreeClassifier"]
+    specs = split_list('logreg,knn:{"n_neighbors": 3, "weights": "distance"},sklearn.tree.DecisionTreeClassifier')
+    assert specs == ("logreg", 'knn:{"n_neighbors": 3, "weights": "distance"}', "sklearn.tree.DecisionTreeClassifier")
     assert isinstance(make_classifier("logreg"), GridSearchCV)
     assert make_classifier(specs[1]).steps[-1][1].n_neighbors == 3
     assert make_classifier('sklearn.tree.DecisionTreeClassifier:{"max_depth": 2}').max_depth == 2

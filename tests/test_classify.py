@@ -10,9 +10,11 @@ from conftest import make_class_folder, make_split_folder, tiny_settings
 
 import pipeline.images
 from pipeline import LayertapError
-from pipeline.classify import ClassifySettings, classify, load_model, resolve_splits, sweep
+from pipeline.artifacts import load_model
+from pipeline.classification import ClassifySettings, classify, sweep
 from pipeline.extract import extract_features
-from pipeline.predict import predict_images
+from pipeline.prediction import predict
+from pipeline.splits import resolve_splits
 from pipeline.store import FeatureStore
 
 
@@ -50,8 +52,9 @@ def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatc
         raise AssertionError("stage two opened an image")
 
     monkeypatch.setattr(pipeline.images.Image, "open", no_images)
-    run_dir, rows = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg", "knn", "dense"),
-                                              out_dir=str(tmp_path)))
+    result = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg", "knn", "dense"),
+                                       out_dir=str(tmp_path)))
+    run_dir, rows = result.run_dir, result.rows
     assert len(rows) == 6 and rows == sorted(rows, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
     assert {r["classifier"] for r in rows} == {"logreg", "knn", "dense"}
     model_dir = run_dir / "block2_pool-logreg"
@@ -66,8 +69,9 @@ def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("spec", ["logreg", "linsvm", "knn", "dense"])
 def test_saved_model_predicts_identically(stores, tmp_path, spec):
-    run_dir, rows = classify(ClassifySettings(store=str(stores["split"]), classifiers=(spec,),
-                                              layers=("block1_pool",), out_dir=str(tmp_path)))
+    result = classify(ClassifySettings(store=str(stores["split"]), classifiers=(spec,), layers=("block1_pool",),
+                                       out_dir=str(tmp_path)))
+    run_dir, rows = result.run_dir, result.rows
     estimator, manifest = load_model(rows[0]["model_dir"])
     store = FeatureStore(stores["split"])
     test = store.splits == "test"
@@ -77,7 +81,7 @@ def test_saved_model_predicts_identically(stores, tmp_path, spec):
 
 
 def test_tampered_model_is_refused_before_loading(stores, tmp_path):
-    _, rows = classify(ClassifySettings(store=str(stores["split"]), layers=("block1_pool",), out_dir=str(tmp_path)))
+    rows = classify(ClassifySettings(store=str(stores["split"]), layers=("block1_pool",), out_dir=str(tmp_path))).rows
     model_file = tmp_path.joinpath(rows[0]["model_dir"], "model.joblib")
     model_file.write_bytes(model_file.read_bytes() + b"\x00")
     with pytest.raises(LayertapError, match="does not match its manifest .* Refusing to load it"):
@@ -98,14 +102,14 @@ def test_missing_tap_says_how_to_extract_it(stores, tmp_path):
 
 
 def test_predict_on_a_folder_with_a_corrupt_image(stores, tmp_path):
-    _, rows = classify(ClassifySettings(store=str(stores["flat"]), out_dir=str(tmp_path)))
+    rows = classify(ClassifySettings(store=str(stores["flat"]), out_dir=str(tmp_path))).rows
     folder = tmp_path / "new"
     folder.mkdir()
     for name in ("red", "blue"):
         src = stores["flat_data"] / name / "img_11.jpg"
         (folder / f"{name}.jpg").write_bytes(src.read_bytes())
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    results = {r["path"].rsplit("/", 1)[-1]: r for r in predict_images(rows[0]["model_dir"], [folder], top_k=2)}
+    results = {r["path"].rsplit("/", 1)[-1]: r for r in predict(rows[0]["model_dir"], [folder], top_k=2)}
     assert "error" in results["broken.jpg"]
     assert len(results["red.jpg"]["top"]) == 2
     assert abs(sum(p for _, p in results["red.jpg"]["top"])) <= 1.0 + 1e-6

@@ -28,9 +28,9 @@ def test_store_holds_features_labels_and_provenance(split_folder, tmp_path):
     assert store.features("block1_pool").shape == (18, 64) and store.features("block1_pool").dtype == np.float32
     assert sorted(set(store.rows.splits)) == ["test", "train", "val"]
     m = store.manifest
-    assert (m["backbone"], m["weights"], m["image_size"], m["pooling"]) == ("vgg16", "random-seed0", 32, "avg")
-    assert len(m["weights_sha256"]) == 64 and m["keras_version"] and m["versions"]["h5py"]
-    assert m["settings"]["batch_size"] == 4 and store.key == m["key"]
+    assert (m.backbone, m.weights, m.image_size, m.pooling) == ("vgg16", "random-seed0", 32, "avg")
+    assert len(m.weights_sha256) == 64 and m.keras_version and m.versions["h5py"]
+    assert m.raw["settings"]["batch_size"] == 4 and store.key == m.key
     assert result.store_path.name.startswith("splits-vgg16-random-seed0-32px-avg-")
     assert not list((tmp_path / "f").glob("*.parts"))
 
@@ -56,7 +56,7 @@ def test_another_tap_computes_only_that_tap(split_folder, tmp_path):
     store = FeatureStore(more.store_path)
     assert set(store.taps) == {"block1_pool", "block2_pool"}
     np.testing.assert_array_equal(store.features("block2_pool"), before)
-    assert set(store.manifest["taps"]) == {"block1_pool", "block2_pool"}
+    assert set(store.manifest.taps) == {"block1_pool", "block2_pool"}
 
 
 def test_key_changes_with_what_changes_the_numbers(split_folder, tmp_path):
@@ -86,7 +86,8 @@ def test_settings_are_validated():
         ExtractSettings(image_size=8)
     with pytest.raises(ValueError, match="backbone='alexnet' is not known"):
         ExtractSettings(backbone="alexnet")
-    assert ExtractSettings(layers="block5_pool, block4_pool").layers == ("block5_pool", "block4_pool")
+    assert ExtractSettings(layers=("block5_pool", "block4_pool")).layers == ("block5_pool", "block4_pool")
+    assert ExtractSettings(layers="block4_pool").layers == ("block4_pool",)  # one string is one layer
 
 
 def test_no_usable_images_fails_before_any_model_is_built(class_folder, tmp_path, monkeypatch):
@@ -196,7 +197,7 @@ def test_a_few_flowers17_images(flowers17, tmp_path):
     store = FeatureStore(result.store_path)
     assert len(store) == 9 and not store.skipped and store.class_names == ("daffodil", "pansy", "sunflower")
     assert np.isfinite(store.features("block2_pool")).all() and store.features("block2_pool").std() > 0
-    assert store.manifest["data"]["root"] == str(SHARED_DATA.resolve() / "flowers17")
+    assert store.manifest.data_root == str(SHARED_DATA.resolve() / "flowers17")
 
 
 def test_extraction_refuses_a_store_another_process_writes(split_folder, tmp_path):
@@ -225,7 +226,7 @@ def test_mixed_precision_and_float16_store(split_folder, tmp_path):
                                             store_dtype="float16", compression="lzf"))
     store = FeatureStore(result.store_path)
     reference = FeatureStore(extract_features(tiny_settings(split_folder, tmp_path / "g")).store_path)
-    assert store.dtype == "float16" and store.manifest["precision"] == "bfloat16"
+    assert store.dtype == "float16" and store.manifest.precision == "bfloat16"
     low, high = store.features("block2_pool").astype(np.float32), reference.features("block2_pool")
     assert np.isfinite(low).all()
     assert np.abs(low - high).max() <= 0.05 * np.abs(high).max()

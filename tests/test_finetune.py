@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from conftest import make_split_folder, tiny_settings
 
-import pipeline.finetune
+import pipeline.decoding
 from pipeline import LayertapError
-from pipeline.backbones import BackbonePreprocess, build_backbone, get_backbone, resolve_weights
+from pipeline.artifacts import load_model
+from pipeline.backbones import build_backbone, get_backbone
 from pipeline.classifiers import build_dense_head
-from pipeline.classify import ClassifySettings, classify, load_model
+from pipeline.classification import ClassifySettings, classify
 from pipeline.cli import main
 from pipeline.compose import (
     build_augmentation,
@@ -24,10 +25,13 @@ from pipeline.compose import (
     set_trainable,
 )
 from pipeline.extract import extract_features
-from pipeline.finetune import FinetuneSettings, bootstrap_gain, finetune
-from pipeline.images import decode_image
-from pipeline.predict import predict_images
+from pipeline.decoding import decode_image
+from pipeline.evaluation import bootstrap_gain
+from pipeline.finetuning import FinetuneSettings, finetune
+from pipeline.layers import BackbonePreprocess
+from pipeline.prediction import predict
 from pipeline.store import FeatureStore
+from pipeline.weights import resolve_weights
 
 QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_tune_epochs=2, batch_size=8,
              learning_rate=1e-2, fine_tune_learning_rate=1e-3, hidden_units=8, workers=2, progress=False)
@@ -42,7 +46,7 @@ def staged(tmp_path_factory):
     models = root / "models"
     classify(ClassifySettings(store=str(store), classifiers=("logreg", "knn"), out_dir=str(models)))
     args = ["finetune", "--store", str(store), "--models", str(models), "--layer", "block2_pool",
-            "--unfreeze-from", "block2_conv2", "--epochs", "3", "--fine-tune-epochs", "2", "--batch-size", "8",
+            "--unfreeze-from", "block2_conv2", "--epochs", "3", "--fine-tune-epochs", "2", "--train-batch-size", "8",
             "--lr", "0.01", "--fine-tune-lr", "0.001", "--hidden-units", "8", "--workers", "2", "-q"]
     return {"root": root, "data": data, "store": store, "models": models, "args": args}
 
@@ -148,7 +152,7 @@ def test_saved_model_round_trips_through_predict(staged, finetuned):
     model_dir, metrics = finetuned
     store = FeatureStore(staged["store"])
     test_paths = [p for p, s in zip(store.rows.paths, store.rows.splits) if s == "test"]
-    results = predict_images(model_dir, [staged["data"] / p for p in test_paths], top_k=1)
+    results = predict(model_dir, [staged["data"] / p for p in test_paths], top_k=1)
     assert [r["top"][0][0] for r in results] == [store.class_names[i] for i in metrics["predictions"]]
     model, manifest = load_model(model_dir)
     assert manifest["format"] == "keras-images" and manifest["tap"] == "block2_pool"
@@ -163,7 +167,7 @@ def test_without_a_stage_two_run_a_probe_is_trained_as_the_baseline(staged, tmp_
         decoded.append(1)
         return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.finetune, "decode_image", counting_decode)
+    monkeypatch.setattr(pipeline.decoding, "decode_image", counting_decode)
     model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), phase1=phase1,
                                                    **{**QUICK, "fine_tune_epochs": 0}))
     assert metrics["stage_two"]["classifier"] == "logreg" and "trained now" in metrics["stage_two"]["source"]

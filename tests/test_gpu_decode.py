@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipeline import LayertapError
 from pipeline.gpu_decode import check_decoder
-from pipeline.images import decode_image, jpeg_header
+from pipeline.decoding import decode_image
+from pipeline.images import jpeg_header
 
 
 def jpeg_bytes(image: Image.Image, **save) -> bytes:
@@ -108,7 +109,7 @@ def test_extraction_with_nvjpeg_matches_pillow_and_has_its_own_cache_key(cpu_dec
     pil = extract_features(tiny_settings(class_folder, tmp_path / "f", decoder="pillow", draft=False))
     assert nv.store_path != pil.store_path
     a, b = FeatureStore(nv.store_path), FeatureStore(pil.store_path)
-    assert a.manifest["decoder"] == "nvjpeg" and b.manifest["decoder"] == "pillow"
+    assert a.manifest.decoder_name == "nvjpeg" and b.manifest.decoder_name == "pillow"
     assert list(a.rows.paths) == list(b.rows.paths) and len(a) == 12
     assert sorted(p for p, _ in a.skipped) == sorted(p for p, _ in b.skipped)
     for tap in ("block1_pool", "block2_pool"):

@@ -10,7 +10,8 @@ from conftest import add_bad_files, make_class_folder, photo
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.images import BadImageError, decode_image, find_images, iter_decoded, scan_images, sniff_format
+from pipeline.decoding import decode_image, iter_decoded
+from pipeline.images import BadImageError, find_images, scan_images, sniff_format
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
@@ -150,7 +151,7 @@ def test_every_good_file_is_listed(tmp_path):
 
 
 def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folder):
-    from pipeline.images import ProcessDecoder
+    from pipeline.decoding import ProcessDecoder
 
     expected = add_bad_files(class_folder)
     paths = sorted(class_folder.rglob("*.*"))

@@ -12,7 +12,9 @@ import pytest
 from pipeline import LayertapError
 from pipeline.store import FeatureStore, Rows, StoreLockedError, merge_shards, store_lock, write_shard
 
-MANIFEST = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16"}
+MANIFEST = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16",
+            "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
+            "image_size": 32}
 
 
 def _shard(path, start, n, taps=("t1",), key=MANIFEST["key"]):

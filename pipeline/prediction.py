@@ -1,16 +1,20 @@
-"""Classify new images with a trained model folder: the backbone runs as its manifest says."""
+"""Classify new images with a trained model folder: the backbone runs as its manifest says.
+
+A model folder (:mod:`pipeline.artifacts`) carries its store's recipe, so new images are decoded
+and turned into features exactly as stage one did (:class:`pipeline.manifest.StoreManifest`).
+"""
 
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import LayertapError
-from pipeline.classify import load_model
-from pipeline.images import decode_image, default_workers, iter_decoded
+from pipeline.artifacts import load_model
+from pipeline.decoding import iter_decoded
+from pipeline.images import default_workers
+from pipeline.manifest import StoreManifest
 
 
 def list_image_files(inputs) -> list[Path]:
@@ -37,34 +41,33 @@ def class_scores(estimator, X) -> np.ndarray:
     return scores / scores.sum(axis=1, keepdims=True)
 
 
-def predict_images(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: int = 32,
-                   workers: int = 0) -> list[dict]:
+def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: int = 32,
+            workers: int = 0) -> list[dict]:
     """Top-k classes for each image; a bad image gets an ``error`` instead.
+
+    Args:
+        model_dir: A model folder written by stage two or three.
+        inputs: Image files and folders (every non-hidden file under a folder).
+
+    Returns:
+        Per file, in order: ``{"path", "top": [(class, probability), ...]}`` or ``{"path", "error"}``.
 
     Raises:
         LayertapError: the weights at hand differ from the ones the model was trained on.
     """
-    from pipeline.backbones import build_backbone, build_extractor, get_backbone, resolve_weights
-
     estimator, m = load_model(model_dir)
+    recipe = StoreManifest.from_dict(m)
     if m["format"] == "keras-images":  # fine-tuned: the whole network is in the model file
         def scores(x):
             return np.asarray(estimator.predict_on_batch(x), dtype=np.float64)
     else:
-        backbone = get_backbone(m["backbone"])
-        weights = resolve_weights(backbone, m["weights_arg"], seed=m["seed"])
-        if weights.sha256 != m["weights_sha256"]:
-            raise LayertapError(f"the {m['weights']} weights here (sha256 {weights.sha256[:16]}) are not the "
-                                f"ones {model_dir} was trained on ({m['weights_sha256'][:16]}); its features "
-                                "would not match")
-        base = build_backbone(backbone, weights, m["image_size"], m["precision"])
-        extractor = build_extractor(base, backbone, [m["tap"]], m["pooling"])
+        extractor = recipe.create_extractor([m["tap"]])
 
         def scores(x):
-            return class_scores(estimator, np.asarray(extractor.predict_on_batch(x)[m["tap"]]))
+            return class_scores(estimator, np.asarray(extractor(x)[m["tap"]]))
 
     files = list_image_files(inputs)
-    decode = partial(decode_image, size=m["image_size"], resize=m["resize"], draft=m["draft"])
+    decode = recipe.decoder()
     results: list[dict] = [{} for _ in files]
     batch: list[tuple[int, np.ndarray]] = []
 

@@ -1,0 +1,112 @@
+"""Facts about the running Keras and machine: backend, versions, precision, accelerators.
+
+Answered without importing Keras where possible (the backend from ``KERAS_BACKEND`` or
+``keras.json``, versions from package metadata, a GPU from the device nodes), so that commands
+that run no network (``inspect``, a cache hit, stage two with scikit-learn classifiers) never
+load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import __version__, import_keras
+
+# Compute precision of the backbone -> Keras dtype policy (variables stay float32).
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+
+
+def keras_home() -> Path:
+    """Keras's folder (``$KERAS_HOME``, else ``~/.keras``, else ``/tmp/.keras``), found as Keras finds it."""
+    if "KERAS_HOME" in os.environ:
+        return Path(os.environ["KERAS_HOME"])
+    home = os.path.expanduser("~")
+    return Path(home if os.access(home, os.W_OK) else "/tmp") / ".keras"
+
+
+def keras_backend() -> str:
+    """The Keras backend that ``import keras`` selects (or has selected), without importing Keras.
+
+    Keras reads ``KERAS_BACKEND``, else ``backend`` in ``keras.json``, else uses tensorflow.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"].config.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    try:
+        return json.loads((keras_home() / "keras.json").read_text()).get("backend") or "tensorflow"
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def keras_version() -> str:
+    if "keras" in sys.modules:
+        return sys.modules["keras"].__version__
+    return metadata.version("keras")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bfloat16`` on a GPU or a CPU with bfloat16 matrix units, else ``float32``.
+
+    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 (measured:
+    bench/NOTES.md) and gives the same linear-probe accuracy within one test image on flowers17.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision
+    return "bfloat16" if on_gpu() or _cpu_has_bf16() else "float32"
+
+
+def on_gpu() -> bool:
+    """Whether the Keras backend computes on an accelerator.
+
+    On Linux with no accelerator device node (NVIDIA, AMD, TPU) the answer is no without loading
+    Keras, so a cache hit on a CPU machine never imports the backend.
+    """
+    if not _accelerator_device_nodes():
+        return False
+    keras = import_keras()
+    if keras.config.backend() == "torch":  # keras.distribution has no device list on torch
+        import torch
+        return bool(torch.cuda.is_available())
+    devices = keras.distribution.list_devices() or []
+    return any(not device.lower().startswith("cpu") for device in devices)
+
+
+def _accelerator_device_nodes() -> bool:
+    """False only where an accelerator is surely absent: Linux without NVIDIA, AMD or TPU device nodes."""
+    if not sys.platform.startswith("linux"):
+        return True
+    patterns = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel*", "/dev/vfio/[0-9]*")
+    return any(glob.glob(pattern) for pattern in patterns)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: stay exact
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def versions() -> dict[str, str]:
+    """Versions of layertap, Python and the packages that change the numbers, for manifests."""
+    found = {"layertap": __version__, "python": platform.python_version()}
+    for package in ("keras", "tensorflow", "jax", "torch", "numpy", "h5py", "pillow", "scikit-learn"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

