@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import ROOT
 
 from pipeline.cli import main
+from pipeline.runtime import keras_backend
 
 TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool,block2_pool", "--batch-size", "4", "-q"]
 
@@ -94,3 +96,47 @@ def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("path,error,class1,prob1") and len(lines) == 1 + 6 + 1
     assert "6 images classified, 1 not readable" in capsys.readouterr().out
+
+
+NO_FRAMEWORK = textwrap.dedent("""
+    import sys
+    from pipeline.cli import main
+    code = main(sys.argv[1:])
+    loaded = sorted({m.split(".")[0] for m in sys.modules} & {"keras", "tensorflow", "jax", "torch"})
+    print("frameworks loaded:", ",".join(loaded) or "none")
+    sys.exit(code)
+""")
+
+
+def test_cache_hit_inspect_and_scikit_learn_classify_load_no_framework(split_folder, tmp_path):
+    """Commands that run no network do not pay for loading TensorFlow (seconds of start-up)."""
+    out = str(tmp_path / "f")
+    extract = ["extract", "--data", str(split_folder), "--out", out, *TINY]
+    assert main(extract) == 0  # computes: the network runs here
+    store = str(next((tmp_path / "f").glob("*.h5")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (extract, ["inspect", store],
+                 ["classify", "--store", store, "--models", str(tmp_path / "m"), "--classifiers", "logreg,knn", "-q"]):
+        run = subprocess.run([sys.executable, "-c", NO_FRAMEWORK, *args], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "frameworks loaded: none" in run.stdout, (args[0], run.stdout)
+        assert args[0] != "extract" or "cache hit: no image decoded" in run.stdout
+
+
+TF_CPP_LINES = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cpu_feature_guard")
+
+
+def test_console_has_no_backend_start_up_lines_unless_verbose(class_folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LAYERTAP_VERBOSE", None)
+    args = [sys.executable, "-m", "pipeline", "extract", "--data", str(class_folder), "--out", str(tmp_path / "f"),
+            "--weights", "random", "--size", "32", "--layers", "block1_pool", "-q"]
+    quiet = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not [line for line in quiet.stderr.splitlines() if any(t in line for t in TF_CPP_LINES)], quiet.stderr
+    assert "feature store" in quiet.stdout
+    if keras_backend() == "tensorflow":  # the lines are TensorFlow's
+        verbose = subprocess.run([*args[:3], "-v", *args[3:], "--pool", "max"], env=env, capture_output=True,
+                                 text=True, timeout=180)
+        assert verbose.returncode == 0 and any(t in verbose.stderr for t in TF_CPP_LINES), verbose.stderr
