@@ -133,6 +133,7 @@ def _extract_settings(args):
 
 def cmd_extract(args) -> int:
     from pipeline.extract import extract_features
+    from pipeline.reports import extract_summary
 
     settings = _extract_settings(args)
     result = extract_features(settings)
@@ -140,45 +141,12 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def extract_summary(result, settings) -> str:
-    from pipeline.reports import format_table
-    from pipeline.store import FeatureStore
-
-    store = FeatureStore(result.store_path)
-    rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
-             "computed" if tap in result.computed_taps else "cached"] for tap in settings.layers]
-    lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
-                          title=f"\nfeature store {result.store_path}")]
-    counts = _split_counts(store)
-    lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
-                 f"skipped: {len(result.skipped)}")
-    if result.cache_hit:
-        lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
-    else:
-        lines.append(f"decoded {result.n_decoded:,} images in {result.extract_seconds:.1f} s "
-                     f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
-                     f"with scan {result.timings.get('scan', 0):.1f} s, model build "
-                     f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")
-    for path, reason in result.skipped[:10]:
-        lines.append(f"  skipped {path}: {reason}")
-    if len(result.skipped) > 10:
-        lines.append(f"  ... and {len(result.skipped) - 10} more (layertap inspect {result.store_path})")
-    return "\n".join(lines)
-
-
-def _split_counts(store) -> str:
-    from collections import Counter
-
-    counts = Counter(store.rows.splits)
-    return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
-                     if counts.get(name))
-
-
 def _store_for(args) -> str:
     """The store a stage-two command works on: --store, else the extraction its flags describe."""
     if args.store:
         return args.store
     from pipeline.extract import extract_features
+    from pipeline.reports import extract_summary
 
     settings = _extract_settings(args)
     result = extract_features(settings)
@@ -272,34 +240,10 @@ def cmd_layers(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.reports import format_table
+    from pipeline.reports import store_summary
     from pipeline.store import FeatureStore
 
-    store = FeatureStore(args.store)
-    m = store.manifest
-    print(f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})")
-    fields = [("data", f"{m.data_name} at {m.data_root}"), ("backbone", m.backbone),
-              ("weights", f"{m.weights} (sha256 {m.weights_sha256[:16]}...)"),
-              ("image size", f"{m.image_size} px, {m.resize}, {m.interpolation}"
-                             f"{', JPEG draft' if m.draft else ''}, {m.decoder_name} decoder"),
-              ("preprocessing", m.preprocessing), ("pooling", m.pooling),
-              ("precision", f"{m.precision} compute, {store.dtype} stored"),
-              ("keras", f"{m.keras_version} on {m.keras_backend}"),
-              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
-    for name, value in fields:
-        print(f"  {name:<14} {value}")
-    print()
-    print(format_table(["tap", "map", "dims"], [[t, "x".join(map(str, store.map_shapes[t])), store.dims[t]]
-                                                 for t in store.taps]))
-    print(f"\n{len(store):,} images, {len(store.class_names)} classes ({_split_counts(store)})")
-    counts = {name: 0 for name in store.class_names}
-    for label in store.rows.labels:
-        counts[store.class_names[label]] += 1
-    print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    if store.skipped:
-        print(f"\n{len(store.skipped)} skipped:")
-        for path, reason in store.skipped:
-            print(f"  {path}: {reason}")
+    print(store_summary(FeatureStore(args.store)))
     return 0
 
 

@@ -26,6 +26,66 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | 
     return "\n".join(out)
 
 
+def extract_summary(result, settings) -> str:
+    """What stage one did: the store, its taps (computed or cached), images, speed and skipped files."""
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(result.store_path)
+    rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
+             "computed" if tap in result.computed_taps else "cached"] for tap in settings.layers]
+    lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
+                          title=f"\nfeature store {result.store_path}")]
+    counts = split_counts(store)
+    lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
+                 f"skipped: {len(result.skipped)}")
+    if result.cache_hit:
+        lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
+    else:
+        lines.append(f"decoded {result.n_decoded:,} images in {result.extract_seconds:.1f} s "
+                     f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
+                     f"with scan {result.timings.get('scan', 0):.1f} s, model build "
+                     f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")
+    for path, reason in result.skipped[:10]:
+        lines.append(f"  skipped {path}: {reason}")
+    if len(result.skipped) > 10:
+        lines.append(f"  ... and {len(result.skipped) - 10} more (layertap inspect {result.store_path})")
+    return "\n".join(lines)
+
+
+def split_counts(store) -> str:
+    from collections import Counter
+
+    counts = Counter(store.rows.splits)
+    return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
+                     if counts.get(name))
+
+
+def store_summary(store) -> str:
+    """``layertap inspect``: a store's provenance, taps, classes and skipped files."""
+    m = store.manifest
+    lines = [f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})"]
+    fields = [("data", f"{m.data_name} at {m.data_root}"), ("backbone", m.backbone),
+              ("weights", f"{m.weights} (sha256 {m.weights_sha256[:16]}...)"),
+              ("image size", f"{m.image_size} px, {m.resize}, {m.interpolation}"
+                             f"{', JPEG draft' if m.draft else ''}, {m.decoder_name} decoder"),
+              ("preprocessing", m.preprocessing), ("pooling", m.pooling),
+              ("precision", f"{m.precision} compute, {store.dtype} stored"),
+              ("keras", f"{m.keras_version} on {m.keras_backend}"),
+              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
+    lines += [f"  {name:<14} {value}" for name, value in fields]
+    lines += ["", format_table(["tap", "map", "dims"], [[t, "x".join(map(str, store.map_shapes[t])), store.dims[t]]
+                                                       for t in store.taps])]
+    lines.append(f"\n{len(store):,} images, {len(store.class_names)} classes ({split_counts(store)})")
+    counts = dict.fromkeys(store.class_names, 0)
+    for label in store.rows.labels:
+        counts[store.class_names[label]] += 1
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if store.skipped:
+        lines.append(f"\n{len(store.skipped)} skipped:")
+        lines += [f"  {path}: {reason}" for path, reason in store.skipped]
+    return "\n".join(lines)
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
