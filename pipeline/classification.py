@@ -113,20 +113,31 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
             save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
             estimators[model_dir.name] = estimator
             write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
-            rows.append({"tap": tap, "classifier": name, "spec": spec,
+            rows.append({"tap": tap, "classifier": name, "spec": spec, "val_accuracy": metrics["val_accuracy"],
                          "accuracy": metrics["accuracy"], "macro_f1": metrics["report"]["macro avg"]["f1-score"],
                          "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
                          "dims": store.dims[tap], "chosen": metrics["chosen"], "model_dir": str(model_dir)})
             if progress:
                 progress(rows[-1])
-    rows.sort(key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+    rank_on_val(rows)
     write_comparison(run_dir, rows, store, source)
     return ClassifyResult(run_dir, rows, estimators)
+
+
+def rank_on_val(rows: list[dict]) -> list[dict]:
+    """Sort table rows best first by validation accuracy, in place; ties keep the order the taps and
+    classifiers were given. Test accuracy never decides: it is scored once, for the report."""
+    rows.sort(key=lambda r: -(r["val_accuracy"] or 0.0))
+    return rows
 
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
           progress=None) -> tuple[Path, list[dict]]:
     """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs.
+
+    The probe of each tap is fit on the train rows (C by cross-validation there); the tap to use is
+    the one with the best val accuracy (``best_on_val`` in ``sweep.json``); test accuracy is shown
+    beside it, never chosen on.
 
     Returns:
         ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json`` and ``sweep.png`` are written there.
@@ -148,7 +159,7 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
         shape = store.map_shapes[tap]
         flat = pooled_dims("flatten", shape)
         rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),
-                     "dims": store.dims[tap], "accuracy": metrics["accuracy"],
+                     "dims": store.dims[tap], "val_accuracy": metrics["val_accuracy"], "accuracy": metrics["accuracy"],
                      "C": metrics["chosen"].get("C"), "cv_accuracy": metrics["chosen"].get("cv_accuracy"),
                      "gflops": costs[tap]["gflops"], "flops_share": costs[tap]["gflops"] / full,
                      "params_to_tap": costs[tap]["params"], "flatten_dims": flat,

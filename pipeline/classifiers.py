@@ -95,11 +95,12 @@ def make_classifier(spec: str, cv_splits: int = 3, seed: int = 0) -> BaseEstimat
 
 
 def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0):
-    """Fit one classifier on one tap's features ``X`` (all rows of the store) and evaluate it on the test rows.
+    """Fit one classifier on the train rows of one tap's features ``X``; score it on val (to choose) and test.
 
-    Stage two runs this for every (tap, classifier); stage three for its probe where stage two has not run.
-    Classifiers fit on train+val (C by cross-validation there); one whose ``fit`` takes
-    ``validation_data`` trains on train and stops early on val.
+    Stage two runs this for every (tap, classifier); stage three for its probe where stage two has not
+    run. Hyperparameters are chosen inside the train rows (C by stratified cross-validation); a
+    classifier whose ``fit`` takes ``validation_data`` stops early on val. Val accuracy is what
+    choices between models use; test accuracy is reported, never chosen on.
 
     Args:
         store: The :class:`pipeline.store.FeatureStore` (labels, class names).
@@ -110,8 +111,7 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
     """
     y = store.labels
     train, val, test = (splits == "train"), (splits == "val"), (splits == "test")
-    fit_rows = train | val  # the Dense head early-stops on val instead of training on it
-    counts = np.bincount(y[fit_rows], minlength=len(store.class_names))
+    counts = np.bincount(y[train], minlength=len(store.class_names))
     if counts.min() == 0:
         missing = [store.class_names[i] for i in np.flatnonzero(counts == 0)]
         raise LayertapError(f"class {', '.join(missing)} has no training image in {store.path.name}")
@@ -120,10 +120,13 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
     if takes_validation_data(estimator) and val.any():
         estimator.fit(X[train], y[train], validation_data=(X[val], y[val]))
     else:
-        estimator.fit(X[fit_rows], y[fit_rows])
+        estimator.fit(X[train], y[train])
     fit_seconds = time.perf_counter() - started
+    val_predicted = estimator.predict(X[val]) if val.any() else np.zeros(0, dtype=y.dtype)
     metrics = {
         **score_predictions(y[test], estimator.predict(X[test]), store.class_names),
+        "val_accuracy": float((val_predicted == y[val]).mean()) if val.any() else None,
+        "val_predictions": val_predicted.tolist(),
         "n_train": int(train.sum()), "n_val": int(val.sum()), "n_test": int(test.sum()),
         "fit_seconds": fit_seconds, "trainable_params": trainable_params(estimator),
         "chosen": describe(estimator),
@@ -323,3 +326,41 @@ def build_dense_head(n_features: int, n_classes: int, mean, variance, hidden_uni
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", name="softmax")(x)
     return keras.Model(inputs, outputs, name="dense_head")
+
+
+def probe_weights(estimator) -> tuple[np.ndarray, np.ndarray]:
+    """One softmax layer equal to a fitted linear probe: ``(kernel (d, k), bias (k,))``, in float32.
+
+    The probe is ``StandardScaler`` + ``LogisticRegression`` (stage two's ``logreg``, possibly inside
+    its ``GridSearchCV``). Standardisation folds into the layer: ``W' = W / sigma`` and
+    ``b' = b - W' mu``; a binary probe's single logit ``z`` becomes ``[-z/2, +z/2]``, whose softmax
+    is the same sigmoid.
+
+    Raises:
+        ValueError: the estimator is not such a probe.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = estimator.best_estimator_ if isinstance(estimator, GridSearchCV) else estimator
+    steps = dict(fitted.steps) if isinstance(fitted, Pipeline) else {}
+    scaler, clf = steps.get("scale"), steps.get("clf")
+    if not isinstance(scaler, StandardScaler) or not isinstance(clf, LogisticRegression):
+        raise ValueError(f"{type(estimator).__name__} is not a StandardScaler + LogisticRegression probe "
+                         "(stage two's logreg); only such a probe folds into one softmax layer")
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(clf.coef_.shape[1])
+    scale = scaler.scale_ if scaler.with_std else np.ones(clf.coef_.shape[1])
+    kernel = clf.coef_ / scale
+    bias = clf.intercept_ - kernel @ mean
+    if len(clf.classes_) == 2:
+        kernel, bias = np.vstack([-kernel / 2, kernel / 2]), np.concatenate([-bias / 2, bias / 2])
+    return kernel.T.astype(np.float32), bias.astype(np.float32)
+
+
+def build_probe_head(kernel: np.ndarray, bias: np.ndarray):
+    """input -> Dense(k, softmax) with the given weights: a folded linear probe (:func:`probe_weights`)."""
+    keras = import_keras()
+    inputs = keras.Input((kernel.shape[0],), name="features")
+    layer = keras.layers.Dense(kernel.shape[1], activation="softmax", name="softmax")
+    model = keras.Model(inputs, layer(inputs), name="probe_head")
+    layer.set_weights([kernel, bias])
+    return model

@@ -37,24 +37,27 @@ examples:
   layertap classify --store S.h5 --classifiers \\
     'logreg:{"normalize": "l2"},sklearn.ensemble.RandomForestClassifier:{"n_estimators": 300}'
 
-Splits: the store's recorded split (folders or CSV); where there is none, a seeded
-stratified train/val/test split (stage three uses the same). Classifiers fit on train+val
-(logreg and linsvm pick C by stratified cross-validation there); the Dense head trains on
-train and stops early on val. Everything is evaluated on test."""
+Splits: the store's recorded split (folders or CSV; without val rows, a seeded stratified share
+of train becomes val); where there is none, a seeded stratified train/val/test split (stage three
+uses the same). Classifiers fit on the train rows (logreg and linsvm pick C by stratified
+cross-validation there; the Dense head stops early on val). The best is chosen on val accuracy;
+test accuracy is scored once, for the report."""
 
 
 FINETUNE_EXAMPLES = """\
 examples:
-  layertap finetune --store features/<store>.h5                 # best stage-two tap, default schedule
+  layertap finetune --store features/<store>.h5      # after classify: its best tap on val, LP-FT defaults
   layertap finetune --data ../shared/data/flowers17 --split-file ../shared/data/flowers17-split.csv \\
-                    --weights hed-bsds500 --size 150 --layers block4_pool --unfreeze-from block4_conv1
-  layertap finetune --store S.h5 --layer block5_pool --fine-tune-epochs 20 --fine-tune-lr 1e-5 --augment flip
+                    --weights hed-bsds500 --layers block4_pool --unfreeze-from block4_conv3
+  layertap finetune --store S.h5 --layer block5_pool --fine-tune-epochs 5 --fine-tune-lr 1e-5 --augment flip
+  layertap finetune --store S.h5 --head dense --phase1 images   # the tutorials' recipe: a Dense head first
 
-Run `layertap classify` on the same store first: its best classifier on the tap is the baseline
-(else a logistic-regression probe is trained on the store). --train-batch-size is the training batch,
---batch-size the extraction's.
-BatchNorm layers stay frozen, so they run in inference mode. Everything is seeded (--seed).
-The model folder's model.keras takes pixels and returns probabilities: `layertap predict` runs it."""
+Phase 1 is stage two's linear probe on the tap (same code, same train rows), folded exactly into
+the network's softmax layer; phase 2 unfreezes from --unfreeze-from and trains on augmented images.
+Every choice (tap, epoch, phase) is made on val; test is scored once, against stage two's probe and
+its best model on val. --train-batch-size is the training batch, --batch-size the extraction's.
+BatchNorm layers stay frozen. Everything is seeded (--seed). The model folder's model.keras takes
+pixels and returns probabilities: `layertap predict` runs it."""
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -161,11 +164,12 @@ def cmd_classify(args) -> int:
 
     settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
     report = None if not args.progress else (lambda r: print(
-        f"  {r['tap']:<18} {r['classifier']:<12} test acc {r['accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
+        f"  {r['tap']:<18} {r['classifier']:<12} val acc {r['val_accuracy'] or 0:.3f}  ({r['fit_seconds']:.1f} s)"))
     result = classify(settings, progress=report)
-    rows = result.rows
-    print(f"\n{comparison_table(rows)}\n\nbest: {rows[0]['tap']} + {rows[0]['classifier']} "
-          f"({rows[0]['accuracy']:.3f}); models and reports in {result.run_dir}/")
+    best = result.best
+    print(f"\n{comparison_table(result.rows)}\n\nbest on val: {best['tap']} + {best['classifier']} (val "
+          f"{best['val_accuracy'] or 0:.3f}; its test accuracy {best['accuracy']:.3f}); models and reports in "
+          f"{result.run_dir}/")
     return 0
 
 
@@ -173,7 +177,7 @@ def cmd_sweep(args) -> int:
     from pipeline.classification import sweep
     from pipeline.reports import sweep_table
 
-    report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} test acc {r['accuracy']:.3f}"))
+    report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy'] or 0:.3f}"))
     run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     return 0
@@ -185,7 +189,9 @@ def cmd_finetune(args) -> int:
 
     model_dir, metrics = finetune(settings_from_args(FinetuneSettings, args, store=_store_for(args)))
     print(f"\nstage two vs stage three on the same {metrics['n_test']} test images "
-          f"({metrics['tap']}):\n{stage_table(metrics)}\n\ngain over stage two: {gain_text(metrics['gain'])}\n"
+          f"({metrics['tap']}):\n{stage_table(metrics)}\n\ngain over stage two's best on val: "
+          f"{gain_text(metrics['gain'])}\ngain over stage two's probe on {metrics['tap']}: "
+          f"{gain_text(metrics['gain_over_probe'])}\n"
           f"model, report and learning curves in {model_dir}/ (layertap predict {model_dir} IMAGES)")
     return 0
 
@@ -310,21 +316,23 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     command("classify", cmd_classify, "stage two: train classifiers on a store's taps and compare them",
             extraction("classification", "ClassifySettings"),
             description="Train each classifier on each tap of one feature store (no image is decoded) and report "
-                        "test accuracy, per-class precision/recall/F1, confusion matrices, fit time and trainable "
+                        "val accuracy (which chooses) and test accuracy, per-class precision/recall/F1, confusion matrices, "
+                        "fit time and trainable "
                         "parameters.", epilog=CLASSIFY_EXAMPLES)
     command("sweep", cmd_sweep, "linear-probe accuracy of every tap, low to high, as a table and a plot",
             extraction("classification", "ClassifySettings"),
-            description="Which layer should I use? For every tap of the store: test accuracy of the linear probe, "
+            description="Which layer should I use? For every tap of the store: val and test accuracy of the linear probe, "
                         "feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
                         "parameters flatten and avg pooling imply.",
             epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
                    "../shared/data/flowers17-split.csv --weights hed-bsds500")
     command("finetune", cmd_finetune, "stage three: fine-tune the backbone end to end and report the gain over "
                                       "stage two", extraction("finetuning", "FinetuneSettings"),
-            description="Phase 1 trains a Dense head on the frozen backbone; phase 2 unfreezes the backbone from a "
-                        "named layer and trains with a much lower learning rate, stopping early on the validation "
-                        "loss. Tested on stage two's test images, with the gain over the best stage-two classifier "
-                        "and its bootstrap interval.", epilog=FINETUNE_EXAMPLES)
+            description="LP-FT: phase 1 is stage two's linear probe folded into the network; phase 2 unfreezes "
+                        "the backbone from a named layer and trains with a low learning rate, keeping the epoch "
+                        "that is best on val. Tested on stage two's test images, with the gain over stage two's "
+                        "probe and over its best model on val, each with a bootstrap interval.",
+            epilog=FINETUNE_EXAMPLES)
     command("predict", cmd_predict, "classify images with a trained model folder", arguments(
         (["model"], dict(help="a model folder written by `layertap classify` or `layertap finetune`")),
         (["images"], dict(nargs="+", help="image files or folders")),

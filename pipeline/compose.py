@@ -12,9 +12,11 @@ import time
 import numpy as np
 
 from pipeline import LayertapError, import_keras
+from pipeline.settings import check_choice
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("cosine", "constant")
 # name -> default factor; flip takes a mode instead.
 AUGMENTATIONS = {"flip": "horizontal", "rotation": 0.1, "zoom": 0.1, "contrast": 0.1}
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
@@ -167,31 +169,82 @@ def predict_batched(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_rate: float, precision: str,
-                batch_size: int, patience: int, minutes: float | None = None, verbose: int = 0):
-    """Compile ``net`` with Adam and train it, stopping early on the validation loss (best weights kept).
+def learning_rate_schedule(learning_rate: float, schedule: str, steps: int, warmup_steps: int = 0):
+    """``constant``, or ``cosine``: a linear warm-up over ``warmup_steps`` to ``learning_rate``, then a
+    cosine decay to zero at ``steps``."""
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule == "constant":
+        return learning_rate
+    keras = import_keras()
+    warmup_steps = min(warmup_steps, max(steps - 1, 0))
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate if not warmup_steps else learning_rate / 100, decay_steps=max(steps - warmup_steps, 1),
+        warmup_target=learning_rate if warmup_steps else None, warmup_steps=warmup_steps)
+
+
+def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_rate, precision: str,
+                batch_size: int, patience: int, minutes: float | None = None, start: tuple | None = None,
+                verbose: int = 0):
+    """Compile ``net`` with Adam and train it, keeping the weights that do best on val.
+
+    Best means the highest val accuracy, then the lowest val loss. Training stops after ``patience``
+    epochs without a better one, or once ``minutes`` are spent (after the batch that spends them).
 
     Args:
-        minutes: Wall-clock budget: training stops after the batch that spends it.
+        learning_rate: A number or a Keras schedule (:func:`learning_rate_schedule`).
+        start: ``(val_accuracy, val_loss)`` of the weights before training (phase 2 starts from phase 1's):
+            unless an epoch beats them, those weights are restored.
 
     Returns:
-        ``(history, time_limited)``: one dict of metrics per epoch, and whether the budget ran out.
+        ``(history, time_limited, improved)``: one dict of metrics per epoch, whether the budget ran
+        out, and whether an epoch beat ``start``.
     """
     keras = import_keras()
     optimizer = keras.optimizers.Adam(learning_rate)
     if precision == "float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     net.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
-    if minutes is not None:
-        callbacks.append(_time_limit(minutes))
+    best = _best_on_val(patience, start)
+    callbacks = [best] + ([_time_limit(minutes)] if minutes is not None else [])
     history = net.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size,
                       shuffle=True, callbacks=callbacks, verbose=verbose)
     time_limited = minutes is not None and callbacks[-1].stopped
     if time_limited:
         log.info("stopped in epoch %d: the %g-minute budget is spent", len(history.history["loss"]), minutes)
     keys = list(history.history)
-    return [{k: float(history.history[k][i]) for k in keys} for i in range(len(history.epoch))], time_limited
+    curves = [{k: float(history.history[k][i]) for k in keys} for i in range(len(history.epoch))]
+    return curves, time_limited, best.improved
+
+
+def _best_on_val(patience: int, start: tuple | None):
+    """A callback that keeps the best weights on val (see :func:`train_phase`)."""
+    keras = import_keras()
+
+    class BestOnVal(keras.callbacks.Callback):
+        """Keep the weights of the epoch with the best (val accuracy, -val loss); restore them at the end."""
+
+        def __init__(self, patience: int, start: tuple | None):
+            super().__init__()
+            self.patience, self.start = patience, start
+            self.best = (start[0], -start[1]) if start else (-np.inf, -np.inf)
+            self.best_weights, self.wait, self.improved = None, 0, False
+
+        def on_train_begin(self, logs=None):
+            self.initial = self.model.get_weights()
+
+        def on_epoch_end(self, epoch, logs=None):
+            score = (logs["val_accuracy"], -logs["val_loss"])
+            if score > self.best:
+                self.best, self.best_weights, self.wait, self.improved = score, self.model.get_weights(), 0, True
+                return
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            self.model.set_weights(self.best_weights if self.best_weights is not None else self.initial)
+
+    return BestOnVal(patience, start)
 
 
 def _time_limit(minutes: float):

@@ -7,6 +7,7 @@ stage one saw.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, or_reason, ordered_map
+from pipeline import LayertapError
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, default_workers, fingerprint, or_reason, ordered_map, \
+    progress_bar, read_file
+
+# Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.
+MAX_IMAGE_BYTES = 8 << 30
 
 
 def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", draft: bool = True,
@@ -164,3 +170,41 @@ def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
             _SLOTS["slots"][slot, row] = array
         reasons.append(reason)
     return reasons
+
+
+def decode_store_rows(store, rows: np.ndarray, data_root: Path, workers: int = 0,
+                      progress: bool = False) -> np.ndarray:
+    """Decode the images of the given rows of a :class:`pipeline.store.FeatureStore` exactly as stage one did,
+    as one uint8 array (what fine-tuning trains on).
+
+    Each file must still have the content the store fingerprinted.
+
+    Raises:
+        LayertapError: an image is missing, changed since extraction or no longer decodes.
+    """
+    size = store.manifest.image_size
+    if len(rows) * size * size * 3 > MAX_IMAGE_BYTES:
+        raise LayertapError(f"{len(rows):,} images at {size} px need {len(rows) * size * size * 3 / 2**30:.1f} GiB "
+                            f"in memory; fine-tune at a smaller --size or on fewer images")
+    fingerprints = store.rows.fingerprints
+    decode = store.manifest.decoder()
+
+    def checked(row: int) -> np.ndarray:
+        data = read_file(data_root / store.rows.paths[row])
+        if fingerprint(data) != fingerprints[row]:
+            raise BadImageError("the file changed since the store was extracted")
+        return decode(io.BytesIO(data))
+
+    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    bad = []
+    decoded = iter_decoded(rows, checked, workers or default_workers(), 64)
+    for i, array, reason in progress_bar(decoded, len(rows), "decode", progress):
+        if array is None:
+            bad.append(f"{store.rows.paths[rows[i]]} ({reason})")
+        else:
+            images[i] = array
+    if bad:
+        raise LayertapError(f"{len(bad)} images of {store.path.name} under {data_root} cannot be used for "
+                            f"fine-tuning, first: {bad[0]}. Both stages must see the same images: extract "
+                            "again (a new store) or restore the files")
+    return images

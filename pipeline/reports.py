@@ -143,7 +143,8 @@ def write_model_report(model_dir, metrics: dict, class_names, title: str) -> Non
     model_dir = _write_metrics(model_dir, metrics, class_names, title)
     chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics["chosen"].items())
     text = [f"# {title}", "",
-            f"test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
+            f"val accuracy {metrics['val_accuracy']:.3f} "
+            f"(what choices between models use); test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
             f"(train {metrics['n_train']}, val {metrics['n_val']}; split {metrics.get('split_source', '?')})", "",
             f"fit time {metrics['fit_seconds']:.2f} s; trainable parameters {metrics['trainable_params']:,}"
             + (f"; chosen: {chosen}" if chosen else ""), "", "```",
@@ -151,49 +152,60 @@ def write_model_report(model_dir, metrics: dict, class_names, title: str) -> Non
     (model_dir / "report.md").write_text("\n".join(text))
 
 
-COMPARISON_HEADERS = ["tap", "classifier", "test acc", "macro F1", "fit s", "trainable params", "dims"]
+COMPARISON_HEADERS = ["tap", "classifier", "val acc (chooses)", "test acc", "test macro F1", "fit s",
+                      "trainable params", "dims"]
 
 
 def comparison_table(rows) -> str:
-    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["accuracy"], r["macro_f1"],
-                                              r["fit_seconds"], r["trainable_params"], r["dims"]] for r in rows])
+    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["val_accuracy"], r["accuracy"],
+                                              r["macro_f1"], r["fit_seconds"], r["trainable_params"], r["dims"]]
+                                             for r in rows])
 
 
 def write_comparison(run_dir, rows, store, split_source: str) -> None:
     run_dir = Path(run_dir)
     (run_dir / "comparison.json").write_text(json.dumps({"store": str(store.path), "store_key": store.key,
-                                                          "split": split_source, "rows": rows}, indent=2))
+                                                          "split": split_source, "chosen_by": "val accuracy",
+                                                          "rows": rows}, indent=2))
     (run_dir / "comparison.md").write_text(
         f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest.weights}; "
-        f"split: {split_source}; best first.\n\n```\n{comparison_table(rows)}\n```\n")
+        f"split: {split_source}. Each classifier is fit on the train rows; best first by **val** accuracy "
+        f"(ties: the order given); test accuracy is scored once, for this report.\n\n"
+        f"```\n{comparison_table(rows)}\n```\n")
 
 
-SWEEP_HEADERS = ["tap", "map", "dims", "test acc", "C", "GFLOPs to tap", "% of net", "params to tap",
+SWEEP_HEADERS = ["tap", "map", "dims", "val acc", "test acc", "C", "GFLOPs to tap", "% of net", "params to tap",
                  "flatten dims", "Dense(256) params, flatten", "Dense(256) params, avg"]
 
 
 def sweep_table(rows) -> str:
-    return format_table(SWEEP_HEADERS, [[r["tap"], r["map"], r["dims"], r["accuracy"], r["C"], r["gflops"],
+    return format_table(SWEEP_HEADERS, [[r["tap"], r["map"], r["dims"], r["val_accuracy"], r["accuracy"], r["C"],
+                                         r["gflops"],
                                          100.0 * r["flops_share"], r["params_to_tap"], r["flatten_dims"],
                                          r["dense_flatten"], r["dense_avg"]] for r in rows])
 
 
 def write_sweep(run_dir, rows, store) -> Path:
-    """``sweep.md``, ``sweep.json`` and ``sweep.png`` (test accuracy and cost against depth)."""
+    """``sweep.md``, ``sweep.json`` and ``sweep.png`` (val and test accuracy and cost against depth)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     m = store.manifest
-    (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "rows": rows}, indent=2))
+    best = max(rows, key=lambda r: r["val_accuracy"] or 0.0)["tap"] if rows else None  # first of equals: lowest
+    (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "best_on_val": best, "rows": rows},
+                                                   indent=2))
     (run_dir / "sweep.md").write_text(
         f"# Layer sweep: {m.backbone} ({m.weights} weights), {m.image_size} px, {m.pooling} pooling\n\n"
-        "Linear probe (standardised logistic regression, C by stratified 3-fold CV on the training rows) "
-        "per tap, low to high.\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
+        "Linear probe (standardised logistic regression fit on the train rows, C by stratified 3-fold CV "
+        f"there) per tap, low to high. Best tap on **val**: {best} (test accuracy is shown, never chosen "
+        "on).\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(len(rows))
+    ax.plot(x, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
     ax.plot(x, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    ax.legend(fontsize=8, loc="lower left")
     ax.set_xticks(list(x), [f"{r['tap']}\n{r['dims']} dims" for r in rows], fontsize=8)
-    ax.set_ylabel("test accuracy (linear probe)")
+    ax.set_ylabel("accuracy (linear probe)")
     ax.set_ylim(0, 1)
     cost = ax.twinx()
     cost.bar(x, [r["gflops"] for r in rows], alpha=0.2, color="tab:gray", label="GFLOPs to reach the tap")
@@ -208,12 +220,16 @@ def write_sweep(run_dir, rows, store) -> Path:
 
 
 def plot_learning_curves(path, history: list[dict], title: str) -> None:
-    """Train and validation accuracy and loss per epoch over both phases, the unfreeze point marked."""
+    """Train and validation accuracy and loss per epoch over both phases, the unfreeze point marked.
+
+    A phase-1 entry without training figures (the folded probe) is plotted as its val point alone.
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history) + 1)
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        ax.plot(epochs, [e[metric] for e in history], "o-", ms=3, label=f"train {metric}")
+        ax.plot(epochs, [np.nan if e[metric] is None else e[metric] for e in history], "o-", ms=3,
+                label=f"train {metric}")
         ax.plot(epochs, [e[f"val_{metric}"] for e in history], "o-", ms=3, label=f"validation {metric}")
         phase2 = [i for i, e in enumerate(history) if e["phase"] == 2]
         if phase2:
@@ -234,18 +250,23 @@ def gain_text(gain: dict) -> str:
 
 
 def stage_table(metrics: dict) -> str:
-    """Stage two against stage three on the same test images."""
-    two = metrics["stage_two"]
-    phases = metrics["phases"]
-    rows = [["two", f"{two['classifier']} on stored {metrics['tap']} features", two["accuracy"],
-             two["trainable_params"], two["fit_seconds"]],
-            ["three, phase 1", f"Dense head, backbone frozen ({phases[0]['data']})", metrics["phase1_accuracy"],
-             phases[0]["trainable"], phases[0]["seconds"]]]
+    """Stage two against stage three on the same images: val (which chose) and test (scored once)."""
+    probe, best, phases = metrics["probe"], metrics["stage_two"], metrics["phases"]
+    head = "stage two's probe, folded" if phases[0]["head"] == "probe" and not phases[0]["epochs_run"] else \
+        f"{phases[0]['head']} head, backbone frozen ({phases[0]['data']})"
+    rows = [["two: probe", f"logreg on stored {metrics['tap']} features", probe["val_accuracy"], probe["accuracy"],
+             probe["trainable_params"], probe["fit_seconds"]],
+            ["two: best on val", best["classifier"], best["val_accuracy"], best["accuracy"], best["trainable_params"],
+             best["fit_seconds"]],
+            ["three, phase 1", head + (" (kept)" if metrics["kept"] == "phase 1" else ""), phases[0]["val_accuracy"],
+             metrics["phase1_accuracy"], phases[0]["trainable"], phases[0]["seconds"]]]
     if len(phases) > 1:
+        kept = metrics["kept"] == "phase 2"
         rows.append(["three, phase 2", f"unfrozen from {phases[1]['unfrozen_from']}"
-                     + (" (not kept: phase 1 was better on val)" if metrics["kept"] == "phase 1" else ""),
-                     metrics["accuracy"], phases[1]["trainable"], phases[1]["seconds"]])
-    return format_table(["stage", "model", "test acc", "trainable params", "train s"], rows)
+                     + (" (kept)" if kept else " (not kept: not better than phase 1 on val)"),
+                     phases[1]["val_accuracy"], metrics["accuracy"] if kept else None, phases[1]["trainable"],
+                     phases[1]["seconds"]])
+    return format_table(["stage", "model", "val acc (chooses)", "test acc", "trainable params", "train s"], rows)
 
 
 def write_finetune_report(model_dir, metrics: dict, store) -> None:
@@ -254,29 +275,30 @@ def write_finetune_report(model_dir, metrics: dict, store) -> None:
     title = f"{m.backbone} fine-tuned at {metrics['tap']} ({m.weights} weights, {m.image_size} px)"
     model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
     plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
-    phase_rows = [[i + 1, p["data"], p["unfrozen_from"] or "- (frozen)", f"{p['learning_rate']:g}",
+    phase_rows = [[i + 1, p["head"], p["data"], p["unfrozen_from"] or "- (frozen)",
+                   f"{p['learning_rate']:g}" if p["learning_rate"] else "-", p.get("schedule", "-"),
                    f"{p['epochs_run']}{' (time limit)' if p.get('time_limited') else ''}",
-                   p["best_epoch"], p["best_val_loss"], p["best_val_accuracy"], p["trainable"], p["frozen"],
-                   p["seconds"]] for i, p in enumerate(metrics["phases"])]
+                   p["val_accuracy"], p["val_loss"], p["trainable"], p["frozen"], p["seconds"]]
+                  for i, p in enumerate(metrics["phases"])]
     text = [f"# {title}", "",
             f"Test images: {metrics['n_test']}, the same as stage two's (split {metrics['split_source']}; "
             f"test-row fingerprint {metrics['test_rows_sha256'][:16]}). Train {metrics['n_train']}, "
-            f"validation {metrics['n_val']} ({metrics['val_source']}).", "",
+            f"val {metrics['n_val']}. Tap: {metrics['tap']} ({metrics['tap_reason']}). Every choice (tap, "
+            "epoch, phase) was made on val; test was scored once, for this report.", "",
             "```", stage_table(metrics), "```", "",
-            f"**Gain of fine-tuning over stage two ({metrics['stage_two']['classifier']}): "
+            f"**Gain over stage two's best on val ({metrics['stage_two']['classifier']}): "
             f"{gain_text(metrics['gain'])}.**", "",
-            f"Gain of phase 2 over phase 1: {gain_text(metrics['gain_over_phase1'])}. Weights kept: "
-            f"{metrics['kept']} (lowest validation loss). Stage-two model: {metrics['stage_two']['source']}.", "",
-            "```", format_table(["phase", "data", "unfrozen from", "lr", "epochs", "best epoch", "best val loss",
-                                 "best val acc", "trainable", "frozen", "seconds"], phase_rows), "```", "",
+            f"Gain over stage two's linear probe on {metrics['tap']}: {gain_text(metrics['gain_over_probe'])}.", "",
+            f"Gain of what was kept ({metrics['kept']}) over phase 1: {gain_text(metrics['gain_over_phase1'])}.", "",
+            "```", format_table(["phase", "head", "data", "unfrozen from", "peak lr", "schedule", "epochs",
+                                 "best val acc", "its val loss", "trainable", "frozen", "seconds"], phase_rows),
+            "```", "",
             f"Augmentation: {', '.join(f'{k}={v}' for k, v in metrics['augmentation'].items()) or 'none'}; "
-            f"precision {metrics['precision']}; BatchNorm layers "
-            "frozen (inference mode); decoding took "
-            f"{metrics['decode_seconds']:.1f} s. The phase-1 head starts from a seeded random initialisation.", "",
+            f"precision {metrics['precision']}; BatchNorm layers frozen (inference mode); decoding took "
+            f"{metrics['decode_seconds']:.1f} s.", "",
             "![learning curves](learning_curves.png)", "",
-            "Validation figures are on unaugmented images throughout. Training figures come from each phase's own "
-            "data: with phase 1 on stored features and phase 2 on augmented images, training accuracy drops at "
-            "the unfreeze point without anything being lost.", "", "```",
+            "Validation figures are on unaugmented images throughout; training figures come from each phase's own "
+            "data (augmented images in phase 2).", "", "```",
             classification_table(metrics["report"], store.class_names), "```", "",
             "![confusion matrix](confusion.png)", ""]
     (model_dir / "report.md").write_text("\n".join(text))

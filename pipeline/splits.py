@@ -16,7 +16,11 @@ from pipeline.images import SPLITS
 
 def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
                    val_fraction: float = 0.15) -> tuple[np.ndarray, str]:
-    """Each row's split: the one recorded in the store, else a seeded stratified split.
+    """Each row's split, always with train, val and test rows: every choice is made on val, test scored once.
+
+    The split recorded in the store is used; where it has no val rows, a stratified share of the
+    train rows (``val_fraction`` of all rows, seeded) becomes val. A store with no split at all gets
+    a seeded stratified train/val/test split.
 
     Args:
         store: A :class:`pipeline.store.FeatureStore`.
@@ -25,20 +29,32 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
         ``(splits, source)``: an array of ``train``/``val``/``test`` and where it came from.
 
     Raises:
-        LayertapError: some rows have a split and others do not, or there is no test row.
+        LayertapError: some rows have a split and others do not, or there is no train or test row.
     """
-    recorded = store.splits
+    from sklearn.model_selection import train_test_split
+
+    recorded, labels = store.splits, store.labels
     has = np.isin(recorded, SPLITS)
     if has.all():
-        if not (recorded == "test").any() or not (recorded == "train").any():
+        splits = recorded.astype(str)
+        if not (splits == "test").any() or not (splits == "train").any():
             raise LayertapError(f"{store.path.name}: the recorded split needs train and test rows")
-        return recorded.astype(str), "recorded in the store"
+        if (splits == "val").any():
+            return splits, "recorded in the store"
+        train = np.flatnonzero(splits == "train")
+        share = min(0.5, val_fraction * len(splits) / len(train))
+        try:
+            _, val = train_test_split(train, test_size=share, stratify=labels[train], random_state=seed)
+        except ValueError as exc:
+            raise LayertapError(f"{store.path.name}: the recorded split has no val rows and too few train images "
+                                f"per class to carve them ({exc}); add images or give val rows") from None
+        splits[val] = "val"
+        return splits, (f"recorded in the store (train/test); val carved from train: {len(val)} images, "
+                        f"stratified, seed {seed}")
     if has.any():
         raise LayertapError(f"{store.path.name}: {int(has.sum())} rows have a split and {int((~has).sum())} "
                             "do not; give every image a split or none")
-    from sklearn.model_selection import train_test_split
-
-    rows, labels = np.arange(len(store)), store.labels
+    rows = np.arange(len(store))
     try:
         rest, test = train_test_split(rows, test_size=test_fraction, stratify=labels, random_state=seed)
         train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
@@ -49,21 +65,6 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     splits = np.empty(len(store), dtype=object)
     splits[train], splits[val], splits[test] = "train", "val", "test"
     return splits.astype(str), f"stratified, seed {seed}, test {test_fraction}, val {val_fraction}"
-
-
-def fit_rows(splits: np.ndarray, labels: np.ndarray, seed: int, val_fraction: float):
-    """Train and validation row indices; a split without val rows gets a stratified share of train.
-
-    Returns:
-        ``(train, val, source)``, ``source`` saying where the val rows came from.
-    """
-    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
-    if len(val):
-        return train, val, "the split's val rows"
-    from sklearn.model_selection import train_test_split
-
-    train, val = train_test_split(train, test_size=val_fraction, stratify=labels[train], random_state=seed)
-    return np.sort(train), np.sort(val), f"{val_fraction:.0%} of train, stratified, seed {seed}"
 
 
 def test_rows_sha256(store, splits: np.ndarray) -> str:

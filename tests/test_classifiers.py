@@ -54,3 +54,22 @@ def test_dense_head_early_stops_on_validation_data_and_counts_parameters():
     assert (head.predict(X[40:]) == y[40:]).mean() > 0.8
     with pytest.raises(ValueError, match=r"validation labels \['maybe'\] do not occur"):
         head.fit(X[:40], y[:40], validation_data=(X[40:42], ["maybe", "yes"]))
+
+
+@pytest.mark.parametrize("n_classes", [3, 2])
+def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
+    """Stage three starts from stage two's probe: the folded Keras layer gives scikit-learn's probabilities."""
+    from pipeline.classifiers import build_probe_head, probe_weights
+
+    rng = np.random.default_rng(n_classes)
+    X = (rng.normal(size=(90, 12)) * rng.uniform(0.1, 30, 12) + rng.uniform(-5, 50, 12)).astype("float32")
+    y = rng.integers(0, n_classes, 90)
+    X[:, 0] += 3 * y  # something to learn
+    probe = make_classifier("logreg").fit(X, y)
+    kernel, bias = probe_weights(probe)
+    assert kernel.shape == (12, n_classes) and bias.shape == (n_classes,)
+    head = build_probe_head(kernel, bias)
+    np.testing.assert_allclose(np.asarray(head(X)), probe.predict_proba(X), atol=2e-6)
+    assert (np.asarray(head(X)).argmax(axis=1) == probe.predict(X)).all()
+    with pytest.raises(ValueError, match="only such a probe folds"):
+        probe_weights(make_classifier("knn").fit(X, y))

@@ -55,7 +55,7 @@ def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatc
     result = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg", "knn", "dense"),
                                        out_dir=str(tmp_path)))
     run_dir, rows = result.run_dir, result.rows
-    assert len(rows) == 6 and rows == sorted(rows, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+    assert len(rows) == 6 and rows == sorted(rows, key=lambda r: -r["val_accuracy"])  # chosen on val
     assert {r["classifier"] for r in rows} == {"logreg", "knn", "dense"}
     model_dir = run_dir / "block2_pool-logreg"
     for name in ("manifest.json", "metrics.json", "report.md", "confusion.png", "model.joblib"):
@@ -114,3 +114,53 @@ def test_predict_on_a_folder_with_a_corrupt_image(stores, tmp_path):
     assert len(results["red.jpg"]["top"]) == 2
     assert abs(sum(p for _, p in results["red.jpg"]["top"])) <= 1.0 + 1e-6
     assert results["red.jpg"]["top"][0][0] == "red" and results["blue.jpg"]["top"][0][0] == "blue"
+
+
+def _store_where_val_and_test_disagree(path):
+    """Two taps: ``a`` carries the label on train and val rows only, ``b`` on train and test rows only."""
+    from pipeline.store import Rows, merge_shards, write_shard
+
+    rng = np.random.default_rng(0)
+    splits = ["train"] * 40 + ["val"] * 20 + ["test"] * 20
+    labels = np.array([i % 2 for i in range(80)])
+    signal = np.where(labels[:, None] == 1, 2.0, -2.0) + rng.normal(0, 0.5, (80, 4))
+    noise = rng.normal(0, 2.0, (80, 4))
+    is_val, is_test = np.array(splits) == "val", np.array(splits) == "test"
+    features = {"a": np.where(is_test[:, None], noise, signal).astype(np.float32),
+                "b": np.where(is_val[:, None], noise, signal).astype(np.float32)}
+    manifest = {"key": "v" * 64, "pooling": "avg", "class_names": ["no", "yes"], "backbone": "vgg16",
+                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
+                "image_size": 32}
+    rows = Rows([f"img{i:02d}.png" for i in range(80)], labels.tolist(), splits, ["f"] * 80)
+    shard = write_shard(path.with_suffix(".shard.h5"), rows=rows, features=features, class_names=["no", "yes"],
+                        skipped=[], manifest=manifest, map_shapes={"a": (1, 1, 4), "b": (1, 1, 4)}, dtype="float32")
+    return merge_shards([shard], path, manifest=manifest)
+
+
+def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_path):
+    from pipeline.finetuning import choose_tap, stage_two_rows
+
+    store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
+    result = classify(ClassifySettings(store=str(store.path), classifiers=("logreg",), out_dir=str(tmp_path / "m")))
+    by_tap = {r["tap"]: r for r in result.rows}
+    assert by_tap["a"]["val_accuracy"] > by_tap["b"]["val_accuracy"]
+    assert by_tap["b"]["accuracy"] > by_tap["a"]["accuracy"]  # b would win on test
+    assert result.best["tap"] == "a"
+    splits, _ = resolve_splits(store)
+    assert choose_tap(store, None, stage_two_rows(store, result.run_dir, splits), splits)[0] == "a"
+    assert choose_tap(store, None, [], splits)[0] == "a"  # no stage-two run: the probes, on val
+
+
+def test_a_recorded_split_without_val_rows_gets_val_carved_from_train(tmp_path):
+    root = tmp_path / "data"
+    for split, n in (("train", 8), ("test", 2)):
+        make_class_folder(root / split, per_class=n)
+    store = FeatureStore(extract_features(tiny_settings(root, tmp_path / "f", layers=("block1_pool",))).store_path)
+    assert set(store.rows.splits) == {"train", "test"}
+    splits, source = resolve_splits(store, seed=0)
+    assert source.startswith("recorded in the store (train/test); val carved from train")
+    assert [int((splits == s).sum()) for s in ("train", "val", "test")] == [19, 5, 6]  # 15% of 30, rounded up
+    assert (splits[np.array(store.rows.splits) == "test"] == "test").all()  # the test rows stay as recorded
+    for label in range(3):  # stratified
+        assert ((splits == "val") & (store.labels == label)).sum() in (1, 2)
+    np.testing.assert_array_equal(splits, resolve_splits(store, seed=0)[0])

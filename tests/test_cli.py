@@ -87,7 +87,7 @@ def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
     assert main(["classify", "--data", str(split_folder), "--out", str(tmp_path / "f"), "--models", str(models),
                  "--classifiers", "logreg,knn", *TINY]) == 0
     shown = capsys.readouterr().out
-    assert "test acc" in shown and "best: " in shown
+    assert "val acc (chooses)" in shown and "test acc" in shown and "best on val: " in shown
     model = next(models.glob("*/block2_pool-logreg"))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "predictions.csv"
