@@ -23,7 +23,7 @@ CLASSIFIERS ?= logreg,linsvm,knn,dense
 MODEL ?=
 IMAGES ?=
 # Stage three: LAYER=the tap to fine-tune (default: stage two's best), UNFREEZE_FROM=first trained layer
-# (default: block5_conv1 for vgg16, conv5_block1_1_conv for resnet50), FINETUNE_ARGS=--epochs 50 ...
+# (default: block5_conv1 for vgg16, conv5_block1_1_conv for resnet50), FINETUNE_ARGS='--fine-tune-lr 1e-5 ...'
 LAYER ?=
 UNFREEZE_FROM ?=
 FINETUNE_ARGS ?=
@@ -40,7 +40,7 @@ help:
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
-	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 10 ...'"
+	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 3 ...'"
 	@echo "                 fine-tunes end to end and reports the gain over stage two on the same test images"
 	@echo "make sweep       linear-probe accuracy per tap of the store, table and plot in models/"
 	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/'"

@@ -8,8 +8,8 @@ stage one saw.
 from __future__ import annotations
 
 import io
+import logging
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ from pipeline import LayertapError
 from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, default_workers, fingerprint, or_reason, ordered_map, \
     progress_bar, read_file
 
+log = logging.getLogger(__name__)
 # Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.
 MAX_IMAGE_BYTES = 8 << 30
 
@@ -84,13 +85,21 @@ def iter_decoded(paths: Iterable[Path], decode: Callable[[Path], np.ndarray], wo
         yield index, array, reason
 
 
+WORKER_DIED = "the decoding process died on it (killed; probably out of memory)"
+
+
 class ProcessDecoder:
-    """Decode images in worker processes straight into shared-memory batches.
+    """Decode images in worker processes straight into shared-memory batches, surviving dead workers.
 
     Pillow holds Python's GIL for part of every image (header parsing, EXIF, mode conversion), so
     decoding threads stop scaling at a few cores: measured on a 16-core host, 16 threads decoded
     about 600 images/s where 16 processes decode several thousand (bench/NOTES.md). Each batch
     is decoded into one of ``depth`` slots of a shared buffer, so no pixels are pickled.
+
+    A worker that dies (the kernel's OOM killer on a huge image, a crash in a codec) breaks the
+    pool: it is replaced by a fresh one and the batch is decoded again; if that dies too, each of
+    its images is decoded alone, and an image that kills its worker again is skipped with
+    :data:`WORKER_DIED` as the reason. The run never waits on a dead process.
 
     Args:
         size: Output side in pixels.
@@ -101,17 +110,27 @@ class ProcessDecoder:
     """
 
     def __init__(self, size: int, batch_size: int, workers: int, depth: int = 6, **decode_kwargs):
-        import multiprocessing
         from multiprocessing import shared_memory
 
         self.shape = (depth, batch_size, size, size, 3)
         self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
         self._slots = np.ndarray(self.shape, np.uint8, self._shm.buf)
         self.workers = workers
+        self._initargs = (self._shm.name, self.shape, {"size": size, **decode_kwargs}, os.getpid())
+        self._pool = self._start()
+
+    def _start(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         # forkserver: never fork a process that runs a framework's threads.
         context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-        self._pool = context.Pool(workers, initializer=_attach_slots,
-                                  initargs=(self._shm.name, self.shape, {"size": size, **decode_kwargs}))
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_attach_slots,
+                                   initargs=self._initargs)
+
+    def _restart(self) -> None:
+        self._stop()
+        self._pool = self._start()
 
     def batches(self, paths: list[Path], chunks: list[tuple[int, int]]):
         """Yield ``((a, b), pixels, reasons)`` for each chunk of ``paths``, in order.
@@ -119,27 +138,62 @@ class ProcessDecoder:
         ``pixels`` is a view of a shared slot: valid until the generator is resumed.
         """
         depth = self.shape[0]
-        pending = deque()
+        pending: dict[int, list] = {}
+
+        def rows(j: int) -> list[tuple[int, int, str]]:
+            a, b = chunks[j]
+            return [(j % depth, i - a, str(paths[i])) for i in range(a, b)]
 
         def submit(j: int) -> None:
-            a, b = chunks[j]
-            rows = [(j % depth, i - a, str(paths[i])) for i in range(a, b)]
-            piece = max(1, -(-len(rows) // (2 * self.workers)))  # two tasks a worker
-            pending.append(self._pool.map_async(_decode_rows, [rows[k:k + piece] for k in range(0, len(rows), piece)]))
+            tasks = rows(j)
+            piece = max(1, -(-len(tasks) // (2 * self.workers)))  # two tasks a worker
+            pending[j] = [self._pool.submit(_decode_rows, tasks[k:k + piece]) for k in range(0, len(tasks), piece)]
 
         for j in range(min(depth, len(chunks))):
             submit(j)
         for j, (a, b) in enumerate(chunks):
-            reasons = [reason for part in pending.popleft().get() for reason in part]
+            reasons = self._collect(j, pending, submit, rows)
             slot = self._slots[j % depth, :b - a]
             ok = [row for row, reason in enumerate(reasons) if reason is None]
             yield (a, b), (slot if len(ok) == b - a else slot[ok]), reasons
             if j + depth < len(chunks):
                 submit(j + depth)
 
+    def _collect(self, j: int, pending: dict, submit, rows) -> list[str | None]:
+        """Chunk ``j``'s skip reasons; a broken pool is restarted, the chunk retried, then its images one by one."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        for attempt in range(2):
+            try:
+                return [reason for future in pending.pop(j) for reason in future.result()]
+            except BrokenProcessPool:
+                log.warning("a decoding process died%s", "; decoding the batch again" if not attempt else
+                            "; decoding its images one by one to find the one that kills it")
+                self._restart()
+                for k in sorted(pending) + ([j] if not attempt else []):
+                    submit(k)  # every task in flight died with the pool
+        reasons, restarted = [], False
+        for task in rows(j):
+            try:
+                reasons += self._pool.submit(_decode_rows, [task]).result()
+            except BrokenProcessPool:
+                log.warning("skipped %s: %s", task[2], WORKER_DIED)
+                reasons.append(WORKER_DIED)
+                self._restart()
+                restarted = True
+        for k in sorted(pending) if restarted else ():
+            submit(k)
+        return reasons
+
+    def _stop(self) -> None:
+        # ProcessPoolExecutor has no terminate() before Python 3.14: end its workers, then reap them.
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            if process.is_alive():
+                process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
     def close(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        self._stop()
         self._slots = None
         self._shm.close()
         self._shm.unlink()
@@ -148,17 +202,44 @@ class ProcessDecoder:
 _SLOTS: dict = {}
 
 
-def _attach_slots(name: str, shape: tuple, decode_kwargs: dict) -> None:
+def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int) -> None:
+    import signal
+    import threading
+    import time
     from multiprocessing import shared_memory
 
-    # Workers share the creating process's resource tracker, which unlinks the segment if that
-    # process dies without closing the decoder; the workers themselves end when their task pipe
-    # closes (tests/test_extract.py kills an extraction and checks both).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the extraction handles it
+
+    # The creating process's resource tracker unlinks the segment if that process dies without closing
+    # the decoder (tests/test_extract.py kills an extraction and checks).
     shm = shared_memory.SharedMemory(name=name)
     # Below the process that runs the forward passes, which must not wait for a time slice when
     # every core decodes (a precaution: not measured apart, see bench/NOTES.md).
     os.nice(5)
     _SLOTS.update(shm=shm, slots=np.ndarray(shape, np.uint8, shm.buf), kwargs=decode_kwargs)
+    # A pool worker waits for tasks on a queue it also holds the writing end of, and the forkserver
+    # waits for its workers, so a killed extraction would leave both behind: follow the extraction.
+    def follow(pid: int):
+        while _alive(pid):
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=follow, args=(owner,), daemon=True, name="layertap-owner-watch").start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:

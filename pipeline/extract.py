@@ -33,7 +33,8 @@ from pipeline.backbones import BACKBONES
 from pipeline.gpu_decode import DECODERS
 from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, on_gpu, resolve_precision, versions
 from pipeline.settings import check_choice, check_int, option
-from pipeline.store import COMPRESSIONS, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, write_shard
+from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, \
+    write_shard
 
 log = logging.getLogger(__name__)
 SAMPLE = "sample"
@@ -207,14 +208,18 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
 
 
 def _open_existing(store_path: Path, key: str) -> FeatureStore | None:
+    """The store at ``store_path`` if it is complete, of this key and undamaged; else None (it is replaced)."""
     if not store_path.exists():
         return None
     try:
         store = FeatureStore(store_path)
+        if store.key != key:
+            return None
+        store.verify()
     except LayertapError as exc:
-        log.warning("%s; it will be replaced", exc)
+        log.warning("%s", str(exc).replace(REPLACE, "extracting it again"))
         return None
-    return store if store.key == key else None
+    return store
 
 
 def _manifest(key: str, material: dict, images: ImageList, settings: ExtractSettings, weights,

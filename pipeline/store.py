@@ -39,6 +39,7 @@ STORE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 _FLAT_ATTRS = ("key", "backbone", "weights", "weights_sha256", "image_size", "pooling")
 _STR = h5py.string_dtype()
+REPLACE = "run the same `layertap extract` again to replace it"
 
 
 class StoreLockedError(LayertapError):
@@ -103,7 +104,7 @@ class FeatureStore:
                                  _strings(fh["split"]), _strings(fh["fingerprints"]))
                 self.skipped = list(zip(_strings(fh["skipped/path"]), _strings(fh["skipped/reason"])))
         except OSError as exc:
-            raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); delete it and extract again") from exc
+            raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
 
     @property
     def key(self) -> str:
@@ -128,9 +129,24 @@ class FeatureStore:
         """
         if tap not in self.taps:
             raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
-        with h5py.File(self.path, "r") as fh:
-            dataset = fh["features"][tap]
-            return dataset[()] if rows is None else dataset[rows]
+        try:
+            with h5py.File(self.path, "r") as fh:
+                dataset = fh["features"][tap]
+                return dataset[()] if rows is None else dataset[rows]
+        except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, or a truncated file
+            raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
+
+    def verify(self) -> None:
+        """Read every feature chunk, so that HDF5 checks each one's Fletcher-32 checksum.
+
+        Stores written before checksums were added have none; they are read, which still finds
+        truncation and unreadable chunks.
+
+        Raises:
+            LayertapError: a chunk is damaged; the message names the store and what to do.
+        """
+        for tap in self.taps:
+            self.features(tap)
 
 
 def _strings(dataset) -> list[str]:
@@ -156,7 +172,10 @@ def _write_columns(fh: h5py.File, rows: Rows, class_names: Sequence[str],
 
 def _create_tap(fh: h5py.File, tap: str, n: int, dims: int, dtype: str, compression: str,
                 map_shape, pooling: str) -> h5py.Dataset:
-    kwargs = {} if compression == "none" else {"compression": compression, "shuffle": True}
+    # Fletcher-32 per chunk: damage inside the data is found when it is read, not used silently.
+    kwargs = {"fletcher32": True} if n else {}
+    if compression != "none":
+        kwargs.update(compression=compression, shuffle=True)
     dataset = fh.require_group("features").create_dataset(
         tap, shape=(n, dims), dtype=dtype, chunks=(_chunk_rows(n, dims, np.dtype(dtype).itemsize), dims)
         if n else None, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -96,3 +97,23 @@ def flowers17() -> Path:
     if not (folder.is_dir() and (SHARED_DATA / "flowers17-split.csv").is_file()):
         pytest.skip("../shared/data/flowers17 is not present on this machine")
     return folder
+
+
+def processes_marked(mark: str) -> list[int]:
+    """Processes whose environment holds ``mark`` (a run and every process it started, workers included)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if mark.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def leaked_segments(before: set[str]) -> set[str]:
+    """Shared-memory segments created since ``before`` (a listing of /dev/shm) and not freed."""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA, add_bad_files, tiny_settings
+from conftest import ROOT, SHARED_DATA, add_bad_files, leaked_segments, processes_marked, tiny_settings
 
 import pipeline.extract as extract_module
 from pipeline import LayertapError
@@ -117,24 +117,6 @@ KILLER = textwrap.dedent("""
     store.os.replace = replace_then_die
     sys.exit(main(sys.argv[1:]))
 """)
-
-
-def processes_marked(mark: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if mark.encode() in fh.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def leaked_segments(before: set[str]) -> set[str]:
-    if not os.path.isdir("/dev/shm"):
-        return set()
-    return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
 
 
 def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_folder, tmp_path, monkeypatch):

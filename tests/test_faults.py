@@ -1,0 +1,149 @@
+"""Faults, each a real case: killed processes, bad inputs, damaged files, tampered models, a full disk.
+
+Crash-safety guarantees that these tests pin are listed in the README's "Crash safety" section.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import ROOT, leaked_segments, make_class_folder, processes_marked
+
+from pipeline.store import FeatureStore
+
+TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool", "--batch-size", "4", "--workers", "2",
+        "--shard-size", "4", "-q"]
+
+
+def _script(tmp_path, body: str):
+    """A script file: the decoding workers' forkserver imports it too, so a patch at its top reaches them."""
+    path = tmp_path / "run_layertap.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _env(mark: str) -> dict:
+    """The environment of a run: ``mark`` lets the test find every process the run started."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark}
+
+
+def _run(script, *args, mark: str = "", timeout=120):
+    return subprocess.run([sys.executable, str(script), *args], env=_env(mark), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _gone(mark: str, within: float = 5.0) -> bool:
+    deadline = time.time() + within
+    while processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.1)
+    return not processes_marked(mark)
+
+
+KILLING_DECODER = """
+    import os, signal, sys
+    import pipeline.decoding as decoding
+
+    real = decoding.decode_image
+
+    def decode_or_die(path, *args, **kwargs):  # what the OOM killer does to a worker on a huge image
+        if "killer" in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *args, **kwargs)
+
+    decoding.decode_image = decode_or_die
+
+    if __name__ == "__main__":
+        from pipeline.cli import main
+        sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_image_that_kills_its_decoding_worker_is_skipped_and_named(tmp_path):
+    data = make_class_folder(tmp_path / "data", per_class=4)
+    (data / "red" / "killer.jpg").write_bytes((data / "red" / "img_0.jpg").read_bytes() + b"\0")
+    script, mark = _script(tmp_path, KILLING_DECODER), f"layertap-faults-{os.getpid()}-{time.time()}"
+    run = _run(script, "extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY, mark=mark)
+    assert run.returncode == 0, run.stderr[-3000:]
+    store = FeatureStore(next((tmp_path / "f").glob("*.h5")))
+    assert len(store) == 12 and "red/killer.jpg" not in store.rows.paths
+    assert dict(store.skipped)["red/killer.jpg"].startswith("the decoding process died on it")
+    assert "skipped red/killer.jpg: the decoding process died on it" in run.stdout
+    assert _gone(mark), "no decoding process may outlive the run"
+
+
+SLOW_DECODER = """
+    import sys, time
+    import pipeline.decoding as decoding
+
+    real = decoding.decode_image
+
+    def slow(path, *args, **kwargs):
+        time.sleep(1.0)
+        return real(path, *args, **kwargs)
+
+    decoding.decode_image = slow
+
+    if __name__ == "__main__":
+        from pipeline.cli import main
+        sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path):
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    script, mark = _script(tmp_path, SLOW_DECODER), f"layertap-faults-{os.getpid()}-{time.time()}"
+    shm_before = set(os.listdir("/dev/shm"))
+    process = subprocess.Popen([sys.executable, str(script), "extract", "--data", str(data), "--out",
+                                str(tmp_path / "f"), *TINY], env=_env(mark), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(processes_marked(mark)) < 4 and time.time() < deadline:  # the run, a forkserver, two workers
+        time.sleep(0.1)
+    time.sleep(2.0)  # decoding is under way
+    started = time.time()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert time.time() - started < 2.0, "Ctrl-C must stop the run within about a second"
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert _gone(mark), "no decoding process may outlive the run"
+    assert not leaked_segments(shm_before)
+    assert not list((tmp_path / "f").glob("*.h5"))
+
+
+def _damage_first_chunk(store_path, tap: str) -> None:
+    import h5py
+
+    with h5py.File(store_path, "r") as fh:
+        info = fh["features"][tap].id.get_chunk_info(0)
+    with open(store_path, "r+b") as fh:  # random bytes inside the chunk, as a bad disk block would leave
+        fh.seek(info.byte_offset + 16)
+        fh.write(os.urandom(64))
+
+
+def test_a_store_damaged_inside_its_features_is_refused_in_one_line_and_extracted_again(tmp_path, capsys, caplog):
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    args = ["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]
+    assert main(args) == 0
+    store_path = next((tmp_path / "f").glob("*.h5"))
+    before = FeatureStore(store_path).features("block1_pool")
+    _damage_first_chunk(store_path, "block1_pool")
+    capsys.readouterr()
+    assert main(["classify", "--store", str(store_path), "--models", str(tmp_path / "m"), "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert str(store_path) in error and "features of block1_pool are damaged" in error
+    assert "run the same `layertap extract` again to replace it" in error
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0  # not a cache hit: the damaged store is extracted again
+    assert "extracting it again" in caplog.text and "cache hit" not in capsys.readouterr().out
+    import numpy as np
+
+    np.testing.assert_array_equal(FeatureStore(store_path).features("block1_pool"), before)
