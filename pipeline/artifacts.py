@@ -8,14 +8,24 @@ deserialised.
 
 How a model is written is the estimator's own business, through one protocol: an object with
 ``save_artifact(folder) -> (format, file name, extra manifest fields)`` saves itself (the Keras
-Dense head, a fine-tuned network); anything else is a scikit-learn estimator, saved with joblib.
+Dense head, a fine-tuned network); anything else is a scikit-learn estimator, saved with skops.
+
+Threat model: a model folder is data, and loading it must not run code its author put in it.
+Keras files load in safe mode (no lambdas), scikit-learn models through skops with a list of
+trusted types (anything else is refused and named), and a pickle (``model.joblib``: older
+folders, or an estimator skops cannot save) only with ``trust=True`` (``layertap predict
+--trust``). The sha256 of each file in ``manifest.json`` finds accidental changes and damage; it
+does not stop an author who rewrites it too, which is why the formats themselves are safe.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -24,9 +34,16 @@ from pipeline import LayertapError, import_keras
 from pipeline.runtime import versions
 from pipeline.weights import sha256_file
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-# The model file of each format: the Dense head, a fine-tuned model (pixels in), any other estimator.
-MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "joblib": "model.joblib"}
+# The model file of each format: the Dense head, a fine-tuned model (pixels in), a scikit-learn estimator,
+# a pickle (only with trust).
+MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "skops": "model.skops", "joblib": "model.joblib"}
+# scikit-learn internals that the built-in classifiers (and common scikit-learn ones) carry, beyond what skops
+# trusts by default: data, not code.
+TRUSTED_TYPES = ("sklearn.metrics._scorer._PassthroughScorer", "sklearn.model_selection._split.StratifiedKFold",
+                 "sklearn.metrics._dist_metrics.EuclideanDistance64", "sklearn.neighbors._kd_tree.KDTree",
+                 "sklearn.neighbors._ball_tree.BallTree", "sklearn.tree._tree.Tree")
 
 
 def run_folder(out_dir: str | os.PathLike, run: str | None, store) -> Path:
@@ -67,10 +84,7 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     if hasattr(estimator, "save_artifact"):
         fmt, name, extra = estimator.save_artifact(tmp)
     else:
-        import joblib
-
-        fmt, name, extra = "joblib", MODEL_FILES["joblib"], {}
-        joblib.dump(estimator, tmp / name)
+        fmt, name, extra = _save_estimator(estimator, tmp)
     manifest = {**manifest, **extra, "format": fmt, "files": {name: sha256_file(tmp / name)}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if model_dir.exists():
@@ -79,8 +93,27 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     return model_dir
 
 
-def load_model(model_dir: str | os.PathLike):
-    """Load a model folder, refusing any file whose sha256 differs from its manifest.
+def _save_estimator(estimator, folder: Path) -> tuple[str, str, dict]:
+    import skops.io
+
+    try:
+        data = skops.io.dumps(estimator)
+    except Exception as exc:  # noqa: BLE001 - an estimator skops cannot describe: a pickle, loaded only with trust
+        import joblib
+
+        log.warning("%s cannot be saved with skops (%s); saved as a pickle, which `layertap predict` loads only "
+                    "with --trust", type(estimator).__name__, exc)
+        joblib.dump(estimator, folder / MODEL_FILES["joblib"])
+        return "joblib", MODEL_FILES["joblib"], {}
+    (folder / MODEL_FILES["skops"]).write_bytes(data)
+    return "skops", MODEL_FILES["skops"], {}
+
+
+def load_model(model_dir: str | os.PathLike, trust: bool = False):
+    """Load a model folder without running code from it (see the module docstring).
+
+    Args:
+        trust: Also load a pickle (``model.joblib``), and scikit-learn types outside the trusted list.
 
     Returns:
         ``(estimator, manifest)``; for a fine-tuned model (format ``keras-images``) the estimator
@@ -88,35 +121,66 @@ def load_model(model_dir: str | os.PathLike):
 
     Raises:
         FileNotFoundError: not a model folder.
-        LayertapError: a file was changed after training (checked before it is deserialised), or
-            the format is unknown.
+        LayertapError: the model file is not the one the manifest lists (its sha256 differs, or it is
+            not listed), the format is unknown, or loading it would need trust that was not given.
     """
     model_dir = Path(model_dir)
     if not (model_dir / MANIFEST).is_file():
         raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); "
                                 "train one with `layertap classify`")
-    manifest = json.loads((model_dir / MANIFEST).read_text())
-    for name, expected in manifest.get("files", {}).items():
-        path = model_dir / name
-        actual = sha256_file(path) if path.is_file() else "missing"
-        if actual != expected:
-            raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
-                                f"{expected[:16]}); it was changed after training. Refusing to load it: "
-                                "retrain with `layertap classify`")
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+    except ValueError as exc:
+        raise LayertapError(f"{model_dir / MANIFEST} is not valid JSON ({exc}); retrain the model") from None
     fmt = manifest.get("format")
     if fmt not in MODEL_FILES:
         raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: {', '.join(MODEL_FILES)}")
-    path = model_dir / MODEL_FILES[fmt]
+    name = MODEL_FILES[fmt]
+    if name not in manifest.get("files", {}):
+        raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "
+                            "refusing to load a file without a checksum: retrain the model")
+    data = _verified_bytes(model_dir / name, manifest["files"][name])
     if fmt == "joblib":
+        if not trust:
+            raise LayertapError(f"{model_dir / name} is a pickle: loading it runs any code its author put in it. "
+                                "If you trust where this folder comes from, pass --trust (trust=True); else "
+                                "retrain it with `layertap classify` (models are now saved with skops)")
         import joblib
 
-        return joblib.load(path), manifest
+        return joblib.load(io.BytesIO(data)), manifest
+    if fmt == "skops":
+        return _load_skops(model_dir / name, data, trust), manifest
     keras = import_keras()
     import pipeline.layers  # noqa: F401 - registers the custom layers a fine-tuned model uses
 
-    model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    with tempfile.TemporaryDirectory() as tmp:  # load the bytes that were checked, not the file again
+        checked = Path(tmp) / name
+        checked.write_bytes(data)
+        model = keras.saving.load_model(checked, safe_mode=True, compile=False)
     if fmt == "keras":
         from pipeline.classifiers import DenseHeadClassifier
 
         model = DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))), manifest["params"])
     return model, manifest
+
+
+def _verified_bytes(path: Path, expected: str) -> bytes:
+    import hashlib
+
+    data = path.read_bytes() if path.is_file() else None
+    actual = hashlib.sha256(data).hexdigest() if data is not None else "missing"
+    if actual != expected:
+        raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
+                            f"{expected[:16]}); it was changed after training. Refusing to load it: "
+                            "retrain with `layertap classify`")
+    return data
+
+
+def _load_skops(path: Path, data: bytes, trust: bool):
+    import skops.io
+
+    unknown = [t for t in skops.io.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    if unknown and not trust:
+        raise LayertapError(f"{path} holds types layertap does not trust to load: {', '.join(unknown)}. If you "
+                            "trust where this folder comes from, pass --trust (trust=True)")
+    return skops.io.loads(data, trusted=[*TRUSTED_TYPES, *unknown])

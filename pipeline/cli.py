@@ -202,7 +202,7 @@ def cmd_predict(args) -> int:
 
     from pipeline.prediction import predict
 
-    results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size)
+    results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, trust=args.trust)
     bad = [r for r in results if "error" in r]
     if args.output:
         out = Path(args.output)
@@ -338,7 +338,10 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
         (["images"], dict(nargs="+", help="image files or folders")),
         (["--top-k"], dict(type=int, default=3, help="classes shown per image (default: %(default)s)")),
         (["--batch-size"], dict(type=int, default=32, help="images per forward pass (default: %(default)s)")),
-        (["--output"], dict(help="write .csv or .json instead of printing"))),
+        (["--output"], dict(help="write .csv or .json instead of printing")),
+        (["--trust"], dict(action="store_true", help="also load a pickled model (model.joblib) or scikit-learn "
+                                                    "types outside layertap's trusted list: that runs code from the "
+                                                    "folder, so only for folders whose origin you trust"))),
         description="Runs the backbone as the model's manifest says and prints (or writes) the top-k classes of "
                     "each image. Unreadable images are reported, not fatal.",
         epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ --output predictions.csv")

@@ -42,12 +42,13 @@ def class_scores(estimator, X) -> np.ndarray:
 
 
 def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: int = 32,
-            workers: int = 0) -> list[dict]:
+            workers: int = 0, trust: bool = False) -> list[dict]:
     """Top-k classes for each image; a bad image gets an ``error`` instead.
 
     Args:
         model_dir: A model folder written by stage two or three.
         inputs: Image files and folders (every non-hidden file under a folder).
+        trust: Load a pickled model (see :func:`pipeline.artifacts.load_model`); only for folders you trust.
 
     Returns:
         Per file, in order: ``{"path", "top": [(class, probability), ...]}`` or ``{"path", "error"}``.
@@ -55,7 +56,7 @@ def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: in
     Raises:
         LayertapError: the weights at hand differ from the ones the model was trained on.
     """
-    estimator, m = load_model(model_dir)
+    estimator, m = load_model(model_dir, trust=trust)
     recipe = StoreManifest.from_dict(m)
     if m["format"] == "keras-images":  # fine-tuned: the whole network is in the model file
         def scores(x):

@@ -58,7 +58,7 @@ def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatc
     assert len(rows) == 6 and rows == sorted(rows, key=lambda r: -r["val_accuracy"])  # chosen on val
     assert {r["classifier"] for r in rows} == {"logreg", "knn", "dense"}
     model_dir = run_dir / "block2_pool-logreg"
-    for name in ("manifest.json", "metrics.json", "report.md", "confusion.png", "model.joblib"):
+    for name in ("manifest.json", "metrics.json", "report.md", "confusion.png", "model.skops"):
         assert (model_dir / name).is_file(), name
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["n_test"] == 9 and "macro avg" in metrics["report"] and "C" in metrics["chosen"]
@@ -82,7 +82,7 @@ def test_saved_model_predicts_identically(stores, tmp_path, spec):
 
 def test_tampered_model_is_refused_before_loading(stores, tmp_path):
     rows = classify(ClassifySettings(store=str(stores["split"]), layers=("block1_pool",), out_dir=str(tmp_path))).rows
-    model_file = tmp_path.joinpath(rows[0]["model_dir"], "model.joblib")
+    model_file = tmp_path.joinpath(rows[0]["model_dir"], "model.skops")
     model_file.write_bytes(model_file.read_bytes() + b"\x00")
     with pytest.raises(LayertapError, match="does not match its manifest .* Refusing to load it"):
         load_model(rows[0]["model_dir"])

@@ -147,3 +147,92 @@ def test_a_store_damaged_inside_its_features_is_refused_in_one_line_and_extracte
     import numpy as np
 
     np.testing.assert_array_equal(FeatureStore(store_path).features("block1_pool"), before)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A stage-two model folder (logreg on a tiny store)."""
+    from conftest import tiny_settings
+
+    from pipeline.classification import ClassifySettings, classify
+    from pipeline.extract import extract_features
+
+    root = tmp_path_factory.mktemp("models")
+    data = make_class_folder(root / "data", per_class=8)
+    store = extract_features(tiny_settings(data, root / "f", layers=("block1_pool",))).store_path
+    result = classify(ClassifySettings(store=str(store), out_dir=str(root / "m")))
+    return root, data, result.rows[0]["model_dir"]
+
+
+PAYLOAD = "import pathlib; pathlib.Path({marker!r}).write_text('ran')"
+
+
+class _RunsCode:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def _tamper(folder, tmp_path, list_hash: bool):
+    """Make the folder load a pickle that runs code: format joblib, model.joblib, the hash listed or not."""
+    import hashlib
+    import json
+    import pickle
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    marker = tmp_path / "code-ran"
+    (tampered / "model.joblib").write_bytes(pickle.dumps(_RunsCode(PAYLOAD.format(marker=str(marker)))))
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["format"] = "joblib"
+    if list_hash:
+        manifest["files"] = {"model.joblib": hashlib.sha256((tampered / "model.joblib").read_bytes()).hexdigest()}
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    return tampered, marker
+
+
+@pytest.mark.parametrize("list_hash", [False, True])
+def test_predict_runs_no_code_from_a_model_folder(model_folder, tmp_path, capsys, list_hash):
+    from pipeline.cli import main
+
+    _, data, folder = model_folder
+    tampered, marker = _tamper(folder, tmp_path, list_hash)
+    assert main(["predict", str(tampered), str(data / "red" / "img_0.jpg")]) == 2
+    error = capsys.readouterr().err
+    assert not marker.exists(), "the folder's code ran"
+    assert ("is a pickle" in error and "--trust" in error) if list_hash else "does not list model.joblib" in error
+    if list_hash:  # the user's explicit choice, and only then
+        from pipeline.artifacts import load_model
+
+        load_model(tampered, trust=True)
+        assert marker.exists()
+
+
+def test_an_untrusted_type_inside_a_skops_model_is_refused_and_named(model_folder, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    import skops.io
+
+    from pipeline import LayertapError
+    from pipeline.artifacts import load_model
+
+    _, _, folder = model_folder
+    tampered = tmp_path / "skops"
+    shutil.copytree(folder, tampered)
+    estimator, _ = load_model(folder)
+    estimator.extra_ = _Unknown()
+    (tampered / "model.skops").write_bytes(skops.io.dumps(estimator))
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["files"]["model.skops"] = hashlib.sha256((tampered / "model.skops").read_bytes()).hexdigest()
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LayertapError, match=r"holds types layertap does not trust to load: .*_Unknown.*--trust"):
+        load_model(tampered)
+
+
+class _Unknown:
+    pass
