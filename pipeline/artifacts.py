@@ -81,12 +81,16 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     tmp = model_dir.with_name(model_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if hasattr(estimator, "save_artifact"):
-        fmt, name, extra = estimator.save_artifact(tmp)
-    else:
-        fmt, name, extra = _save_estimator(estimator, tmp)
-    manifest = {**manifest, **extra, "format": fmt, "files": {name: sha256_file(tmp / name)}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    try:
+        if hasattr(estimator, "save_artifact"):
+            fmt, name, extra = estimator.save_artifact(tmp)
+        else:
+            fmt, name, extra = _save_estimator(estimator, tmp)
+        manifest = {**manifest, **extra, "format": fmt, "files": {name: sha256_file(tmp / name)}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    except BaseException:  # a full disk, an interrupt: no half-written folder is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
 import os
@@ -208,8 +209,8 @@ def cmd_predict(args) -> int:
         out = Path(args.output)
         if out.suffix == ".json":
             out.write_text(json.dumps(results, indent=2))
-        else:
-            with open(out, "w", newline="") as fh:
+        else:  # surrogateescape: a file name that is not UTF-8 is written as its own bytes
+            with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["path", "error"] + [f"{k}{i + 1}" for i in range(args.top_k)
                                                      for k in ("class", "prob")])
@@ -366,7 +367,11 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.store import DiskFullError
+
     set_backend_defaults()
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their own bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     argv = sys.argv[1:] if argv is None else list(argv)
     named = [a for a in argv if a in COMMANDS][:1]  # build only that command's options: no stage imports another
     args = build_parser(named or COMMANDS).parse_args(argv)
@@ -378,10 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except DiskFullError as exc:
+        print(f"layertap: error: {exc}", file=sys.stderr)
+        return 1
     except (LayertapError, ValueError, FileNotFoundError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"layertap: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"layertap: error: no space left on the disk writing {exc.filename or 'a file'}; free some space "
+              "and run the same command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("layertap: interrupted; committed extraction shards are kept (rerun the same command to resume); "
               "model folders are written only when their training completes", file=sys.stderr)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline import LayertapError
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, default_workers, fingerprint, or_reason, ordered_map, \
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, bomb_reason, default_workers, fingerprint, or_reason, ordered_map, \
     progress_bar, read_file
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
-                raise BadImageError(f"decompression bomb: {im.width}x{im.height} pixels")
+                raise BadImageError(bomb_reason(im.width, im.height, max_pixels))
             if draft and im.format == "JPEG":
                 im.draft(None, (size, size))
             im = ImageOps.exif_transpose(im)
@@ -53,7 +53,7 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
     except BadImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadImageError(f"decompression bomb: {exc}") from exc
+        raise BadImageError(f"decompression bomb: over Pillow's own limit ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - a bad image is reported, never fatal
         raise BadImageError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
 

@@ -149,7 +149,9 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
 
     listing = hashlib.sha256()
     for record in images.records:
-        listing.update(f"{record.path}\t{record.label}\t{record.split}\t{record.fingerprint}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 keys by its own bytes (os.fsencode's way)
+        listing.update(f"{record.path}\t{record.label}\t{record.split}\t{record.fingerprint}\n"
+                       .encode("utf-8", "surrogateescape"))
     material = {
         "images_sha256": listing.hexdigest(), "n_images_listed": len(images),
         "class_names": list(images.class_names),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 import struct
 import warnings
@@ -23,6 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline import LayertapError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 RESIZE_MODES = ("squash", "crop")
@@ -150,9 +153,20 @@ def _from_folder(root: Path) -> ImageList:
             if item.is_file():
                 skipped.append(Skipped(_rel(item, root), "not in a class folder"))
                 continue
+            if not item.is_dir():  # a link that leads nowhere
+                skipped.append(Skipped(_rel(item, root), _link_problem(item)))
+                continue
+            found = 0
             for path in sorted(item.rglob("*")):
-                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(item).parts):
+                if any(part.startswith(".") for part in path.relative_to(item).parts):
+                    continue
+                if path.is_file():
                     entries.append((path, item.name, split))
+                    found += 1
+                elif path.is_symlink() and not path.is_dir():
+                    skipped.append(Skipped(_rel(path, root), _link_problem(path)))
+            if not found:
+                skipped.append(Skipped(_rel(item, root) + "/", "empty class folder: the class is left out"))
     records = tuple(sorted((ImageRecord(_rel(p, root), label, split) for p, label, split in entries),
                            key=lambda r: r.path))
     return ImageList(root, records, tuple(sorted({r.label for r in records})), tuple(skipped), root.name)
@@ -161,7 +175,12 @@ def _from_folder(root: Path) -> ImageList:
 def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
     if not csv_path.is_file():
         raise FileNotFoundError(f"split file {str(csv_path)!r} does not exist")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, "rb") as fh:
+        fmt = sniff_format(fh.read(16))
+    if fmt:
+        raise LayertapError(f"{csv_path} is a {fmt} image, not a CSV of path,label[,split]; --data takes a folder "
+                            "of class folders, a folder of train/val/test folders, or such a CSV")
+    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
@@ -180,6 +199,19 @@ def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
             records[path] = ImageRecord(Path(path).as_posix(), label, split)
     ordered = tuple(sorted(records.values(), key=lambda r: r.path))
     return ImageList(root, ordered, tuple(sorted({r.label for r in ordered})), (), name)
+
+
+def _link_problem(path: Path) -> str:
+    """Why a symbolic link gives no file: it loops, or its target is missing."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    return "not a file"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -268,6 +300,11 @@ def _exif_orientation(data: bytes, tiff: int, end: int) -> int:
     return 1
 
 
+def bomb_reason(width: int, height: int, limit: int) -> str:
+    """The one reason given for an image over the pixel limit, wherever it is found."""
+    return f"decompression bomb: {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} (--max-pixels)"
+
+
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
@@ -299,29 +336,33 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         except Exception as exc:  # noqa: BLE001 - any unreadable header is a skip, never a crash
             return Skipped(record.path, f"unreadable {fmt} header: {exc}")
         if width * height > max_pixels:
-            return Skipped(record.path, f"decompression bomb: {width}x{height} = {width * height:,} "
-                                        f"pixels is over the limit of {max_pixels:,}")
+            return Skipped(record.path, bomb_reason(width, height, max_pixels))
         return ImageRecord(record.path, record.label, record.split, fingerprint(data), fmt)
 
     results = list(progress_bar(ordered_map(check, images.records, workers or default_workers()),
                                 total=len(images), desc="scan", enabled=progress))
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
-    scanned = ImageList(images.root, kept, images.class_names, skipped, images.name)
-    check_usable(scanned)
+    scanned = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
+    if not scanned.records:
+        detail = f"; {len(scanned.skipped)} files were skipped, first: " \
+                 f"{scanned.skipped[0].path} ({scanned.skipped[0].reason})" if scanned.skipped else ""
+        raise LayertapError(f"no usable images in {scanned.root}{detail}")
     return scanned
 
 
-def check_usable(images: ImageList) -> None:
-    """Raise a clear error when there is nothing to learn from: no images, or an empty class."""
-    if not images.records:
-        detail = f"; {len(images.skipped)} files were skipped, first: " \
-                 f"{images.skipped[0].path} ({images.skipped[0].reason})" if images.skipped else ""
-        raise LayertapError(f"no usable images in {images.root}{detail}")
+EMPTY_CLASS = "class left without images: none of its images could be used; the class is left out"
+
+
+def drop_empty_classes(images: ImageList) -> ImageList:
+    """The list without classes that have no usable image; each is named in ``skipped`` (as ``class/``)."""
     empty = [name for name, count in images.class_counts().items() if count == 0]
-    if empty:
-        raise LayertapError(f"class {', '.join(empty)} in {images.root} has no usable image; "
-                            "add images or remove the class")
+    if not empty:
+        return images
+    for name in empty:
+        log.warning("class %s of %s has no usable image; it is left out", name, images.root)
+    return ImageList(images.root, images.records, tuple(c for c in images.class_names if c not in empty),
+                     images.skipped + tuple(Skipped(f"{name}/", EMPTY_CLASS) for name in empty), images.name)
 
 
 def default_workers() -> int:

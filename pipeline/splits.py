@@ -70,4 +70,4 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
 def test_rows_sha256(store, splits: np.ndarray) -> str:
     """A fingerprint of which images are the test images, to check two stages used the same."""
     paths = [p for p, s in zip(store.rows.paths, splits) if s == "test"]
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()

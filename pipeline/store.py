@@ -20,8 +20,11 @@ and :func:`merge_shards` joins them into the store.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +47,17 @@ REPLACE = "run the same `layertap extract` again to replace it"
 
 class StoreLockedError(LayertapError):
     """Another process is writing the same store."""
+
+
+class DiskFullError(LayertapError):
+    """The disk has no room for a file: nothing half-written is left, committed shards are kept."""
+
+
+def _disk_full(path: Path, needed: int) -> DiskFullError:
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(f"no space left on the disk of {path.parent}: {path.name} needs about {needed / 1e6:,.1f} MB "
+                         f"and {free / 1e6:,.1f} MB are free. Work already committed is kept: free some space (or "
+                         "write elsewhere with --out) and run the same command again")
 
 
 @dataclass
@@ -150,7 +164,12 @@ class FeatureStore:
 
 
 def _strings(dataset) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+    return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+
+
+def _encoded(strings) -> np.ndarray:
+    """Strings as UTF-8 bytes for HDF5; a file name that is not UTF-8 keeps its own bytes (surrogateescape)."""
+    return np.array([s.encode("utf-8", "surrogateescape") for s in strings], dtype=object)
 
 
 def _chunk_rows(n: int, dims: int, itemsize: int) -> int:
@@ -160,14 +179,14 @@ def _chunk_rows(n: int, dims: int, itemsize: int) -> int:
 
 def _write_columns(fh: h5py.File, rows: Rows, class_names: Sequence[str],
                    skipped: Sequence[tuple[str, str]]) -> None:
-    fh.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR)
+    fh.create_dataset("paths", data=_encoded(rows.paths), dtype=_STR)
     fh.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-    fh.create_dataset("split", data=np.array(rows.splits, dtype=object), dtype=_STR)
-    fh.create_dataset("fingerprints", data=np.array(rows.fingerprints, dtype=object), dtype=_STR)
-    fh.create_dataset("class_names", data=np.array(list(class_names), dtype=object), dtype=_STR)
+    fh.create_dataset("split", data=_encoded(rows.splits), dtype=_STR)
+    fh.create_dataset("fingerprints", data=_encoded(rows.fingerprints), dtype=_STR)
+    fh.create_dataset("class_names", data=_encoded(class_names), dtype=_STR)
     group = fh.create_group("skipped")
-    group.create_dataset("path", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
-    group.create_dataset("reason", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR)
+    group.create_dataset("path", data=_encoded([p for p, _ in skipped]), dtype=_STR)
+    group.create_dataset("reason", data=_encoded([r for _, r in skipped]), dtype=_STR)
 
 
 def _create_tap(fh: h5py.File, tap: str, n: int, dims: int, dtype: str, compression: str,
@@ -207,9 +226,15 @@ def _atomic(path: Path):
 
 def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], class_names: Sequence[str],
                 skipped: Sequence[tuple[str, str]], manifest: dict, map_shapes: dict, dtype: str) -> Path:
-    """Write one slice of the image list as a complete shard file, atomically."""
+    """Write one slice of the image list as a complete shard file, atomically.
+
+    The HDF5 file is built in memory and written with one plain write: a full disk then fails that
+    write cleanly (:class:`DiskFullError`) instead of failing inside HDF5, which leaves its objects
+    in a state that crashes the interpreter when they are freed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic(path) as tmp, h5py.File(tmp, "w") as fh:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as fh:
         _write_columns(fh, rows, class_names, skipped)
         for tap, values in features.items():
             dataset = _create_tap(fh, tap, len(rows), values.shape[1], dtype, "none", map_shapes[tap],
@@ -217,6 +242,14 @@ def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], clas
             dataset[...] = values
         _set_attrs(fh, "shard", manifest)
         fh.attrs["complete"] = True
+    with _atomic(path) as tmp:
+        try:
+            with open(tmp, "wb") as out:
+                out.write(buffer.getbuffer())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(path, buffer.getbuffer().nbytes) from None
+            raise
     return path
 
 
@@ -246,9 +279,15 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
     if base is not None and base.rows.paths != rows.paths:
         raise LayertapError(f"{base.path} and the new extraction disagree on which images decode; "
                             "delete the store and extract all layers again")
+    class_names = _drop_empty_classes(rows, list(manifest["class_names"]), all_skipped)
     new_taps = opened[0].taps if opened else ()
+    # Check the room first: HDF5 failing on a full disk leaves objects that crash the interpreter later.
+    needed = int(1.05 * sum(p.stat().st_size for p in [*map(Path, shards), *([base.path] if base else [])])) + (1 << 20)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(dest.parent).free < needed:
+        raise _disk_full(dest, needed)
     with _atomic(dest) as tmp, h5py.File(tmp, "w") as fh:
-        _write_columns(fh, rows, manifest["class_names"], all_skipped)
+        _write_columns(fh, rows, class_names, all_skipped)
         if base is not None:
             with h5py.File(base.path, "r") as src:
                 for tap in base.taps:
@@ -268,6 +307,20 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
     return FeatureStore(dest)
 
 
+def _drop_empty_classes(rows: Rows, class_names: list[str], skipped: list) -> list[str]:
+    """Leave out classes none of whose images decoded (labels renumbered, each class named in ``skipped``)."""
+    from pipeline.images import EMPTY_CLASS
+
+    counts = np.bincount(np.asarray(rows.labels, dtype=np.int64), minlength=len(class_names))
+    kept = [i for i, count in enumerate(counts) if count]
+    if len(kept) == len(class_names):
+        return class_names
+    renumber = {old: new for new, old in enumerate(kept)}
+    rows.labels = [renumber[label] for label in rows.labels]
+    skipped += [(f"{class_names[i]}/", EMPTY_CLASS) for i, count in enumerate(counts) if not count]
+    return [class_names[i] for i in kept]
+
+
 @contextmanager
 def store_lock(store_path: Path):
     """Hold an exclusive lock on ``store_path`` while writing it.
@@ -283,8 +336,8 @@ def store_lock(store_path: Path):
     try:
         lock.acquire()
     except Timeout:
-        raise StoreLockedError(f"another process is extracting into {store_path} (lock {lock_path}); "
-                               "wait for it to finish, then rerun: the result will be a cache hit") from None
+        raise StoreLockedError(f"another process is extracting into {store_path} (lock {lock_path}); wait for it "
+                               "to finish, then rerun: what it extracted will be reused") from None
     try:
         yield
     finally:

@@ -84,6 +84,11 @@ def resolve_weights(backbone, weights: str, seed: int = 0) -> ResolvedWeights:
     if not path.is_file():
         raise FileNotFoundError(f"weights={weights!r} is neither a file nor one of: "
                                 f"{', '.join(WEIGHT_CHOICES[:3])}")
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise LayertapError(f"weights file {path} is not an HDF5 file; give a Keras .weights.h5 or legacy .h5 "
+                            f"weights file, or one of: {', '.join(WEIGHT_CHOICES[:3])}")
     return ResolvedWeights(path.name, sha256_file(path), path.resolve(), kind="file")
 
 

@@ -236,3 +236,123 @@ def test_an_untrusted_type_inside_a_skops_model_is_refused_and_named(model_folde
 
 class _Unknown:
     pass
+
+
+def test_a_file_name_that_is_not_utf8_is_extracted_and_predicted(tmp_path):
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    odd = os.fsdecode(b"caf\xe9-\xff.jpg")  # Latin-1 bytes: no UTF-8 name exists for this file
+    (data / "red" / odd).write_bytes((data / "red" / "img_0.jpg").read_bytes())
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]) == 0
+    store = FeatureStore(next((tmp_path / "f").glob("*.h5")))
+    assert f"red/{odd}" in store.rows.paths and len(store) == 25
+    assert main(["classify", "--store", str(store.path), "--models", str(tmp_path / "m"), "-q"]) == 0
+    model = next((tmp_path / "m").glob("*/block1_pool-logreg"))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(model), str(data / "red"), "--output", str(out)]) == 0
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 1 + 9 and any(b"caf\xe9-\xff.jpg" in line for line in lines)  # the file's own bytes
+    printed = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(model), os.fsencode(data / "red" / odd)],
+                             env=_env(""), capture_output=True, timeout=120)
+    assert printed.returncode == 0 and b"caf\xe9-\xff.jpg: red" in printed.stdout, printed.stderr[-2000:]
+
+
+def test_links_that_lead_nowhere_and_empty_class_folders_are_accounted_for(tmp_path):
+    from pipeline.images import find_images
+
+    data = make_class_folder(tmp_path / "data", per_class=2)
+    (data / "red" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (data / "red" / "loop.jpg").symlink_to(data / "red" / "loop.jpg")
+    (data / "empty").mkdir()
+    skipped = {s.path: s.reason for s in find_images(data).skipped}
+    assert skipped["red/gone.jpg"].startswith("broken symbolic link")
+    assert skipped["red/loop.jpg"] == "symbolic link loop"
+    assert skipped["empty/"] == "empty class folder: the class is left out"
+    assert "empty" not in find_images(data).class_names
+
+
+def test_a_class_whose_images_all_fail_to_decode_is_left_out_of_the_store_and_named(tmp_path):
+    from conftest import tiny_settings
+
+    from pipeline.extract import extract_features
+
+    data = make_class_folder(tmp_path / "data", per_class=4)
+    for path in (data / "green").iterdir():  # a valid header, so the scan keeps them; the decoder cannot
+        path.write_bytes(path.read_bytes()[:400])
+    store = FeatureStore(extract_features(tiny_settings(data, tmp_path / "f", layers=("block1_pool",))).store_path)
+    assert store.class_names == ("blue", "red") and sorted(set(store.labels)) == [0, 1]
+    assert dict(store.skipped)["green/"].startswith("class left without images")
+    assert all(dict(store.skipped)[f"green/img_{i}.jpg"].startswith("cannot decode") for i in range(4))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--weights", "README.md", "is not an HDF5 file; give a Keras .weights.h5"),
+    ("--data", "JPEG", "is a JPEG image, not a CSV of path,label"),
+])
+def test_a_wrong_kind_of_file_is_named_in_one_line(tmp_path, capsys, flag, value, message):
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=2)
+    value = str(ROOT / "README.md") if value == "README.md" else str(data / "red" / "img_0.jpg")
+    args = {"--data": str(data), "--weights": "random", flag: value}
+    assert main(["extract", "--data", args["--data"], "--weights", args["--weights"], "--out", str(tmp_path / "f"),
+                 "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB file system (tmpfs, where this machine lets the test mount one), unmounted afterwards."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
+                    "test_a_full_disk_during_a_shard_write_is_one_line covers the write boundary")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_clean_line_and_keeps_committed_work(tmp_path, small_disk):
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    out = small_disk / "features"
+    args = [sys.executable, "-m", "pipeline", "extract", "--data", str(data), "--out", str(out), "--weights", "random",
+            "--size", "32", "--layers", "block1_pool,block2_pool,block3_pool,block4_pool,block5_pool",
+            "--shard-size", "2", "--batch-size", "2", "--workers", "2", "-q"]
+    run = subprocess.run(args, env=_env(""), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, (run.returncode, run.stderr[-3000:])  # not a traceback, not a segfault
+    assert len(run.stderr.strip().splitlines()) == 1 and "no space left on the disk" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "run the same command again" in run.stderr
+    assert not list(out.glob("*.h5")) and list(out.glob("*.parts/*/shard-*.h5")), "committed shards are kept"
+    assert not list(out.rglob(".*.tmp-*")), "no temporary file is left"
+
+
+def test_a_full_disk_during_a_shard_write_is_one_line(tmp_path):
+    """The write boundary alone, where no file system can be mounted: the disk fills on the third shard."""
+    data = make_class_folder(tmp_path / "data", per_class=4)
+    script = _script(tmp_path, """
+        import errno, sys
+        import pipeline.store as store
+
+        calls = []
+
+        def full_after_two(path, mode="r", *args, **kwargs):
+            if "w" in mode and ".shard-" in str(path):
+                calls.append(path)
+                if len(calls) > 2:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return open(path, mode, *args, **kwargs)
+
+        store.open = full_after_two
+
+        if __name__ == "__main__":
+            from pipeline.cli import main
+            sys.exit(main(sys.argv[1:]))
+    """)
+    out = tmp_path / "f"
+    run = _run(script, "extract", "--data", str(data), "--out", str(out), *TINY)
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+    assert "no space left on the disk" in run.stderr
+    assert len(list(out.glob("*.parts/*/shard-*.h5"))) == 2 and not list(out.rglob(".*.tmp-*"))

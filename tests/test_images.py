@@ -81,10 +81,18 @@ def test_pixel_limit_skips_large_images(class_folder):
     assert len(images) == 12
 
 
-def test_class_without_usable_images_is_an_error(class_folder):
+def test_class_without_usable_images_is_left_out_and_named(class_folder):
     for path in (class_folder / "green").iterdir():
         path.write_bytes(b"")
-    with pytest.raises(LayertapError, match="class green .* has no usable image"):
+    images = scan_images(find_images(class_folder))
+    assert images.class_names == ("blue", "red")
+    assert ("green/", "class left without images: none of its images could be used; the class is left out") in {
+        (s.path, s.reason) for s in images.skipped}
+    for path in (class_folder / "red").iterdir():
+        path.write_bytes(b"")
+    for path in (class_folder / "blue").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(LayertapError, match="no usable images in"):
         scan_images(find_images(class_folder))
 
 
