@@ -402,5 +402,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``layertap`` command: :func:`main`, and after Ctrl-C an exit that skips the slow interpreter teardown.
+
+    Everything that must be cleaned up (decoding processes, shared memory, the store lock, temporary files)
+    is by then; tearing down a loaded TensorFlow would add about a second before the prompt returns.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -330,7 +330,9 @@ def store_lock(store_path: Path):
     """
     from filelock import FileLock, Timeout
 
-    lock_path = store_path.with_name(store_path.name + ".lock")
+    # Hidden, and left in place: deleting a lock file on release lets a third process lock a new file while a
+    # second still holds the old one (filelock's documented caveat).
+    lock_path = store_path.with_name(f".{store_path.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path), timeout=0)
     try:

@@ -212,3 +212,15 @@ def test_mixed_precision_and_float16_store(split_folder, tmp_path):
     low, high = store.features("block2_pool").astype(np.float32), reference.features("block2_pool")
     assert np.isfinite(low).all()
     assert np.abs(low - high).max() <= 0.05 * np.abs(high).max()
+
+
+def test_batch_size_changes_features_only_within_the_stated_tolerance(split_folder, tmp_path):
+    """README: batch size is not part of the cache key; float32 kernels for another batch shape sum in another
+    order, so features agree to a relative 1e-5 (measured: up to about 3e-6), not bit for bit."""
+    one = FeatureStore(extract_features(tiny_settings(split_folder, tmp_path / "a", batch_size=1,
+                                                      precision="float32")).store_path)
+    four = FeatureStore(extract_features(tiny_settings(split_folder, tmp_path / "b", batch_size=4,
+                                                       precision="float32")).store_path)
+    for tap in ("block1_pool", "block2_pool"):
+        a, b = one.features(tap), four.features(tap)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), tap

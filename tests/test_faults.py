@@ -78,7 +78,7 @@ def test_an_image_that_kills_its_decoding_worker_is_skipped_and_named(tmp_path):
 
 
 SLOW_DECODER = """
-    import sys, time
+    import time
     import pipeline.decoding as decoding
 
     real = decoding.decode_image
@@ -90,8 +90,8 @@ SLOW_DECODER = """
     decoding.decode_image = slow
 
     if __name__ == "__main__":
-        from pipeline.cli import main
-        sys.exit(main(sys.argv[1:]))
+        from pipeline.cli import entry  # what the layertap command runs
+        entry()
 """
 
 
@@ -109,7 +109,7 @@ def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path
     started = time.time()
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
-    assert time.time() - started < 2.0, "Ctrl-C must stop the run within about a second"
+    assert time.time() - started < 1.0, "Ctrl-C must stop the run within a second"
     assert process.returncode == 130 and "interrupted" in stderr
     assert _gone(mark), "no decoding process may outlive the run"
     assert not leaked_segments(shm_before)
