@@ -117,6 +117,7 @@ class ProcessDecoder:
         self._slots = np.ndarray(self.shape, np.uint8, self._shm.buf)
         self.workers = workers
         self._initargs = (self._shm.name, self.shape, {"size": size, **decode_kwargs}, os.getpid())
+        self._huge_slots = huge_decode_slots(decode_kwargs.get("max_pixels", DEFAULT_MAX_PIXELS), workers)
         self._pool = self._start()
 
     def _start(self):
@@ -125,8 +126,10 @@ class ProcessDecoder:
 
         # forkserver: never fork a process that runs a framework's threads.
         context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+        # A fresh semaphore with every pool: a worker killed while holding it must not take a slot with it.
+        huge = context.BoundedSemaphore(self._huge_slots)
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_attach_slots,
-                                   initargs=self._initargs)
+                                   initargs=(*self._initargs, huge))
 
     def _restart(self) -> None:
         self._stop()
@@ -202,7 +205,36 @@ class ProcessDecoder:
 _SLOTS: dict = {}
 
 
-def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int) -> None:
+# Images over this many pixels decode under a budget (:func:`huge_decode_slots`); below it, any number at once.
+HUGE_PIXELS = 16_000_000
+# Peak bytes per pixel while Pillow decodes and converts an image (RGBA plus a converted copy).
+DECODE_BYTES_PER_PIXEL = 8
+
+
+def huge_decode_slots(max_pixels: int, workers: int) -> int:
+    """How many images over :data:`HUGE_PIXELS` may decode at once: what half the available memory holds at
+    the largest allowed size, at least one and at most ``workers``.
+
+    An 81-megapixel PNG takes about 680 MB while it decodes; sixteen of them at once would be 11 GB.
+    """
+    available = _available_memory()
+    if available is None:
+        return workers
+    return max(1, min(workers, int(available // 2 // (max_pixels * DECODE_BYTES_PER_PIXEL))))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int, huge) -> None:
     import signal
     import threading
     import time
@@ -216,7 +248,7 @@ def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int) -> N
     # Below the process that runs the forward passes, which must not wait for a time slice when
     # every core decodes (a precaution: not measured apart, see bench/NOTES.md).
     os.nice(5)
-    _SLOTS.update(shm=shm, slots=np.ndarray(shape, np.uint8, shm.buf), kwargs=decode_kwargs)
+    _SLOTS.update(shm=shm, slots=np.ndarray(shape, np.uint8, shm.buf), kwargs=decode_kwargs, huge=huge)
     # A pool worker waits for tasks on a queue it also holds the writing end of, and the forkserver
     # waits for its workers, so a killed extraction would leave both behind: follow the extraction.
     def follow(pid: int):
@@ -246,11 +278,25 @@ def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
     """In a worker: decode each ``(slot, row, path)`` into the shared slots; ``None`` or the skip reason."""
     reasons = []
     for slot, row, path in tasks:
-        array, reason = or_reason(partial(decode_image, **_SLOTS["kwargs"]), path)
+        decode = partial(decode_image, **_SLOTS["kwargs"])
+        if _pixels(path) > HUGE_PIXELS:
+            with _SLOTS["huge"]:  # a budget on huge decodes at once, so that they fit in memory together
+                array, reason = or_reason(decode, path)
+        else:
+            array, reason = or_reason(decode, path)
         if reason is None:
             _SLOTS["slots"][slot, row] = array
         reasons.append(reason)
     return reasons
+
+
+def _pixels(path: str) -> int:
+    """Width x height from the header (0 where it cannot be read: decoding then says why)."""
+    try:
+        with Image.open(path) as im:
+            return im.width * im.height
+    except Exception:  # noqa: BLE001 - the decode that follows reports the reason
+        return 0
 
 
 def decode_store_rows(store, rows: np.ndarray, data_root: Path, workers: int = 0,

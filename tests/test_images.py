@@ -162,6 +162,8 @@ def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folde
     from pipeline.decoding import ProcessDecoder
 
     expected = add_bad_files(class_folder)
+    # over HUGE_PIXELS: decoded under the memory budget's semaphore
+    Image.new("RGB", (4100, 4000), (200, 40, 40)).save(class_folder / "red" / "huge.png")
     paths = sorted(class_folder.rglob("*.*"))
     chunks = [(a, min(a + 5, len(paths))) for a in range(0, len(paths), 5)]
     decoder = ProcessDecoder(24, 5, workers=2, depth=2, resize="squash", draft=True)
@@ -176,7 +178,17 @@ def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folde
             seen += [(p.name, r) for p, r in zip(paths[a:b], reasons) if r is not None]
     finally:
         decoder.close()
-    assert {name for name, _ in seen} == set(expected)
+    assert {name for name, _ in seen} == set(expected)  # huge.png decoded
     for name, reason in seen:  # the scan before an extraction names empty and non-image files itself
         assert expected[name] in reason or reason.startswith("cannot decode")
     assert not segment.exists()
+
+
+def test_huge_decodes_are_budgeted_by_the_memory_available(monkeypatch):
+    import pipeline.decoding as decoding
+
+    monkeypatch.setattr(decoding, "_available_memory", lambda: 2 * 10**9)  # 2 GB: one 89 MP decode at a time
+    assert decoding.huge_decode_slots(89_478_485, workers=16) == 1
+    monkeypatch.setattr(decoding, "_available_memory", lambda: 10 * 10**9)  # half of it holds six
+    assert decoding.huge_decode_slots(89_478_485, workers=16) == 6
+    assert decoding.huge_decode_slots(89_478_485, workers=4) == 4
