@@ -328,32 +328,50 @@ def build_dense_head(n_features: int, n_classes: int, mean, variance, hidden_uni
     return keras.Model(inputs, outputs, name="dense_head")
 
 
-def probe_weights(estimator) -> tuple[np.ndarray, np.ndarray]:
+def probe_weights(estimator, X: np.ndarray | None = None, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One softmax layer equal to a fitted linear probe: ``(kernel (d, k), bias (k,))``, in float32.
 
-    The probe is ``StandardScaler`` + ``LogisticRegression`` (stage two's ``logreg``, possibly inside
-    its ``GridSearchCV``). Standardisation folds into the layer: ``W' = W / sigma`` and
-    ``b' = b - W' mu``; a binary probe's single logit ``z`` becomes ``[-z/2, +z/2]``, whose softmax
-    is the same sigmoid.
+    The probe is ``StandardScaler`` + ``LogisticRegression`` (stage two's ``logreg``) or + ``LinearSVC``
+    (``linsvm``), possibly inside its ``GridSearchCV``. Standardisation folds into the layer:
+    ``W' = W / sigma`` and ``b' = b - W' mu``; a binary probe's single score ``z`` becomes
+    ``[-z/2, +z/2]``, whose softmax is the same sigmoid. A linear SVM's scores are not log-odds: they
+    are divided by the temperature that fits them best to ``X, y`` (the train rows), which keeps
+    every prediction and gives phase 2 calibrated probabilities to start from.
 
     Raises:
-        ValueError: the estimator is not such a probe.
+        ValueError: the estimator is not such a probe, or an SVM comes without ``X, y``.
     """
     from sklearn.linear_model import LogisticRegression
 
     fitted = estimator.best_estimator_ if isinstance(estimator, GridSearchCV) else estimator
     steps = dict(fitted.steps) if isinstance(fitted, Pipeline) else {}
     scaler, clf = steps.get("scale"), steps.get("clf")
-    if not isinstance(scaler, StandardScaler) or not isinstance(clf, LogisticRegression):
-        raise ValueError(f"{type(estimator).__name__} is not a StandardScaler + LogisticRegression probe "
-                         "(stage two's logreg); only such a probe folds into one softmax layer")
+    if not isinstance(scaler, StandardScaler) or not isinstance(clf, (LogisticRegression, LinearSVC)):
+        raise ValueError(f"{type(estimator).__name__} is not a StandardScaler + LogisticRegression or LinearSVC "
+                         "probe (stage two's logreg or linsvm); only such a probe folds into one softmax layer")
     mean = scaler.mean_ if scaler.with_mean else np.zeros(clf.coef_.shape[1])
     scale = scaler.scale_ if scaler.with_std else np.ones(clf.coef_.shape[1])
     kernel = clf.coef_ / scale
     bias = clf.intercept_ - kernel @ mean
     if len(clf.classes_) == 2:
         kernel, bias = np.vstack([-kernel / 2, kernel / 2]), np.concatenate([-bias / 2, bias / 2])
+    if isinstance(clf, LinearSVC):
+        if X is None or y is None:
+            raise ValueError("a LinearSVC probe folds with a temperature fitted on its training rows: give X, y")
+        temperature = _fit_temperature(np.asarray(X, np.float64) @ kernel.T + bias, np.searchsorted(clf.classes_, y))
+        kernel, bias = kernel / temperature, bias / temperature
     return kernel.T.astype(np.float32), bias.astype(np.float32)
+
+
+def _fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """The T > 0 that minimises the cross-entropy of softmax(scores / T) on ``y``."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    def loss(log_t):
+        return -log_softmax(scores / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
+
+    return float(np.exp(minimize_scalar(loss, bounds=(-5.0, 5.0), method="bounded").x))
 
 
 def build_probe_head(kernel: np.ndarray, bias: np.ndarray):

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LayertapError
+from pipeline.backbones import BACKBONES
+from pipeline.gpu_decode import DECODERS
 from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images, ordered_map, \
     scan_images
 from pipeline.pooling import flatten_warning, parse_pooling
-from pipeline.backbones import BACKBONES
-from pipeline.gpu_decode import DECODERS
 from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, on_gpu, resolve_precision, versions
 from pipeline.settings import check_choice, check_int, option
 from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, \
@@ -85,8 +85,8 @@ class ExtractSettings:
                           group="speed (not part of the cache key)")
     shard_size: int = option(512, "images per committed shard; a killed run resumes from the last one",
                              group="speed (not part of the cache key)")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip larger images as decompression bombs (Pillow's limit)",
-                             group="speed (not part of the cache key)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
+                                                 "Pillow's limit)", group="data")
     progress: bool = option(True, "progress bars (-q, --quiet: none)", flag="--quiet")
 
     def __post_init__(self):

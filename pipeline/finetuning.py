@@ -45,7 +45,7 @@ from pipeline.splits import resolve_splits, test_rows_sha256
 from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
-HEADS = ("probe", "dense")
+HEADS = ("probe", "linsvm", "dense")
 PHASE1_DATA = ("store", "images")
 
 
@@ -63,7 +63,8 @@ class FinetuneSettings:
     layer: str | None = option(None, "tap to fine-tune at (default: the tap of stage two's best model on val, "
                                      "else the tap whose linear probe is best on val)", group="fine-tuning")
     head: str = option("probe", "phase 1's head: probe (stage two's logistic regression, folded into a softmax "
-                                "layer: LP-FT) or dense (a Dense hidden layer trained from scratch)",
+                                "layer: LP-FT), linsvm (stage two's linear SVM, folded with a temperature fitted on "
+                                "the train rows) or dense (a Dense hidden layer trained from scratch)",
                        choices=HEADS, group="fine-tuning")
     unfreeze_from: str | None = option(None, "first layer trained in phase 2 (default: block5_conv1 for vgg16, "
                                              "conv5_block1_1_conv for resnet50, or the first layer of the tap's "
@@ -258,6 +259,9 @@ class _Job:
         set_trainable(self.trunk, None)
         if s.head == "probe":
             self.head = build_probe_head(*probe_weights(self.probe))
+        elif s.head == "linsvm":
+            svm, _ = train_one(store, self.X, "linsvm", self.splits, s.seed)
+            self.head = build_probe_head(*probe_weights(svm, self.X[self.train], store.labels[self.train]))
         else:
             X_train = self.X[self.train]
             self.head = build_dense_head(self.X.shape[1], len(store.class_names), X_train.mean(axis=0),
@@ -303,12 +307,12 @@ class _Job:
         trains = s.head == "dense" or s.phase1 == "images"
         data = "augmented images" if s.phase1 == "images" else "stored features"
         log.info("phase 1: %s head%s; %s trainable, %s frozen parameters", s.head,
-                 f" trained on {data}" if trains else " (stage two's probe, folded)", f"{counts['trainable']:,}",
+                 f" trained on {data}" if trains else " (stage two's, folded)", f"{counts['trainable']:,}",
                  f"{counts['frozen']:,}")
         import_keras().utils.set_random_seed(s.seed)
         started, curves = time.perf_counter(), []
         if trains:
-            start = self._val_score() if s.head == "probe" else None
+            start = self._val_score() if s.head != "dense" else None
             inputs = images if s.phase1 == "images" else {"train": self.X[self.train], "val": self.X[self.val]}
             curves, _, _ = self._train(self.model if s.phase1 == "images" else self.head, inputs, s.epochs,
                                        s.learning_rate, start=start)

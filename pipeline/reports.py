@@ -252,7 +252,8 @@ def gain_text(gain: dict) -> str:
 def stage_table(metrics: dict) -> str:
     """Stage two against stage three on the same images: val (which chose) and test (scored once)."""
     probe, best, phases = metrics["probe"], metrics["stage_two"], metrics["phases"]
-    head = "stage two's probe, folded" if phases[0]["head"] == "probe" and not phases[0]["epochs_run"] else \
+    folded = {"probe": "stage two's logreg, folded", "linsvm": "stage two's linsvm, folded"}
+    head = folded[phases[0]["head"]] if phases[0]["head"] in folded and not phases[0]["epochs_run"] else \
         f"{phases[0]['head']} head, backbone frozen ({phases[0]['data']})"
     rows = [["two: probe", f"logreg on stored {metrics['tap']} features", probe["val_accuracy"], probe["accuracy"],
              probe["trainable_params"], probe["fit_seconds"]],

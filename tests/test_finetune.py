@@ -165,7 +165,7 @@ def test_saved_model_round_trips_through_predict(staged, finetuned):
     assert isinstance(model, keras.Model)
 
 
-@pytest.mark.parametrize("head, phase1", [("probe", "store"), ("dense", "images")])
+@pytest.mark.parametrize("head, phase1", [("probe", "store"), ("linsvm", "store"), ("dense", "images")])
 def test_without_a_stage_two_run_the_probe_is_the_baseline(staged, tmp_path, head, phase1, monkeypatch):
     decoded = []
 
