@@ -40,7 +40,7 @@ def main() -> None:
     store = extract_features(ExtractSettings(layers=TAPS, image_size=224, **common)).store_path
     extract_s = time.perf_counter() - started
     _, sweep_rows = sweep(store, out_dir=str(work / "models"))
-    best_tap = max(sweep_rows, key=lambda r: r["accuracy"])["tap"]
+    best_tap = max(sweep_rows, key=lambda r: r["val_accuracy"])["tap"]  # chosen on val, never on test
     classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
                                                 out_dir=str(work / "models"))).rows
     budget = None if args.deadline is None else (args.deadline - time.time()) / 60
@@ -48,8 +48,9 @@ def main() -> None:
         budget = 0.0  # skip phase 2: a few batches would say nothing, and its validation still costs a pass
     _, metrics = finetune(FinetuneSettings(store=str(store), layer=best_tap, fine_tune_epochs=args.fine_tune_epochs,
                                            fine_tune_minutes=budget, out_dir=str(work / "models"), progress=False))
-    keep = ("accuracy", "phase1_accuracy", "precision", "stage_two", "gain", "gain_over_phase1", "kept", "tap",
-            "unfreeze_from", "fit_seconds", "n_train", "n_val", "n_test")
+    keep = ("accuracy", "val_accuracy", "phase1_accuracy", "precision", "probe", "stage_two", "gain",
+            "gain_over_probe", "gain_over_phase1", "kept", "tap", "unfreeze_from", "fit_seconds", "n_train", "n_val",
+            "n_test")
     phases = [{k: v for k, v in p.items() if k != "unfrozen_layers"} for p in metrics["phases"]]
     emit({"weights": args.weights, "extract_s": extract_s, "sweep": sweep_rows, "best_tap": best_tap,
           "classifiers_224": classifier_rows, "fine_tune_epochs": args.fine_tune_epochs,
