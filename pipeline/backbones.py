@@ -31,7 +31,6 @@ class Backbone:
     module: str                 # keras.applications submodule that has preprocess_input
     preprocessing: str          # what preprocess_input does, for manifests
     taps: tuple[str, ...]       # recommended taps, low to high
-    unfreeze_from: str          # default first layer to unfreeze when fine-tuning
     imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, md5
     imagenet_url: str
     imagenet_md5: str
@@ -53,7 +52,6 @@ BACKBONES: dict[str, Backbone] = {
         name="vgg16", constructor="VGG16", module="vgg16",
         preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras vgg16.preprocess_input)",
         taps=("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
-        unfreeze_from="block5_conv1",
         imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_url=_KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_md5="6d6bbae143d832006294945121d1f1fc"),
@@ -61,7 +59,6 @@ BACKBONES: dict[str, Backbone] = {
         name="resnet50", constructor="ResNet50", module="resnet50",
         preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras resnet50.preprocess_input)",
         taps=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
-        unfreeze_from="conv5_block1_1_conv",
         imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_md5="4d473c1dd8becc155b73f8504c6f6626"),

@@ -377,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(named or COMMANDS).parse_args(argv)
     if args.verbose:
         os.environ["LAYERTAP_VERBOSE"] = "1"
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own progress lines at INFO; other libraries only from WARNING up (JAX logs its absent TPU at INFO).
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")
-    for noisy in ("absl", "h5py", "PIL", "matplotlib", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except DiskFullError as exc:

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline import LayertapError, import_keras
 from pipeline.artifacts import KerasImageModel, model_manifest, run_folder, save_model
-from pipeline.backbones import cut_trunk, get_backbone
+from pipeline.backbones import cut_trunk
 from pipeline.classifiers import build_dense_head, build_probe_head, probe_weights, train_one
 from pipeline.compose import SCHEDULES, build_augmentation, build_finetune_model, check_composition, \
     check_unfreeze_from, default_unfreeze_from, learning_rate_schedule, param_counts, parse_augmentation, \
@@ -66,9 +66,10 @@ class FinetuneSettings:
                                 "layer: LP-FT), linsvm (stage two's linear SVM, folded with a temperature fitted on "
                                 "the train rows) or dense (a Dense hidden layer trained from scratch)",
                        choices=HEADS, group="fine-tuning")
-    unfreeze_from: str | None = option(None, "first layer trained in phase 2 (default: block5_conv1 for vgg16, "
-                                             "conv5_block1_1_conv for resnet50, or the first layer of the tap's "
-                                             "block when the tap is lower)", metavar="LAYER", group="fine-tuning")
+    unfreeze_from: str | None = option(None, "first layer trained in phase 2 (default: the tap's last convolution, "
+                                             "e.g. block4_conv3 for block4_pool, conv5_block3_3_conv for "
+                                             "conv5_block3_out; bench/NOTES.md says why)", metavar="LAYER",
+                                       group="fine-tuning")
     fine_tune_epochs: int = option(3, "most epochs of phase 2; 0 stops after phase 1", group="fine-tuning")
     fine_tune_learning_rate: float = option(1e-5, "peak Adam learning rate of phase 2", flag="--fine-tune-lr",
                                             group="fine-tuning")
@@ -254,7 +255,7 @@ class _Job:
         keras.utils.set_random_seed(s.seed)
         base = store.manifest.create_extractor().base
         self.trunk = cut_trunk(base, self.tap)
-        self.unfreeze_from = s.unfreeze_from or default_unfreeze_from(self.trunk, get_backbone(store.manifest.backbone))
+        self.unfreeze_from = s.unfreeze_from or default_unfreeze_from(self.trunk)
         check_unfreeze_from(self.trunk, self.unfreeze_from)  # now, not after phase 1
         set_trainable(self.trunk, None)
         if s.head == "probe":

@@ -55,9 +55,13 @@ class DiskFullError(LayertapError):
 
 def _disk_full(path: Path, needed: int) -> DiskFullError:
     free = shutil.disk_usage(path.parent).free
-    return DiskFullError(f"no space left on the disk of {path.parent}: {path.name} needs about {needed / 1e6:,.1f} MB "
-                         f"and {free / 1e6:,.1f} MB are free. Work already committed is kept: free some space (or "
-                         "write elsewhere with --out) and run the same command again")
+    return DiskFullError(f"no space left on the disk of {path.parent}: {path.name} needs about {_size(needed)} and "
+                         f"{_size(free)} are free. Work already committed is kept: free some space (or write "
+                         "elsewhere with --out) and run the same command again")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 @dataclass

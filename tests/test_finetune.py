@@ -96,9 +96,9 @@ def test_phase_two_changes_only_unfrozen_weights_and_batchnorm_stays_in_inferenc
 
 def test_unfreeze_default_and_unknown_name():
     backbone, trunk = _trunk("vgg16", "block4_pool")
-    assert default_unfreeze_from(trunk, backbone) == "block4_conv1"  # block5_conv1 is above the tap
-    _, full = _trunk("vgg16", "block5_pool")
-    assert default_unfreeze_from(full, backbone) == "block5_conv1"
+    assert default_unfreeze_from(trunk) == "block4_conv3"  # the tap's last convolution
+    _, resnet = _trunk("resnet50", "conv4_block6_out")
+    assert default_unfreeze_from(resnet) == "conv4_block6_3_conv"  # not its BatchNorm
     with pytest.raises(ValueError, match="'block5_conv1' is not a layer at or below the tap block4_pool.*block4_conv3"):
         set_trainable(trunk, "block5_conv1")
 
