@@ -23,7 +23,7 @@ CLASSIFIERS ?= logreg,linsvm,knn,dense
 MODEL ?=
 IMAGES ?=
 # Stage three: LAYER=the tap to fine-tune (default: stage two's best), UNFREEZE_FROM=first trained layer
-# (default: block5_conv1 for vgg16, conv5_block1_1_conv for resnet50), FINETUNE_ARGS='--fine-tune-lr 1e-5 ...'
+# (default: the tap's last convolution, e.g. block4_conv3), FINETUNE_ARGS='--fine-tune-lr 1e-4 --head linsvm ...'
 LAYER ?=
 UNFREEZE_FROM ?=
 FINETUNE_ARGS ?=

@@ -50,7 +50,7 @@ examples:
   layertap finetune --store features/<store>.h5      # after classify: its best tap on val, LP-FT defaults
   layertap finetune --data ../shared/data/flowers17 --split-file ../shared/data/flowers17-split.csv \\
                     --weights hed-bsds500 --layers block4_pool --unfreeze-from block4_conv3
-  layertap finetune --store S.h5 --layer block5_pool --fine-tune-epochs 5 --fine-tune-lr 1e-5 --augment flip
+  layertap finetune --store S.h5 --layer block5_pool --fine-tune-epochs 5 --fine-tune-lr 3e-5 --augment flip
   layertap finetune --store S.h5 --head dense --phase1 images   # the tutorials' recipe: a Dense head first
 
 Phase 1 is stage two's linear probe on the tap (same code, same train rows), folded exactly into
@@ -103,12 +103,12 @@ def add_settings_options(parser: argparse.ArgumentParser, *classes, added: set |
                 continue
             flags = _flags(f)
             added.add(flags[-1])
-            title = meta.get("group") or "other"
+            title = meta.get("group") or "general"
             group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
             help_text = meta["help"]
             if f.type == "bool":
                 group.add_argument(*flags, dest=f.name, action="store_false" if f.default else "store_true",
-                                   help=help_text)
+                                   help=meta.get("flag_help") or help_text)
                 continue
             kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             if f.type.startswith("tuple"):

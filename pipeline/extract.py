@@ -68,8 +68,9 @@ class ExtractSettings:
     image_size: int = option(224, "image side in pixels", flag="--size", group="model")
     resize: str = option("squash", "squash the whole image, or centre-crop to a square", choices=RESIZE_MODES,
                          group="model")
-    draft: bool = option(True, "decode JPEGs at reduced DCT scale when it still covers --size (--no-draft: "
-                               "full resolution)", group="model")
+    draft: bool = option(True, "decode JPEGs at the smallest DCT scale that still covers image_size", group="model",
+                         flag_help="decode JPEGs at full resolution (default: at the smallest DCT scale that "
+                                   "still covers --size)")
     decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores) or nvjpeg (on "
                                     "the GPU through torchvision; slower than 16 cores on an H100 host, see "
                                     "bench/NOTES.md)", choices=DECODERS, group="model")
@@ -87,7 +88,7 @@ class ExtractSettings:
                              group="speed (not part of the cache key)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
                                                  "Pillow's limit)", group="data")
-    progress: bool = option(True, "progress bars (-q, --quiet: none)", flag="--quiet")
+    progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
 
     def __post_init__(self):
         from pipeline.backbones import get_backbone

@@ -71,8 +71,8 @@ class FinetuneSettings:
                                              "conv5_block3_out; bench/NOTES.md says why)", metavar="LAYER",
                                        group="fine-tuning")
     fine_tune_epochs: int = option(3, "most epochs of phase 2; 0 stops after phase 1", group="fine-tuning")
-    fine_tune_learning_rate: float = option(1e-5, "peak Adam learning rate of phase 2", flag="--fine-tune-lr",
-                                            group="fine-tuning")
+    fine_tune_learning_rate: float = option(1e-4, "peak Adam learning rate of phase 2 (chosen on val, bench/NOTES.md)",
+                                            flag="--fine-tune-lr", group="fine-tuning")
     schedule: str = option("cosine", "phase 2's learning rate: cosine (warm-up, then cosine decay to 0 at the "
                                      "last epoch) or constant", choices=SCHEDULES, group="fine-tuning")
     warmup_epochs: float = option(0.5, "epochs of linear warm-up before the cosine decay", group="fine-tuning")
@@ -106,7 +106,8 @@ class FinetuneSettings:
     val_fraction: float = option(0.15, "share of validation images where the store records no split (or no "
                                        "val rows)")
     workers: int = option(0, "decoding threads; 0: one per core")
-    progress: bool = option(True, "progress bars and a line per epoch", flag="--quiet")
+    progress: bool = option(True, "progress bars and a line per epoch", flag="--quiet",
+                            flag_help="no progress bars or epoch lines")
 
     def __post_init__(self):
         if not self.store:

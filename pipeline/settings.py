@@ -11,7 +11,7 @@ import dataclasses
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, metavar: str | None = None,
-           group: str | None = None, cli: bool = True):
+           group: str | None = None, cli: bool = True, flag_help: str | None = None):
     """A dataclass field with command-line metadata.
 
     Args:
@@ -22,10 +22,11 @@ def option(default, help: str, *, flag: str | None = None, choices=None, metavar
         metavar: How the value is shown in ``--help``.
         group: The ``--help`` section the flag is listed in.
         cli: False for settings that have no flag.
+        flag_help: For a switch (a bool whose flag turns it off), what the flag does.
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "flag": flag, "choices": tuple(choices) if choices is not None else None,
-        "metavar": metavar, "group": group, "cli": cli})
+        "metavar": metavar, "group": group, "cli": cli, "flag_help": flag_help})
 
 
 def check_choice(name: str, value, choices) -> None:
