@@ -8,7 +8,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.classifiers import DenseHeadClassifier, make_classifier, trainable_params
-from pipeline.cli import split_list
+from pipeline.settings import split_list
 
 
 def _float32_network(estimator) -> dict[str, str]:
