@@ -78,6 +78,7 @@ def make_classifier(spec: str, cv_splits: int = 3, seed: int = 0) -> BaseEstimat
     if name == "knn":
         return make_pipeline(StandardScaler(), Normalizer(), KNeighborsClassifier(**{"n_neighbors": 5, **params}))
     if name == "dense":
+        import_keras()  # loaded here, once, so that a fit time measures fitting and not TensorFlow's start-up
         return DenseHeadClassifier(**{"random_state": seed, **params})
     if "." not in name:
         raise ValueError(f"classifier {name!r} is not known; use one of: {', '.join(BUILTIN)}, or an import "

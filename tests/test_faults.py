@@ -356,3 +356,24 @@ def test_a_full_disk_during_a_shard_write_is_one_line(tmp_path):
     assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
     assert "no space left on the disk" in run.stderr
     assert len(list(out.glob("*.parts/*/shard-*.h5"))) == 2 and not list(out.rglob(".*.tmp-*"))
+
+
+def test_a_full_disk_while_saving_a_model_is_one_line_and_leaves_no_half_folder(model_folder, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import errno
+
+    import pipeline.artifacts as artifacts
+    from pipeline.cli import main
+
+    root, _, folder = model_folder
+    store = next((root / "f").glob("*.h5"))
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(artifacts.Path, "write_bytes", full)  # the skops file's write
+    models = tmp_path / "m"
+    assert main(["classify", "--store", str(store), "--models", str(models), "-q"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no space left on the disk writing" in error and "model.skops" in error
+    assert not list(models.rglob("*.tmp-*")), "no half-written model folder is left"
