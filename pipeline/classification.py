@@ -44,6 +44,8 @@ class ClassifySettings:
     val_fraction: float = option(0.15, "share of validation images where the store records no split")
 
     def __post_init__(self):
+        if not self.store:
+            raise ValueError("store is required: the feature store to train on")
         object.__setattr__(self, "classifiers", _names(self.classifiers) or ("logreg",))
         object.__setattr__(self, "layers", _names(self.layers))
         for spec in self.classifiers:
