@@ -32,6 +32,7 @@ def main() -> None:
 
     from pipeline import ClassifySettings, ExtractSettings, FinetuneSettings, classify, extract_features, finetune, \
         sweep
+    from pipeline.evaluation import best_on_val
 
     work = Path(args.work)
     common = dict(data=str(FLOWERS), split_file=str(SPLIT), weights=args.weights, out_dir=str(work / "features"),
@@ -40,7 +41,7 @@ def main() -> None:
     store = extract_features(ExtractSettings(layers=TAPS, image_size=224, **common)).store_path
     extract_s = time.perf_counter() - started
     _, sweep_rows = sweep(store, out_dir=str(work / "models"))
-    best_tap = max(sweep_rows, key=lambda r: r["val_accuracy"])["tap"]  # chosen on val, never on test
+    best_tap = best_on_val(sweep_rows)["tap"]  # chosen on val, never on test
     classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
                                                 out_dir=str(work / "models"))).rows
     budget = None if args.deadline is None else (args.deadline - time.time()) / 60

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline import LayertapError, import_keras
 from pipeline.runtime import PRECISIONS
@@ -207,21 +207,14 @@ class Extractor:
         model: The ``keras.Model`` (what is run, saved or compiled).
         base: The whole convolutional base it was cut from, with its weights (fine-tuning cuts its
             own trunk from it).
-        backbone: The registry entry.
-        weights: The weights it carries.
-        taps, pooling, image_size, precision: As asked for.
+        taps: The taps, in the order asked for.
         map_shapes: ``(H, W, C)`` of each tap's map before pooling.
     """
 
     model: object
     base: object
-    backbone: Backbone
-    weights: ResolvedWeights
     taps: tuple[str, ...]
-    pooling: str
-    image_size: int
-    precision: str
-    map_shapes: dict = field(default_factory=dict)
+    map_shapes: dict
 
     def __call__(self, pixels) -> dict:
         """Pooled features of one batch of ``(n, size, size, 3)`` uint8 pixels, as backend arrays."""
@@ -256,7 +249,7 @@ def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, t
     pooling = parse_pooling(pooling)
     base = build_backbone(entry, resolved, image_size, precision)
     model = build_extractor(base, entry, taps, pooling)
-    return Extractor(model, base, entry, resolved, taps, pooling, image_size, precision, tap_shapes(base, taps))
+    return Extractor(model, base, taps, tap_shapes(base, taps))
 
 
 def layer_rows(model, backbone: Backbone) -> list[dict]:

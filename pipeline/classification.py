@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import LayertapError
 from pipeline.artifacts import model_manifest, run_folder, save_model
 from pipeline.classifiers import BUILTIN, make_classifier, parse_spec, train_one
+from pipeline.evaluation import best_on_val, rank_on_val
 from pipeline.settings import option
 from pipeline.splits import resolve_splits, test_rows_sha256
 from pipeline.store import FeatureStore
@@ -126,13 +127,6 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     return ClassifyResult(run_dir, rows, estimators)
 
 
-def rank_on_val(rows: list[dict]) -> list[dict]:
-    """Sort table rows best first by validation accuracy, in place; ties keep the order the taps and
-    classifiers were given. Test accuracy never decides: it is scored once, for the report."""
-    rows.sort(key=lambda r: -(r["val_accuracy"] or 0.0))
-    return rows
-
-
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
           progress=None) -> tuple[Path, list[dict]]:
     """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs.
@@ -170,5 +164,5 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
         if progress:
             progress(rows[-1])
     run_dir = run_folder(out_dir, run, store)
-    write_sweep(run_dir, rows, store)
+    write_sweep(run_dir, rows, store, best=best_on_val(rows)["tap"])
     return run_dir, rows

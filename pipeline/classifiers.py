@@ -24,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline import LayertapError, import_keras
-from pipeline.evaluation import score_predictions
+from pipeline.evaluation import log_loss, score_predictions
 
 BUILTIN = ("logreg", "linsvm", "knn", "dense")
 # C grids searched by cross-validation. A linear SVM past C=0.1 takes minutes to converge on
@@ -186,7 +186,7 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction: Share of the training rows held out for early stopping when
             ``fit`` gets no ``validation_data``; 0 trains for ``epochs`` on all rows.
         random_state: Seed for initialisation, dropout, shuffling and the hold-out split.
-        verbose: Keras's verbosity.
+        verbose: Print each epoch's train and validation loss.
     """
 
     def __init__(self, hidden_units=256, dropout=0.5, learning_rate=1e-3, epochs=200, batch_size=32,
@@ -243,8 +243,10 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
             history["loss"].append(sum(losses) / len(X))
             if val is None:
                 continue
-            loss = _log_loss(self._probabilities(val[0]), val[1])
+            loss = log_loss(self._probabilities(val[0]), val[1])
             history.setdefault("val_loss", []).append(loss)
+            if self.verbose:
+                print(f"epoch {len(history['loss'])}: loss {history['loss'][-1]:.4f}, val_loss {loss:.4f}")
             if loss < best:
                 best, best_weights, waited = loss, self.model_.get_weights(), 0
             elif self.patience:
@@ -306,10 +308,6 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
 
 def _count_trainable(model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
-def _log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0))))
 
 
 def build_dense_head(n_features: int, n_classes: int, mean, variance, hidden_units: int = 256,

@@ -228,7 +228,7 @@ def _best_on_val(patience: int, start: tuple | None):
 
         def __init__(self, patience: int, start: tuple | None):
             super().__init__()
-            self.patience, self.start = patience, start
+            self.patience = patience
             self.best = (start[0], -start[1]) if start else (-np.inf, -np.inf)
             self.best_weights, self.wait, self.improved = None, 0, False
 

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -27,12 +28,17 @@ MAX_IMAGE_BYTES = 8 << 30
 
 
 def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", draft: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, budget=None) -> np.ndarray:
     """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
 
     EXIF orientation is applied; grayscale, palette, alpha, CMYK and 16-bit images are
     converted to 8-bit RGB (transparent areas become white). JPEGs decode at the smallest
     DCT scale that still covers ``size`` when ``draft`` is set.
+
+    Args:
+        budget: ``budget(pixels)`` gives a context manager held while the pixels are decoded and
+            converted (the pixels Pillow will hold, after the draft scale): a limit on huge decodes
+            at once (:class:`ProcessDecoder`).
 
     Raises:
         BadImageError: the image cannot be decoded; the message says why.
@@ -43,13 +49,14 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
                 raise BadImageError(bomb_reason(im.width, im.height, max_pixels))
             if draft and im.format == "JPEG":
                 im.draft(None, (size, size))
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            if resize == "crop":
-                im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
-            else:
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            with budget(im.width * im.height) if budget else nullcontext():
+                im = ImageOps.exif_transpose(im)
+                im = _to_rgb(im)
+                if resize == "crop":
+                    im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+                else:
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
     except BadImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -205,7 +212,8 @@ class ProcessDecoder:
 _SLOTS: dict = {}
 
 
-# Images over this many pixels decode under a budget (:func:`huge_decode_slots`); below it, any number at once.
+# Images that decode to more pixels than this (after JPEG's draft scale) do so under a budget
+# (:func:`huge_decode_slots`); below it, any number at once.
 HUGE_PIXELS = 16_000_000
 # Peak bytes per pixel while Pillow decodes and converts an image (RGBA plus a converted copy).
 DECODE_BYTES_PER_PIXEL = 8
@@ -277,26 +285,19 @@ def _alive(pid: int) -> bool:
 def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
     """In a worker: decode each ``(slot, row, path)`` into the shared slots; ``None`` or the skip reason."""
     reasons = []
+    decode = partial(decode_image, **_SLOTS["kwargs"], budget=_huge_budget)
     for slot, row, path in tasks:
-        decode = partial(decode_image, **_SLOTS["kwargs"])
-        if _pixels(path) > HUGE_PIXELS:
-            with _SLOTS["huge"]:  # a budget on huge decodes at once, so that they fit in memory together
-                array, reason = or_reason(decode, path)
-        else:
-            array, reason = or_reason(decode, path)
+        array, reason = or_reason(decode, path)
         if reason is None:
             _SLOTS["slots"][slot, row] = array
         reasons.append(reason)
     return reasons
 
 
-def _pixels(path: str) -> int:
-    """Width x height from the header (0 where it cannot be read: decoding then says why)."""
-    try:
-        with Image.open(path) as im:
-            return im.width * im.height
-    except Exception:  # noqa: BLE001 - the decode that follows reports the reason
-        return 0
+def _huge_budget(pixels: int):
+    """In a worker: the shared semaphore for a decode over :data:`HUGE_PIXELS`, so that huge decodes at once
+    fit in memory together; nothing for the others."""
+    return _SLOTS["huge"] if pixels > HUGE_PIXELS else nullcontext()
 
 
 def decode_store_rows(store, rows: np.ndarray, data_root: Path, workers: int = 0,

@@ -1,8 +1,28 @@
-"""Scoring on held-out images, the same way for every stage: test metrics, and a gain with its interval."""
+"""Scoring on held-out images, the same way for every stage: choosing on val, test metrics, a gain with its interval.
+
+Choices are made on the val rows (:func:`best_on_val`, :func:`rank_on_val`); the test rows are scored
+once, for the report (:func:`score_predictions`, :func:`bootstrap_gain`).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def best_on_val(rows: list[dict]) -> dict:
+    """The row with the highest ``val_accuracy``; of equals, the first (the order given: taps low to high)."""
+    return max(rows, key=lambda r: r["val_accuracy"])
+
+
+def rank_on_val(rows: list[dict]) -> list[dict]:
+    """Sort rows best first by ``val_accuracy``, in place; equals keep the order given. Never by test."""
+    rows.sort(key=lambda r: -r["val_accuracy"])
+    return rows
+
+
+def log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of class ``probabilities`` (n, k) on integer labels ``y`` (clipped at 1e-7)."""
+    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0))))
 
 
 def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names) -> dict:

@@ -124,6 +124,7 @@ class ExtractResult:
     seconds: float
     extract_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    store: FeatureStore | None = None  # the store, already open
 
     @property
     def cache_hit(self) -> bool:
@@ -197,28 +198,29 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
         # Holding the lock, any temporary file of this store is an orphan of a killed writer.
         for orphan in store_path.parent.glob(f".{store_path.name}.tmp-*"):
             orphan.unlink()
-        existing = _open_existing(store_path, key)
+        existing = _open_existing(store_path, key, settings.layers)
         missing = tuple(t for t in settings.layers if existing is None or t not in existing.taps)
         timings = {"scan": scanned - started}
         if not missing:
             return ExtractResult(store_path, len(existing), existing.skipped, dict(existing.dims), (), 0,
-                                 time.perf_counter() - started, timings=timings)
+                                 time.perf_counter() - started, timings=timings, store=existing)
         manifest = _manifest(key, material, images, settings, weights, existing)
         store, n_decoded, timings = _compute_taps(images, settings, weights, missing, store_path, manifest,
                                                   existing, timings)
     return ExtractResult(store_path, len(store), store.skipped, dict(store.dims), missing, n_decoded,
-                         time.perf_counter() - started, timings["extract"], timings)
+                         time.perf_counter() - started, timings["extract"], timings, store)
 
 
-def _open_existing(store_path: Path, key: str) -> FeatureStore | None:
-    """The store at ``store_path`` if it is complete, of this key and undamaged; else None (it is replaced)."""
+def _open_existing(store_path: Path, key: str, taps) -> FeatureStore | None:
+    """The store at ``store_path`` if it is complete and of this key, and the asked-for taps it holds read back
+    undamaged (each chunk's checksum); else None, and it is replaced. Other taps are checked when read."""
     if not store_path.exists():
         return None
     try:
         store = FeatureStore(store_path)
         if store.key != key:
             return None
-        store.verify()
+        store.verify([tap for tap in taps if tap in store.taps])
     except LayertapError as exc:
         log.warning("%s", str(exc).replace(REPLACE, "extracting it again"))
         return None

@@ -39,7 +39,7 @@ from pipeline.compose import SCHEDULES, build_augmentation, build_finetune_model
     check_unfreeze_from, default_unfreeze_from, learning_rate_schedule, param_counts, parse_augmentation, \
     predict_batched, set_trainable, train_phase
 from pipeline.decoding import decode_store_rows
-from pipeline.evaluation import bootstrap_gain, score_predictions
+from pipeline.evaluation import best_on_val, bootstrap_gain, log_loss, score_predictions
 from pipeline.settings import check_choice, check_int, option
 from pipeline.splits import resolve_splits, test_rows_sha256
 from pipeline.store import FeatureStore
@@ -153,10 +153,13 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> li
     return rows
 
 
-def choose_tap(store: FeatureStore, layer: str | None, stage_two: list[dict], splits: np.ndarray,
-               seed: int = 0) -> tuple[str, str]:
+def choose_tap(store: FeatureStore, layer: str | None, stage_two: list[dict], probe) -> tuple[str, str]:
     """The named tap; else the tap of stage two's best model on val; else the tap whose linear probe is
-    best on val (trained now, seconds a tap). Never chosen on test.
+    best on val. Never chosen on test.
+
+    Args:
+        probe: ``probe(tap) -> (estimator, metrics)``, stage two's logreg on a tap (fit only where no
+            stage-two run says which tap is best; the caller keeps the one it fits for the chosen tap).
 
     Returns:
         ``(tap, why)``.
@@ -168,10 +171,8 @@ def choose_tap(store: FeatureStore, layer: str | None, stage_two: list[dict], sp
         return layer, "given"
     if stage_two:
         return stage_two[0]["tap"], f"stage two's best on val ({stage_two[0]['classifier']})"
-    scores = {tap: train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)[1]["val_accuracy"]
-              for tap in store.taps}
-    tap = max(store.taps, key=lambda t: scores[t])  # first of equals: the store's order
-    return tap, f"best linear probe on val ({scores[tap]:.3f}; no stage-two run)"
+    best = best_on_val([{"tap": tap, "val_accuracy": probe(tap)[1]["val_accuracy"]} for tap in store.taps])
+    return best["tap"], f"best linear probe on val ({best['val_accuracy']:.3f}; no stage-two run)"
 
 
 def _baseline(name: str, metrics: dict, source: str) -> dict:
@@ -227,6 +228,8 @@ class _Job:
         self.phases: list[dict] = []
         self.curves: list[dict] = []
         self.kept = "phase 1"
+        self.tap, self.X = None, None
+        self._probes: dict[str, tuple] = {}
 
     def choose_rows_and_tap(self) -> None:
         s, store = self.settings, self.store
@@ -235,12 +238,20 @@ class _Job:
         labels = store.labels
         self.y = {"train": labels[self.train], "val": labels[self.val], "test": labels[self.test]}
         self.stage_two = stage_two_rows(store, self.run_dir, self.splits)
-        self.tap, self.tap_reason = choose_tap(store, s.layer, self.stage_two, self.splits, s.seed)
-        self.X = store.features(self.tap).astype(np.float32)  # one HDF5 read for the probe and phase 1
+        self.tap, self.tap_reason = choose_tap(store, s.layer, self.stage_two, lambda tap: self._fit_probe(tap)[1:])
+        self.X = self._probes[self.tap][0] if self.tap in self._probes else store.features(self.tap).astype(np.float32)
+
+    def _fit_probe(self, tap: str) -> tuple:
+        """``(X, estimator, metrics)``: the tap's features and stage two's logreg on them, fit by stage two's
+        code on the train rows; each tap read and fit at most once."""
+        if tap not in self._probes:
+            X = self.X if tap == self.tap else self.store.features(tap).astype(np.float32)
+            self._probes[tap] = (X, *train_one(self.store, X, "logreg", self.splits, self.settings.seed))
+        return self._probes[tap]
 
     def fit_baselines(self) -> None:
-        """Stage two's probe on the tap (fit now by stage two's code: the same model) and its val-chosen best."""
-        self.probe, metrics = train_one(self.store, self.X, "logreg", self.splits, self.settings.seed)
+        """Stage two's probe on the tap (the same model stage two fits) and stage two's val-chosen best."""
+        _, self.probe, metrics = self._fit_probe(self.tap)
         self.probe_baseline = _baseline("logreg", metrics, "stage two's logreg on this tap (fit on the train rows)")
         if self.stage_two:
             row = self.stage_two[0]
@@ -254,7 +265,7 @@ class _Job:
         s, store = self.settings, self.store
         keras = import_keras()
         keras.utils.set_random_seed(s.seed)
-        base = store.manifest.create_extractor().base
+        base = store.manifest.create_extractor(self.tap).base  # the weights checked against the store
         self.trunk = cut_trunk(base, self.tap)
         self.unfreeze_from = s.unfreeze_from or default_unfreeze_from(self.trunk)
         check_unfreeze_from(self.trunk, self.unfreeze_from)  # now, not after phase 1
@@ -291,9 +302,7 @@ class _Job:
     def _val_score(self) -> tuple[float, float]:
         """(val accuracy, val loss) of the head on the stored val features: the frozen trunk computes them."""
         probs = predict_batched(self.head, self.X[self.val], 4096)
-        y = self.y["val"]
-        return float((probs.argmax(axis=1) == y).mean()), float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y],
-                                                                                       1e-7, 1.0))))
+        return float((probs.argmax(axis=1) == self.y["val"]).mean()), log_loss(probs, self.y["val"])
 
     def _train(self, net, inputs: dict, epochs: int, learning_rate, minutes=None, start=None):
         s = self.settings

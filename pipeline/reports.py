@@ -28,9 +28,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | 
 
 def extract_summary(result, settings) -> str:
     """What stage one did: the store, its taps (computed or cached), images, speed and skipped files."""
-    from pipeline.store import FeatureStore
-
-    store = FeatureStore(result.store_path)
+    store = result.store
     rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
              "computed" if tap in result.computed_taps else "cached"] for tap in settings.layers]
     lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
@@ -185,12 +183,11 @@ def sweep_table(rows) -> str:
                                          r["dense_flatten"], r["dense_avg"]] for r in rows])
 
 
-def write_sweep(run_dir, rows, store) -> Path:
+def write_sweep(run_dir, rows, store, best: str) -> Path:
     """``sweep.md``, ``sweep.json`` and ``sweep.png`` (val and test accuracy and cost against depth)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     m = store.manifest
-    best = max(rows, key=lambda r: r["val_accuracy"] or 0.0)["tap"] if rows else None  # first of equals: lowest
     (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "best_on_val": best, "rows": rows},
                                                    indent=2))
     (run_dir / "sweep.md").write_text(

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from pipeline import LayertapError
+from pipeline.images import EMPTY_CLASS
 from pipeline.manifest import StoreManifest
 
 FORMAT = "layertap-feature-store"
@@ -154,8 +155,8 @@ class FeatureStore:
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, or a truncated file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 
-    def verify(self) -> None:
-        """Read every feature chunk, so that HDF5 checks each one's Fletcher-32 checksum.
+    def verify(self, taps=None) -> None:
+        """Read every feature chunk of ``taps`` (default: all), so that HDF5 checks each one's Fletcher-32 checksum.
 
         Stores written before checksums were added have none; they are read, which still finds
         truncation and unreadable chunks.
@@ -163,7 +164,7 @@ class FeatureStore:
         Raises:
             LayertapError: a chunk is damaged; the message names the store and what to do.
         """
-        for tap in self.taps:
+        for tap in self.taps if taps is None else taps:
             self.features(tap)
 
 
@@ -313,8 +314,6 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
 
 def _drop_empty_classes(rows: Rows, class_names: list[str], skipped: list) -> list[str]:
     """Leave out classes none of whose images decoded (labels renumbered, each class named in ``skipped``)."""
-    from pipeline.images import EMPTY_CLASS
-
     counts = np.bincount(np.asarray(rows.labels, dtype=np.int64), minlength=len(class_names))
     kept = [i for i, count in enumerate(counts) if count]
     if len(kept) == len(class_names):

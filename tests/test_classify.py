@@ -138,6 +138,7 @@ def _store_where_val_and_test_disagree(path):
 
 
 def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_path):
+    from pipeline.classifiers import train_one
     from pipeline.finetuning import choose_tap, stage_two_rows
 
     store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
@@ -147,8 +148,12 @@ def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_pa
     assert by_tap["b"]["accuracy"] > by_tap["a"]["accuracy"]  # b would win on test
     assert result.best["tap"] == "a"
     splits, _ = resolve_splits(store)
-    assert choose_tap(store, None, stage_two_rows(store, result.run_dir, splits), splits)[0] == "a"
-    assert choose_tap(store, None, [], splits)[0] == "a"  # no stage-two run: the probes, on val
+
+    def probe(tap):
+        return train_one(store, store.features(tap), "logreg", splits)
+
+    assert choose_tap(store, None, stage_two_rows(store, result.run_dir, splits), probe)[0] == "a"
+    assert choose_tap(store, None, [], probe)[0] == "a"  # no stage-two run: the probes, on val
 
 
 def test_a_recorded_split_without_val_rows_gets_val_carved_from_train(tmp_path):

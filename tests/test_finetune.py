@@ -11,6 +11,7 @@ import pytest
 from conftest import make_split_folder, tiny_settings
 
 import pipeline.decoding
+import pipeline.finetuning
 from pipeline import LayertapError
 from pipeline.artifacts import load_model
 from pipeline.backbones import build_backbone, get_backbone
@@ -174,8 +175,15 @@ def test_without_a_stage_two_run_the_probe_is_the_baseline(staged, tmp_path, hea
         return decode_image(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.decoding, "decode_image", counting_decode)
+    fits = []
+    real_train_one = pipeline.finetuning.train_one
+    monkeypatch.setattr(pipeline.finetuning, "train_one", lambda *a, **k: fits.append(a[2]) or real_train_one(*a, **k))
+    settings = {**QUICK, "fine_tune_epochs": 0, "layer": None, "unfreeze_from": None}  # the tap: the probes' best on val
     model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), head=head,
-                                                   phase1=phase1, **{**QUICK, "fine_tune_epochs": 0}))
+                                                   phase1=phase1, **settings))
+    assert metrics["tap_reason"].startswith("best linear probe on val")
+    # one logreg a tap chooses the tap and is the probe: none is fit twice (the linsvm head fits its SVM)
+    assert fits == ["logreg"] * 2 + (["linsvm"] if head == "linsvm" else [])
     assert metrics["stage_two"]["source"] == "no stage-two run: the probe"
     assert metrics["stage_two"]["accuracy"] == metrics["probe"]["accuracy"]
     assert len(metrics["phases"]) == 1 and metrics["kept"] == "phase 1"
