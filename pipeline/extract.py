@@ -6,10 +6,11 @@ size, resizing and preprocessing; pooling; precision; Keras backend and version)
 nothing that does not (batch size, workers, shard size). Taps are datasets inside the
 store, so asking for another tap computes only that tap.
 
-Work is done in shards, fixed slices of the image list: each is computed by
-:func:`extract_slices`, a pure function of (image list slice, settings), and written
-atomically; a killed run resumes from the shards already on disk, and a distributed
-run can write shards on many workers and merge them with :func:`pipeline.store.merge_shards`.
+Work is done in shards, fixed slices of the image list (:mod:`pipeline.shards`): each is
+a pure function of (image list slice, settings), written atomically; a killed run resumes
+from the shards already on disk. The engine that computes them (``local``: this process and
+its decoding workers; ``ray``: a Ray cluster) changes where the work runs, never the numbers
+or the key.
 """
 
 from __future__ import annotations
@@ -23,21 +24,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import LayertapError
 from pipeline.backbones import BACKBONES
 from pipeline.gpu_decode import DECODERS
-from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images, ordered_map, \
-    scan_images
+from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
 from pipeline.pooling import flatten_warning, parse_pooling
-from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, on_gpu, resolve_precision, versions
+from pipeline.scan import StatCache, scan_images
+from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
 from pipeline.settings import check_choice, check_int, option
-from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, Rows, merge_shards, store_lock, \
-    write_shard
+from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, merge_shards, store_lock
 
 log = logging.getLogger(__name__)
 SAMPLE = "sample"
+ENGINE_NAMES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ExtractSettings:
 
     ``precision="auto"`` is resolved when the settings are built (bfloat16 on GPUs and on CPUs with
     bfloat16 units, else float32), so the resolved value is what the cache key and manifest record.
-    ``batch_size``, ``workers`` and ``shard_size`` are not part of the cache key.
+    ``batch_size``, ``workers``, ``shard_size`` and the engine are not part of the cache key.
     """
 
     data: str = option(SAMPLE, "image folder or CSV; 'sample' builds the embedded texture set", metavar="PATH",
@@ -86,6 +85,16 @@ class ExtractSettings:
                           group="speed (not part of the cache key)")
     shard_size: int = option(512, "images per committed shard; a killed run resumes from the last one",
                              group="speed (not part of the cache key)")
+    engine: str = option("local", "local: decode in --workers processes and run the model in this one; ray: decode "
+                                  "in Ray tasks and run the model in a Ray actor pool, one actor per GPU (needs "
+                                  "pip install 'layertap[ray]'; README: Scaling out)", choices=ENGINE_NAMES,
+                         group="speed (not part of the cache key)")
+    ray_address: str | None = option(None, "with --engine ray: the cluster to join (head:6379, "
+                                           "auto, ray://head:10001); default: $RAY_ADDRESS, else a local "
+                                           "Ray for this run",
+                                     metavar="ADDRESS", group="speed (not part of the cache key)")
+    verify: bool = option(False, "read and hash every image again instead of trusting the stat cache for files "
+                                 "whose size, times and inode are unchanged", group="data")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
                                                  "Pillow's limit)", group="data")
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
@@ -103,6 +112,7 @@ class ExtractSettings:
         object.__setattr__(self, "precision", resolve_precision(self.precision))
         check_decoder(self.decoder)
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
+        check_choice("engine", self.engine, ENGINE_NAMES)
         check_choice("compression", self.compression, COMPRESSIONS)
         check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
                          ("max_pixels", 1)))
@@ -142,7 +152,8 @@ def load_images(settings: ExtractSettings) -> ImageList:
         from pipeline.sample import ensure_sample
         data = str(ensure_sample())
     found = find_images(data, settings.split_file, settings.root)
-    return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress)
+    cache = None if settings.verify else StatCache(settings.out_dir, found.root)
+    return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache)
 
 
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
@@ -242,165 +253,65 @@ def _manifest(key: str, material: dict, images: ImageList, settings: ExtractSett
 
 def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: tuple[str, ...],
                   store_path: Path, manifest: dict, existing: FeatureStore | None, timings: dict):
-    from pipeline.backbones import create_extractor
+    from pipeline.shards import parts_dir, plan_shards
 
     t0 = time.perf_counter()
-    extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
-                                 settings.precision)
+    shards, todo = plan_shards(images, store_path, taps, manifest["key"], settings.shard_size)
+    if len(todo) < len(shards):
+        log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
+                 len(shards))
+    done = sum(job.stop - job.start for job in shards) - sum(job.stop - job.start for job in todo)
+    shapes, run = ENGINES[settings.engine](settings, weights, taps)
     # The key was computed without loading Keras; the backend it named must be the one now running.
     assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
-    shapes = extractor.map_shapes
     for tap in taps:
         warning = flatten_warning(tap, shapes[tap], settings.pooling)
         if warning:
             log.warning(warning)
     timings["build_model"] = time.perf_counter() - t0
-    parts = store_path.with_name(store_path.stem + ".parts") / "-".join(sorted(taps))
-    slices = [(start, min(start + settings.shard_size, len(images)))
-              for start in range(0, len(images), settings.shard_size)]
-    shard_paths = [parts / f"shard-{start:09d}-{stop:09d}.h5" for start, stop in slices]
-    todo = [(s, p) for s, p in zip(slices, shard_paths) if not _is_committed(p, manifest["key"], taps)]
-    if len(todo) < len(slices):
-        log.info("resuming %s: %d of %d shards already committed", store_path.name,
-                 len(slices) - len(todo), len(slices))
     t0 = time.perf_counter()
-    n_decoded = extract_slices(images, todo, settings, extractor, manifest,
-                               done=sum(b - a for (a, b) in slices) - sum(b - a for (a, b), _ in todo))
+    n_decoded = run(todo, manifest, images.class_names, done)
     timings["extract"] = time.perf_counter() - t0
     for tap in taps:
         manifest["taps"][tap] = {"map_shape": list(shapes[tap]), "seconds": timings["extract"],
-                                 "computed_with": list(taps), "images": n_decoded}
+                                 "computed_with": list(taps), "images": n_decoded, "engine": settings.engine}
     t0 = time.perf_counter()
     manifest["timings"] = timings
-    store = merge_shards(shard_paths, store_path, manifest=manifest, base=existing, skipped=[
+    store = merge_shards([job.path for job in shards], store_path, manifest=manifest, base=existing, skipped=[
         (s.path, s.reason) for s in images.skipped], dtype=settings.store_dtype,
         compression=settings.compression)
     timings["merge"] = time.perf_counter() - t0
+    parts = parts_dir(store_path, taps)
     shutil.rmtree(parts, ignore_errors=True)
     if parts.parent.exists() and not any(parts.parent.iterdir()):
         parts.parent.rmdir()
     return store, n_decoded, timings
 
 
-def _is_committed(path: Path, key: str, taps) -> bool:
-    if not path.exists():
-        return False
-    try:
-        shard = FeatureStore(path, kind="shard")
-    except LayertapError:
-        return False
-    return shard.key == key and set(shard.taps) == set(taps)
+def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
+    """This process runs the model; worker processes on this host decode (:func:`pipeline.shards.run_local`)."""
+    from pipeline.backbones import create_extractor
+    from pipeline.shards import run_local
+
+    extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
+                                 settings.precision)
+
+    def run(jobs, manifest, class_names, done):
+        return run_local(jobs, settings, extractor, manifest, class_names, done)
+    return extractor.map_shapes, run
 
 
-def extract_slices(images: ImageList, todo: list[tuple[tuple[int, int], Path]], settings: ExtractSettings,
-                   extractor, manifest: dict, done: int = 0) -> int:
-    """Compute and commit shards: each ``((start, stop), path)`` covers ``images.records[start:stop]``.
+def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
+    """Ray tasks decode and an actor pool runs the model (:mod:`pipeline.ray_engine`); this process only
+    checks the taps (on the architecture, without weights) and merges."""
+    from pipeline.backbones import architecture_shapes
+    from pipeline.ray_engine import run_ray
 
-    One decoding stream runs across all the slices, ahead of the forward passes.
-    A pure function of the slices and the settings: the same inputs give the same shard files,
-    whichever machine computes them.
+    shapes = architecture_shapes(settings.backbone, taps, settings.image_size)
 
-    Args:
-        extractor: The :class:`pipeline.backbones.Extractor` of the taps to compute.
-
-    Returns:
-        The number of images decoded.
-    """
-    records = images.records
-    chunks = [(a, min(a + settings.batch_size, stop)) for (start, stop), _ in todo
-              for a in range(start, stop, settings.batch_size)]
-    class_index = {name: i for i, name in enumerate(images.class_names)}
-    bar = _bar(total=done + sum(b - a for a, b in chunks), initial=done, enabled=settings.progress)
-    batches = decoded_batches([Path(images.root) / r.path for r in records], chunks, settings)
-    pad_to = settings.batch_size if _pads_short_batches() else None
-    n_decoded = 0
-    try:
-        for (start, stop), shard_path in todo:
-            rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
-            position = start
-            while position < stop:
-                (a, b), pixels, reasons = next(batches)
-                for record, reason in zip(records[a:b], reasons):
-                    if reason is None:
-                        rows.extend(Rows([record.path], [class_index[record.label]], [record.split],
-                                         [record.fingerprint]))
-                    else:
-                        skipped.append((record.path, reason))
-                if len(pixels):
-                    _forward(extractor, pixels, pad_to, outputs)
-                n_decoded += b - a
-                bar.update(b - a)
-                position = b
-            features = {tap: (np.concatenate(v) if v else np.zeros((0, extractor.dims(tap)), np.float32))
-                        for tap, v in outputs.items()}
-            shard_manifest = {**manifest, "shard": [start, stop], "shard_taps": list(extractor.taps)}
-            write_shard(shard_path, rows=rows, features=features, class_names=images.class_names,
-                        skipped=skipped, manifest=shard_manifest, map_shapes=extractor.map_shapes,
-                        dtype=settings.store_dtype)
-    finally:
-        batches.close()
-        bar.close()
-    return n_decoded
+    def run(jobs, manifest, class_names, done):
+        return run_ray(jobs, settings, weights, taps, manifest, class_names, done)
+    return shapes, run
 
 
-def decoded_batches(paths: list[Path], chunks: list[tuple[int, int]], settings: ExtractSettings):
-    """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
-
-    Yields:
-        ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
-        uint8 batch (NumPy, or a device tensor for ``nvjpeg``) and, per path, ``None`` or why it
-        was skipped.
-    """
-    workers = settings.workers or default_workers()
-    if settings.decoder == "nvjpeg":
-        from pipeline.gpu_decode import NvjpegDecoder
-
-        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
-        try:
-            # One thread decodes the next batch on the GPU while this one runs the forward pass.
-            for chunk, (pixels, reasons) in zip(chunks, ordered_map(lambda c: decoder(paths[c[0]:c[1]]),
-                                                                     chunks, workers=1, prefetch=2)):
-                yield chunk, pixels, reasons
-        finally:
-            decoder.close()
-        return
-    from pipeline.decoding import ProcessDecoder
-
-    decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
-                             draft=settings.draft, max_pixels=settings.max_pixels)
-    try:
-        yield from decoder.batches(paths, chunks)
-    finally:
-        decoder.close()
-
-
-def _pads_short_batches() -> bool:
-    """Whether a short batch (the last one, or one with skipped images) is padded to the full batch size.
-
-    Yes where a new input shape means a compile that costs more than the padding images' compute: JAX
-    and torch (XLA, inductor) and any GPU. TensorFlow on a CPU retraces once, in about 0.5 s for VGG16,
-    and then takes any batch size, while 18 padding images cost about 4 s of float32 forward on two
-    cores (bench/NOTES.md).
-    """
-    return keras_backend() != "tensorflow" or on_gpu()
-
-
-def _forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
-    """One forward pass; a short batch is padded to ``pad_to`` images so the model keeps one input shape."""
-    n = len(pixels)
-    if isinstance(pixels, np.ndarray):
-        x = pixels
-        if pad_to and n < pad_to:
-            x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], x.dtype)])
-    else:
-        from pipeline.gpu_decode import to_backend
-        x = to_backend(pixels, pad_to or len(pixels))
-    result = extractor(x)
-    for tap in outputs:
-        outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="extract", unit="img", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+ENGINES = {"local": _local_engine, "ray": _ray_engine}

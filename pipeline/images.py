@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import os
 import struct
@@ -303,52 +302,6 @@ def _exif_orientation(data: bytes, tiff: int, end: int) -> int:
 def bomb_reason(width: int, height: int, limit: int) -> str:
     """The one reason given for an image over the pixel limit, wherever it is found."""
     return f"decompression bomb: {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} (--max-pixels)"
-
-
-def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
-                workers: int | None = None, progress: bool = False) -> ImageList:
-    """Fingerprint every file and read its header; keep the usable ones.
-
-    Reads each file once (for its content hash) and its header, but decodes no pixels.
-    Empty files, files that are not images, unreadable headers and images over
-    ``max_pixels`` are moved to ``skipped`` with the reason.
-
-    Raises:
-        LayertapError: no usable image is left, or a class has none.
-    """
-    def check(record: ImageRecord) -> ImageRecord | Skipped:
-        data, reason = or_reason(read_file, images.root / record.path)
-        if reason:
-            return Skipped(record.path, reason)
-        fmt = sniff_format(data[:16])
-        if fmt is None:
-            return Skipped(record.path, f"not an image (first bytes {data[:8]!r}; "
-                                        "JPEG, PNG, BMP, GIF, WebP and TIFF are read)")
-        header = jpeg_header(data) if fmt == "JPEG" else None
-        try:
-            if header:  # the common case, without Pillow's header parser (which holds the GIL)
-                width, height = header[:2]
-            else:
-                with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-                    width, height = im.size
-        except Image.DecompressionBombError as exc:
-            return Skipped(record.path, f"decompression bomb: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any unreadable header is a skip, never a crash
-            return Skipped(record.path, f"unreadable {fmt} header: {exc}")
-        if width * height > max_pixels:
-            return Skipped(record.path, bomb_reason(width, height, max_pixels))
-        return ImageRecord(record.path, record.label, record.split, fingerprint(data), fmt)
-
-    results = list(progress_bar(ordered_map(check, images.records, workers or default_workers()),
-                                total=len(images), desc="scan", enabled=progress))
-    kept = tuple(r for r in results if isinstance(r, ImageRecord))
-    skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
-    scanned = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
-    if not scanned.records:
-        detail = f"; {len(scanned.skipped)} files were skipped, first: " \
-                 f"{scanned.skipped[0].path} ({scanned.skipped[0].reason})" if scanned.skipped else ""
-        raise LayertapError(f"no usable images in {scanned.root}{detail}")
-    return scanned
 
 
 EMPTY_CLASS = "class left without images: none of its images could be used; the class is left out"

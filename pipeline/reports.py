@@ -39,7 +39,8 @@ def extract_summary(result, settings) -> str:
     if result.cache_hit:
         lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
     else:
-        lines.append(f"decoded {result.n_decoded:,} images in {result.extract_seconds:.1f} s "
+        where = " on Ray (its start and the actors' model builds included)" if settings.engine == "ray" else ""
+        lines.append(f"decoded {result.n_decoded:,} images{where} in {result.extract_seconds:.1f} s "
                      f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
                      f"with scan {result.timings.get('scan', 0):.1f} s, model build "
                      f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")

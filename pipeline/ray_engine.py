@@ -1,0 +1,197 @@
+"""The Ray engine: stage one's shards on a Ray cluster (``layertap extract --engine ray``).
+
+Ray Data's batch-inference pattern over :mod:`pipeline.shards`: a dataset of shard jobs;
+``map_batches`` of :func:`decode_shard` decodes each shard in a Ray task on a CPU worker;
+``map_batches`` of :class:`ShardWriter` runs the model in an actor pool (one model build per
+actor, one GPU each where the cluster has GPUs, else one CPU actor) and commits the shard with
+:func:`pipeline.shards.run_shard` into the store's ``.parts/`` folder. This process only plans,
+shows progress and merges, so the store, its key and its numbers are the local engine's.
+
+Every worker must reach the images, the weights file and the ``--out`` folder at the same
+absolute paths (a shared filesystem), and run the same layertap. Ray retries a decoding task
+whose worker dies, and restarts an actor that dies (rerunning its constructor) and gives it the
+shard again; shards are written atomically, so nothing half-written is ever merged. A driver
+killed mid-run leaves the committed shards, which the next run (either engine) resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from functools import partial
+
+import numpy as np
+
+from pipeline import LayertapError
+from pipeline.decoding import decode_image
+from pipeline.images import or_reason
+from pipeline.runtime import keras_backend
+from pipeline.shards import ShardJob, pads_short_batches, progress_bar, run_shard
+
+log = logging.getLogger(__name__)
+INSTALL = "pip install 'layertap[ray]'"
+# A local Ray's object store: decoded shards (shard_size x size^2 x 3 bytes each, 77 MB at 512 images of
+# 224 px) pass through it on their way to the actors; Ray Data holds back decoding when it fills.
+LOCAL_OBJECT_STORE = 2 << 30
+# Asked for per actor (a framework runtime, the model and one decoded shard). A resource request that the
+# decoding tasks do not make also keeps Ray Data from fusing the decoding into the actor.
+ACTOR_MEMORY = 2 << 30
+
+
+def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], manifest: dict, class_names,
+            done: int = 0) -> int:
+    """Compute and commit ``jobs`` on Ray: the engine behind ``--engine ray``.
+
+    Uses the Ray this process already started if any; else joins ``settings.ray_address`` or, failing
+    that, ``$RAY_ADDRESS`` (disconnecting at the end); else starts a local Ray for the run and stops it.
+
+    Returns:
+        The number of images decoded.
+
+    Raises:
+        LayertapError: Ray is not installed, or the run failed (the message says why).
+    """
+    if not jobs:
+        return 0
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise LayertapError(f"--engine ray needs Ray: {INSTALL} (or use the default --engine local)") from None
+    started = _connect(ray, settings.ray_address)
+    try:
+        return _run(ray, jobs, settings, weights, taps, manifest, class_names, done)
+    except ray.exceptions.RayError as exc:
+        raise LayertapError(f"the Ray run failed; shards committed so far are kept and the same command resumes "
+                            f"from them: {_first_line(exc)}") from exc
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Start or join Ray; whether this call did (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    # Ray's own chatter (its start-up notices, Ray Data's execution plan, C++ notices) only with -v.
+    verbose = log.isEnabledFor(logging.DEBUG)
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
+    quiet = dict(include_dashboard=False, logging_level=logging.INFO if verbose else logging.ERROR,
+                 log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`ray job submit`)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        cpus = os.cpu_count() or 1
+        ray.init(address="local", num_cpus=cpus, object_store_memory=_local_object_store(), **quiet)
+    return True
+
+
+def _local_object_store() -> int:
+    from pipeline.decoding import _available_memory
+
+    available = _available_memory()
+    return max(256 << 20, min(LOCAL_OBJECT_STORE, available // 4)) if available else LOCAL_OBJECT_STORE
+
+
+def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # ours below counts committed images
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    memory = int(min(ACTOR_MEMORY, resources.get("memory", ACTOR_MEMORY) / 2))
+    dataset = ray.data.from_items([{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
+    dataset = dataset.map_batches(
+        decode_shard, batch_size=1, batch_format="numpy", num_cpus=1,
+        fn_kwargs=dict(size=settings.image_size, resize=settings.resize, draft=settings.draft,
+                       max_pixels=settings.max_pixels))
+    dataset = dataset.map_batches(
+        ShardWriter, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=gpus or 1),
+        num_cpus=1, num_gpus=1 if gpus else 0, memory=memory,
+        fn_constructor_kwargs=dict(settings=settings, weights=weights, taps=taps, manifest=manifest,
+                                   class_names=tuple(class_names)),
+        runtime_env={"env_vars": _backend_env()})
+    log.info("Ray: %d shard%s to compute, %d CPUs to decode, %s", len(jobs), "s" * (len(jobs) > 1),
+             int(resources.get("CPU", 0)), f"one model actor on each of {gpus} GPUs" if gpus else "one model actor "
+             "on a CPU (no GPU in the cluster)")
+    bar = progress_bar(total=done + sum(job.stop - job.start for job in jobs), initial=done,
+                       enabled=settings.progress)
+    n_decoded = 0
+    try:
+        for row in dataset.iter_rows():
+            n_decoded += int(row["images"])
+            bar.update(int(row["images"]))
+    finally:
+        bar.close()
+    return n_decoded
+
+
+def _backend_env() -> dict[str, str]:
+    """The driver's Keras backend (which the key records) and kernel settings, for every actor on every node."""
+    env = {name: os.environ[name] for name in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL") if name in os.environ}
+    return {**env, "KERAS_BACKEND": keras_backend()}
+
+
+def decode_shard(batch: dict, size: int, resize: str, draft: bool, max_pixels: int) -> dict:
+    """A Ray task: decode one shard's images with the local engine's :func:`decode_image`.
+
+    A bad image is a zero row and its reason (the local engine's words); the job passes through.
+    """
+    job: ShardJob = pickle.loads(batch["job"][0])
+    pixels = np.zeros((job.stop - job.start, size, size, 3), np.uint8)
+    decode = partial(decode_image, size=size, resize=resize, draft=draft, max_pixels=max_pixels)
+    reasons = []
+    for i, path in enumerate(job.files()):
+        array, reason = or_reason(decode, path)
+        if reason is None:
+            pixels[i] = array
+        reasons.append(reason)
+    # JSON (ASCII-escaped) carries a reason that quotes an undecodable file name intact.
+    return {"job": batch["job"], "pixels": pixels[None], "reasons": np.array([json.dumps(reasons)])}
+
+
+class ShardWriter:
+    """A Ray actor: builds the extractor once, then computes and commits each decoded shard it is given."""
+
+    def __init__(self, settings, weights, taps, manifest: dict, class_names):
+        from pipeline import set_backend_defaults
+        from pipeline.backbones import create_extractor, get_backbone
+
+        set_backend_defaults()
+        from pipeline.weights import resolve_weights
+
+        # Resolved again here: the weights' path on this node may differ, their bytes may not.
+        local = resolve_weights(get_backbone(settings.backbone), str(weights.path) if weights.kind == "file"
+                                else settings.weights, settings.seed)
+        if local.sha256 != weights.sha256:
+            raise LayertapError(f"the weights on this Ray node ({local.path}) are not the ones the run was "
+                                f"started with (sha256 {local.sha256[:12]}, not {weights.sha256[:12]})")
+        self.extractor = create_extractor(settings.backbone, local, taps, settings.pooling, settings.image_size,
+                                          settings.precision)
+        self.settings, self.manifest, self.class_names = settings, manifest, class_names
+        self.pad_to = settings.batch_size if pads_short_batches() else None
+
+    def __call__(self, batch: dict) -> dict:
+        job: ShardJob = pickle.loads(batch["job"][0])
+        pixels, reasons = batch["pixels"][0], json.loads(batch["reasons"][0])
+        n = run_shard(job, _batches(job, pixels, reasons, self.settings.batch_size), self.extractor, self.manifest,
+                      self.class_names, self.settings.store_dtype, self.pad_to)
+        return {"images": np.array([n]), "shard": np.array([str(job.path)])}
+
+
+def _batches(job: ShardJob, pixels: np.ndarray, reasons: list, batch_size: int):
+    """A decoded shard as the local engine's batches: the same chunks, only the decoded images of each."""
+    for a, b in job.chunks(batch_size):
+        chunk = reasons[a - job.start:b - job.start]
+        ok = [a - job.start + i for i, reason in enumerate(chunk) if reason is None]
+        yield (a, b), pixels[ok], chunk
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[-1]

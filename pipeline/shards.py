@@ -1,0 +1,205 @@
+"""The seam between a feature store and the engines that fill it: plan, run, merge.
+
+:func:`plan_shards` cuts the image list into fixed slices (shards) and says which are not yet
+committed; :func:`run_shard` computes one shard from its decoded batches and commits it
+atomically, a pure function of (image slice, settings); :func:`pipeline.store.merge_shards`
+joins the shards into the store. An engine is a short driver of these three:
+
+- the local engine (:func:`run_local`, below) decodes in worker processes on this host, ahead
+  of the forward passes in this process;
+- the Ray engine (:mod:`pipeline.ray_engine`) decodes in Ray tasks and runs the model in an
+  actor pool, on one machine or a cluster.
+
+Both chunk a shard into the same batches and pad them the same way, so they write identical
+shards; a shard committed by either is reused by both, which is what makes a killed run
+resumable whatever engine it ran on. A third engine (Spark, Dask) would be a third driver.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import LayertapError
+from pipeline.images import ImageList, ImageRecord, default_workers, ordered_map
+from pipeline.runtime import keras_backend, on_gpu
+from pipeline.store import FeatureStore, Rows, write_shard
+
+Batch = tuple[tuple[int, int], object, list]  # ((a, b), pixels of the decoded images, reason or None per image)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to compute: images ``start:stop`` of the list, committed to ``path``.
+
+    Self-contained (absolute paths, its own records), so it can be sent to another process or machine.
+    """
+
+    start: int
+    stop: int
+    path: Path
+    root: Path
+    records: tuple[ImageRecord, ...]
+
+    def files(self) -> list[Path]:
+        return [self.root / record.path for record in self.records]
+
+    def chunks(self, batch_size: int) -> list[tuple[int, int]]:
+        """The forward batches of this shard, ``(a, b)`` in list positions; the same on every engine."""
+        return [(a, min(a + batch_size, self.stop)) for a in range(self.start, self.stop, batch_size)]
+
+
+def parts_dir(store_path: Path, taps: Iterable[str]) -> Path:
+    """Where the shards of ``taps`` for ``store_path`` are committed until they are merged."""
+    return store_path.with_name(store_path.stem + ".parts") / "-".join(sorted(taps))
+
+
+def plan_shards(images: ImageList, store_path: Path, taps: tuple[str, ...], key: str,
+                shard_size: int) -> tuple[list[ShardJob], list[ShardJob]]:
+    """Cut the image list into shards of ``shard_size`` images.
+
+    Returns:
+        Every shard, in list order (what is merged), and those not yet committed for this key and
+        these taps (what an engine runs).
+    """
+    parts, root = parts_dir(store_path, taps).resolve(), Path(images.root).resolve()
+    shards = [ShardJob(start, min(start + shard_size, len(images)),
+                       parts / f"shard-{start:09d}-{min(start + shard_size, len(images)):09d}.h5", root,
+                       images.records[start:start + shard_size])
+              for start in range(0, len(images), shard_size)]
+    return shards, [job for job in shards if not is_committed(job.path, key, taps)]
+
+
+def is_committed(path: Path, key: str, taps) -> bool:
+    """Whether ``path`` is a complete shard of this key with exactly these taps."""
+    if not path.exists():
+        return False
+    try:
+        shard = FeatureStore(path, kind="shard")
+    except LayertapError:
+        return False
+    return shard.key == key and set(shard.taps) == set(taps)
+
+
+def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict, class_names, dtype: str,
+              pad_to: int | None, progress: Callable[[int], object] | None = None) -> int:
+    """Compute one shard from its decoded batches (``job.chunks(batch_size)``, in order) and commit it.
+
+    Args:
+        extractor: The :class:`pipeline.backbones.Extractor` of the taps to compute.
+        manifest: The store's manifest; the shard's records its slice and taps on top.
+        pad_to: Pad short batches to this many images (:func:`pads_short_batches`), or None.
+        progress: Called with the number of images of each batch done.
+
+    Returns:
+        The number of images decoded (the shard's size, bad images included).
+    """
+    class_index = {name: i for i, name in enumerate(class_names)}
+    rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
+    for (a, b), pixels, reasons in batches:
+        for record, reason in zip(job.records[a - job.start:b - job.start], reasons):
+            if reason is None:
+                rows.extend(Rows([record.path], [class_index[record.label]], [record.split], [record.fingerprint]))
+            else:
+                skipped.append((record.path, reason))
+        if len(pixels):
+            forward(extractor, pixels, pad_to, outputs)
+        if progress:
+            progress(b - a)
+    features = {tap: (np.concatenate(v) if v else np.zeros((0, extractor.dims(tap)), np.float32))
+                for tap, v in outputs.items()}
+    write_shard(job.path, rows=rows, features=features, class_names=class_names, skipped=skipped,
+                manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(extractor.taps)},
+                map_shapes=extractor.map_shapes, dtype=dtype)
+    return job.stop - job.start
+
+
+def pads_short_batches() -> bool:
+    """Whether a short batch (the last one, or one with skipped images) is padded to the full batch size.
+
+    Yes where a new input shape means a compile that costs more than the padding images' compute: JAX
+    and torch (XLA, inductor) and any GPU. TensorFlow on a CPU retraces once, in about 0.5 s for VGG16,
+    and then takes any batch size, while 18 padding images cost about 4 s of float32 forward on two
+    cores (bench/NOTES.md).
+    """
+    return keras_backend() != "tensorflow" or on_gpu()
+
+
+def forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
+    """One forward pass; a short batch is padded to ``pad_to`` images so the model keeps one input shape."""
+    n = len(pixels)
+    if isinstance(pixels, np.ndarray):
+        x = pixels
+        if pad_to and n < pad_to:
+            x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], x.dtype)])
+    else:
+        from pipeline.gpu_decode import to_backend
+        x = to_backend(pixels, pad_to or len(pixels))
+    result = extractor(x)
+    for tap in outputs:
+        outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])
+
+
+def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_names, done: int = 0) -> int:
+    """The local engine: one decoding stream across all the jobs, ahead of the forward passes in this process.
+
+    Returns:
+        The number of images decoded.
+    """
+    chunks = [job.chunks(settings.batch_size) for job in jobs]
+    files = {i: path for job in jobs for i, path in zip(range(job.start, job.stop), job.files())}
+    bar = progress_bar(total=done + sum(job.stop - job.start for job in jobs), initial=done,
+                       enabled=settings.progress)
+    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings)
+    pad_to = settings.batch_size if pads_short_batches() else None
+    try:
+        return sum(run_shard(job, itertools.islice(batches, len(job_chunks)), extractor, manifest, class_names,
+                             settings.store_dtype, pad_to, bar.update)
+                   for job, job_chunks in zip(jobs, chunks))
+    finally:
+        batches.close()
+        bar.close()
+
+
+def decoded_batches(paths, chunks: list[tuple[int, int]], settings) -> Iterator[Batch]:
+    """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
+
+    Args:
+        paths: Files by list position (a list, or a dict of the chunks' positions).
+
+    Yields:
+        ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
+        uint8 batch (NumPy, or a device tensor for ``nvjpeg``) and, per path, ``None`` or why it
+        was skipped.
+    """
+    workers = settings.workers or default_workers()
+    if settings.decoder == "nvjpeg":
+        from pipeline.gpu_decode import NvjpegDecoder
+
+        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
+        try:
+            # One thread decodes the next batch on the GPU while this one runs the forward pass.
+            for chunk, (pixels, reasons) in zip(chunks, ordered_map(lambda c: decoder([paths[i] for i in range(*c)]),
+                                                                     chunks, workers=1, prefetch=2)):
+                yield chunk, pixels, reasons
+        finally:
+            decoder.close()
+        return
+    from pipeline.decoding import ProcessDecoder
+
+    decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
+                             draft=settings.draft, max_pixels=settings.max_pixels)
+    try:
+        yield from decoder.batches(paths, chunks)
+    finally:
+        decoder.close()
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="extract", unit="img", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)

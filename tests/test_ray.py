@@ -1,0 +1,164 @@
+"""The Ray engine (``--engine ray``) on a local Ray with 2 CPUs: same store, faults, resume, cache across engines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, add_bad_files, make_split_folder, processes_marked, tiny_settings
+
+from pipeline import LayertapError
+from pipeline.extract import extract_features
+from pipeline.store import FeatureStore, StoreLockedError, store_lock
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
+ACTOR_TITLE = "ray::MapWorker(MapBatches(ShardWriter))"
+TAPS = ("block1_pool", "block2_pool")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the module (a run joins the Ray its process started): its address."""
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, logging_level="error")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_split_folder(tmp_path_factory.mktemp("ray") / "splits", train=4, val=1, test=3)  # 24 images
+
+
+def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
+    assert a.key == b.key and a.rows.paths == b.rows.paths and a.skipped == b.skipped
+    for tap in TAPS:
+        np.testing.assert_array_equal(a.features(tap), b.features(tap))  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def local_store(data, tmp_path_factory) -> FeatureStore:
+    return FeatureStore(extract_features(tiny_settings(data, tmp_path_factory.mktemp("local"))).store_path)
+
+
+def test_ray_and_local_write_the_same_store_and_each_is_a_cache_hit_for_the_other(cluster, data, local_store,
+                                                                                  tmp_path):
+    made = extract_features(tiny_settings(data, tmp_path, engine="ray"))
+    assert made.store_path.name == local_store.path.name and made.n_decoded == 24
+    store = FeatureStore(made.store_path)
+    assert_same_store(store, local_store)
+    assert {info["engine"] for info in store.manifest.taps.values()} == {"ray"}
+    assert not list(tmp_path.glob("*.parts")), "the shards are merged and removed"
+
+    again = extract_features(tiny_settings(data, local_store.path.parent, engine="ray"))
+    assert again.cache_hit and again.store_path == local_store.path
+    assert extract_features(tiny_settings(data, tmp_path)).cache_hit  # the local engine reuses Ray's store
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_the_store_comes_out_identical(cluster, data, local_store,
+                                                                                tmp_path):
+    killed = {}
+
+    def kill_the_model_actor_after_its_first_shard():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if list(tmp_path.glob("*.parts/*/shard-*.h5")):
+                for pid in _processes_titled(ACTOR_TITLE):
+                    os.kill(pid, signal.SIGKILL)
+                    killed[pid] = len(list(tmp_path.glob("*.parts/*/shard-*.h5")))
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_model_actor_after_its_first_shard)
+    killer.start()
+    try:
+        made = extract_features(tiny_settings(data, tmp_path, engine="ray", shard_size=2, batch_size=2))
+    finally:
+        killed.setdefault(0, -1)  # stops the thread if the run ended first
+        killer.join()
+    assert [n for pid, n in killed.items() if pid] and max(killed.values()) < 12, \
+        f"the actor must be killed while shards remain: {killed}"
+    assert_same_store(FeatureStore(made.store_path), local_store)
+
+
+def test_bad_images_are_skipped_and_named_as_the_local_engine_names_them(cluster, tmp_path):
+    folder = make_split_folder(tmp_path / "bad", train=2, val=1, test=1)
+    expected = add_bad_files(folder / "train", "red")
+    local = FeatureStore(extract_features(tiny_settings(folder, tmp_path / "local")).store_path)
+    on_ray = FeatureStore(extract_features(tiny_settings(folder, tmp_path / "ray", engine="ray")).store_path)
+    assert_same_store(on_ray, local)
+    reasons = dict(on_ray.skipped)
+    for name, fragment in expected.items():
+        assert fragment in reasons[f"train/red/{name}"], reasons
+
+
+def test_a_killed_driver_leaves_shards_that_the_next_run_resumes_from(cluster, data, local_store, tmp_path):
+    """The driver joins the running cluster (--ray-address), is SIGKILLed, and a local run finishes the store."""
+    out = tmp_path / "killed"
+    args = ["extract", "--data", str(data), "--weights", "random", "--size", "32", "--layers", ",".join(TAPS),
+            "--batch-size", "4", "--shard-size", "4", "-q", "--out", str(out), "--engine", "ray",
+            "--ray-address", cluster]
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.parts/*/shard-*.h5")) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        driver.kill()
+    finally:
+        output = driver.communicate(timeout=30)[0]
+    assert driver.returncode == -signal.SIGKILL, output[-2000:]
+    assert not list(out.glob("*.h5")), "a killed run must leave no store that later stages accept"
+    deadline = time.time() + 60  # Ray ends the dead driver's actors; one may commit the shard in hand first
+    while _processes_titled(ACTOR_TITLE) and time.time() < deadline:
+        time.sleep(0.1)
+    committed = len(list(out.glob("*.parts/*/shard-*.h5")))
+    assert 1 <= committed < 6
+
+    resumed = extract_features(tiny_settings(data, out, batch_size=4))
+    assert resumed.n_decoded == 24 - 4 * committed, "the rerun must decode only the uncommitted shards"
+    assert_same_store(FeatureStore(resumed.store_path), local_store)
+
+
+def test_a_second_driver_on_one_store_is_refused_before_ray_starts(data, local_store, tmp_path):
+    store_path = tmp_path / local_store.path.name
+    with store_lock(store_path), pytest.raises(StoreLockedError, match="another process is extracting"):
+        extract_features(tiny_settings(data, tmp_path, engine="ray"))
+
+
+def test_the_command_starts_its_own_ray_and_stops_it(data, local_store, tmp_path):
+    mark = f"layertap-ray-test-{os.getpid()}-{time.time()}"
+    run = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--data", str(data), "--weights", "random",
+                          "--size", "32", "--layers", ",".join(TAPS), "--batch-size", "4", "--shard-size", "4",
+                          "--out", str(tmp_path), "--engine", "ray", "-q"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "computed" in run.stdout and "Traceback" not in run.stderr
+    assert_same_store(FeatureStore(tmp_path / local_store.path.name), local_store)
+    deadline = time.time() + 15
+    while processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_marked(mark), "the Ray the command started must stop with it"
+
+
+def test_without_ray_installed_the_message_says_how_to_get_it(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(LayertapError, match=r"pip install 'layertap\[ray\]'"):
+        extract_features(tiny_settings(data, tmp_path, engine="ray"))
+
+
+def _processes_titled(prefix: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read().startswith(prefix.encode()):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found

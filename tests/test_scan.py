@@ -1,0 +1,111 @@
+"""The stat cache: a cache-hit rerun reads no image bytes; a changed file is read and never silently reused."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import add_bad_files, make_split_folder, photo, tiny_settings
+
+import pipeline.scan as scan_module
+import pipeline.shards as shards_module
+from pipeline import LayertapError
+from pipeline.extract import extract_features
+from pipeline.images import find_images
+from pipeline.scan import FILE_NAME, RACY_NS, Probe, StatCache, file_stat, scan_images
+
+AN_HOUR_AGO = time.time() - 3600
+
+
+def age(folder, seconds_ago: float = 3600) -> None:
+    """Date every file back, as files are unless a tool just wrote them (fresh files are rehashed: RACY_NS)."""
+    when = time.time() - seconds_ago
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.utime(path, (when, when))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list:
+    """Every file the scan reads, in this process (the scan's threads read; decoding has its own test)."""
+    seen, read = [], scan_module.read_file
+    monkeypatch.setattr(scan_module, "read_file", lambda path: seen.append(path) or read(path))
+    return seen
+
+
+def test_a_rerun_reads_no_image_bytes_and_an_edited_image_is_caught(tmp_path, reads, monkeypatch):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert len(reads) == 12 and (tmp_path / "f" / FILE_NAME).is_file()
+
+    reads.clear()
+    decoding = shards_module.decoded_batches
+    monkeypatch.setattr(shards_module, "decoded_batches", lambda *a, **k: pytest.fail("decoding started"))
+    again = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert again.cache_hit and again.store_path == first.store_path and reads == []
+
+    touched = data / "train" / "red" / "img_0.jpg"  # same bytes, new times: read again, still a cache hit
+    os.utime(touched, (AN_HOUR_AGO + 60, AN_HOUR_AGO + 60))
+    assert extract_features(tiny_settings(data, tmp_path / "f")).cache_hit and reads == [touched]
+
+    reads.clear()
+    monkeypatch.setattr(shards_module, "decoded_batches", decoding)
+    edited = data / "test" / "blue" / "img_0.jpg"
+    photo((0, 0, 0), seed=7).save(edited, "JPEG")  # new bytes, dated back like the others
+    os.utime(edited, (AN_HOUR_AGO + 120, AN_HOUR_AGO + 120))
+    changed = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert reads == [edited], "only the edited file is read"
+    assert not changed.cache_hit and changed.store_path != first.store_path, "new bytes are a new store"
+
+
+def test_verify_reads_every_file_and_unchanged_files_keep_their_store(tmp_path, reads):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    reads.clear()
+    again = extract_features(tiny_settings(data, tmp_path / "f", verify=True))
+    assert len(reads) == 12 and again.cache_hit and again.store_path == first.store_path
+
+
+def test_a_file_modified_close_to_its_scan_is_read_again(tmp_path):
+    """Git's racy-clean rule: a rewrite within one timestamp tick of the scan, same size, must not pass."""
+    (tmp_path / "a.bin").write_bytes(b"x")
+    stat = file_stat(tmp_path / "a.bin")
+    cache = StatCache(tmp_path, tmp_path)
+    cache.remember("a.bin", stat, Probe("hash", "JPEG", 4, 4))
+    cache.save()
+    assert StatCache(tmp_path, tmp_path).lookup("a.bin", stat) is None, "modified just before the entry was made"
+
+    old = (stat[0], stat[1] - 2 * RACY_NS, *stat[2:])
+    cache.remember("a.bin", old, Probe("hash", "JPEG", 4, 4))
+    cache.save()
+    assert StatCache(tmp_path, tmp_path).lookup("a.bin", old) == Probe("hash", "JPEG", 4, 4)
+    assert StatCache(tmp_path, tmp_path).lookup("a.bin", (old[0] + 1, *old[1:])) is None, "another size"
+    assert StatCache(tmp_path, tmp_path / "other").lookup("a.bin", old) is None, "entries belong to their root"
+
+
+def test_bad_files_are_remembered_with_their_reason_and_the_pixel_limit_applies_anew(tmp_path, reads):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    expected = add_bad_files(data / "train", "red")
+    age(data)
+    first = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    reads.clear()
+    again = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert again == first and reads == []
+    at_scan = {name for name, reason in expected.items() if reason != "cannot decode"}  # truncated: at decoding
+    assert {s.path.rsplit("/", 1)[-1] for s in again.skipped} == at_scan
+    with pytest.raises(LayertapError, match="decompression bomb: 48x40"):  # the limit is applied to cached sizes
+        scan_images(find_images(data), max_pixels=1000, cache=StatCache(tmp_path, data))
+    assert reads == []
+
+
+def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, caplog):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    (tmp_path / FILE_NAME).write_bytes(b"this is not a database" * 100)
+    scanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert scanned == scan_images(find_images(data)) and len(reads) == 24
+    warnings = [r for r in caplog.records if "stat cache" in r.getMessage()]
+    assert len(warnings) == 1 and "Delete the file" in warnings[0].getMessage()
