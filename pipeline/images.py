@@ -156,17 +156,16 @@ def _from_folder(root: Path) -> ImageList:
                 skipped.append(Skipped(_rel(item, root), _link_problem(item)))
                 continue
             found = 0
-            for path in sorted(item.rglob("*")):
-                if any(part.startswith(".") for part in path.relative_to(item).parts):
-                    continue
-                if path.is_file():
+            for path, is_file in sorted(_files_under(str(item))):
+                if is_file:
                     entries.append((path, item.name, split))
                     found += 1
-                elif path.is_symlink() and not path.is_dir():
-                    skipped.append(Skipped(_rel(path, root), _link_problem(path)))
+                else:
+                    skipped.append(Skipped(_rel(Path(path), root), _link_problem(Path(path))))
             if not found:
                 skipped.append(Skipped(_rel(item, root) + "/", "empty class folder: the class is left out"))
-    records = tuple(sorted((ImageRecord(_rel(p, root), label, split) for p, label, split in entries),
+    prefix = len(str(root).rstrip(os.sep)) + 1
+    records = tuple(sorted((ImageRecord(p[prefix:].replace(os.sep, "/"), label, split) for p, label, split in entries),
                            key=lambda r: r.path))
     return ImageList(root, records, tuple(sorted({r.label for r in records})), tuple(skipped), root.name)
 
@@ -198,6 +197,30 @@ def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
             records[path] = ImageRecord(Path(path).as_posix(), label, split)
     ordered = tuple(sorted(records.values(), key=lambda r: r.path))
     return ImageList(root, ordered, tuple(sorted({r.label for r in ordered})), (), name)
+
+
+def _files_under(folder: str):
+    """``(path, True)`` for each file below ``folder`` and ``(path, False)`` for each link that gives none.
+
+    Hidden names are left out at any depth; links to folders are followed (as ``Path.rglob`` does).
+    ``os.scandir`` reads the entry types with the listing, so a file costs no stat of its own.
+    """
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    kind = "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
+                except OSError:  # a link loop
+                    kind = "other"
+                if kind == "dir":
+                    stack.append(entry.path)
+                elif kind == "file":
+                    yield entry.path, True
+                elif entry.is_symlink():
+                    yield entry.path, False
 
 
 def _link_problem(path: Path) -> str:

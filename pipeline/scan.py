@@ -37,6 +37,7 @@ FILE_NAME = ".layertap-stat-cache.sqlite"
 # An entry whose file changed less than this before the entry was written is rehashed (coarse
 # timestamps: 2 s on FAT, 1 s on some network filesystems).
 RACY_NS = 2_000_000_000
+STAT_CHUNK = 2048  # files a scan thread stats at once
 _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
     root TEXT NOT NULL, path BLOB NOT NULL, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     scanned_ns INTEGER, fingerprint TEXT, format TEXT, width INTEGER, height INTEGER, reason TEXT,
@@ -83,16 +84,17 @@ class StatCache:
                 with self._connect() as db:
                     rows = db.execute("SELECT path, size, mtime_ns, ctime_ns, inode, scanned_ns, fingerprint, format,"
                                       " width, height, reason FROM files WHERE root = ?", (self.root,))
-                    self._entries = {os.fsdecode(row[0]): row[1:] for row in rows}
+                    self._entries = {os.fsdecode(row[0]): (row[1:5], row[5], row[6:]) for row in rows}
         except sqlite3.Error as exc:
             self._unusable(exc)
 
     def lookup(self, rel: str, stat: tuple | None) -> Probe | None:
         """The cached probe of ``rel`` if its stat is the recorded one and the entry is not racy."""
         entry = self._entries.get(rel)
-        if entry is None or stat is None or tuple(entry[:4]) != stat or stat[1] >= entry[4] - RACY_NS:
+        if entry is None or entry[0] != stat or stat[1] >= entry[1] - RACY_NS:
             return None
-        return Probe(entry[5] or "", entry[6] or "", entry[7] or 0, entry[8] or 0, entry[9])
+        fingerprint, fmt, width, height, reason = entry[2]
+        return Probe(fingerprint or "", fmt or "", width or 0, height or 0, reason)
 
     def remember(self, rel: str, stat: tuple | None, probe: Probe) -> None:
         """Record a probe made from the file's bytes (read after ``stat`` was taken)."""
@@ -134,33 +136,40 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False, cache: StatCache | None = None) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
 
-    Reads each file once (for its content hash) and its header, but decodes no pixels.
+    Reads each file once (for its content hash) and its header, but decodes no pixels; with a
+    stat cache, only the files whose stat it has not recorded.
     Empty files, files that are not images, unreadable headers and images over
     ``max_pixels`` are moved to ``skipped`` with the reason.
 
     Args:
-        cache: A :class:`pipeline.statcache.StatCache`: files whose stat it has recorded are not
+        cache: A :class:`StatCache`: files whose stat it has recorded are not
             read again; what is read is recorded.
 
     Raises:
         LayertapError: no usable image is left, or a class has none.
     """
-    def check(record: ImageRecord) -> ImageRecord | Skipped:
-        path = images.root / record.path
-        stat = file_stat(path) if cache else None
-        probe = cache.lookup(record.path, stat) if cache else None
-        if probe is None:
-            probe, lasting = probe_file(path)
-            if cache and lasting:
-                cache.remember(record.path, stat, probe)
-        if probe.reason:
-            return Skipped(record.path, probe.reason)
-        if probe.width * probe.height > max_pixels:
-            return Skipped(record.path, bomb_reason(probe.width, probe.height, max_pixels))
-        return ImageRecord(record.path, record.label, record.split, probe.fingerprint, probe.format)
+    records, root, workers = images.records, str(images.root).rstrip(os.sep), workers or default_workers()
+    probes: list[Probe | None] = [None] * len(records)
+    stats: list[tuple | None] = [None] * len(records)
+    if cache:  # stat every file (in chunks: one thread-pool task per file would cost more than the stat)
+        def lookup(start: int) -> None:
+            for i in range(start, min(start + STAT_CHUNK, len(records))):
+                stats[i] = file_stat(root + os.sep + records[i].path)
+                probes[i] = cache.lookup(records[i].path, stats[i])
+        for _ in ordered_map(lookup, range(0, len(records), STAT_CHUNK), workers):
+            pass
+    todo = [i for i, probe in enumerate(probes) if probe is None]
 
-    results = list(progress_bar(ordered_map(check, images.records, workers or default_workers()),
-                                total=len(images), desc="scan", enabled=progress))
+    def read(i: int) -> Probe:
+        probe, lasting = probe_file(images.root / records[i].path)
+        if cache and lasting:
+            cache.remember(records[i].path, stats[i], probe)
+        return probe
+
+    for i, probe in zip(todo, progress_bar(ordered_map(read, todo, workers), total=len(todo), desc="scan",
+                                           enabled=progress)):
+        probes[i] = probe
+    results = [_checked(record, probe, max_pixels) for record, probe in zip(records, probes)]
     if cache:
         cache.save()
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
@@ -171,6 +180,14 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                  f"{scanned.skipped[0].path} ({scanned.skipped[0].reason})" if scanned.skipped else ""
         raise LayertapError(f"no usable images in {scanned.root}{detail}")
     return scanned
+
+
+def _checked(record: ImageRecord, probe: Probe, max_pixels: int) -> ImageRecord | Skipped:
+    if probe.reason:
+        return Skipped(record.path, probe.reason)
+    if probe.width * probe.height > max_pixels:
+        return Skipped(record.path, bomb_reason(probe.width, probe.height, max_pixels))
+    return ImageRecord(record.path, record.label, record.split, probe.fingerprint, probe.format)
 
 
 def probe_file(path: Path):
