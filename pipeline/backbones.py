@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from pipeline import LayertapError, import_keras
-from pipeline.runtime import PRECISIONS
+from pipeline.runtime import PRECISIONS, keras_backend
 from pipeline.weights import ResolvedWeights, resolve_weights
 
 
@@ -227,10 +229,42 @@ class Extractor:
     base: object
     taps: tuple[str, ...]
     map_shapes: dict
+    _jitted: list = field(default_factory=list, repr=False, compare=False)  # JAX: the compiled call, once built
 
     def __call__(self, pixels) -> dict:
         """Pooled features of one batch of ``(n, size, size, 3)`` uint8 pixels, as backend arrays."""
         return self.model.predict_on_batch(pixels)
+
+    def dispatch(self, pixels):
+        """Start one batch's forward pass and return a handle for :meth:`collect`.
+
+        On JAX the pass is dispatched asynchronously: the batch is copied to the device (this call
+        waits for that copy only, so the caller may reuse ``pixels``' memory at once) and the network
+        runs while the caller fetches the next batch; :meth:`collect` waits for the features. On the
+        other backends the pass runs here. Either way the numbers are those of :meth:`__call__`.
+        """
+        if keras_backend() != "jax":
+            return self.model.predict_on_batch(pixels)
+        import jax
+
+        if not self._jitted:
+            model = self.model
+
+            def call(trainable, non_trainable, x):
+                return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+            self._jitted.append(jax.jit(call))
+        device = jax.devices()[0]
+        # On a CPU device, JAX may use the host array in place: give it its own copy.
+        x = jax.device_put(np.array(pixels) if device.platform == "cpu" and isinstance(pixels, np.ndarray)
+                           else pixels, device)
+        x.block_until_ready()
+        return self._jitted[0]([v.value for v in self.model.trainable_variables],
+                               [v.value for v in self.model.non_trainable_variables], x)
+
+    @staticmethod
+    def collect(handle) -> dict:
+        """The features of a :meth:`dispatch`, as ``{tap: float32 NumPy array}`` (waits for them)."""
+        return {tap: np.asarray(value, dtype=np.float32) for tap, value in handle.items()}
 
     def dims(self, tap: str) -> int:
         return int(self.model.output[tap].shape[-1])

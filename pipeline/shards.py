@@ -100,6 +100,7 @@ def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict
     """
     class_index = {name: i for i, name in enumerate(class_names)}
     rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
+    in_flight = None  # one batch's forward pass runs while the next batch is fetched (on JAX)
     for (a, b), pixels, reasons in batches:
         for record, reason in zip(job.records[a - job.start:b - job.start], reasons):
             if reason is None:
@@ -107,9 +108,14 @@ def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict
             else:
                 skipped.append((record.path, reason))
         if len(pixels):
-            forward(extractor, pixels, pad_to, outputs)
+            started = forward(extractor, pixels, pad_to)
+            if in_flight:
+                collect(extractor, in_flight, outputs)
+            in_flight = started
         if progress:
             progress(b - a)
+    if in_flight:
+        collect(extractor, in_flight, outputs)
     features = {tap: (np.concatenate(v) if v else np.zeros((0, extractor.dims(tap)), np.float32))
                 for tap, v in outputs.items()}
     write_shard(job.path, rows=rows, features=features, class_names=class_names, skipped=skipped,
@@ -129,8 +135,9 @@ def pads_short_batches() -> bool:
     return keras_backend() != "tensorflow" or on_gpu()
 
 
-def forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
-    """One forward pass; a short batch is padded to ``pad_to`` images so the model keeps one input shape."""
+def forward(extractor, pixels, pad_to: int | None):
+    """Start one batch's forward pass (:meth:`pipeline.backbones.Extractor.dispatch`), a short batch padded to
+    ``pad_to`` images so the model keeps one input shape; ``(n, handle)`` for :func:`collect`."""
     n = len(pixels)
     if isinstance(pixels, np.ndarray):
         x = pixels
@@ -139,9 +146,15 @@ def forward(extractor, pixels, pad_to: int | None, outputs: dict) -> None:
     else:
         from pipeline.gpu_decode import to_backend
         x = to_backend(pixels, pad_to or len(pixels))
-    result = extractor(x)
-    for tap in outputs:
-        outputs[tap].append(np.asarray(result[tap], dtype=np.float32)[:n])
+    return n, extractor.dispatch(x)
+
+
+def collect(extractor, started, outputs: dict) -> None:
+    """Append the features of a :func:`forward` to ``outputs`` (``{tap: [arrays]}``), padding rows dropped."""
+    n, handle = started
+    for tap, values in extractor.collect(handle).items():
+        if tap in outputs:
+            outputs[tap].append(values[:n])
 
 
 def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_names, done: int = 0) -> int:

@@ -20,11 +20,21 @@ CASES = {"vgg16": ("hed-bsds500", ("block2_pool", "block3_pool"), "block3_pool",
 
 
 def features(backbone: str, weights: str) -> dict:
+    """The features of IMAGES as stage one computes them: two batches, the second started before the first is
+    collected (on JAX both run asynchronously), the last one padded; checked against one synchronous call."""
     from pipeline.backbones import create_extractor
+    from pipeline.shards import collect, forward
 
     taps = CASES[backbone][1]
-    out = create_extractor(backbone, weights, taps, "avg", 32, "float32")(IMAGES)
-    return {f"{backbone}/{tap}": np.asarray(out[tap], dtype=np.float32) for tap in taps}
+    extractor = create_extractor(backbone, weights, taps, "avg", 32, "float32")
+    outputs = {tap: [] for tap in taps}
+    first, second = forward(extractor, IMAGES[:3], 3), forward(extractor, IMAGES[3:], 3)
+    collect(extractor, first, outputs)
+    collect(extractor, second, outputs)
+    direct = extractor(IMAGES)
+    for tap in taps:
+        np.testing.assert_allclose(np.concatenate(outputs[tap]), direct[tap], rtol=1e-5, atol=1e-6, err_msg=tap)
+    return {f"{backbone}/{tap}": np.concatenate(outputs[tap]) for tap in taps}
 
 
 def changed_by_one_step(backbone: str) -> dict:
