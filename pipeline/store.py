@@ -43,6 +43,7 @@ STORE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 _FLAT_ATTRS = ("key", "backbone", "weights", "weights_sha256", "image_size", "pooling")
 _STR = h5py.string_dtype()
+_COLUMNS = ("paths", "labels", "split", "fingerprints")
 REPLACE = "run the same `layertap extract` again to replace it"
 
 
@@ -119,9 +120,27 @@ class FeatureStore:
                                    for tap in self.taps}
                 self.dtype = str(fh["features"][self.taps[0]].dtype) if self.taps else "float32"
                 self.class_names: tuple[str, ...] = tuple(_strings(fh["class_names"]))
-                self.rows = Rows(_strings(fh["paths"]), fh["labels"][()].astype(int).tolist(),
-                                 _strings(fh["split"]), _strings(fh["fingerprints"]))
+                self._n = int(fh["labels"].shape[0])
                 self.skipped = list(zip(_strings(fh["skipped/path"]), _strings(fh["skipped/reason"])))
+        except OSError as exc:
+            raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
+        self._rows: Rows | None = None
+
+    @property
+    def rows(self) -> Rows:
+        """The per-image columns, read when first asked for (a store of 10^8 rows opens without them)."""
+        if self._rows is None:
+            columns = self.columns()
+            self._rows = Rows(_decoded(columns["paths"]), columns["labels"].tolist(), _decoded(columns["split"]),
+                              _decoded(columns["fingerprints"]))
+        return self._rows
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-image columns as stored (``paths``, ``split``, ``fingerprints``: arrays of UTF-8 bytes;
+        ``labels``: int32), without a Python string per row."""
+        try:
+            with h5py.File(self.path, "r") as fh:
+                return {name: fh[name][()] for name in _COLUMNS}
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
 
@@ -138,7 +157,7 @@ class FeatureStore:
         return np.asarray(self.rows.splits, dtype=object)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._n
 
     def features(self, tap: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """The ``(n, dims)`` features of one tap (all rows, or a selection).
@@ -169,7 +188,11 @@ class FeatureStore:
 
 
 def _strings(dataset) -> list[str]:
-    return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+    return _decoded(dataset[()])
+
+
+def _decoded(values) -> list[str]:
+    return [s.decode("utf-8", "surrogateescape") if isinstance(s, bytes) else str(s) for s in values]
 
 
 def _encoded(strings) -> np.ndarray:
@@ -182,12 +205,15 @@ def _chunk_rows(n: int, dims: int, itemsize: int) -> int:
     return max(1, min(n, (1 << 20) // max(1, dims * itemsize)))
 
 
-def _write_columns(fh: h5py.File, rows: Rows, class_names: Sequence[str],
+def _as_columns(rows: Rows) -> dict[str, np.ndarray]:
+    return {"paths": _encoded(rows.paths), "labels": np.asarray(rows.labels, dtype=np.int32),
+            "split": _encoded(rows.splits), "fingerprints": _encoded(rows.fingerprints)}
+
+
+def _write_columns(fh: h5py.File, columns: dict[str, np.ndarray], class_names: Sequence[str],
                    skipped: Sequence[tuple[str, str]]) -> None:
-    fh.create_dataset("paths", data=_encoded(rows.paths), dtype=_STR)
-    fh.create_dataset("labels", data=np.asarray(rows.labels, dtype=np.int32))
-    fh.create_dataset("split", data=_encoded(rows.splits), dtype=_STR)
-    fh.create_dataset("fingerprints", data=_encoded(rows.fingerprints), dtype=_STR)
+    for name in _COLUMNS:
+        fh.create_dataset(name, data=columns[name], dtype=np.int32 if name == "labels" else _STR)
     fh.create_dataset("class_names", data=_encoded(class_names), dtype=_STR)
     group = fh.create_group("skipped")
     group.create_dataset("path", data=_encoded([p for p, _ in skipped]), dtype=_STR)
@@ -240,7 +266,7 @@ def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], clas
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as fh:
-        _write_columns(fh, rows, class_names, skipped)
+        _write_columns(fh, _as_columns(rows), class_names, skipped)
         for tap, values in features.items():
             dataset = _create_tap(fh, tap, len(rows), values.shape[1], dtype, "none", map_shapes[tap],
                                   manifest["pooling"])
@@ -273,18 +299,24 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
     Raises:
         LayertapError: a shard belongs to another key, or the rows do not line up with ``base``.
     """
-    opened = [FeatureStore(s, kind="shard") for s in shards]
-    rows, all_skipped = Rows(), list(skipped)
-    for shard in opened:
+    # The columns go from shard to store as stored (bytes arrays), never as one Python string per row.
+    opened, parts, all_skipped = [], {name: [] for name in _COLUMNS}, list(skipped)
+    for path in shards:
+        shard = FeatureStore(path, kind="shard")
         if shard.key != manifest["key"]:
             raise LayertapError(f"shard {shard.path} belongs to store key {shard.key[:12]}, "
                                 f"not {manifest['key'][:12]}")
-        rows.extend(shard.rows)
+        for name, values in shard.columns().items():
+            parts[name].append(values)
         all_skipped += shard.skipped
-    if base is not None and base.rows.paths != rows.paths:
+        opened.append(shard)
+    columns = {name: np.concatenate(values) if values else np.zeros(0, np.int32 if name == "labels" else object)
+               for name, values in parts.items()}
+    if base is not None and not np.array_equal(base.columns()["paths"], columns["paths"]):
         raise LayertapError(f"{base.path} and the new extraction disagree on which images decode; "
                             "delete the store and extract all layers again")
-    class_names = _drop_empty_classes(rows, list(manifest["class_names"]), all_skipped)
+    columns["labels"], class_names = _drop_empty_classes(columns["labels"], list(manifest["class_names"]),
+                                                         all_skipped)
     new_taps = opened[0].taps if opened else ()
     # Check the room first: HDF5 failing on a full disk leaves objects that crash the interpreter later.
     needed = int(1.05 * sum(p.stat().st_size for p in [*map(Path, shards), *([base.path] if base else [])])) + (1 << 20)
@@ -292,14 +324,14 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
     if shutil.disk_usage(dest.parent).free < needed:
         raise _disk_full(dest, needed)
     with _atomic(dest) as tmp, h5py.File(tmp, "w") as fh:
-        _write_columns(fh, rows, class_names, all_skipped)
+        _write_columns(fh, columns, class_names, all_skipped)
         if base is not None:
             with h5py.File(base.path, "r") as src:
                 for tap in base.taps:
                     if tap not in new_taps:
                         src.copy(src["features"][tap], fh.require_group("features"), name=tap)
         for tap in new_taps:
-            dataset = _create_tap(fh, tap, len(rows), opened[0].dims[tap], dtype, compression,
+            dataset = _create_tap(fh, tap, len(columns["labels"]), opened[0].dims[tap], dtype, compression,
                                   opened[0].map_shapes[tap], manifest["pooling"])
             start = 0
             for shard in opened:
@@ -312,16 +344,16 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
     return FeatureStore(dest)
 
 
-def _drop_empty_classes(rows: Rows, class_names: list[str], skipped: list) -> list[str]:
+def _drop_empty_classes(labels: np.ndarray, class_names: list[str], skipped: list) -> tuple[np.ndarray, list[str]]:
     """Leave out classes none of whose images decoded (labels renumbered, each class named in ``skipped``)."""
-    counts = np.bincount(np.asarray(rows.labels, dtype=np.int64), minlength=len(class_names))
+    counts = np.bincount(labels.astype(np.int64), minlength=len(class_names))
     kept = [i for i, count in enumerate(counts) if count]
     if len(kept) == len(class_names):
-        return class_names
-    renumber = {old: new for new, old in enumerate(kept)}
-    rows.labels = [renumber[label] for label in rows.labels]
+        return labels, class_names
+    renumber = np.full(len(class_names), -1, np.int32)
+    renumber[kept] = np.arange(len(kept), dtype=np.int32)
     skipped += [(f"{class_names[i]}/", EMPTY_CLASS) for i, count in enumerate(counts) if not count]
-    return [class_names[i] for i in kept]
+    return renumber[labels], [class_names[i] for i in kept]
 
 
 @contextmanager
