@@ -73,7 +73,7 @@ def main() -> None:
             print(f"  {engine:<5} round {i + 1}: {result['process_wall_s']:6.1f} s wall, extraction "
                   f"{result['extract_s']:6.1f} s, {result['images']} images", flush=True)
             runs.append(result)
-    identical = _identical([r["store"] for r in runs])
+    identical, merges = _identical([r["store"] for r in runs]), []
     med = {engine: {key: statistics.median(r[key] for r in runs if r["engine"] == engine)
                     for key in ("process_wall_s", "extract_s")} for engine in ENGINES}
     rows = [[engine, f"{med[engine]['process_wall_s']:.1f}", f"{med[engine]['extract_s']:.1f}",
@@ -83,19 +83,22 @@ def main() -> None:
                          title=f"\n{runs[0]['images']} images, {args.size} px, VGG16 block4_pool, weights "
                                f"{runs[0]['weights']}, medians of {args.rounds} alternating runs; stores "
                                f"bit-identical: {identical}")
-    merge = merge_rate(work)
-    table += (f"\nmerge alone: {merge['rows']:,} rows x {merge['dims']} float32 from {merge['shards']} shards in "
-              f"{merge['seconds']:.2f} s = {merge['feature_gb_per_s']:.2f} GB/s of features, "
-              f"{merge['rows_per_s']:,.0f} rows/s")
+    for shards, rows in ((64, 512), (16, 4096)):
+        merge = merge_rate(work / f"merge-{rows}", shards, rows)
+        table += (f"\nmerge alone, {merge['rows']:,} rows x {merge['dims']} float32 from {shards} shards of {rows}: "
+                  f"copy {merge['seconds']:.2f} s ({merge['feature_gb_per_s']:.2f} GB/s of features, "
+                  f"{merge['rows_per_s']:,.0f} rows/s), virtual {merge['virtual_seconds']:.3f} s "
+                  f"({merge['virtual_rows_per_s']:,.0f} rows/s)")
+        merges.append(merge)
     print(table)
     path = write_results("engines", {"machine": machine(), "runs": runs, "medians": med, "identical": identical,
-                                     "merge": merge}, table + "\n")
+                                     "merges": merges}, table + "\n")
     print(f"written: {path}")
 
 
 def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:
-    """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store (the cost the
-    scale projection in bench/NOTES.md extrapolates)."""
+    """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store, copied and
+    virtual (the costs the scale projection in bench/NOTES.md extrapolates)."""
     from pipeline.store import Rows, merge_shards, write_shard
 
     rng = np.random.default_rng(0)
@@ -108,12 +111,15 @@ def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -
                                  ["train"] * rows, ["0" * 32] * rows), features={"t": rng.random((rows, dims),
                                  np.float32)}, class_names=["a", "b"], skipped=[], manifest=manifest,
                                  map_shapes={"t": (7, 7, dims)}, dtype="float32"))
-    started = time.perf_counter()
-    merge_shards(paths, work / "merge" / "store.h5", manifest=manifest)
-    seconds = time.perf_counter() - started
+    seconds = {}
+    for mode in ("copy", "virtual"):
+        started = time.perf_counter()
+        merge_shards(paths, work / "merge" / f"{mode}.h5", manifest=manifest, virtual=mode == "virtual")
+        seconds[mode] = time.perf_counter() - started
     feature_bytes = shards * rows * dims * 4
-    return {"shards": shards, "rows": shards * rows, "dims": dims, "seconds": seconds,
-            "feature_gb_per_s": feature_bytes / seconds / 1e9, "rows_per_s": shards * rows / seconds}
+    return {"shards": shards, "rows": shards * rows, "dims": dims, "seconds": seconds["copy"],
+            "virtual_seconds": seconds["virtual"], "feature_gb_per_s": feature_bytes / seconds["copy"] / 1e9,
+            "rows_per_s": shards * rows / seconds["copy"], "virtual_rows_per_s": shards * rows / seconds["virtual"]}
 
 
 def _identical(stores: list[str]) -> bool:

@@ -19,12 +19,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import LayertapError
+from pipeline import LayertapError, virtual
 from pipeline.backbones import BACKBONES
 from pipeline.gpu_decode import DECODERS
 from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
@@ -37,6 +38,7 @@ from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, me
 log = logging.getLogger(__name__)
 SAMPLE = "sample"
 ENGINE_NAMES = ("local", "ray")
+MERGES = ("copy", "virtual")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class ExtractSettings:
     store_dtype: str = option("float32", "stored feature type", flag="--dtype", choices=STORE_DTYPES, group="store")
     compression: str = option("none", "HDF5 compression of the stored features", choices=COMPRESSIONS,
                               group="store")
+    merge: str = option("copy", "copy: the store is one self-contained .h5 file; virtual: its features stay in "
+                                "the shard files (<store>.shards/, moved with it) and the .h5 maps them, for stores "
+                                "too large to copy (10^7+ images; README: Scaling out)", choices=MERGES,
+                        group="store")
     out_dir: str = option("features", "folder of the stores", flag="--out", group="store")
     batch_size: int = option(32, "images per forward pass", group="speed (not part of the cache key)")
     workers: int = option(0, "decoding worker processes; 0: one per core, at most 16",
@@ -113,6 +119,7 @@ class ExtractSettings:
         check_decoder(self.decoder)
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         check_choice("engine", self.engine, ENGINE_NAMES)
+        check_choice("merge", self.merge, MERGES)
         check_choice("compression", self.compression, COMPRESSIONS)
         check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
                          ("max_pixels", 1)))
@@ -277,11 +284,17 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
                                  "computed_with": list(taps), "images": n_decoded, "engine": settings.engine}
     t0 = time.perf_counter()
     manifest["timings"] = timings
-    store = merge_shards([job.path for job in shards], store_path, manifest=manifest, base=existing, skipped=[
+    parts, paths = parts_dir(store_path, taps), [job.path for job in shards]
+    if settings.merge == "virtual":  # the shards become the store's: out of .parts/, into <store>.shards/
+        kept = virtual.shards_dir(store_path) / f"{parts.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        parts.rename(kept)
+        paths = [kept / path.name for path in paths]
+    store = merge_shards(paths, store_path, manifest=manifest, base=existing, skipped=[
         (s.path, s.reason) for s in images.skipped], dtype=settings.store_dtype,
-        compression=settings.compression)
+        compression=settings.compression, virtual=settings.merge == "virtual")
     timings["merge"] = time.perf_counter() - t0
-    parts = parts_dir(store_path, taps)
+    virtual.prune(store_path)  # shard folders of taps this store no longer maps
     shutil.rmtree(parts, ignore_errors=True)
     if parts.parent.exists() and not any(parts.parent.iterdir()):
         parts.parent.rmdir()

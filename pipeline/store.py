@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from pipeline import LayertapError
+from pipeline import virtual as virtual_store
 from pipeline.images import EMPTY_CLASS
 from pipeline.manifest import StoreManifest
 
@@ -170,6 +171,9 @@ class FeatureStore:
         try:
             with h5py.File(self.path, "r") as fh:
                 dataset = fh["features"][tap]
+                if dataset.is_virtual:
+                    values = virtual_store.read(dataset, self.path)
+                    return values if rows is None else values[rows]
                 return dataset[()] if rows is None else dataset[rows]
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, or a truncated file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
@@ -229,6 +233,10 @@ def _create_tap(fh: h5py.File, tap: str, n: int, dims: int, dtype: str, compress
     dataset = fh.require_group("features").create_dataset(
         tap, shape=(n, dims), dtype=dtype, chunks=(_chunk_rows(n, dims, np.dtype(dtype).itemsize), dims)
         if n else None, **kwargs)
+    return _tap_attrs(dataset, map_shape, pooling)
+
+
+def _tap_attrs(dataset: h5py.Dataset, map_shape, pooling: str) -> h5py.Dataset:
     dataset.attrs["map_shape"] = np.asarray(map_shape, dtype=np.int64)
     dataset.attrs["pooling"] = pooling
     return dataset
@@ -286,7 +294,7 @@ def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], clas
 
 def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: FeatureStore | None = None,
                  skipped: Sequence[tuple[str, str]] = (), dtype: str = "float32",
-                 compression: str = "none") -> FeatureStore:
+                 compression: str = "none", virtual: bool = False) -> FeatureStore:
     """Join shards (in image-list order) into a store at ``dest``, atomically.
 
     Args:
@@ -295,6 +303,8 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
         manifest: The store's manifest; ``manifest['key']`` must match every shard's.
         base: An existing store of the same key whose taps are carried over unchanged.
         skipped: Files skipped before extraction (the shards add the ones that failed to decode).
+        virtual: Map the shards' features instead of copying them (:mod:`pipeline.virtual`); the
+            shards must then stay where they are, in ``<dest>.shards/``.
 
     Raises:
         LayertapError: a shard belongs to another key, or the rows do not line up with ``base``.
@@ -319,7 +329,8 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
                                                          all_skipped)
     new_taps = opened[0].taps if opened else ()
     # Check the room first: HDF5 failing on a full disk leaves objects that crash the interpreter later.
-    needed = int(1.05 * sum(p.stat().st_size for p in [*map(Path, shards), *([base.path] if base else [])])) + (1 << 20)
+    copied = [] if virtual else list(map(Path, shards))
+    needed = int(1.05 * sum(p.stat().st_size for p in [*copied, *([base.path] if base else [])])) + (1 << 20)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(dest.parent).free < needed:
         raise _disk_full(dest, needed)
@@ -331,6 +342,11 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
                     if tap not in new_taps:
                         src.copy(src["features"][tap], fh.require_group("features"), name=tap)
         for tap in new_taps:
+            if virtual:
+                dataset = virtual_store.create(fh.require_group("features"), tap, dest, [(sh.path, len(sh)) for sh in opened],
+                                     opened[0].dims[tap], opened[0].dtype)
+                _tap_attrs(dataset, opened[0].map_shapes[tap], manifest["pooling"])
+                continue
             dataset = _create_tap(fh, tap, len(columns["labels"]), opened[0].dims[tap], dtype, compression,
                                   opened[0].map_shapes[tap], manifest["pooling"])
             start = 0

@@ -1,0 +1,83 @@
+"""Virtual stores (``--merge virtual``): a store whose features stay in its shard files.
+
+A merge copies every feature into the store; at 10^8 images that is hundreds of GB written through
+one process with HDF5's Fletcher-32 (0.43 GB/s here, bench/NOTES.md). A virtual store writes the
+per-image columns as usual and, for each tap, an HDF5 virtual dataset that maps the shard files
+kept in ``<store>.shards/`` (by paths relative to the store, so the store and that folder move
+together). External HDF5 tools read it as one dataset.
+
+HDF5 fills the rows of a source file it cannot open with the fill value, silently. layertap never
+reads through the mapping: :func:`read` opens each shard itself, so a missing or damaged shard is
+an error that names it (and Fletcher-32 checks every chunk, as in a copied store).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline import LayertapError
+
+
+def shards_dir(store_path: Path) -> Path:
+    """The folder that keeps a virtual store's shard files, beside it."""
+    return store_path.with_name(store_path.stem + ".shards")
+
+
+def create(group: h5py.Group, tap: str, store_path: Path, shards: list[tuple[Path, int]], dims: int,
+           dtype: str) -> h5py.Dataset:
+    """A virtual dataset ``group[tap]`` of ``(sum of rows, dims)`` over each ``(shard file, rows)``'s tap."""
+    layout = h5py.VirtualLayout(shape=(sum(n for _, n in shards), dims), dtype=dtype)
+    start = 0
+    for path, n in shards:
+        if n:
+            source = Path(path).resolve().relative_to(store_path.parent.resolve())
+            layout[start:start + n] = h5py.VirtualSource(str(source), f"features/{tap}", shape=(n, dims))
+        start += n
+    return group.create_virtual_dataset(tap, layout, fillvalue=np.nan)
+
+
+def read(dataset: h5py.Dataset, store_path: Path) -> np.ndarray:
+    """All rows of a virtual tap, each shard read from its own file (so nothing missing is filled in).
+
+    Raises:
+        LayertapError: a shard file is missing or cannot be read; the message names it.
+    """
+    out = np.empty(dataset.shape, dataset.dtype)
+    for mapping in dataset.virtual_sources():
+        (start, _), (last, _) = mapping.vspace.get_select_bounds()
+        path = store_path.parent / mapping.file_name
+        try:
+            with h5py.File(path, "r") as fh:
+                out[start:last + 1] = fh[mapping.dset_name][()]
+        except (OSError, KeyError) as exc:
+            problem = "is missing" if not path.exists() else f"cannot be read ({exc})"
+            raise LayertapError(f"{store_path}: shard file {path} of {dataset.name.rsplit('/', 1)[-1]} {problem} "
+                                "(a --merge virtual store keeps its features there); run the same `layertap "
+                                "extract` again to replace it") from None
+    return out
+
+
+def referenced(fh: h5py.File) -> set[Path]:
+    """The shard folders the store's virtual taps map, relative to the store's folder."""
+    return {Path(mapping.file_name).parent for tap in fh["features"].values() if tap.is_virtual
+            for mapping in tap.virtual_sources()}
+
+
+def prune(store_path: Path) -> None:
+    """Delete the folders of ``<store>.shards/`` that the store no longer maps (replaced or re-extracted taps)."""
+    folder = shards_dir(store_path)
+    if not folder.is_dir():
+        return
+    keep = set()
+    if store_path.exists():
+        with h5py.File(store_path, "r") as fh:
+            keep = {(store_path.parent / p).resolve() for p in referenced(fh)}
+    for child in folder.iterdir():
+        if child.resolve() not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
