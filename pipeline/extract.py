@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,15 +153,21 @@ class ExtractResult:
         return self.n_decoded / self.extract_seconds if self.extract_seconds > 0 else None
 
 
-def load_images(settings: ExtractSettings) -> ImageList:
-    """Find and scan the images the settings name (building the sample set if asked)."""
+def load_images(settings: ExtractSettings, session=None) -> ImageList:
+    """Find and scan the images the settings name (building the sample set if asked).
+
+    Args:
+        session: An ``--engine ray`` command's :class:`pipeline.ray_engine.RaySession`: many files to hash
+            are hashed on the cluster.
+    """
     data = settings.data
     if data == SAMPLE:
         from pipeline.sample import ensure_sample
         data = str(ensure_sample())
     found = find_images(data, settings.split_file, settings.root)
     cache = None if settings.verify else StatCache(settings.out_dir, found.root)
-    return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache)
+    return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache,
+                       remote=session.probe if session else None)
 
 
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
@@ -202,11 +209,24 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
         LayertapError: unusable data or weights, or a store another process is writing.
         ValueError: a layer the backbone does not have (the message lists valid names).
     """
+    with _session(settings) as session:
+        return _extract(settings, session)
+
+
+def _session(settings: ExtractSettings):
+    """The Ray session of an ``--engine ray`` command (connected when first needed), else nothing."""
+    if settings.engine != "ray":
+        return nullcontext(None)
+    from pipeline.ray_engine import RaySession
+    return RaySession(settings.ray_address)
+
+
+def _extract(settings: ExtractSettings, session) -> ExtractResult:
     from pipeline.backbones import get_backbone
     from pipeline.weights import resolve_weights
 
     started = time.perf_counter()
-    images = load_images(settings)
+    images = load_images(settings, session)
     scanned = time.perf_counter()
     backbone = get_backbone(settings.backbone)
     weights = resolve_weights(backbone, settings.weights, settings.seed)
@@ -224,7 +244,7 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
                                  time.perf_counter() - started, timings=timings, store=existing)
         manifest = _manifest(key, material, images, settings, weights, existing)
         store, n_decoded, timings = _compute_taps(images, settings, weights, missing, store_path, manifest,
-                                                  existing, timings)
+                                                  existing, timings, session)
     return ExtractResult(store_path, len(store), store.skipped, dict(store.dims), missing, n_decoded,
                          time.perf_counter() - started, timings["extract"], timings, store)
 
@@ -259,7 +279,7 @@ def _manifest(key: str, material: dict, images: ImageList, settings: ExtractSett
 
 
 def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: tuple[str, ...],
-                  store_path: Path, manifest: dict, existing: FeatureStore | None, timings: dict):
+                  store_path: Path, manifest: dict, existing: FeatureStore | None, timings: dict, session=None):
     from pipeline.shards import parts_dir, plan_shards
 
     t0 = time.perf_counter()
@@ -268,7 +288,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
                  len(shards))
     done = sum(job.stop - job.start for job in shards) - sum(job.stop - job.start for job in todo)
-    shapes, run = ENGINES[settings.engine](settings, weights, taps)
+    shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
     # The key was computed without loading Keras; the backend it named must be the one now running.
     assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
     for tap in taps:
@@ -301,7 +321,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     return store, n_decoded, timings
 
 
-def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
+def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):
     """This process runs the model; worker processes on this host decode (:func:`pipeline.shards.run_local`)."""
     from pipeline.backbones import create_extractor
     from pipeline.shards import run_local
@@ -314,7 +334,7 @@ def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
     return extractor.map_shapes, run
 
 
-def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
+def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):
     """Ray tasks decode and an actor pool runs the model (:mod:`pipeline.ray_engine`); this process only
     checks the taps (on the architecture, without weights) and merges."""
     from pipeline.backbones import architecture_shapes
@@ -323,7 +343,7 @@ def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...]):
     shapes = architecture_shapes(settings.backbone, taps, settings.image_size)
 
     def run(jobs, manifest, class_names, done):
-        return run_ray(jobs, settings, weights, taps, manifest, class_names, done)
+        return run_ray(jobs, settings, weights, taps, manifest, class_names, done, session)
     return shapes, run
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -40,12 +41,84 @@ LOCAL_OBJECT_STORE = 2 << 30
 ACTOR_MEMORY = 2 << 30
 
 
+# Below this many files to hash, the scan's threads here are quicker than starting Ray for them.
+RAY_SCAN_MIN_FILES = 20_000
+PROBE_CHUNK = 2048  # files a scan task hashes
+
+
+class RaySession:
+    """Ray for one command, started or joined when first needed (a cache hit needs none).
+
+    Uses the Ray this process already started if any; else joins ``address`` or, failing that,
+    ``$RAY_ADDRESS`` (disconnecting at the end); else starts a local Ray and stops it at the end.
+    """
+
+    def __init__(self, address: str | None = None):
+        self.address, self._ray, self._started = address, None, False
+
+    def get(self):
+        """The ``ray`` module, connected.
+
+        Raises:
+            LayertapError: Ray is not installed.
+        """
+        if self._ray is None:
+            try:
+                import ray
+                import ray.data  # noqa: F401 - Ray Data is what the engine runs on
+            except ImportError:
+                raise LayertapError(f"--engine ray needs Ray: {INSTALL} (or use the default --engine local)") \
+                    from None
+            self._started = _connect(ray, self.address)
+            self._ray = ray
+        return self._ray
+
+    def close(self) -> None:
+        if self._ray is not None and self._started:
+            self._ray.shutdown()
+        self._ray = None
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def probe(self, root: str, paths: list[str]):
+        """The scan's reads and hashes, on the cluster's CPUs: ``[(probe, lasting)]`` in ``paths``' order, or
+        None when there are too few files to be worth it (:data:`RAY_SCAN_MIN_FILES`)."""
+        if len(paths) < RAY_SCAN_MIN_FILES:
+            return None
+        ray = self.get()
+        chunks = [paths[i:i + PROBE_CHUNK] for i in range(0, len(paths), PROBE_CHUNK)]
+        log.info("Ray: hashing %d files in %d tasks", len(paths), len(chunks))
+        dataset = ray.data.from_items([{"index": i, "job": pickle.dumps((root, chunk))} for i, chunk in
+                                       enumerate(chunks)], override_num_blocks=len(chunks))
+        dataset = dataset.map_batches(probe_chunk, batch_size=1, batch_format="numpy", num_cpus=1)
+        results: list = [None] * len(chunks)
+        try:
+            for row in dataset.iter_rows():
+                results[int(row["index"])] = pickle.loads(row["probes"])
+        except ray.exceptions.RayError as exc:
+            raise LayertapError(f"the Ray scan failed: {_first_line(exc)}") from exc
+        return [probe for chunk in results for probe in chunk]
+
+
+def probe_chunk(batch: dict) -> dict:
+    """A Ray task: the scan's :func:`pipeline.scan.probe_file` for a chunk of files (``(probe, lasting)`` each)."""
+    from pipeline.scan import probe_file
+
+    root, paths = pickle.loads(batch["job"][0])
+    probes = pickle.dumps([probe_file(os.path.join(root, p)) for p in paths])
+    return {"index": batch["index"], "probes": _column(probes)}
+
+
 def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], manifest: dict, class_names,
-            done: int = 0) -> int:
+            done: int = 0, session: RaySession | None = None) -> int:
     """Compute and commit ``jobs`` on Ray: the engine behind ``--engine ray``.
 
-    Uses the Ray this process already started if any; else joins ``settings.ray_address`` or, failing
-    that, ``$RAY_ADDRESS`` (disconnecting at the end); else starts a local Ray for the run and stops it.
+    Args:
+        session: The command's :class:`RaySession` (default: one for this call, on ``settings.ray_address``).
 
     Returns:
         The number of images decoded.
@@ -55,20 +128,13 @@ def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], mani
     """
     if not jobs:
         return 0
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise LayertapError(f"--engine ray needs Ray: {INSTALL} (or use the default --engine local)") from None
-    started = _connect(ray, settings.ray_address)
-    try:
-        return _run(ray, jobs, settings, weights, taps, manifest, class_names, done)
-    except ray.exceptions.RayError as exc:
-        raise LayertapError(f"the Ray run failed; shards committed so far are kept and the same command resumes "
-                            f"from them: {_first_line(exc)}") from exc
-    finally:
-        if started:
-            ray.shutdown()
+    with (RaySession(settings.ray_address) if session is None else nullcontext(session)) as session:
+        ray = session.get()
+        try:
+            return _run(ray, jobs, settings, weights, taps, manifest, class_names, done)
+        except ray.exceptions.RayError as exc:
+            raise LayertapError(f"the Ray run failed; shards committed so far are kept and the same command "
+                                f"resumes from them: {_first_line(exc)}") from exc
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -150,7 +216,7 @@ def decode_shard(batch: dict, size: int, resize: str, draft: bool, max_pixels: i
             pixels[i] = array
         reasons.append(reason)
     # JSON (ASCII-escaped) carries a reason that quotes an undecodable file name intact.
-    return {"job": batch["job"], "pixels": pixels[None], "reasons": np.array([json.dumps(reasons)])}
+    return {"job": batch["job"], "pixels": pixels[None], "reasons": _column(json.dumps(reasons))}
 
 
 class ShardWriter:
@@ -179,7 +245,15 @@ class ShardWriter:
         pixels, reasons = batch["pixels"][0], json.loads(batch["reasons"][0])
         n = run_shard(job, _batches(job, pixels, reasons, self.settings.batch_size), self.extractor, self.manifest,
                       self.class_names, self.settings.store_dtype, self.pad_to)
-        return {"images": np.array([n]), "shard": np.array([str(job.path)])}
+        return {"images": np.array([n]), "shard": _column(str(job.path))}
+
+
+def _column(value) -> np.ndarray:
+    """One bytes or str value as a batch column. An object array: a fixed-width NumPy type would become a
+    fixed-width Arrow type, and blocks of different widths would be cut to one width when joined."""
+    column = np.empty(1, dtype=object)
+    column[0] = value
+    return column
 
 
 def _batches(job: ShardJob, pixels: np.ndarray, reasons: list, batch_size: int):

@@ -133,7 +133,8 @@ class StatCache:
 
 
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
-                workers: int | None = None, progress: bool = False, cache: StatCache | None = None) -> ImageList:
+                workers: int | None = None, progress: bool = False, cache: StatCache | None = None,
+                remote=None) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
 
     Reads each file once (for its content hash) and its header, but decodes no pixels; with a
@@ -144,6 +145,9 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     Args:
         cache: A :class:`StatCache`: files whose stat it has recorded are not
             read again; what is read is recorded.
+        remote: ``remote(root, paths)`` probes the files elsewhere (a Ray cluster:
+            :meth:`pipeline.ray_engine.RaySession.probe`) and gives ``[(probe, lasting)]`` in order,
+            or None to leave them to this process's threads.
 
     Raises:
         LayertapError: no usable image is left, or a class has none.
@@ -166,9 +170,16 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
             cache.remember(records[i].path, stats[i], probe)
         return probe
 
-    for i, probe in zip(todo, progress_bar(ordered_map(read, todo, workers), total=len(todo), desc="scan",
-                                           enabled=progress)):
-        probes[i] = probe
+    probed = remote(root, [records[i].path for i in todo]) if remote and todo else None
+    if probed is not None:
+        for i, (probe, lasting) in zip(todo, probed):
+            probes[i] = probe
+            if cache and lasting:
+                cache.remember(records[i].path, stats[i], probe)
+    else:
+        for i, probe in zip(todo, progress_bar(ordered_map(read, todo, workers), total=len(todo), desc="scan",
+                                               enabled=progress)):
+            probes[i] = probe
     results = [_checked(record, probe, max_pixels) for record, probe in zip(records, probes)]
     if cache:
         cache.save()

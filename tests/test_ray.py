@@ -124,6 +124,25 @@ def test_a_killed_driver_leaves_shards_that_the_next_run_resumes_from(cluster, d
     assert_same_store(FeatureStore(resumed.store_path), local_store)
 
 
+def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(cluster, tmp_path, monkeypatch):
+    import pipeline.ray_engine as ray_engine
+    import pipeline.scan as scan_module
+    from pipeline.images import find_images
+    from pipeline.scan import StatCache, scan_images
+
+    folder = make_split_folder(tmp_path / "bad", train=2, val=1, test=1)
+    add_bad_files(folder / "train", "red")
+    here = scan_images(find_images(folder))
+    monkeypatch.setattr(ray_engine, "RAY_SCAN_MIN_FILES", 1)
+    monkeypatch.setattr(ray_engine, "PROBE_CHUNK", 5)  # 16 files: four tasks
+    monkeypatch.setattr(scan_module, "read_file", lambda path: pytest.fail(f"read here: {path}"))
+    cache = StatCache(tmp_path / "out", folder)
+    with ray_engine.RaySession() as session:
+        on_ray = scan_images(find_images(folder), cache=cache, remote=session.probe)
+    assert on_ray == here
+    assert len(StatCache(tmp_path / "out", folder)._entries) == 16, "what the cluster read is in the stat cache"
+
+
 def test_a_second_driver_on_one_store_is_refused_before_ray_starts(data, local_store, tmp_path):
     store_path = tmp_path / local_store.path.name
     with store_lock(store_path), pytest.raises(StoreLockedError, match="another process is extracting"):
