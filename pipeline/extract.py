@@ -31,8 +31,8 @@ from pipeline.backbones import BACKBONES
 from pipeline.gpu_decode import DECODERS
 from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
 from pipeline.pooling import flatten_warning, parse_pooling
-from pipeline.scan import StatCache, scan_images
 from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
+from pipeline.scan import StatCache, scan_images
 from pipeline.settings import check_choice, check_int, option
 from pipeline.store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, merge_shards, store_lock
 
@@ -117,6 +117,9 @@ class ExtractSettings:
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
+        if self.engine == "ray" and self.decoder != "pillow":
+            raise ValueError(f"--engine ray decodes with Pillow in Ray tasks; --decoder {self.decoder} runs only with "
+                             "--engine local")
         check_decoder(self.decoder)
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         check_choice("engine", self.engine, ENGINE_NAMES)

@@ -165,6 +165,11 @@ def test_the_command_starts_its_own_ray_and_stops_it(data, local_store, tmp_path
     assert not processes_marked(mark), "the Ray the command started must stop with it"
 
 
+def test_the_ray_engine_refuses_a_decoder_it_does_not_run(data, tmp_path):
+    with pytest.raises(ValueError, match="--engine ray decodes with Pillow"):
+        tiny_settings(data, tmp_path, engine="ray", decoder="nvjpeg")
+
+
 def test_without_ray_installed_the_message_says_how_to_get_it(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(LayertapError, match=r"pip install 'layertap\[ray\]'"):
