@@ -225,13 +225,14 @@ def huge_decode_slots(max_pixels: int, workers: int) -> int:
 
     An 81-megapixel PNG takes about 680 MB while it decodes; sixteen of them at once would be 11 GB.
     """
-    available = _available_memory()
+    available = available_memory()
     if available is None:
         return workers
     return max(1, min(workers, int(available // 2 // (max_pixels * DECODE_BYTES_PER_PIXEL))))
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """The kernel's MemAvailable in bytes, or None where there is no /proc/meminfo."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

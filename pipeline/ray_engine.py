@@ -39,8 +39,6 @@ LOCAL_OBJECT_STORE = 2 << 30
 # Asked for per actor (a framework runtime, the model and one decoded shard). A resource request that the
 # decoding tasks do not make also keeps Ray Data from fusing the decoding into the actor.
 ACTOR_MEMORY = 2 << 30
-
-
 # Below this many files to hash, the scan's threads here are quicker than starting Ray for them.
 RAY_SCAN_MIN_FILES = 20_000
 PROBE_CHUNK = 2048  # files a scan task hashes
@@ -156,9 +154,9 @@ def _connect(ray, address: str | None) -> bool:
 
 
 def _local_object_store() -> int:
-    from pipeline.decoding import _available_memory
+    from pipeline.decoding import available_memory
 
-    available = _available_memory()
+    available = available_memory()
     return max(256 << 20, min(LOCAL_OBJECT_STORE, available // 4)) if available else LOCAL_OBJECT_STORE
 
 

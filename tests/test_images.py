@@ -188,8 +188,8 @@ def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folde
 def test_huge_decodes_are_budgeted_by_the_memory_available(monkeypatch):
     import pipeline.decoding as decoding
 
-    monkeypatch.setattr(decoding, "_available_memory", lambda: 2 * 10**9)  # 2 GB: one 89 MP decode at a time
+    monkeypatch.setattr(decoding, "available_memory", lambda: 2 * 10**9)  # 2 GB: one 89 MP decode at a time
     assert decoding.huge_decode_slots(89_478_485, workers=16) == 1
-    monkeypatch.setattr(decoding, "_available_memory", lambda: 10 * 10**9)  # half of it holds six
+    monkeypatch.setattr(decoding, "available_memory", lambda: 10 * 10**9)  # half of it holds six
     assert decoding.huge_decode_slots(89_478_485, workers=16) == 6
     assert decoding.huge_decode_slots(89_478_485, workers=4) == 4
