@@ -72,8 +72,14 @@ def store_summary(store) -> str:
               ("keras", f"{m.keras_version} on {m.keras_backend}"),
               ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
     lines += [f"  {name:<14} {value}" for name, value in fields]
-    lines += ["", format_table(["tap", "map", "dims"], [[t, "x".join(map(str, store.map_shapes[t])), store.dims[t]]
-                                                       for t in store.taps])]
+    rows = []
+    for tap in store.taps:
+        shards = store.shard_files(tap)
+        where = (f"{len(shards)} shard file{'s' * (len(shards) > 1)} in <store>.shards/{shards[0].parent.name}/"
+                 if shards else "this file")
+        rows.append([tap, "x".join(map(str, store.map_shapes[tap])), store.dims[tap],
+                     m.taps.get(tap, {}).get("engine", "local"), where])
+    lines += ["", format_table(["tap", "map", "dims", "engine", "features in"], rows)]
     lines.append(f"\n{len(store):,} images, {len(store.class_names)} classes ({split_counts(store)})")
     counts = dict.fromkeys(store.class_names, 0)
     for label in store.rows.labels:

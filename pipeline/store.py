@@ -178,6 +178,12 @@ class FeatureStore:
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, or a truncated file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 
+    def shard_files(self, tap: str) -> list[Path]:
+        """The shard files a ``--merge virtual`` tap maps, in row order (none for a tap stored in this file)."""
+        with h5py.File(self.path, "r") as fh:
+            dataset = fh["features"][tap]
+            return [self.path.parent / m.file_name for m in dataset.virtual_sources()] if dataset.is_virtual else []
+
     def verify(self, taps=None) -> None:
         """Read every feature chunk of ``taps`` (default: all), so that HDF5 checks each one's Fletcher-32 checksum.
 

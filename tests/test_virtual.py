@@ -43,6 +43,11 @@ def test_a_virtual_store_has_the_same_features_without_copying_them_and_moves_wi
         assert fh["features/block2_pool"].is_virtual
         np.testing.assert_array_equal(fh["features/block2_pool"][()], copied.features("block2_pool"))
 
+    from pipeline.reports import store_summary
+
+    assert "5 shard files in <store>.shards/block1_pool-block2_pool-" in store_summary(store)  # layertap inspect
+    assert "this file" in store_summary(copied)
+
     os.rename(tmp_path / "a", tmp_path / "moved")  # the mapping is relative to the store
     moved = FeatureStore(tmp_path / "moved" / made.store_path.name)
     np.testing.assert_array_equal(moved.features("block1_pool"), copied.features("block1_pool"))
