@@ -39,7 +39,7 @@ STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS))
 .PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
-	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (3.5 min on 2 cores),"
+	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (4 min on 2 cores),"
 	@echo "                 the JAX backend matrix included (tests/test_backends.py)"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
