@@ -102,15 +102,21 @@ class StatCache:
             self._new.append((self.root, os.fsencode(rel), *stat, self.started_ns, probe.fingerprint,
                               probe.format, probe.width, probe.height, probe.reason))
 
-    def save(self) -> None:
-        """Write the new entries in one transaction (a failure costs only the next run's reads)."""
-        if not self._new or self._broken:
+    def save(self, present=None) -> None:
+        """Write the new entries, and forget files of this root not in ``present`` (the paths listed now), in
+        one transaction (a failure costs only the next run's reads)."""
+        gone = [] if present is None else [p for p in self._entries if p not in present]
+        if not (self._new or gone) or self._broken:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
+                db.executemany("DELETE FROM files WHERE root = ? AND path = ?",
+                               [(self.root, os.fsencode(p)) for p in gone])
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._new)
             self._new = []
+            for path in gone:
+                del self._entries[path]
         except (sqlite3.Error, OSError) as exc:
             self._unusable(exc)
 
@@ -182,7 +188,7 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
             probes[i] = probe
     results = [_checked(record, probe, max_pixels) for record, probe in zip(records, probes)]
     if cache:
-        cache.save()
+        cache.save(present={record.path for record in records})
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
     scanned = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))

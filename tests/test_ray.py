@@ -143,6 +143,13 @@ def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(clu
     assert len(StatCache(tmp_path / "out", folder)._entries) == 16, "what the cluster read is in the stat cache"
 
 
+def test_a_cache_hit_with_the_ray_engine_starts_no_ray(data, local_store, monkeypatch):
+    import pipeline.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine.RaySession, "get", lambda self: pytest.fail("Ray started for a cache hit"))
+    assert extract_features(tiny_settings(data, local_store.path.parent, engine="ray")).cache_hit
+
+
 def test_a_second_driver_on_one_store_is_refused_before_ray_starts(data, local_store, tmp_path):
     store_path = tmp_path / local_store.path.name
     with store_lock(store_path), pytest.raises(StoreLockedError, match="another process is extracting"):

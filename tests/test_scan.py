@@ -69,6 +69,16 @@ def test_verify_reads_every_file_and_unchanged_files_keep_their_store(tmp_path, 
     assert len(reads) == 12 and again.cache_hit and again.store_path == first.store_path
 
 
+def test_files_that_are_gone_are_forgotten(tmp_path):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    (data / "train" / "red" / "img_0.jpg").unlink()
+    scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    entries = StatCache(tmp_path, data)._entries
+    assert len(entries) == 11 and "train/red/img_0.jpg" not in entries
+
+
 def test_a_file_modified_close_to_its_scan_is_read_again(tmp_path):
     """Git's racy-clean rule: a rewrite within one timestamp tick of the scan, same size, must not pass."""
     (tmp_path / "a.bin").write_bytes(b"x")
