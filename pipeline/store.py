@@ -349,8 +349,9 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
                         src.copy(src["features"][tap], fh.require_group("features"), name=tap)
         for tap in new_taps:
             if virtual:
-                dataset = virtual_store.create(fh.require_group("features"), tap, dest, [(sh.path, len(sh)) for sh in opened],
-                                     opened[0].dims[tap], opened[0].dtype)
+                mapped = [(shard.path, len(shard)) for shard in opened]
+                dataset = virtual_store.create(fh.require_group("features"), tap, dest, mapped, opened[0].dims[tap],
+                                               opened[0].dtype)
                 _tap_attrs(dataset, opened[0].map_shapes[tap], manifest["pooling"])
                 continue
             dataset = _create_tap(fh, tap, len(columns["labels"]), opened[0].dims[tap], dtype, compression,
