@@ -177,6 +177,28 @@ def test_the_ray_engine_refuses_a_decoder_it_does_not_run(data, tmp_path):
         tiny_settings(data, tmp_path, engine="ray", decoder="nvjpeg")
 
 
+def test_ctrl_c_stops_the_command_and_its_ray_and_keeps_the_committed_shards(data, tmp_path):
+    mark = f"layertap-ray-ctrl-c-{os.getpid()}-{time.time()}"
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--data", str(data), "--weights", "random",
+                            "--size", "32", "--layers", ",".join(TAPS), "--batch-size", "2", "--shard-size", "2",
+                            "--out", str(tmp_path), "--engine", "ray", "-q"],
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*.parts/*/shard-*.h5")) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    sent = time.time()
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and time.time() - sent < 10, err[-2000:]
+    assert "committed extraction shards are kept" in err and "Traceback" not in err
+    assert list(tmp_path.glob("*.parts/*/shard-*.h5")) and not list(tmp_path.glob("*.h5"))
+    deadline = time.time() + 15
+    while processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_marked(mark), "the Ray the command started must stop with it"
+
+
 def test_without_ray_installed_the_message_says_how_to_get_it(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(LayertapError, match=r"pip install 'layertap\[ray\]'"):
