@@ -11,7 +11,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,8 @@ MAX_IMAGE_BYTES = 8 << 30
 
 
 def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", draft: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, budget=None) -> np.ndarray:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, budget=None, expected: tuple[int, int] | None = None
+                 ) -> np.ndarray:
     """Decode one image to a ``(size, size, 3)`` uint8 RGB array.
 
     EXIF orientation is applied; grayscale, palette, alpha, CMYK and 16-bit images are
@@ -39,12 +40,15 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
         budget: ``budget(pixels)`` gives a context manager held while the pixels are decoded and
             converted (the pixels Pillow will hold, after the draft scale): a limit on huge decodes
             at once (:class:`ProcessDecoder`).
+        expected: The ``(size, mtime_ns)`` the scan saw when it hashed the file: the file decoded
+            must still have them, so one changed since the scan is never stored under the old
+            content's hash (a check of the open file's stat, not a second hash: microseconds).
 
     Raises:
         BadImageError: the image cannot be decoded; the message says why.
     """
     try:
-        with Image.open(path) as im:
+        with _opened(path, expected) as source, Image.open(source) as im:
             if im.width * im.height > max_pixels:
                 raise BadImageError(bomb_reason(im.width, im.height, max_pixels))
             if draft and im.format == "JPEG":
@@ -63,6 +67,19 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
         raise BadImageError(f"decompression bomb: over Pillow's own limit ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - a bad image is reported, never fatal
         raise BadImageError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def _opened(path, expected: tuple[int, int] | None):
+    """The path itself, or, to check it against ``expected``, the open file whose stat was checked."""
+    if expected is None:
+        yield path
+        return
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if (st.st_size, st.st_mtime_ns) != tuple(expected):
+            raise BadImageError(CHANGED)
+        yield fh
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -92,6 +109,8 @@ def iter_decoded(paths: Iterable[Path], decode: Callable[[Path], np.ndarray], wo
         yield index, array, reason
 
 
+CHANGED = ("changed since the scan (new size or modification time: the store's key holds the old content's "
+           "hash); run the same command again to extract it")
 WORKER_DIED = "the decoding process died on it (killed; probably out of memory)"
 
 
@@ -142,17 +161,19 @@ class ProcessDecoder:
         self._stop()
         self._pool = self._start()
 
-    def batches(self, paths: list[Path], chunks: list[tuple[int, int]]):
+    def batches(self, paths: list[Path], chunks: list[tuple[int, int]], stats=None):
         """Yield ``((a, b), pixels, reasons)`` for each chunk of ``paths``, in order.
 
-        ``pixels`` is a view of a shared slot: valid until the generator is resumed.
+        ``pixels`` is a view of a shared slot: valid until the generator is resumed. ``stats`` (by the
+        same positions as ``paths``) are the ``(size, mtime_ns)`` each file must still have
+        (:func:`decode_image`'s ``expected``).
         """
         depth = self.shape[0]
         pending: dict[int, list] = {}
 
-        def rows(j: int) -> list[tuple[int, int, str]]:
+        def rows(j: int) -> list[tuple[int, int, str, tuple | None]]:
             a, b = chunks[j]
-            return [(j % depth, i - a, str(paths[i])) for i in range(a, b)]
+            return [(j % depth, i - a, str(paths[i]), stats[i] if stats else None) for i in range(a, b)]
 
         def submit(j: int) -> None:
             tasks = rows(j)
@@ -283,12 +304,13 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _decode_rows(tasks: list[tuple[int, int, str]]) -> list[str | None]:
-    """In a worker: decode each ``(slot, row, path)`` into the shared slots; ``None`` or the skip reason."""
+def _decode_rows(tasks: list[tuple[int, int, str, tuple | None]]) -> list[str | None]:
+    """In a worker: decode each ``(slot, row, path, expected stat)`` into the shared slots; ``None`` or the skip
+    reason."""
     reasons = []
-    decode = partial(decode_image, **_SLOTS["kwargs"], budget=_huge_budget)
-    for slot, row, path in tasks:
-        array, reason = or_reason(decode, path)
+    for slot, row, path, expected in tasks:
+        array, reason = or_reason(partial(decode_image, **_SLOTS["kwargs"], budget=_huge_budget, expected=expected),
+                                  path)
         if reason is None:
             _SLOTS["slots"][slot, row] = array
         reasons.append(reason)

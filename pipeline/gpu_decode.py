@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from pipeline import LayertapError
-from pipeline.decoding import decode_image
+from pipeline.decoding import CHANGED, decode_image
 from pipeline.images import jpeg_header, or_reason, read_file
 
 DECODERS = ("pillow", "nvjpeg")
@@ -86,8 +86,10 @@ class NvjpegDecoder:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def __call__(self, paths: list[os.PathLike]) -> tuple[object, list[str | None]]:
+    def __call__(self, paths: list[os.PathLike], stats=None) -> tuple[object, list[str | None]]:
         """Decode ``paths``; returns the decoded images in order and, per path, ``None`` or why it was skipped.
+
+        ``stats``: the ``(size, mtime_ns)`` each file must still have (else it is skipped as changed).
 
         The batch is complete on the device when this returns (its stream is synchronised), so any
         stream of any framework may read it.
@@ -95,17 +97,20 @@ class NvjpegDecoder:
         import torch
 
         if self._stream is None:
-            return self._decode(paths)
+            return self._decode(paths, stats)
         with torch.cuda.stream(self._stream):
-            result = self._decode(paths)
+            result = self._decode(paths, stats)
         self._stream.synchronize()
         return result
 
-    def _decode(self, paths: list[os.PathLike]) -> tuple[object, list[str | None]]:
+    def _decode(self, paths: list[os.PathLike], stats=None) -> tuple[object, list[str | None]]:
         import torch
 
         read = list(self._pool.map(partial(or_reason, read_file), paths))
         blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
+        for i, expected in enumerate(stats or ()):
+            if blobs[i] is not None and expected and _stat(paths[i]) != tuple(expected):
+                blobs[i], reasons[i] = None, CHANGED
         images: list = [None] * len(paths)
         gpu, host = [], []
         for i, blob in enumerate(blobs):
@@ -196,3 +201,11 @@ def to_backend(batch, batch_size: int):
 
         return jax.dlpack.from_dlpack(batch.contiguous())
     return batch.cpu().numpy()
+
+
+def _stat(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

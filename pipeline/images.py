@@ -17,7 +17,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -54,6 +54,8 @@ class ImageRecord:
     split: str = ""
     fingerprint: str = ""
     format: str = ""
+    # (size, mtime_ns) when the scan read or stat'ed it: decoding checks the file still has them.
+    stat: tuple[int, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -208,8 +208,8 @@ def decode_shard(batch: dict, size: int, resize: str, draft: bool, max_pixels: i
     pixels = np.zeros((job.stop - job.start, size, size, 3), np.uint8)
     decode = partial(decode_image, size=size, resize=resize, draft=draft, max_pixels=max_pixels)
     reasons = []
-    for i, path in enumerate(job.files()):
-        array, reason = or_reason(decode, path)
+    for i, (path, record) in enumerate(zip(job.files(), job.records)):
+        array, reason = or_reason(partial(decode, expected=record.stat), path)
         if reason is None:
             pixels[i] = array
         reasons.append(reason)

@@ -171,6 +171,8 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     todo = [i for i, probe in enumerate(probes) if probe is None]
 
     def read(i: int) -> Probe:
+        if stats[i] is None:
+            stats[i] = file_stat(root + os.sep + records[i].path)
         probe, lasting = probe_file(images.root / records[i].path)
         if cache and lasting:
             cache.remember(records[i].path, stats[i], probe)
@@ -186,7 +188,7 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         for i, probe in zip(todo, progress_bar(ordered_map(read, todo, workers), total=len(todo), desc="scan",
                                                enabled=progress)):
             probes[i] = probe
-    results = [_checked(record, probe, max_pixels) for record, probe in zip(records, probes)]
+    results = [_checked(record, probe, max_pixels, stat) for record, probe, stat in zip(records, probes, stats)]
     if cache:
         cache.save(present={record.path for record in records})
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
@@ -199,12 +201,13 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     return scanned
 
 
-def _checked(record: ImageRecord, probe: Probe, max_pixels: int) -> ImageRecord | Skipped:
+def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | None) -> ImageRecord | Skipped:
     if probe.reason:
         return Skipped(record.path, probe.reason)
     if probe.width * probe.height > max_pixels:
         return Skipped(record.path, bomb_reason(probe.width, probe.height, max_pixels))
-    return ImageRecord(record.path, record.label, record.split, probe.fingerprint, probe.format)
+    return ImageRecord(record.path, record.label, record.split, probe.fingerprint, probe.format,
+                       stat[:2] if stat else None)
 
 
 def probe_file(path: Path):

@@ -165,9 +165,10 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
     """
     chunks = [job.chunks(settings.batch_size) for job in jobs]
     files = {i: path for job in jobs for i, path in zip(range(job.start, job.stop), job.files())}
+    stats = {i: record.stat for job in jobs for i, record in zip(range(job.start, job.stop), job.records)}
     bar = progress_bar(total=done + sum(job.stop - job.start for job in jobs), initial=done,
                        enabled=settings.progress)
-    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings)
+    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings, stats)
     pad_to = settings.batch_size if pads_short_batches() else None
     try:
         return sum(run_shard(job, itertools.islice(batches, len(job_chunks)), extractor, manifest, class_names,
@@ -178,11 +179,13 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
         bar.close()
 
 
-def decoded_batches(paths, chunks: list[tuple[int, int]], settings) -> Iterator[Batch]:
+def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) -> Iterator[Batch]:
     """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
 
     Args:
         paths: Files by list position (a list, or a dict of the chunks' positions).
+        stats: The ``(size, mtime_ns)`` the scan saw, by the same positions: a file that no longer has
+            them is skipped (:data:`pipeline.decoding.CHANGED`), never stored under its old content's hash.
 
     Yields:
         ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
@@ -196,8 +199,9 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings) -> Iterator[
         decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
         try:
             # One thread decodes the next batch on the GPU while this one runs the forward pass.
-            for chunk, (pixels, reasons) in zip(chunks, ordered_map(lambda c: decoder([paths[i] for i in range(*c)]),
-                                                                     chunks, workers=1, prefetch=2)):
+            def decode(chunk):
+                return decoder([paths[i] for i in range(*chunk)], [stats[i] for i in range(*chunk)] if stats else None)
+            for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, workers=1, prefetch=2)):
                 yield chunk, pixels, reasons
         finally:
             decoder.close()
@@ -207,7 +211,7 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings) -> Iterator[
     decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
                              draft=settings.draft, max_pixels=settings.max_pixels)
     try:
-        yield from decoder.batches(paths, chunks)
+        yield from decoder.batches(paths, chunks, stats)
     finally:
         decoder.close()
 

@@ -139,6 +139,31 @@ def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_f
         np.testing.assert_allclose(a.features(tap), b.features(tap), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_file_changed_after_the_scan_is_skipped_never_stored_under_its_old_hash(engine, split_folder, tmp_path,
+                                                                                   monkeypatch):
+    import pipeline.extract as extract_module
+    from conftest import photo
+
+    from pipeline.decoding import CHANGED
+
+    if engine == "ray":
+        pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
+    edited, scan = split_folder / "train" / "red" / "img_0.jpg", extract_module.load_images
+
+    def scan_then_edit(settings, session=None):
+        images = scan(settings, session)
+        photo((0, 0, 0), seed=9).save(edited, "JPEG")  # new bytes between the scan and the decoding
+        return images
+
+    monkeypatch.setattr(extract_module, "load_images", scan_then_edit)
+    store = FeatureStore(extract_features(tiny_settings(split_folder, tmp_path, engine=engine)).store_path)
+    assert dict(store.skipped)["train/red/img_0.jpg"] == CHANGED and len(store) == 17
+    monkeypatch.undo()
+    again = extract_features(tiny_settings(split_folder, tmp_path))
+    assert not again.cache_hit and len(FeatureStore(again.store_path)) == 18, "the next run stores the new bytes"
+
+
 def test_killed_run_resumes_to_identical_features(split_folder, tmp_path):
     out = tmp_path / "killed"
     args = ["extract", "--data", str(split_folder), "--weights", "random", "--size", "32", "--layers",
