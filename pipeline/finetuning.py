@@ -228,7 +228,6 @@ class _Job:
         self.phases: list[dict] = []
         self.curves: list[dict] = []
         self.kept = "phase 1"
-        self.tap, self.X = None, None
         self._probes: dict[str, tuple] = {}
 
     def choose_rows_and_tap(self) -> None:
@@ -239,13 +238,13 @@ class _Job:
         self.y = {"train": labels[self.train], "val": labels[self.val], "test": labels[self.test]}
         self.stage_two = stage_two_rows(store, self.run_dir, self.splits)
         self.tap, self.tap_reason = choose_tap(store, s.layer, self.stage_two, lambda tap: self._fit_probe(tap)[1:])
-        self.X = self._probes[self.tap][0] if self.tap in self._probes else store.features(self.tap).astype(np.float32)
+        self.X = self._fit_probe(self.tap)[0]  # the probe on the chosen tap is phase 1's start: fit it now
 
     def _fit_probe(self, tap: str) -> tuple:
         """``(X, estimator, metrics)``: the tap's features and stage two's logreg on them, fit by stage two's
         code on the train rows; each tap read and fit at most once."""
         if tap not in self._probes:
-            X = self.X if tap == self.tap else self.store.features(tap).astype(np.float32)
+            X = self.store.features(tap).astype(np.float32)
             self._probes[tap] = (X, *train_one(self.store, X, "logreg", self.splits, self.settings.seed))
         return self._probes[tap]
 
