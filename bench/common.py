@@ -50,6 +50,14 @@ def link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def subset(folder: Path, classes: list[Path], per_class: int) -> Path:
+    """The first ``per_class`` JPEGs of each class folder, hard-linked (copied across file systems) into ``folder``."""
+    for cls in classes:
+        for path in sorted(cls.glob("*.jpg"))[:per_class]:
+            link(path, folder / cls.name / path.name)
+    return folder
+
+
 def machine() -> dict:
     import numpy
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import FLOWERS, RESULTS, emit, link, machine, run_child, write_results
+from bench.common import FLOWERS, RESULTS, emit, machine, run_child, subset, write_results
 from pipeline.reports import format_table
 
 ENGINES = ("local", "ray")
@@ -60,10 +60,7 @@ def main() -> None:
 
     work = RESULTS / "work" / "engines"
     shutil.rmtree(work, ignore_errors=True)
-    data = work / "images"
-    for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
-        for path in sorted(cls.glob("*.jpg"))[:args.per_class]:
-            link(path, data / cls.name / path.name)
+    data = subset(work / "images", sorted(p for p in Path(args.data).iterdir() if p.is_dir()), args.per_class)
     runs = []
     for i in range(args.rounds):
         for engine in ENGINES:

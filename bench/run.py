@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import FLOWERS, RESULTS, SPLIT, link, machine, run_child, write_results
+from bench.common import FLOWERS, RESULTS, SPLIT, machine, run_child, subset, write_results
 from pipeline.reports import format_table
 
 PEERS = ("datagen", "dataset")
@@ -47,25 +47,17 @@ def _recipe(recipe: str, out: Path, size: int, tap: str = "block5_pool", data: P
     return result
 
 
-def _subset(folder: Path, classes: list[Path], per_class: int) -> Path:
-    """The first ``per_class`` JPEGs of each class folder, hard-linked (copied across file systems) into ``folder``."""
-    for cls in classes:
-        for path in sorted(cls.glob("*.jpg"))[:per_class]:
-            link(path, folder / cls.name / path.name)
-    return folder
-
-
 def speed_data(work: Path) -> Path:
     """The images of the speed rows: all of flowers17 where ours extracts them in about SPEED_SECONDS at
     224 px, else a class-balanced subset that size (rates are compared, and every recipe gets the same images)."""
     classes = sorted(p for p in FLOWERS.iterdir() if p.is_dir())
     print("  sizing the speed rows with a probe of 4 images a class:", flush=True)
-    probe = _recipe("ours", work / "probe", 224, data=_subset(work / "probe-data", classes, 4))
+    probe = _recipe("ours", work / "probe", 224, data=subset(work / "probe-data", classes, 4))
     per_class = max(math.ceil(MIN_SPEED_IMAGES / len(classes)),
                     math.ceil(probe["extract_images_per_s"] * SPEED_SECONDS / len(classes)))
     if per_class >= max(len(list(c.glob("*.jpg"))) for c in classes):
         return FLOWERS
-    return _subset(work / "speed-data", classes, per_class)
+    return subset(work / "speed-data", classes, per_class)
 
 
 def speed(work: Path, data: Path, sizes=(224, 150)) -> dict:

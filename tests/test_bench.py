@@ -7,7 +7,7 @@ import pytest
 from conftest import COLOURS, photo
 
 from bench.recipes import RECIPES
-from bench.run import _subset
+from bench.common import subset
 from pipeline.runtime import keras_backend
 from pipeline.store import FeatureStore
 
@@ -42,7 +42,7 @@ def test_speed_subset_takes_the_same_first_images_of_every_class(tmp_path):
         (source / name).mkdir(parents=True)
         for i in (3, 1, 2):
             (source / name / f"img_{i}.jpg").write_bytes(b"%d" % i)
-    subset = _subset(tmp_path / "subset", sorted(source.iterdir()), 2)
-    assert sorted(str(p.relative_to(subset)) for p in subset.rglob("*.jpg")) == [
+    linked = subset(tmp_path / "subset", sorted(source.iterdir()), 2)
+    assert sorted(str(p.relative_to(linked)) for p in linked.rglob("*.jpg")) == [
         "a/img_1.jpg", "a/img_2.jpg", "b/img_1.jpg", "b/img_2.jpg"]
-    assert (subset / "a" / "img_2.jpg").read_bytes() == b"2"
+    assert (linked / "a" / "img_2.jpg").read_bytes() == b"2"
