@@ -25,6 +25,7 @@ from functools import partial
 from pipeline import LayertapError
 from pipeline.decoding import CHANGED, decode_image
 from pipeline.images import jpeg_header, or_reason, read_file
+from pipeline.scan import file_stat
 
 DECODERS = ("pillow", "nvjpeg")
 DEVICE = "cuda"  # where NvjpegDecoder decodes by default (the tests set "cpu")
@@ -109,7 +110,7 @@ class NvjpegDecoder:
         read = list(self._pool.map(partial(or_reason, read_file), paths))
         blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
         for i, expected in enumerate(stats or ()):
-            if blobs[i] is not None and expected and _stat(paths[i]) != tuple(expected):
+            if blobs[i] is not None and expected and (file_stat(paths[i]) or ())[:2] != tuple(expected):
                 blobs[i], reasons[i] = None, CHANGED
         images: list = [None] * len(paths)
         gpu, host = [], []
@@ -201,11 +202,3 @@ def to_backend(batch, batch_size: int):
 
         return jax.dlpack.from_dlpack(batch.contiguous())
     return batch.cpu().numpy()
-
-
-def _stat(path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
