@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -229,7 +230,6 @@ class Extractor:
     base: object
     taps: tuple[str, ...]
     map_shapes: dict
-    _jitted: list = field(default_factory=list, repr=False, compare=False)  # JAX: the compiled call, once built
 
     def __call__(self, pixels) -> dict:
         """Pooled features of one batch of ``(n, size, size, 3)`` uint8 pixels, as backend arrays."""
@@ -247,19 +247,22 @@ class Extractor:
             return self.model.predict_on_batch(pixels)
         import jax
 
-        if not self._jitted:
-            model = self.model
-
-            def call(trainable, non_trainable, x):
-                return model.stateless_call(trainable, non_trainable, x, training=False)[0]
-            self._jitted.append(jax.jit(call))
         device = jax.devices()[0]
         # On a CPU device, JAX may use the host array in place: give it its own copy.
         x = jax.device_put(np.array(pixels) if device.platform == "cpu" and isinstance(pixels, np.ndarray)
                            else pixels, device)
         x.block_until_ready()
-        return self._jitted[0]([v.value for v in self.model.trainable_variables],
-                               [v.value for v in self.model.non_trainable_variables], x)
+        return self._jax_call([v.value for v in self.model.trainable_variables],
+                              [v.value for v in self.model.non_trainable_variables], x)
+
+    @cached_property
+    def _jax_call(self):
+        """The model's inference call, compiled once by ``jax.jit`` (JAX backend only)."""
+        import jax
+
+        model = self.model
+        return jax.jit(lambda trainable, non_trainable, x: model.stateless_call(trainable, non_trainable, x,
+                                                                               training=False)[0])
 
     @staticmethod
     def collect(handle) -> dict:
