@@ -337,7 +337,7 @@ def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], ses
     return extractor.map_shapes, run
 
 
-def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):
+def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session):
     """Ray tasks decode and an actor pool runs the model (:mod:`pipeline.ray_engine`); this process only
     checks the taps (on the architecture, without weights) and merges."""
     from pipeline.backbones import architecture_shapes

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pickle
-from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -29,7 +28,7 @@ from pipeline import LayertapError
 from pipeline.decoding import decode_image
 from pipeline.images import or_reason
 from pipeline.runtime import keras_backend
-from pipeline.shards import ShardJob, pads_short_batches, progress_bar, run_shard
+from pipeline.shards import ShardJob, extraction_bar, pads_short_batches, run_shard
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'layertap[ray]'"
@@ -112,11 +111,11 @@ def probe_chunk(batch: dict) -> dict:
 
 
 def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], manifest: dict, class_names,
-            done: int = 0, session: RaySession | None = None) -> int:
+            done: int, session: RaySession) -> int:
     """Compute and commit ``jobs`` on Ray: the engine behind ``--engine ray``.
 
     Args:
-        session: The command's :class:`RaySession` (default: one for this call, on ``settings.ray_address``).
+        session: The command's :class:`RaySession` (the scan may have connected it already).
 
     Returns:
         The number of images decoded.
@@ -126,13 +125,12 @@ def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], mani
     """
     if not jobs:
         return 0
-    with (RaySession(settings.ray_address) if session is None else nullcontext(session)) as session:
-        ray = session.get()
-        try:
-            return _run(ray, jobs, settings, weights, taps, manifest, class_names, done)
-        except ray.exceptions.RayError as exc:
-            raise LayertapError(f"the Ray run failed; shards committed so far are kept and the same command "
-                                f"resumes from them: {_first_line(exc)}") from exc
+    ray = session.get()
+    try:
+        return _run(ray, jobs, settings, weights, taps, manifest, class_names, done)
+    except ray.exceptions.RayError as exc:
+        raise LayertapError(f"the Ray run failed; shards committed so far are kept and the same command "
+                            f"resumes from them: {_first_line(exc)}") from exc
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -181,8 +179,7 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
     log.info("Ray: %d shard%s to compute, %d CPUs to decode, %s", len(jobs), "s" * (len(jobs) > 1),
              int(resources.get("CPU", 0)), f"one model actor on each of {gpus} GPUs" if gpus else "one model actor "
              "on a CPU (no GPU in the cluster)")
-    bar = progress_bar(total=done + sum(job.stop - job.start for job in jobs), initial=done,
-                       enabled=settings.progress)
+    bar = extraction_bar(jobs, done, settings.progress)
     n_decoded = 0
     try:
         for row in dataset.iter_rows():

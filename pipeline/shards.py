@@ -166,8 +166,7 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
     chunks = [job.chunks(settings.batch_size) for job in jobs]
     files = {i: path for job in jobs for i, path in zip(range(job.start, job.stop), job.files())}
     stats = {i: record.stat for job in jobs for i, record in zip(range(job.start, job.stop), job.records)}
-    bar = progress_bar(total=done + sum(job.stop - job.start for job in jobs), initial=done,
-                       enabled=settings.progress)
+    bar = extraction_bar(jobs, done, settings.progress)
     batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings, stats)
     pad_to = settings.batch_size if pads_short_batches() else None
     try:
@@ -216,7 +215,9 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) 
         decoder.close()
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def extraction_bar(jobs: list[ShardJob], done: int, enabled: bool):
+    """The bar of images extracted, updated by hand (per batch here, per shard on Ray); it stays on screen,
+    unlike the transient per-step bars of :func:`pipeline.images.progress_bar`."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="extract", unit="img", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=done + sum(job.stop - job.start for job in jobs), initial=done, desc="extract", unit="img",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
