@@ -61,6 +61,8 @@ def split_counts(store) -> str:
 
 def store_summary(store) -> str:
     """``layertap inspect``: a store's provenance, taps, classes and skipped files."""
+    from pipeline import virtual
+
     m = store.manifest
     lines = [f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})"]
     fields = [("data", f"{m.data_name} at {m.data_root}"), ("backbone", m.backbone),
@@ -74,7 +76,7 @@ def store_summary(store) -> str:
     lines += [f"  {name:<14} {value}" for name, value in fields]
     rows = []
     for tap in store.taps:
-        shards = store.shard_files(tap)
+        shards = virtual.shard_files(store.path, tap)
         where = (f"{len(shards)} shard file{'s' * (len(shards) > 1)} in <store>.shards/{shards[0].parent.name}/"
                  if shards else "this file")
         rows.append([tap, "x".join(map(str, store.map_shapes[tap])), store.dims[tap],

@@ -120,9 +120,9 @@ class FeatureStore:
                 self.map_shapes = {tap: tuple(int(d) for d in fh["features"][tap].attrs["map_shape"])
                                    for tap in self.taps}
                 self.dtype = str(fh["features"][self.taps[0]].dtype) if self.taps else "float32"
-                self.class_names: tuple[str, ...] = tuple(_strings(fh["class_names"]))
+                self.class_names: tuple[str, ...] = tuple(_decoded(fh["class_names"][()]))
                 self._n = int(fh["labels"].shape[0])
-                self.skipped = list(zip(_strings(fh["skipped/path"]), _strings(fh["skipped/reason"])))
+                self.skipped = list(zip(_decoded(fh["skipped/path"][()]), _decoded(fh["skipped/reason"][()])))
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
         self._rows: Rows | None = None
@@ -165,6 +165,7 @@ class FeatureStore:
 
         Raises:
             KeyError: the store has no such tap; the message lists the ones it has.
+            LayertapError: its data is damaged (a chunk fails its checksum, a shard file is missing).
         """
         if tap not in self.taps:
             raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
@@ -175,14 +176,8 @@ class FeatureStore:
                     values = virtual_store.read(dataset, self.path)
                     return values if rows is None else values[rows]
                 return dataset[()] if rows is None else dataset[rows]
-        except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, or a truncated file
+        except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
-
-    def shard_files(self, tap: str) -> list[Path]:
-        """The shard files a ``--merge virtual`` tap maps, in row order (none for a tap stored in this file)."""
-        with h5py.File(self.path, "r") as fh:
-            dataset = fh["features"][tap]
-            return [self.path.parent / m.file_name for m in dataset.virtual_sources()] if dataset.is_virtual else []
 
     def verify(self, taps=None) -> None:
         """Read every feature chunk of ``taps`` (default: all), so that HDF5 checks each one's Fletcher-32 checksum.
@@ -195,10 +190,6 @@ class FeatureStore:
         """
         for tap in self.taps if taps is None else taps:
             self.features(tap)
-
-
-def _strings(dataset) -> list[str]:
-    return _decoded(dataset[()])
 
 
 def _decoded(values) -> list[str]:

@@ -19,8 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import LayertapError
-
 
 def shards_dir(store_path: Path) -> Path:
     """The folder that keeps a virtual store's shard files, beside it."""
@@ -44,7 +42,7 @@ def read(dataset: h5py.Dataset, store_path: Path) -> np.ndarray:
     """All rows of a virtual tap, each shard read from its own file (so nothing missing is filled in).
 
     Raises:
-        LayertapError: a shard file is missing or cannot be read; the message names it.
+        OSError: a shard file is missing or cannot be read; the message names it.
     """
     out = np.empty(dataset.shape, dataset.dtype)
     for mapping in dataset.virtual_sources():
@@ -53,12 +51,17 @@ def read(dataset: h5py.Dataset, store_path: Path) -> np.ndarray:
         try:
             with h5py.File(path, "r") as fh:
                 out[start:last + 1] = fh[mapping.dset_name][()]
-        except (OSError, KeyError) as exc:
-            problem = "is missing" if not path.exists() else f"cannot be read ({exc})"
-            raise LayertapError(f"{store_path}: shard file {path} of {dataset.name.rsplit('/', 1)[-1]} {problem} "
-                                "(a --merge virtual store keeps its features there); run the same `layertap "
-                                "extract` again to replace it") from None
+        except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
+            raise OSError(f"shard file {path} is missing" if not path.exists() else
+                          f"shard file {path} cannot be read: {exc}") from None
     return out
+
+
+def shard_files(store_path: Path, tap: str) -> list[Path]:
+    """The shard files a virtual tap maps, in row order (none for a tap stored in the file itself)."""
+    with h5py.File(store_path, "r") as fh:
+        dataset = fh["features"][tap]
+        return [store_path.parent / m.file_name for m in dataset.virtual_sources()] if dataset.is_virtual else []
 
 
 def referenced(fh: h5py.File) -> set[Path]:
