@@ -116,17 +116,19 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
     if counts.min() == 0:
         missing = [store.class_names[i] for i in np.flatnonzero(counts == 0)]
         raise LayertapError(f"class {', '.join(missing)} has no training image in {store.path.name}")
+    if not val.any():  # pipeline.splits.resolve_splits always gives val rows
+        raise LayertapError(f"{store.path.name}: no val rows to choose on; split it with pipeline.splits.resolve_splits")
     estimator = make_classifier(spec, cv_splits=int(min(3, counts.min())), seed=seed)
     started = time.perf_counter()
-    if takes_validation_data(estimator) and val.any():
+    if takes_validation_data(estimator):
         estimator.fit(X[train], y[train], validation_data=(X[val], y[val]))
     else:
         estimator.fit(X[train], y[train])
     fit_seconds = time.perf_counter() - started
-    val_predicted = estimator.predict(X[val]) if val.any() else np.zeros(0, dtype=y.dtype)
+    val_predicted = estimator.predict(X[val])
     metrics = {
         **score_predictions(y[test], estimator.predict(X[test]), store.class_names),
-        "val_accuracy": float((val_predicted == y[val]).mean()) if val.any() else None,
+        "val_accuracy": float((val_predicted == y[val]).mean()),
         "val_predictions": val_predicted.tolist(),
         "n_train": int(train.sum()), "n_val": int(val.sum()), "n_test": int(test.sum()),
         "fit_seconds": fit_seconds, "trainable_params": trainable_params(estimator),

@@ -97,11 +97,11 @@ def cmd_classify(args) -> int:
 
     settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
     report = None if not args.progress else (lambda r: print(
-        f"  {r['tap']:<18} {r['classifier']:<12} val acc {r['val_accuracy'] or 0:.3f}  ({r['fit_seconds']:.1f} s)"))
+        f"  {r['tap']:<18} {r['classifier']:<12} val acc {r['val_accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
     result = classify(settings, progress=report)
     best = result.best
     print(f"\n{comparison_table(result.rows)}\n\nbest on val: {best['tap']} + {best['classifier']} (val "
-          f"{best['val_accuracy'] or 0:.3f}; its test accuracy {best['accuracy']:.3f}); models and reports in "
+          f"{best['val_accuracy']:.3f}; its test accuracy {best['accuracy']:.3f}); models and reports in "
           f"{result.run_dir}/")
     return 0
 
@@ -110,7 +110,7 @@ def cmd_sweep(args) -> int:
     from pipeline.classification import sweep
     from pipeline.reports import sweep_table
 
-    report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy'] or 0:.3f}"))
+    report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy']:.3f}"))
     run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     return 0
