@@ -123,9 +123,11 @@ class ProcessDecoder:
     is decoded into one of ``depth`` slots of a shared buffer, so no pixels are pickled.
 
     A worker that dies (the kernel's OOM killer on a huge image, a crash in a codec) breaks the
-    pool: it is replaced by a fresh one and the batch is decoded again; if that dies too, each of
-    its images is decoded alone, and an image that kills its worker again is skipped with
-    :data:`WORKER_DIED` as the reason. The run never waits on a dead process.
+    pool and every task in flight: the pool is replaced and the batch decoded again with nothing else
+    in flight; if that dies too, each of its images is decoded alone, and an image that kills its
+    worker alone is skipped with :data:`WORKER_DIED` as the reason. The other batches are decoded
+    afterwards, so an image is never blamed for a neighbour's crash. The run never waits on a dead
+    process.
 
     Args:
         size: Output side in pixels.
@@ -191,28 +193,31 @@ class ProcessDecoder:
                 submit(j + depth)
 
     def _collect(self, j: int, pending: dict, submit, rows) -> list[str | None]:
-        """Chunk ``j``'s skip reasons; a broken pool is restarted, the chunk retried, then its images one by one."""
+        """Chunk ``j``'s skip reasons. A broken pool is restarted and the chunk decoded again with nothing else in
+        flight, then, if it breaks the pool alone, image by image: only a task that runs alone can be blamed."""
         from concurrent.futures.process import BrokenProcessPool
 
-        for attempt in range(2):
-            try:
-                return [reason for future in pending.pop(j) for reason in future.result()]
-            except BrokenProcessPool:
-                log.warning("a decoding process died%s", "; decoding the batch again" if not attempt else
-                            "; decoding its images one by one to find the one that kills it")
-                self._restart()
-                for k in sorted(pending) + ([j] if not attempt else []):
-                    submit(k)  # every task in flight died with the pool
-        reasons, restarted = [], False
-        for task in rows(j):
-            try:
-                reasons += self._pool.submit(_decode_rows, [task]).result()
-            except BrokenProcessPool:
-                log.warning("skipped %s: %s", task[2], WORKER_DIED)
-                reasons.append(WORKER_DIED)
-                self._restart()
-                restarted = True
-        for k in sorted(pending) if restarted else ():
+        try:
+            return [reason for future in pending.pop(j) for reason in future.result()]
+        except BrokenProcessPool:
+            log.warning("a decoding process died; decoding the batch again")
+        self._restart()  # every task in flight died with the pool, other chunks' too
+        try:
+            submit(j)
+            reasons = [reason for future in pending.pop(j) for reason in future.result()]
+        except BrokenProcessPool:
+            log.warning("a decoding process died on this batch; decoding its images one by one to find the one")
+            pending.pop(j, None)
+            self._restart()
+            reasons = []
+            for task in rows(j):
+                try:
+                    reasons += self._pool.submit(_decode_rows, [task]).result()
+                except BrokenProcessPool:
+                    log.warning("skipped %s: %s", task[2], WORKER_DIED)
+                    reasons.append(WORKER_DIED)
+                    self._restart()
+        for k in sorted(pending):
             submit(k)
         return reasons
 
