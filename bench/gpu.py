@@ -12,9 +12,11 @@ global average pooled:
   saved with ``np.save``. ``torch-draft`` is the same with Pillow's JPEG draft mode.
 - ``keras-forward``: our extractor (Keras on JAX, bfloat16) on uint8 batches from host memory:
   our forward-pass ceiling.
-- ``ours-pillow`` / ``ours-nvjpeg``: ``pipeline.extract.extract_features`` end to end, from the
-  JPEG files to an HDF5 store, decoding in worker processes on the CPU or on the GPU.
-- ``nvjpeg``: :class:`pipeline.gpu_decode.NvjpegDecoder` alone (decode + resize, no network).
+- ``ours-pillow`` / ``ours-nvjpeg`` / ``ours-dali``: ``pipeline.extract.extract_features`` end to
+  end, from the JPEG files to an HDF5 store, decoding in worker processes on the CPU or on the GPU.
+- ``pillow`` / ``nvjpeg`` / ``dali``: a decoder alone (decode + resize, no network): one
+  :class:`pipeline.decoding.ProcessDecoder` process per host core, :class:`pipeline.gpu_decode.NvjpegDecoder`,
+  :class:`pipeline.dali_decode.DaliDecoder`.
 
 Weights: seeded random for ours and torchvision's default initialisation for the peers (no
 network here; speed does not depend on the weights). The data set is the given image folder
@@ -185,22 +187,40 @@ def child_ours(args) -> dict:
             "forward_s": marks["forward_s"]}
 
 
-def child_nvjpeg(args) -> dict:
-    from pipeline.gpu_decode import NvjpegDecoder
-
+def child_decode(args) -> dict:
+    """One decoder alone over the files, batch after batch (the first batch is not timed)."""
     paths = list_images(Path(args.data))
-    decoder = NvjpegDecoder(SIZE, workers=os.cpu_count())
-    decoder(paths[:BATCH])
-    start = time.perf_counter()
-    for i in range(0, len(paths), BATCH):
-        decoder(paths[i:i + BATCH])
+    chunks = [(i, min(i + BATCH, len(paths))) for i in range(0, len(paths), BATCH)]
+    if args.decoder == "pillow":
+        from pipeline.decoding import ProcessDecoder
+
+        decoder = ProcessDecoder(SIZE, BATCH, os.cpu_count())
+        batches = decoder.batches(paths, chunks)
+        next(batches)
+        start = time.perf_counter()
+        for _ in batches:
+            pass
+    else:
+        if args.decoder == "dali":
+            from pipeline.dali_decode import DaliDecoder
+            decoder = DaliDecoder(SIZE, batch_size=BATCH, workers=os.cpu_count())
+        else:
+            from pipeline.gpu_decode import NvjpegDecoder
+            decoder = NvjpegDecoder(SIZE, workers=os.cpu_count())
+        decoder(paths[:BATCH])
+        start = time.perf_counter()
+        for a, b in chunks[1:]:
+            batch, _ = decoder(paths[a:b])
+        if hasattr(batch, "block_until_ready"):
+            batch.block_until_ready()
     seconds = time.perf_counter() - start
     decoder.close()
-    return {"images": len(paths), "steady_s": seconds}
+    return {"images": len(paths), "steady_images": len(paths) - (chunks[0][1] - chunks[0][0]), "steady_s": seconds}
 
 
 CHILDREN = {"ceiling": child_ceiling, "torch": child_torch, "keras-forward": child_keras_forward,
-            "ours": child_ours, "nvjpeg": child_nvjpeg}
+            "ours": child_ours, "decode": child_decode}
+DECODE_ONLY = ("pillow", "nvjpeg", "dali")  # rows of a decoder alone: no network, so no ratio to the pipelines
 
 
 def child_main(argv=None) -> None:
@@ -222,7 +242,7 @@ def child_main(argv=None) -> None:
         DEVICE = "cpu"
         import pipeline.gpu_decode
         pipeline.gpu_decode.DEVICE = "cpu"
-        pipeline.gpu_decode.nvjpeg_available = lambda: True
+        pipeline.gpu_decode.nvjpeg_available = pipeline.gpu_decode.dali_available = lambda: True
     result = CHILDREN[args.child](args)
     steady = result.get("steady_images", result["images"])
     emit({**result, "images_per_s": steady / result["steady_s"]})
@@ -277,8 +297,8 @@ def table(rows: list[dict], facts: dict, size: int, batch_size: int) -> str:
             if value is None:
                 lines.append(f"| {backbone} | {r['name']} | failed: {r.get('error', '')[:60]} | | | |")
                 continue
-            vs_peer = f"{value / peer:.2f}x" if peer and r["name"] not in ("ceiling", "nvjpeg") else ""
-            vs_ceiling = f"{value / ceiling:.0%}" if ceiling and r["name"] != "nvjpeg" else ""
+            vs_peer = f"{value / peer:.2f}x" if peer and r["name"] not in ("ceiling", *DECODE_ONLY) else ""
+            vs_ceiling = f"{value / ceiling:.0%}" if ceiling and r["name"] not in DECODE_ONLY else ""
             lines.append(f"| {backbone} | {r['name']} | {value:,.0f} | {vs_peer} | {vs_ceiling} | "
                          f"{r.get('process_wall_s', 0):.1f} |")
     return "\n".join(lines) + "\n"
@@ -296,7 +316,8 @@ def main() -> None:
     args = parser.parse_args()
     env = {"KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
     plan = [("ceiling", []), ("torch", []), ("torch-draft", ["--draft"]), ("keras-forward", []),
-            ("ours-pillow", ["--decoder", "pillow"]), ("ours-nvjpeg", ["--decoder", "nvjpeg"])]
+            ("ours-pillow", ["--decoder", "pillow"]), ("ours-nvjpeg", ["--decoder", "nvjpeg"]),
+            ("ours-dali", ["--decoder", "dali"])]
     only = set(filter(None, args.only.split(",")))
     facts = gpu_facts()
     rows = []
@@ -304,13 +325,15 @@ def main() -> None:
         data = Path(tmp) / "images"
         n = tile(Path(args.data), args.images, data)
         print(f"{n} files under {data}", flush=True)
-        steps = [("all", "nvjpeg", [])] if not only or "nvjpeg" in only else []
+        steps = [("all", name, []) for name in DECODE_ONLY if not only or name in only]
         steps += [(b, name, extra) for b in args.backbones.split(",") for name, extra in plan
                   if not only or name in only]
         for backbone, name, extra in steps:
             out = Path(tmp) / f"out-{backbone}-{name}"
             out.mkdir()
             child = name.split("-")[0] if name.startswith(("torch", "ours")) else name
+            if name in DECODE_ONLY:
+                child, extra = "decode", ["--decoder", name]
             command = ["-m", "bench.gpu", "child", child, "--backbone", backbone if backbone != "all" else "vgg16",
                        "--data", str(data), "--out", str(out), "--size", str(args.size),
                        "--batch-size", str(args.batch_size), *extra]

@@ -73,9 +73,10 @@ class ExtractSettings:
     draft: bool = option(True, "decode JPEGs at the smallest DCT scale that still covers image_size", group="model",
                          flag_help="decode JPEGs at full resolution (default: at the smallest DCT scale that "
                                    "still covers --size)")
-    decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores) or nvjpeg (on "
+    decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores), nvjpeg (on "
                                     "the GPU through torchvision; slower than 16 cores on an H100 host, see "
-                                    "bench/NOTES.md)", choices=DECODERS, group="model")
+                                    "bench/NOTES.md) or dali (NVIDIA DALI: the GPU's hardware JPEG engines; "
+                                    "pip install 'layertap[dali]')", choices=DECODERS, group="model")
     precision: str = option("auto", "compute precision: bfloat16/float16 are mixed precision; auto is bfloat16 on "
                                     "GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16), else float32",
                             choices=PRECISION_CHOICES, group="model")

@@ -1,19 +1,22 @@
-"""JPEG decoding on the GPU: nvJPEG through torchvision, resized on the device.
+"""JPEG decoding on the GPU: nvJPEG through torchvision, or NVIDIA DALI; resized on the device.
 
-The ``nvjpeg`` decoder moves decoding and resizing onto the GPU and hands the batch to the Keras
-backend without a trip through host memory (DLPack for JAX, the tensor itself for PyTorch). It
-is for hosts with few cores per GPU: on an H100 with 16 host cores, torchvision's decoder (one
-lock, Huffman decoding on one thread) ran at about 3,000 images/s, slower than 16 Pillow worker
-processes (bench/NOTES.md), so it is not the default.
+Both decoders move decoding and resizing onto the GPU and hand the batch to the Keras backend
+without a trip through host memory (DLPack). ``nvjpeg`` (torchvision) is for hosts with few cores
+per GPU: on an H100 with 16 host cores, its decoder (one lock, Huffman decoding on one thread) ran
+at about 3,000 images/s, slower than 16 Pillow worker processes (bench/NOTES.md), so it is not the
+default. ``dali`` (``fn.decoders.image`` on the ``mixed`` device) decodes on the GPU's hardware
+JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise; it is
+not the default either until a GPU run measures it faster (bench/NOTES.md).
 
-What it decodes matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation applied,
-RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for bit
-(another IDCT, chroma upsampling and resize kernel), so the decoder is part of a store's cache key.
-Files nvJPEG cannot take (PNG and the other formats, CMYK JPEGs, images whose GPU decode fails)
+What they decode matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation
+applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
+bit (another IDCT, chroma upsampling and resize kernel), so the decoder is part of a store's cache
+key. Files they cannot take (PNG and the other formats, CMYK JPEGs, images whose GPU decode fails)
 are decoded by Pillow on the host and copied up; bad files are skipped with Pillow's reason.
 
-Needs ``torch`` and ``torchvision`` with CUDA (the device ``cpu`` runs the same code through
-libjpeg-turbo, which the tests use).
+``nvjpeg`` needs ``torch`` and ``torchvision`` with CUDA, ``dali`` the ``nvidia-dali-cuda120``
+wheel (``pip install 'layertap[dali]'``). Both run the same code on the CPU device (libjpeg-turbo),
+which the tests use.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from pipeline.decoding import CHANGED, decode_image
 from pipeline.images import jpeg_header, or_reason, read_file
 from pipeline.scan import file_stat
 
-DECODERS = ("pillow", "nvjpeg")
-DEVICE = "cuda"  # where NvjpegDecoder decodes by default (the tests set "cpu")
+DECODERS = ("pillow", "nvjpeg", "dali")
+DEVICE = "cuda"  # where the GPU decoders decode by default (the tests set "cpu")
 
 
 def nvjpeg_available() -> bool:
@@ -41,19 +44,63 @@ def nvjpeg_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def dali_available() -> bool:
+    """Whether NVIDIA DALI imports and sees a CUDA GPU here."""
+    try:
+        from nvidia.dali import backend
+    except Exception:  # noqa: BLE001 - any import failure means: not available
+        return False
+    return backend.GetCUDADeviceCount() > 0
+
+
 def check_decoder(decoder: str) -> str:
-    """Validate a decoder name; ``nvjpeg`` only where torchvision has CUDA.
+    """Validate a decoder name; ``nvjpeg`` only where torchvision has CUDA, ``dali`` only where DALI sees a GPU.
 
     Raises:
         ValueError: an unknown decoder.
-        LayertapError: ``nvjpeg`` asked for where torchvision or CUDA is missing.
+        LayertapError: a GPU decoder asked for where its package or a CUDA GPU is missing.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r} is not known; use one of: {', '.join(DECODERS)}")
     if decoder == "nvjpeg" and not nvjpeg_available():
         raise LayertapError("decoder=nvjpeg needs torch and torchvision with a CUDA GPU (pip install torch "
                             "torchvision); use --decoder pillow to decode on the CPU")
+    if decoder == "dali" and not dali_available():
+        raise LayertapError("decoder=dali needs NVIDIA DALI and a CUDA GPU (pip install 'layertap[dali]'); use "
+                            "--decoder pillow to decode on the CPU")
     return decoder
+
+
+def read_and_route(pool, paths: list, stats, max_pixels: int):
+    """Read ``paths`` on ``pool``'s threads and sort them for a GPU decoder.
+
+    Returns:
+        ``(blobs, reasons, jpegs, host)``: the files' bytes (``None`` where unreadable or changed since the
+        scan, with the reason), ``(position, jpeg header)`` of the JPEGs a GPU decoder takes, and the
+        positions Pillow decodes on the host (other formats, CMYK, over ``max_pixels``: Pillow gives the
+        reason).
+    """
+    read = list(pool.map(partial(or_reason, read_file), paths))
+    blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
+    for i, expected in enumerate(stats or ()):
+        if blobs[i] is not None and expected and (file_stat(paths[i]) or ())[:2] != tuple(expected):
+            blobs[i], reasons[i] = None, CHANGED
+    jpegs, host = [], []
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            continue
+        header = jpeg_header(blob)
+        if header is None or header[0] * header[1] > max_pixels:
+            host.append(i)
+        else:
+            jpegs.append((i, header))
+    return blobs, reasons, jpegs, host
+
+
+def decode_on_host(pool, paths: list, size: int, resize: str, max_pixels: int):
+    """``(array, reason)`` per path, by Pillow on ``pool``'s threads (at full resolution, as the GPU decoders)."""
+    pillow = partial(or_reason, partial(decode_image, size=size, resize=resize, draft=False, max_pixels=max_pixels))
+    return pool.map(pillow, paths)
 
 
 # EXIF orientation -> (transpose H and W, flip rows, flip columns), applied in that order.
@@ -107,30 +154,16 @@ class NvjpegDecoder:
     def _decode(self, paths: list[os.PathLike], stats=None) -> tuple[object, list[str | None]]:
         import torch
 
-        read = list(self._pool.map(partial(or_reason, read_file), paths))
-        blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
-        for i, expected in enumerate(stats or ()):
-            if blobs[i] is not None and expected and (file_stat(paths[i]) or ())[:2] != tuple(expected):
-                blobs[i], reasons[i] = None, CHANGED
+        blobs, reasons, gpu, host = read_and_route(self._pool, paths, stats, self.max_pixels)
         images: list = [None] * len(paths)
-        gpu, host = [], []
-        for i, blob in enumerate(blobs):
-            if blob is None:
-                continue
-            header = jpeg_header(blob)
-            if header is None or header[0] * header[1] > self.max_pixels:
-                host.append(i)  # Pillow decodes it, or gives the reason it is skipped
-            else:
-                gpu.append((i, header[3]))
         if gpu:
-            for (i, orientation), image in zip(gpu, self._decode_jpegs([blobs[i] for i, _ in gpu])):
+            for (i, header), image in zip(gpu, self._decode_jpegs([blobs[i] for i, _ in gpu])):
                 if image is None:
                     host.append(i)
                 else:
-                    images[i] = self._finish(_orient(image, orientation))
-        pillow = partial(or_reason, partial(decode_image, size=self.size, resize=self.resize, draft=False,
-                                            max_pixels=self.max_pixels))
-        for i, (array, reason) in zip(host, self._pool.map(pillow, [paths[i] for i in host])):
+                    images[i] = self._finish(_orient(image, header[3]))
+        for i, (array, reason) in zip(host, decode_on_host(self._pool, [paths[i] for i in host], self.size,
+                                                           self.resize, self.max_pixels)):
             reasons[i] = reason
             if array is not None:
                 images[i] = torch.from_numpy(array.copy()).to(self.device, non_blocking=True)
@@ -184,17 +217,22 @@ def _orient(image, orientation: int):
 
 
 def to_backend(batch, batch_size: int):
-    """A device batch from :class:`NvjpegDecoder`, zero-padded to ``batch_size`` rows (one input shape, one
-    compiled function), as an input the Keras backend takes without a host copy."""
-    import torch
-
+    """A device batch from :class:`NvjpegDecoder` (a torch tensor) or :class:`pipeline.dali_decode.DaliDecoder`
+    (a JAX array or torch tensor), zero-padded to ``batch_size`` rows (one input shape, one compiled
+    function), as an input the Keras backend takes without a host copy."""
     from pipeline import import_keras
 
-    keras = import_keras()
+    backend = import_keras().config.backend()
+    if type(batch).__module__.startswith("jax"):
+        import jax.numpy as jnp
+
+        if len(batch) < batch_size:
+            batch = jnp.concatenate([batch, jnp.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+        return batch
+    import torch
 
     if len(batch) < batch_size:
         batch = torch.cat([batch, batch.new_zeros((batch_size - len(batch),) + tuple(batch.shape[1:]))])
-    backend = keras.config.backend()
     if backend == "torch":
         return batch
     if backend == "jax":

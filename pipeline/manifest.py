@@ -32,7 +32,7 @@ class StoreManifest:
         weights_arg: What was passed as ``weights`` (``imagenet``, ``random``, a path), to resolve them again.
         seed: Seed of ``random`` weights.
         image_size, resize, interpolation, draft, decoder_name, max_pixels: How images became pixels
-            (``decoder_name`` is the manifest's ``decoder``: ``pillow`` or ``nvjpeg``).
+            (``decoder_name`` is the manifest's ``decoder``: ``pillow``, ``nvjpeg`` or ``dali``).
         preprocessing: What the backbone's ``preprocess_input`` does.
         pooling, precision: How taps were pooled, and the compute precision.
         store_dtype: The stored features' type.

@@ -188,14 +188,18 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) 
 
     Yields:
         ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
-        uint8 batch (NumPy, or a device tensor for ``nvjpeg``) and, per path, ``None`` or why it
+        uint8 batch (NumPy, or a device array for ``nvjpeg`` and ``dali``) and, per path, ``None`` or why it
         was skipped.
     """
     workers = settings.workers or default_workers()
-    if settings.decoder == "nvjpeg":
-        from pipeline.gpu_decode import NvjpegDecoder
-
-        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
+    if settings.decoder in ("nvjpeg", "dali"):
+        if settings.decoder == "dali":
+            from pipeline.dali_decode import DaliDecoder
+            decoder = DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
+                                  workers=workers)
+        else:
+            from pipeline.gpu_decode import NvjpegDecoder
+            decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
         try:
             # One thread decodes the next batch on the GPU while this one runs the forward pass.
             def decode(chunk):

@@ -19,16 +19,31 @@ CASES = {"vgg16": ("hed-bsds500", ("block2_pool", "block3_pool"), "block3_pool",
          "resnet50": (None, ("conv2_block3_out", "conv3_block4_out"), "conv3_block4_out", "conv3_block4_1_conv")}
 
 
+def on_device(pixels: np.ndarray):
+    """A batch as a GPU decoder hands it over (``pipeline.dali_decode.DaliDecoder``): the backend's own array."""
+    from pipeline import import_keras
+
+    backend = import_keras().config.backend()
+    if backend == "jax":
+        import jax
+        return jax.device_put(pixels)
+    if backend == "torch":
+        import torch
+        return torch.from_numpy(pixels)
+    return pixels
+
+
 def features(backbone: str, weights: str) -> dict:
     """The features of IMAGES as stage one computes them: two batches, the second started before the first is
-    collected (on JAX both run asynchronously), the last one padded; checked against one synchronous call."""
+    collected (on JAX both run asynchronously), the last one padded and handed over as a device array (as the GPU
+    decoders do); checked against one synchronous call."""
     from pipeline.backbones import create_extractor
     from pipeline.shards import collect, forward
 
     taps = CASES[backbone][1]
     extractor = create_extractor(backbone, weights, taps, "avg", 32, "float32")
     outputs = {tap: [] for tap in taps}
-    first, second = forward(extractor, IMAGES[:3], 3), forward(extractor, IMAGES[3:], 3)
+    first, second = forward(extractor, IMAGES[:3], 3), forward(extractor, on_device(IMAGES[3:]), 3)
     collect(extractor, first, outputs)
     collect(extractor, second, outputs)
     direct = extractor(IMAGES)
