@@ -207,7 +207,7 @@ def child_decode(args) -> dict:
         else:
             from pipeline.gpu_decode import NvjpegDecoder
             decoder = NvjpegDecoder(SIZE, workers=os.cpu_count())
-        decoder(paths[:BATCH])
+        batch, _ = decoder(paths[:BATCH])
         start = time.perf_counter()
         for a, b in chunks[1:]:
             batch, _ = decoder(paths[a:b])

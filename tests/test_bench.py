@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import COLOURS, photo
+from conftest import COLOURS, make_class_folder, photo
 
 from bench.recipes import RECIPES
 from bench.common import subset
@@ -46,3 +46,21 @@ def test_speed_subset_takes_the_same_first_images_of_every_class(tmp_path):
     assert sorted(str(p.relative_to(linked)) for p in linked.rglob("*.jpg")) == [
         "a/img_1.jpg", "a/img_2.jpg", "b/img_1.jpg", "b/img_2.jpg"]
     assert (linked / "a" / "img_2.jpg").read_bytes() == b"2"
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "dali"])
+def test_gpu_bench_times_a_decoder_alone_after_its_first_batch(decoder, tmp_path, monkeypatch):
+    """``make bench-gpu``'s decoder rows, run here on the CPU device (a GPU session has no time to lose to a crash)."""
+    import argparse
+
+    import bench.gpu as gpu
+    import pipeline.gpu_decode as gd
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+    monkeypatch.setattr(gd, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu, "SIZE", 32)
+    monkeypatch.setattr(gpu, "BATCH", 4)
+    data = make_class_folder(tmp_path / "data", per_class=3)
+    result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder))
+    assert result["images"] == 9 and result["steady_images"] == 5 and result["steady_s"] > 0
