@@ -237,8 +237,12 @@ def child_main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH)
     args = parser.parse_args(argv)
     SIZE, BATCH = args.size, args.batch_size
-    import torch
-    if not torch.cuda.is_available():
+    try:
+        import torch
+        on_gpu = torch.cuda.is_available()
+    except ImportError:  # the decoder rows also run on a CPU machine without torch
+        on_gpu = False
+    if not on_gpu:
         DEVICE = "cpu"
         import pipeline.gpu_decode
         pipeline.gpu_decode.DEVICE = "cpu"
