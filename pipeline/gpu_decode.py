@@ -11,7 +11,8 @@ not the default either until a GPU run measures it faster (bench/NOTES.md).
 What they decode matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation
 applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
 bit (another IDCT, chroma upsampling and resize kernel), so the decoder is part of a store's cache
-key. Files they cannot take (PNG and the other formats, CMYK JPEGs, images whose GPU decode fails)
+key. Files they cannot take (PNG and the other formats, CMYK JPEGs, cut-off JPEGs, images whose GPU
+decode fails)
 are decoded by Pillow on the host and copied up; bad files are skipped with Pillow's reason.
 
 ``nvjpeg`` needs ``torch`` and ``torchvision`` with CUDA, ``dali`` the ``nvidia-dali-cuda120``
@@ -77,8 +78,8 @@ def read_and_route(pool, paths: list, stats, max_pixels: int):
     Returns:
         ``(blobs, reasons, jpegs, host)``: the files' bytes (``None`` where unreadable or changed since the
         scan, with the reason), ``(position, jpeg header)`` of the JPEGs a GPU decoder takes, and the
-        positions Pillow decodes on the host (other formats, CMYK, over ``max_pixels``: Pillow gives the
-        reason).
+        positions Pillow decodes on the host (other formats, CMYK, cut-off JPEGs, over ``max_pixels``:
+        Pillow gives the reason).
     """
     read = list(pool.map(partial(or_reason, read_file), paths))
     blobs, reasons = [blob for blob, _ in read], [reason for _, reason in read]
@@ -90,11 +91,21 @@ def read_and_route(pool, paths: list, stats, max_pixels: int):
         if blob is None:
             continue
         header = jpeg_header(blob)
-        if header is None or header[0] * header[1] > max_pixels:
+        if header is None or header[0] * header[1] > max_pixels or not _ends_whole(blob):
             host.append(i)
         else:
             jpegs.append((i, header))
     return blobs, reasons, jpegs, host
+
+
+def _ends_whole(jpeg: bytes) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (zero padding after it allowed).
+
+    A cut-off file does not, and goes to Pillow, which names it ("image file is truncated") as the
+    CPU path does, where a GPU decoder might fill the missing rows silently (and DALI logs an error).
+    A file with other bytes after its image goes to Pillow too, which decodes it.
+    """
+    return jpeg[-64:].rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def decode_on_host(pool, paths: list, size: int, resize: str, max_pixels: int):

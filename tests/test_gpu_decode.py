@@ -105,19 +105,41 @@ def test_other_formats_fall_back_to_pillow_and_bad_files_are_skipped(gpu_decoder
     expected = add_bad_files(folder)
     photo((1, 200, 3)).save(folder / "red" / "img.png")
     Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(folder / "red" / "cmyk.jpg")
-    # The truncated JPEG has a whole header, so it goes to the GPU and fails there (with DALI, failing the
-    # whole batch: the JPEGs are then decoded one by one); the good images around it keep their places.
-    names = ["img_0.jpg", "img.png", "cmyk.jpg", "truncated.jpg", "img_1.jpg", "empty.jpg", "notes.jpg", "bomb.png"]
+    # Half a JPEG with its end marker put back: a whole header and end, so it goes to the GPU decoder, which
+    # may fail on it (DALI fails the whole batch: the JPEGs are then decoded one by one, and this one by
+    # Pillow, which fills the missing rows); the images around it keep their places either way.
+    good = (folder / "red" / "img_0.jpg").read_bytes()
+    (folder / "red" / "patched.jpg").write_bytes(good[: len(good) // 2] + b"\xff\xd9")
+    names = ["img_0.jpg", "img.png", "cmyk.jpg", "truncated.jpg", "patched.jpg", "img_1.jpg", "empty.jpg",
+             "notes.jpg", "bomb.png"]
     decoder = gpu_decoder.make(16)
     batch, reasons = decoder([folder / "red" / name for name in names])
     decoder.close()
     pixels = gpu_decoder.numpy(batch).astype(int)
-    assert reasons[:3] == [None, None, None] and reasons[4] is None and pixels.shape == (4, 16, 16, 3)
+    decoded = ["img_0.jpg", "img.png", "cmyk.jpg", "patched.jpg", "img_1.jpg"]
+    assert [name for name, reason in zip(names, reasons) if reason is None] == decoded
+    assert pixels.shape == (5, 16, 16, 3)
     expected["notes.jpg"] = "cannot decode"  # the scan before an extraction says "not an image"
+    expected["truncated.jpg"] = "image file is truncated"  # Pillow's words: cut-off JPEGs go to it
     for name, reason in zip(names, reasons):
         assert name not in expected or expected[name] in reason, (name, reason)
-    for row, name in enumerate(["img_0.jpg", "img.png", "cmyk.jpg", "img_1.jpg"]):
+    for row, name in enumerate(decoded):
         assert np.abs(pixels[row] - decode_image(folder / "red" / name, 16).astype(int)).mean() < 4, name
+
+
+def test_cut_off_jpegs_go_to_pillow_and_zero_padding_after_the_end_is_allowed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.gpu_decode import read_and_route
+
+    whole = jpeg_bytes(photo((200, 40, 40), size=(48, 40)))
+    files = {"whole.jpg": whole, "padded.jpg": whole + bytes(40), "cut.jpg": whole[:-200],
+             "trailing.jpg": whole + b"thumbnail data"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with ThreadPoolExecutor(2) as pool:
+        _, reasons, jpegs, host = read_and_route(pool, [tmp_path / name for name in files], None, 10**8)
+    assert reasons == [None] * 4 and [i for i, _ in jpegs] == [0, 1] and host == [2, 3]
 
 
 def test_extraction_on_the_gpu_decoder_matches_pillow_and_has_its_own_cache_key(gpu_decoder, class_folder, tmp_path):
