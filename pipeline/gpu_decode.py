@@ -15,9 +15,9 @@ key. Files they cannot take (PNG and the other formats, CMYK JPEGs, cut-off JPEG
 decode fails)
 are decoded by Pillow on the host and copied up; bad files are skipped with Pillow's reason.
 
-``nvjpeg`` needs ``torch`` and ``torchvision`` with CUDA, ``dali`` the ``nvidia-dali-cuda120``
-wheel (``pip install 'layertap[dali]'``). Both run the same code on the CPU device (libjpeg-turbo),
-which the tests use.
+``nvjpeg`` needs ``torch`` and ``torchvision`` with CUDA, ``dali`` the ``nvidia-dali-cuda120`` or
+``-cuda130`` wheel (``pip install 'layertap[dali]'`` or ``'layertap[dali-cuda13]'``). Both run the
+same code on the CPU device (libjpeg-turbo), which the tests use.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def check_decoder(decoder: str) -> str:
         raise LayertapError("decoder=nvjpeg needs torch and torchvision with a CUDA GPU (pip install torch "
                             "torchvision); use --decoder pillow to decode on the CPU")
     if decoder == "dali" and not dali_available():
-        raise LayertapError("decoder=dali needs NVIDIA DALI and a CUDA GPU (pip install 'layertap[dali]'); use "
-                            "--decoder pillow to decode on the CPU")
+        raise LayertapError("decoder=dali needs NVIDIA DALI and a CUDA GPU (pip install 'layertap[dali]', or "
+                            "'layertap[dali-cuda13]' beside CUDA 13 builds of JAX or PyTorch); use --decoder "
+                            "pillow to decode on the CPU")
     return decoder
 
 
