@@ -60,8 +60,11 @@ def set_backend_defaults() -> None:
     - TensorFlow turns its oneDNN kernels on by default only on x86 CPUs with AVX-512 VNNI, BF16 or AMX.
       On an AVX2-only CPU (a 2-core AMD EPYC) they run VGG16 in float32 about 1.2x faster than the Eigen
       kernels TensorFlow otherwise uses (bench/NOTES.md), so they are on for every x86-64 CPU.
+    - On a GPU, TensorFlow takes its memory as it needs it instead of nearly all of it at the first op,
+      which would leave none to a GPU decoder in the same process (``--decoder dali`` or ``nvjpeg``).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     if platform.machine().lower() in ("x86_64", "amd64"):
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 

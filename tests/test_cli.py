@@ -127,6 +127,15 @@ def test_cache_hit_inspect_and_scikit_learn_classify_load_no_framework(split_fol
 TF_CPP_LINES = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cpu_feature_guard")
 
 
+def test_backend_defaults_leave_gpu_memory_to_a_gpu_decoder_and_explicit_settings_win(monkeypatch):
+    from pipeline import set_backend_defaults
+
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    set_backend_defaults()
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+
+
 def test_console_has_no_backend_start_up_lines_unless_verbose(class_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("LAYERTAP_VERBOSE", None)
