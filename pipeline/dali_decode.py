@@ -21,9 +21,9 @@ class DaliDecoder:
     JPEGs go to ``fn.decoders.image`` on the ``mixed`` device (the hardware JPEG engines where the
     GPU has them, nvJPEG's CUDA decoder otherwise; DALI applies the EXIF orientation) and
     ``fn.resize`` (antialiased bilinear, over the centre square for ``crop``, the region
-    ``ImageOps.fit`` crops). The batch comes back as the Keras backend's own array on the GPU
-    (DLPack, copied off DALI's buffers, which its next run reuses): a ``jax.Array`` or a
-    ``torch.Tensor``; NumPy for TensorFlow and on the ``cpu`` device.
+    ``ImageOps.fit`` crops). The batch comes back as the Keras backend's own array on the device
+    DALI ran on (DLPack, copied off DALI's buffers, which its next run reuses): a ``jax.Array`` or a
+    ``torch.Tensor``; NumPy for TensorFlow.
 
     Args:
         size: Output side in pixels.
@@ -111,16 +111,14 @@ class DaliDecoder:
         self._pipe.feed_input("start", list(starts))
         self._pipe.feed_input("end", list(ends))
         (out,) = self._pipe.run()
-        if not self.on_gpu:
-            return np.array(out.as_array())
         backend = _backend()
-        if backend == "jax":
+        if backend == "jax":  # DLPack, on the device DALI ran on; a copy, as DALI reuses its buffers
             import jax.dlpack
             return jax.dlpack.from_dlpack(out.as_tensor()).copy()
         if backend == "torch":
             import torch
             return torch.from_dlpack(out.as_tensor()).clone()
-        return np.array(out.as_cpu().as_array())
+        return np.array((out.as_cpu() if self.on_gpu else out).as_array())
 
     def _region(self, header: tuple) -> tuple[np.ndarray, np.ndarray]:
         """The region of the upright image that is resized: all of it, or its centre square (``crop``)."""
@@ -135,13 +133,13 @@ class DaliDecoder:
 
     def _from_numpy(self, pixels: np.ndarray):
         """Host pixels as the same kind of array :meth:`_run` returns."""
-        backend = _backend() if self.on_gpu else None
+        backend = _backend()
         if backend == "jax":
             import jax
-            return jax.device_put(pixels, jax.devices()[0])
+            return jax.device_put(pixels, jax.devices("gpu" if self.on_gpu else "cpu")[0])
         if backend == "torch":
             import torch
-            return torch.from_numpy(pixels).cuda()
+            return torch.from_numpy(pixels).to("cuda" if self.on_gpu else "cpu")
         return pixels
 
 
