@@ -4,13 +4,16 @@ without TensorFlow): extract features, and take one fine-tuning step with part o
     python tests/backend_probe.py OUT.npz RESNET_WEIGHTS.weights.h5
 
 Writes the features of fixed images (VGG16 with hed-bsds500 weights; ResNet50 with the weights file that the
-calling test saved) and, per backbone, which weights one ``fit`` step changed.
+calling test saved), per backbone which weights one ``fit`` step changed, and, where DALI is installed, a batch
+``--decoder dali`` hands to the backend.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +85,33 @@ def changed_by_one_step(backbone: str) -> dict:
     return changed
 
 
+def dali_batch(folder: Path) -> dict:
+    """Where DALI is installed: a batch of two JPEGs (DALI's) and a PNG (Pillow's) as ``DaliDecoder`` hands it to
+    this backend (DLPack, on DALI's CPU device here), with Pillow's pixels of the same files to compare."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return {}
+    from PIL import Image
+
+    import pipeline.gpu_decode as gpu_decode
+    from pipeline.dali_decode import DaliDecoder
+    from pipeline.decoding import decode_image
+
+    gpu_decode.DEVICE = "cpu"
+    ramp = np.linspace(0, 255, 48 * 40 * 3).reshape(40, 48, 3)
+    paths = []
+    for i, fmt in enumerate(("JPEG", "PNG", "JPEG")):
+        paths.append(folder / f"{i}.{fmt.lower()}")
+        Image.fromarray(np.roll(ramp, 40 * i).astype(np.uint8)).save(paths[-1], fmt, quality=95)
+    decoder = DaliDecoder(24, device="cpu")
+    batch, reasons = decoder(paths)
+    decoder.close()
+    assert reasons == [None] * 3, reasons
+    return {"dali/pixels": np.asarray(batch), "dali/pillow": np.stack([decode_image(p, 24, draft=False) for p in paths]),
+            "dali/type": np.array(type(batch).__module__)}
+
+
 def main(out: str, resnet_weights: str) -> None:
     from pipeline import import_keras
 
@@ -92,6 +122,8 @@ def main(out: str, resnet_weights: str) -> None:
     for backbone, w in weights.items():
         arrays.update(features(backbone, w))
         steps[backbone] = changed_by_one_step(backbone)
+    with tempfile.TemporaryDirectory() as folder:
+        arrays.update(dali_batch(Path(folder)))
     np.savez(out, **arrays, meta=np.array(json.dumps({"backend": keras.config.backend(), "steps": steps})))
 
 

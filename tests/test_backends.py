@@ -1,4 +1,5 @@
-"""The same code on the other Keras backends: features match TensorFlow's, and fine-tuning trains what it unfreezes.
+"""The same code on the other Keras backends: features match TensorFlow's, fine-tuning trains what it unfreezes, and
+``--decoder dali`` hands its batch over as the backend's own array.
 
 Each backend runs in its own interpreter without TensorFlow (`make test` builds ``.venv-jax``: JAX on the CPU);
 a backend whose interpreter is not there is skipped, and says how to get it.
@@ -59,6 +60,9 @@ def test_other_backend_matches_tensorflow_and_fine_tunes_what_it_unfreezes(backe
     probe = np.load(out)
     meta = json.loads(str(probe["meta"]))
     assert meta["backend"] == backend
+    if "dali/pixels" in probe:  # DALI's batch came to this backend as its own array, with DALI's and Pillow's rows
+        assert str(probe["dali/type"]).startswith(backend)
+        assert np.abs(probe["dali/pixels"].astype(int) - probe["dali/pillow"]).mean() < 1
     for name, tf_features in expected.items():
         error = np.abs(probe[name] - tf_features).max() / np.abs(tf_features).max()
         assert error < TOLERANCE, (name, error)
