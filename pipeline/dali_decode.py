@@ -32,16 +32,19 @@ class DaliDecoder:
         batch_size: The most files one call gets.
         device: ``cuda`` (the default, :data:`pipeline.gpu_decode.DEVICE`) or ``cpu`` (DALI's CPU decoder; for tests).
         workers: DALI's CPU threads, and the threads that read files and run Pillow.
+        hw_decoder_load: The share of each batch DALI gives the hardware JPEG engines, the rest going to
+            nvJPEG's CUDA decoder (``None``: DALI's default, 0.65; ``make bench-gpu --dali-hw-loads`` measures
+            others).
     """
 
     def __init__(self, size: int, resize: str = "squash", max_pixels: int | None = None, batch_size: int = 32,
-                 device: str | None = None, workers: int = 4):
+                 device: str | None = None, workers: int = 4, hw_decoder_load: float | None = None):
         from pipeline.images import DEFAULT_MAX_PIXELS
 
         self.size, self.resize, self.batch_size = size, resize, batch_size
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.on_gpu = (device or gpu_decode.DEVICE) != "cpu"
-        self.workers = workers
+        self.workers, self.hw_decoder_load = workers, hw_decoder_load
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layertap-read")
         self._pipe = self._build()
 
@@ -59,7 +62,8 @@ class DaliDecoder:
             blobs = fn.external_source(name="blobs", dtype=types.UINT8, ndim=1)
             start = fn.external_source(name="start", dtype=types.FLOAT, ndim=1)
             end = fn.external_source(name="end", dtype=types.FLOAT, ndim=1)
-            images = fn.decoders.image(blobs, device="mixed" if self.on_gpu else "cpu", output_type=types.RGB)
+            load = {} if self.hw_decoder_load is None else {"hw_decoder_load": self.hw_decoder_load}
+            images = fn.decoders.image(blobs, device="mixed" if self.on_gpu else "cpu", output_type=types.RGB, **load)
             return fn.resize(images, size=[self.size, self.size], interp_type=types.INTERP_LINEAR, antialias=True,
                              roi_start=start, roi_end=end, dtype=types.UINT8)
 

@@ -62,5 +62,18 @@ def test_gpu_bench_times_a_decoder_alone_after_its_first_batch(decoder, tmp_path
     monkeypatch.setattr(gpu, "SIZE", 32)
     monkeypatch.setattr(gpu, "BATCH", 4)
     data = make_class_folder(tmp_path / "data", per_class=3)
-    result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder))
+    result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder, hw_decoder_load=0.9))
     assert result["images"] == 9 and result["steady_images"] == 5 and result["steady_s"] > 0
+
+
+def test_gpu_bench_table_gives_ratios_to_the_same_backbones_peer_and_ceiling_only():
+    from bench.gpu import table
+
+    rows = [{"backbone": "all", "name": "dali@0.9", "images_per_s": 9000.0},
+            {"backbone": "vgg16", "name": "ceiling", "images_per_s": 8000.0},
+            {"backbone": "vgg16", "name": "torch-draft", "images_per_s": 6000.0},
+            {"backbone": "vgg16", "name": "ours-dali", "images_per_s": 7500.0},
+            {"backbone": "vgg16", "name": "ours-nvjpeg", "error": "no GPU"}]
+    lines = {line.split(" | ")[1]: line for line in table(rows, {}, 224, 256).splitlines() if line.count("|") > 5}
+    assert "| 9,000 |  |  |" in lines["dali@0.9"]  # a decoder alone: nothing to compare with
+    assert "| 7,500 | 1.25x | 94% |" in lines["ours-dali"] and "failed: no GPU" in lines["ours-nvjpeg"]
