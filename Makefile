@@ -58,7 +58,8 @@ help:
 	@echo "make bench-ray   the Ray engine against the local one, same images, alternating runs (~4 min on 2 cores)"
 	@echo "make bench-scan  a cache-hit scan with the stat cache vs reading and hashing every file (16,384 files)"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
-	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50 (~6 min)"
+	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
+	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
 
 install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml

@@ -54,28 +54,38 @@ def main() -> None:
     for i in range(args.files):
         source = sources[i % len(sources)]
         link(source, work / "images" / source.parent.name / f"{i:06d}.jpg")
-    time.sleep(2.5)  # past the racy window (pipeline.scan.RACY_NS) of the files just linked
+    result = compare(work / "images", work / "cache", args.rounds)
+    path = write_results("scan", {"machine": machine(), **result}, result["table"] + "\n")
+    print(f"written: {path}")
+
+
+def compare(folder: Path, cache_dir: Path, rounds: int) -> dict:
+    """Prime the stat cache, then alternate full and stat scans of ``folder`` in fresh processes; print the table.
+
+    Returns:
+        ``{"primed", "runs", "medians", "table"}`` (also run by ``make bench-gpu`` on the GPU host's files).
+    """
+    time.sleep(2.5)  # past the racy window (pipeline.scan.RACY_NS) of files just linked
 
     def scan(mode: str) -> dict:
-        return run_child(["-m", "bench.scan", "--child", mode, "--folder", str(work / "images"), "--cache-dir",
-                          str(work / "cache")])
+        return run_child(["-m", "bench.scan", "--child", mode, "--folder", str(folder), "--cache-dir", str(cache_dir)])
 
     primed = scan("stat")
     print(f"  priming scan (fills the stat cache): {primed['seconds']:.2f} s", flush=True)
     runs = []
-    for i in range(args.rounds):
+    for i in range(rounds):
         for mode in MODES:
             runs.append(scan(mode))
             print(f"  {mode:<4} round {i + 1}: {runs[-1]['seconds']:.3f} s", flush=True)
     med = {mode: statistics.median(r["seconds"] for r in runs if r["mode"] == mode) for mode in MODES}
-    rows = [[mode, f"{med[mode]:.3f}", f"{args.files / med[mode]:,.0f}", f"{med['full'] / med[mode]:.1f}x"]
+    files = primed["images"]
+    rows = [[mode, f"{med[mode]:.3f}", f"{files / med[mode]:,.0f}", f"{med['full'] / med[mode]:.1f}x"]
             for mode in MODES]
     table = format_table(["scan", "seconds", "files/s", "x faster than full"], rows,
-                         title=f"\n{args.files:,} files, medians of {args.rounds} alternating runs in fresh processes, "
+                         title=f"\n{files:,} files, medians of {rounds} alternating runs in fresh processes, "
                                f"warm page cache")
     print(table)
-    path = write_results("scan", {"machine": machine(), "primed": primed, "runs": runs, "medians": med}, table + "\n")
-    print(f"written: {path}")
+    return {"primed": primed, "runs": runs, "medians": med, "table": table}
 
 
 if __name__ == "__main__":

@@ -77,3 +77,14 @@ def test_gpu_bench_table_gives_ratios_to_the_same_backbones_peer_and_ceiling_onl
     lines = {line.split(" | ")[1]: line for line in table(rows, {}, 224, 256).splitlines() if line.count("|") > 5}
     assert "| 9,000 |  |  |" in lines["dali@0.9"]  # a decoder alone: nothing to compare with
     assert "| 7,500 | 1.25x | 94% |" in lines["ours-dali"] and "failed: no GPU" in lines["ours-nvjpeg"]
+
+
+def test_scan_comparison_runs_both_scans_over_the_same_files(tmp_path):
+    """What ``make bench-scan`` and ``make bench-gpu`` run: one priming scan, then full and stat scans alternating."""
+    from bench.scan import compare
+
+    data = make_class_folder(tmp_path / "data", per_class=3)
+    result = compare(data, tmp_path / "cache", rounds=1)
+    assert [run["mode"] for run in result["runs"]] == ["full", "stat"]
+    assert {run["images"] for run in [result["primed"], *result["runs"]]} == {9}
+    assert "9 files" in result["table"] and set(result["medians"]) == {"full", "stat"}
