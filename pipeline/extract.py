@@ -103,6 +103,10 @@ class ExtractSettings:
                                      metavar="ADDRESS", group="speed (not part of the cache key)")
     verify: bool = option(False, "read and hash every image again instead of trusting the stat cache for files "
                                  "whose size, times and inode are unchanged", group="data")
+    reuse: bool = option(True, "take the features of images that an earlier store in --out computed with the "
+                               "same model settings (by content hash) instead of computing them again",
+                         group="store", flag_help="compute every image of a new store, even those an earlier "
+                                                  "store in --out has (default: reuse them, by content hash)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
                                                  "Pillow's limit)", group="data")
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
@@ -147,6 +151,7 @@ class ExtractResult:
     extract_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     store: FeatureStore | None = None  # the store, already open
+    n_reused: int = 0  # images whose features came from an earlier store (pipeline.reuse)
 
     @property
     def cache_hit(self) -> bool:
@@ -247,10 +252,10 @@ def _extract(settings: ExtractSettings, session) -> ExtractResult:
             return ExtractResult(store_path, len(existing), existing.skipped, dict(existing.dims), (), 0,
                                  time.perf_counter() - started, timings=timings, store=existing)
         manifest = _manifest(key, material, images, settings, weights, existing)
-        store, n_decoded, timings = _compute_taps(images, settings, weights, missing, store_path, manifest,
-                                                  existing, timings, session)
+        store, n_decoded, reused, timings = _compute_taps(images, settings, weights, missing, store_path,
+                                                          manifest, existing, timings, session)
     return ExtractResult(store_path, len(store), store.skipped, dict(store.dims), missing, n_decoded,
-                         time.perf_counter() - started, timings["extract"], timings, store)
+                         time.perf_counter() - started, timings["extract"], timings, store, reused)
 
 
 def _open_existing(store_path: Path, key: str, taps) -> FeatureStore | None:
@@ -291,21 +296,27 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     if len(todo) < len(shards):
         log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
                  len(shards))
+    todo, reused, shapes = _reuse(todo, settings, store_path, manifest, images.class_names, taps)
+    timings["reuse"] = time.perf_counter() - t0
     done = sum(job.stop - job.start for job in shards) - sum(job.stop - job.start for job in todo)
-    shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
-    # The key was computed without loading Keras; the backend it named must be the one now running.
-    assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
-    for tap in taps:
-        warning = flatten_warning(tap, shapes[tap], settings.pooling)
-        if warning:
-            log.warning(warning)
-    timings["build_model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n_decoded = run(todo, manifest, images.class_names, done)
-    timings["extract"] = time.perf_counter() - t0
+    n_decoded, timings["extract"] = 0, 0.0
+    if todo or shapes is None:  # the model is built only where there is something to compute (or no shapes)
+        t0 = time.perf_counter()
+        shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
+        # The key was computed without loading Keras; the backend it named must be the one now running.
+        assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
+        for tap in taps:
+            warning = flatten_warning(tap, shapes[tap], settings.pooling)
+            if warning:
+                log.warning(warning)
+        timings["build_model"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_decoded = run(todo, manifest, images.class_names, done)
+        timings["extract"] = time.perf_counter() - t0
     for tap in taps:
         manifest["taps"][tap] = {"map_shape": list(shapes[tap]), "seconds": timings["extract"],
-                                 "computed_with": list(taps), "images": n_decoded, "engine": settings.engine}
+                                 "computed_with": list(taps), "images": n_decoded, "engine": settings.engine,
+                                 "reused": reused}
     t0 = time.perf_counter()
     manifest["timings"] = timings
     parts, paths = parts_dir(store_path, taps), [job.path for job in shards]
@@ -322,7 +333,25 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     shutil.rmtree(parts, ignore_errors=True)
     if parts.parent.exists() and not any(parts.parent.iterdir()):
         parts.parent.rmdir()
-    return store, n_decoded, timings
+    return store, n_decoded, reused, timings
+
+
+def _reuse(todo, settings: ExtractSettings, store_path: Path, manifest: dict, class_names, taps):
+    """Commit the shards of ``todo`` that earlier stores of the same model settings cover (:mod:`pipeline.reuse`).
+
+    Returns:
+        The shards left to compute, the number of images reused, and the taps' map shapes if any were.
+    """
+    from pipeline.reuse import find_donors
+
+    donors = find_donors(settings.out_dir, store_path, manifest, taps) if todo and settings.reuse else None
+    if donors is None:
+        return todo, 0, None
+    left, reused = donors.write_covered(todo, manifest, class_names, taps, settings.store_dtype)
+    if reused:
+        log.info("reusing the features of %d images from %s; %d to compute", reused,
+                 ", ".join(store.path.name for store in donors.stores), sum(job.stop - job.start for job in left))
+    return left, reused, (donors.map_shapes if reused else None)
 
 
 def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):

@@ -29,15 +29,22 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | 
 def extract_summary(result, settings) -> str:
     """What stage one did: the store, its taps (computed or cached), images, speed and skipped files."""
     store = result.store
+    made = {(True, False): "computed", (False, True): "reused", (True, True): "computed + reused"}[
+        (bool(result.n_decoded or not result.n_reused), bool(result.n_reused))]
     rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
-             "computed" if tap in result.computed_taps else "cached"] for tap in settings.layers]
+             made if tap in result.computed_taps else "cached"] for tap in settings.layers]
     lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
                           title=f"\nfeature store {result.store_path}")]
     counts = split_counts(store)
     lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
                  f"skipped: {len(result.skipped)}")
+    if result.n_reused:
+        lines.append(f"reused the features of {result.n_reused:,} images from earlier stores in {settings.out_dir} "
+                     f"(same model settings, same file contents; --no-reuse computes them)")
     if result.cache_hit:
         lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
+    elif not result.n_decoded:
+        lines.append(f"no image decoded; {result.seconds:.1f} s")
     else:
         where = " on Ray (its start and the actors' model builds included)" if settings.engine == "ray" else ""
         lines.append(f"decoded {result.n_decoded:,} images{where} in {result.extract_seconds:.1f} s "

@@ -160,8 +160,8 @@ class FeatureStore:
     def __len__(self) -> int:
         return self._n
 
-    def features(self, tap: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """The ``(n, dims)`` features of one tap (all rows, or a selection).
+    def features(self, tap: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The ``(n, dims)`` features of one tap: all rows, or those at the increasing indices ``rows``.
 
         Raises:
             KeyError: the store has no such tap; the message lists the ones it has.
@@ -173,9 +173,8 @@ class FeatureStore:
             with h5py.File(self.path, "r") as fh:
                 dataset = fh["features"][tap]
                 if dataset.is_virtual:
-                    values = virtual_store.read(dataset, self.path)
-                    return values if rows is None else values[rows]
-                return dataset[()] if rows is None else dataset[rows]
+                    return virtual_store.read(dataset, self.path, rows)
+                return dataset[()] if rows is None else dataset[np.asarray(rows)]
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 

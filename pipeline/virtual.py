@@ -38,19 +38,25 @@ def create(group: h5py.Group, tap: str, store_path: Path, shards: list[tuple[Pat
     return group.create_virtual_dataset(tap, layout, fillvalue=np.nan)
 
 
-def read(dataset: h5py.Dataset, store_path: Path) -> np.ndarray:
-    """All rows of a virtual tap, each shard read from its own file (so nothing missing is filled in).
+def read(dataset: h5py.Dataset, store_path: Path, rows: np.ndarray | None = None) -> np.ndarray:
+    """All rows of a virtual tap, or the increasing ``rows``, each shard read from its own file (so nothing
+    missing is filled in) and only the shards that hold asked-for rows.
 
     Raises:
         OSError: a shard file is missing or cannot be read; the message names it.
     """
-    out = np.empty(dataset.shape, dataset.dtype)
+    wanted = None if rows is None else np.asarray(rows)
+    out = np.empty((dataset.shape[0] if wanted is None else len(wanted),) + dataset.shape[1:], dataset.dtype)
     for mapping in dataset.virtual_sources():
         (start, _), (last, _) = mapping.vspace.get_select_bounds()
+        a, b = (start, last + 1) if wanted is None else np.searchsorted(wanted, [start, last + 1])
+        if a == b:
+            continue
         path = store_path.parent / mapping.file_name
         try:
             with h5py.File(path, "r") as fh:
-                out[start:last + 1] = fh[mapping.dset_name][()]
+                source = fh[mapping.dset_name]
+                out[a:b] = source[()] if wanted is None else source[wanted[a:b] - start]
         except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
             raise OSError(f"shard file {path} is missing" if not path.exists() else
                           f"shard file {path} cannot be read: {exc}") from None

@@ -1,0 +1,117 @@
+"""A new store reuses, by content hash, the features an earlier store of the same model settings computed."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import COLOURS, make_class_folder, photo, tiny_settings
+
+from pipeline.extract import cache_key, extract_features, load_images
+from pipeline.reuse import DATA_FIELDS, MODEL_FIELDS
+from pipeline.store import FeatureStore
+
+TAPS = ("block1_pool", "block2_pool")
+
+
+def rows_by_fingerprint(store: FeatureStore) -> dict[str, dict[str, np.ndarray]]:
+    features = {tap: store.features(tap) for tap in TAPS}
+    return {fp: {tap: features[tap][i] for tap in TAPS} for i, fp in enumerate(store.rows.fingerprints)}
+
+
+@pytest.mark.parametrize("merge", ["copy", "virtual"])
+def test_an_added_image_computes_only_its_shard_and_the_rest_is_reused_bit_for_bit(tmp_path, merge):
+    data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
+    first = extract_features(tiny_settings(data, tmp_path / "f", merge=merge))
+    photo(COLOURS["blue"], seed=999).save(data / "blue" / "img_00.jpg")  # second in the listing: shard 1 of 4
+    second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.store_path != first.store_path and len(second.store) == 13
+    assert second.n_decoded == 4 and second.n_reused == 9
+    assert second.store.manifest.taps["block1_pool"]["reused"] == 9
+    before, after = rows_by_fingerprint(first.store), rows_by_fingerprint(second.store)
+    for fingerprint, row in after.items():
+        if fingerprint in before:  # reused rows, and the three computed again beside the new image
+            for tap in TAPS:
+                np.testing.assert_allclose(row[tap], before[fingerprint][tap], rtol=1e-5, atol=1e-6)
+    fresh = extract_features(tiny_settings(data, tmp_path / "fresh", reuse=False))
+    assert fresh.n_reused == 0 and fresh.n_decoded == 13
+    for tap in TAPS:
+        np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
+    reused = second.store.rows.fingerprints[4:]  # the shards written from the first store: its rows, bit for bit
+    assert all(np.array_equal(after[fp][tap], before[fp][tap]) for fp in reused for tap in TAPS)
+
+
+def test_an_edited_image_is_computed_again_never_taken_from_the_earlier_store(tmp_path):
+    data = make_class_folder(tmp_path / "data")
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    edited = data / "red" / "img_1.jpg"
+    photo((0, 0, 0), seed=5).save(edited)
+    second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.n_decoded == 4 and second.n_reused == 8
+    row = list(second.store.rows.paths).index(str(edited.relative_to(data)))
+    old = list(first.store.rows.paths).index(str(edited.relative_to(data)))
+    assert second.store.rows.fingerprints[row] != first.store.rows.fingerprints[old]
+    assert not np.allclose(second.store.features("block2_pool")[row], first.store.features("block2_pool")[old])
+
+
+def test_a_removed_image_writes_the_new_store_from_the_earlier_one_without_building_the_model(tmp_path, capsys):
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data")
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    (data / "green" / "img_2.jpg").unlink()
+    second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.n_decoded == 0 and second.n_reused == 11 and "build_model" not in second.timings
+    before = rows_by_fingerprint(first.store)
+    for fingerprint, row in rows_by_fingerprint(second.store).items():
+        assert all(np.array_equal(row[tap], before[fingerprint][tap]) for tap in TAPS)
+    (data / "green" / "img_3.jpg").unlink()
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), "--weights", "random", "--size", "32",
+                 "--layers", ",".join(TAPS), "--shard-size", "4", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "reused the features of 10 images" in out and "no image decoded" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("block")] == ["reused", "reused"]
+
+
+def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
+    data = make_class_folder(tmp_path / "data")
+    extract_features(tiny_settings(data, tmp_path / "f"))
+    photo(COLOURS["red"], seed=77).save(data / "red" / "img_9.jpg")
+    bigger = extract_features(tiny_settings(data, tmp_path / "f", image_size=40))
+    assert bigger.n_reused == 0 and bigger.n_decoded == 13
+    fewer_taps = extract_features(tiny_settings(data, tmp_path / "g", layers=("block1_pool",)))
+    (data / "red" / "img_8.jpg").write_bytes((data / "red" / "img_0.jpg").read_bytes())  # same bytes, other name
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        more_taps = extract_features(tiny_settings(data, tmp_path / "g"))  # the donor lacks block2_pool
+    assert fewer_taps.n_decoded == 13 and more_taps.n_reused == 0 and more_taps.n_decoded == 14
+    assert "reused" not in caplog.text
+    again = extract_features(tiny_settings(data, tmp_path / "f", reuse=False, shard_size=5))
+    assert again.n_reused == 0 and again.n_decoded == 14
+
+
+def test_a_damaged_earlier_store_is_passed_over_with_a_warning(tmp_path, caplog):
+    data = make_class_folder(tmp_path / "data")
+    first = extract_features(tiny_settings(data, tmp_path / "f", shard_size=12))
+    raw = bytearray(first.store_path.read_bytes())
+    values = first.store.features("block2_pool")
+    needle = values[5].tobytes()[:64]
+    at = raw.find(needle)
+    assert at > 0
+    raw[at:at + 64] = bytes(64)
+    first.store_path.write_bytes(bytes(raw))
+    (data / "red" / "img_3.jpg").unlink()
+    with caplog.at_level(logging.WARNING):
+        second = extract_features(tiny_settings(data, tmp_path / "f", shard_size=12))
+    assert second.n_reused == 0 and second.n_decoded == 11
+    assert "not reusing features" in caplog.text and first.store_path.name in caplog.text
+
+
+def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(tmp_path):
+    from pipeline.weights import resolve_weights
+    from pipeline.backbones import get_backbone
+
+    settings = tiny_settings(make_class_folder(tmp_path / "data", per_class=1), tmp_path / "f")
+    weights = resolve_weights(get_backbone("vgg16"), "random", 0)
+    _, material = cache_key(load_images(settings), settings, weights)
+    assert sorted(material) == sorted(MODEL_FIELDS + DATA_FIELDS)
