@@ -296,23 +296,36 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     if len(todo) < len(shards):
         log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
                  len(shards))
-    todo, reused, shapes = _reuse(todo, settings, store_path, manifest, images.class_names, taps)
+    reuse = reuse_plan(todo, settings, store_path, manifest, images.class_names, taps, len(images))
     timings["reuse"] = time.perf_counter() - t0
-    done = sum(job.stop - job.start for job in shards) - sum(job.stop - job.start for job in todo)
-    n_decoded, timings["extract"] = 0, 0.0
-    if todo or shapes is None:  # the model is built only where there is something to compute (or no shapes)
+    todo = reuse.run
+    shapes = reuse.donors.map_shapes if reuse.donors and reuse.donors.stores else None
+    total, engine = sum(job.stop - job.start for job in shards), []
+    timings["extract"] = 0.0
+
+    def compute(jobs) -> int:
+        """Run ``jobs`` on the engine, built when first needed (not at all where everything was reused)."""
+        nonlocal shapes
+        if not engine:
+            t0 = time.perf_counter()
+            shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
+            engine.append(run)
+            # The key was computed without loading Keras; the backend it named must be the one now running.
+            assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
+            for tap in taps:
+                warning = flatten_warning(tap, shapes[tap], settings.pooling)
+                if warning:
+                    log.warning(warning)
+            timings["build_model"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
-        # The key was computed without loading Keras; the backend it named must be the one now running.
-        assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
-        for tap in taps:
-            warning = flatten_warning(tap, shapes[tap], settings.pooling)
-            if warning:
-                log.warning(warning)
-        timings["build_model"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n_decoded = run(todo, manifest, images.class_names, done)
-        timings["extract"] = time.perf_counter() - t0
+        n = engine[0](jobs, manifest, images.class_names, total - sum(len(job.records) for job in jobs))
+        timings["extract"] += time.perf_counter() - t0
+        return n
+
+    n_decoded = compute(todo) if todo or shapes is None else 0
+    left = reuse.finish(manifest, images.class_names, taps, settings.store_dtype)
+    n_decoded += compute(left) if left else 0
+    reused = reuse.reused
     for tap in taps:
         manifest["taps"][tap] = {"map_shape": list(shapes[tap]), "seconds": timings["extract"],
                                  "computed_with": list(taps), "images": n_decoded, "engine": settings.engine,
@@ -336,22 +349,21 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     return store, n_decoded, reused, timings
 
 
-def _reuse(todo, settings: ExtractSettings, store_path: Path, manifest: dict, class_names, taps):
-    """Commit the shards of ``todo`` that earlier stores of the same model settings cover (:mod:`pipeline.reuse`).
+def reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dict, class_names, taps, n_images: int):
+    """:func:`pipeline.reuse.plan`: the shards earlier stores of the same model settings cover are written;
+    what is left to run, and what to write after it."""
+    from pipeline.reuse import Reuse, plan
+    from pipeline.shards import is_committed
 
-    Returns:
-        The shards left to compute, the number of images reused, and the taps' map shapes if any were.
-    """
-    from pipeline.reuse import find_donors
-
-    donors = find_donors(settings.out_dir, store_path, manifest, taps) if todo and settings.reuse else None
-    if donors is None:
-        return todo, 0, None
-    left, reused = donors.write_covered(todo, manifest, class_names, taps, settings.store_dtype)
-    if reused:
-        log.info("reusing the features of %d images from %s; %d to compute", reused,
-                 ", ".join(store.path.name for store in donors.stores), sum(job.stop - job.start for job in left))
-    return left, reused, (donors.map_shapes if reused else None)
+    if not (todo and settings.reuse):
+        return Reuse(run=todo)
+    reuse = plan(todo, settings.out_dir, store_path, manifest, class_names, taps, settings.store_dtype, n_images,
+                 settings.shard_size, lambda path: is_committed(path, manifest["key"], taps))
+    if reuse.planned:
+        log.info("reusing the features of %d images from %s; %d to compute", reuse.planned,
+                 ", ".join(store.path.name for store in reuse.donors.stores),
+                 sum(len(job.records) for job in reuse.run))
+    return reuse
 
 
 def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):

@@ -2,20 +2,27 @@
 
 A store's key covers its whole image list, so one added, removed or edited photo gives a new key and a
 new store. The features of an image, though, are a function of its bytes and the model settings alone
-(extraction is a pure function of an image slice and the settings), so a new store's shard whose every
-image has a row in an earlier store of the same settings (same backbone, weights, size, resize, decoder,
-preprocessing, pooling, precision, stored type, Keras backend and version; matched by each file's
-content hash) is written from that store's rows, and only the shards holding new or changed images are
-decoded and computed. A reused row is the earlier store's row, bit for bit; a fresh extraction could
-differ from it by the batch-composition tolerance (README: Measured here).
+(extraction is a pure function of an image slice and the settings). So before an engine runs, each
+shard of the new store is looked up, image by image (by content hash), in the earlier stores of the same
+settings (same backbone, weights, size, resize, decoder, preprocessing, pooling, precision, stored type,
+Keras backend and version) in ``--out``:
 
-Donors are the complete stores in the same ``--out`` folder; ``--no-reuse`` computes everything.
+- a shard whose every image is there is written from those rows;
+- a shard with none of its images there is computed as usual;
+- the images of the other shards that are not there are computed together, as shards of their own in
+  ``<parts>/computed/`` (committed, so a killed run resumes), and then each such shard of the store is
+  written from the earlier rows and the computed ones.
+
+A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
+batch-composition tolerance (README: Measured here). ``--no-reuse`` computes everything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +48,28 @@ class Donors:
     rows, where a dict of Python strings would take several times that) and looked up by bisection.
     """
 
-    stores: list[FeatureStore]
-    keys: list[np.ndarray]  # each store's fingerprints, sorted
-    rows: list[np.ndarray]  # the row of each of them
+    stores: list[FeatureStore] = field(default_factory=list)
+    keys: list[np.ndarray] = field(default_factory=list)  # each store's fingerprints, sorted
+    rows: list[np.ndarray] = field(default_factory=list)  # the row of each of them
+    earlier: int = 0  # the first this many stores are earlier stores; after them come this run's computed shards
+    reused: int = 0  # rows written from earlier stores so far
 
     @property
     def map_shapes(self) -> dict:
         return self.stores[0].map_shapes
 
+    def add(self, store: FeatureStore, earlier: bool = True) -> None:
+        """Look up rows in ``store`` too (after the stores already added)."""
+        fingerprints = store.columns()["fingerprints"].astype(bytes)
+        if len(fingerprints):
+            order = np.argsort(fingerprints, kind="stable")
+            self.stores.append(store)
+            self.keys.append(fingerprints[order])
+            self.rows.append(order)
+            self.earlier += earlier
+
     def lookup(self, fingerprints: list[str]) -> list[tuple[int, int] | None]:
-        """``(store, row)`` for each fingerprint, from the newest store that has it, else None."""
+        """``(store, row)`` for each fingerprint, from the first store that has it, else None."""
         wanted = np.array([f.encode("utf-8", "surrogateescape") for f in fingerprints], dtype=bytes)
         found: list[tuple[int, int] | None] = [None] * len(fingerprints)
         for store, (keys, rows) in enumerate(zip(self.keys, self.rows)):
@@ -60,46 +79,57 @@ class Donors:
         return found
 
     def write_covered(self, jobs: list[ShardJob], manifest: dict, class_names, taps: tuple[str, ...],
-                      dtype: str) -> tuple[list[ShardJob], int]:
-        """Commit each job whose every image has a row here, from those rows; return the others and the
-        number of images reused. A donor whose features cannot be read leaves its jobs to be computed."""
-        class_index = {name: i for i, name in enumerate(class_names)}
-        left, reused = [], 0
+                      dtype: str, skipped: dict[str, str] | None = None) -> list[ShardJob]:
+        """Commit each job whose every image has a row here (or a reason in ``skipped``) from those rows, and
+        return the others. A store whose features cannot be read is dropped, with a warning."""
+        left = []
         for job in jobs:
-            hits = self.lookup([record.fingerprint for record in job.records])
-            if not hits or not all(hits):
-                left.append(job)
-                continue
-            try:
-                features = {tap: self._gather(hits, tap) for tap in taps}
-            except LayertapError as exc:
-                log.warning("not reusing features: %s", exc)
-                left.append(job)
-                continue
-            records = job.records
-            rows = Rows([r.path for r in records], [class_index[r.label] for r in records],
-                        [r.split for r in records], [r.fingerprint for r in records])
-            write_shard(job.path, rows=rows, features=features, class_names=class_names, skipped=[],
-                        manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(taps),
-                                  "reused": True},
-                        map_shapes=self.map_shapes, dtype=dtype)
-            reused += len(records)
-        return left, reused
+            while True:
+                hits = self.lookup([record.fingerprint for record in job.records])
+                if not all(hit or record.path in (skipped or {}) for hit, record in zip(hits, job.records)):
+                    left.append(job)
+                    break
+                try:
+                    self._write(job, hits, skipped or {}, manifest, class_names, taps, dtype)
+                    break
+                except _Unreadable as exc:
+                    log.warning("not reusing features from %s: %s", self.stores[exc.store].path.name, exc.error)
+                    for column in (self.stores, self.keys, self.rows):
+                        del column[exc.store]
+                    self.earlier -= exc.store < self.earlier
+        return left
+
+    def _write(self, job: ShardJob, hits, skipped: dict[str, str], manifest: dict, class_names, taps, dtype) -> None:
+        kept = [(hit, record) for hit, record in zip(hits, job.records) if hit]
+        features = {tap: self._gather([hit for hit, _ in kept], tap) for tap in taps}
+        class_index = {name: i for i, name in enumerate(class_names)}
+        rows = Rows([r.path for _, r in kept], [class_index[r.label] for _, r in kept],
+                    [r.split for _, r in kept], [r.fingerprint for _, r in kept])
+        write_shard(job.path, rows=rows, features=features, class_names=class_names,
+                    skipped=[(r.path, skipped[r.path]) for hit, r in zip(hits, job.records) if not hit],
+                    manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(taps)},
+                    map_shapes=self.map_shapes, dtype=dtype)
+        self.reused += sum(hit[0] < self.earlier for hit, _ in kept)
 
     def _gather(self, hits: list[tuple[int, int]], tap: str) -> np.ndarray:
-        """The rows ``hits`` of one tap, in that order (each donor read once, at increasing rows, as h5py asks)."""
-        out = None
+        """The rows ``hits`` of one tap, in that order (each store read once, at increasing rows, as h5py asks)."""
+        out = np.zeros((len(hits), self.stores[0].dims[tap]), self.stores[0].dtype)
         by_store: dict[int, list[int]] = {}
         for position, (store, _) in enumerate(hits):
             by_store.setdefault(store, []).append(position)
         for store, positions in by_store.items():
-            wanted = np.array([hits[p][1] for p in positions])
-            unique, inverse = np.unique(wanted, return_inverse=True)
-            values = self.stores[store].features(tap, unique)[inverse]
-            if out is None:
-                out = np.empty((len(hits), values.shape[1]), values.dtype)
-            out[positions] = values
+            unique, inverse = np.unique([hits[p][1] for p in positions], return_inverse=True)
+            try:
+                out[positions] = self.stores[store].features(tap, unique)[inverse]
+            except LayertapError as exc:
+                raise _Unreadable(store, exc) from None
         return out
+
+
+class _Unreadable(Exception):
+    def __init__(self, store: int, error: LayertapError):
+        super().__init__(str(error))
+        self.store, self.error = store, error
 
 
 def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tuple[str, ...]) -> Donors | None:
@@ -116,18 +146,78 @@ def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tup
         raw = store.manifest.raw
         if all(raw.get(k) == v for k, v in wanted.items()) and set(taps) <= set(store.taps):
             stores.append(store)
-    donors = Donors([], [], [])
+    donors = Donors()
     for store in stores:
         try:
-            fingerprints = store.columns()["fingerprints"].astype(bytes)
+            donors.add(store)
         except LayertapError:
             continue
-        if len(fingerprints):
-            order = np.argsort(fingerprints, kind="stable")
-            donors.stores.append(store)
-            donors.keys.append(fingerprints[order])
-            donors.rows.append(order)
     return donors if donors.stores else None
+
+
+@dataclass
+class Reuse:
+    """What :func:`plan` decided: the jobs an engine runs, and the shards :meth:`finish` then writes."""
+
+    donors: Donors | None = None
+    run: list[ShardJob] = field(default_factory=list)  # shards computed as usual, and pending computed/ shards
+    mixed: list[ShardJob] = field(default_factory=list)  # shards written from earlier and computed rows
+    computed: list[ShardJob] = field(default_factory=list)  # the images of ``mixed`` no earlier store has
+    planned: int = 0  # images of the shards to make whose rows are to come from earlier stores
+
+    @property
+    def reused(self) -> int:
+        """Images whose rows this run took from earlier stores."""
+        return self.donors.reused if self.donors else 0
+
+    def finish(self, manifest: dict, class_names, taps: tuple[str, ...], dtype: str) -> list[ShardJob]:
+        """Write the mixed shards once the computed ones are committed, and remove those.
+
+        Returns:
+            Shards that could not be written after all (an earlier store found damaged): to compute.
+        """
+        if not self.mixed:
+            return []
+        skipped = {}
+        for job in self.computed:
+            shard = FeatureStore(job.path, kind="shard")
+            self.donors.add(shard, earlier=False)
+            skipped.update(shard.skipped)
+        left = self.donors.write_covered(self.mixed, manifest, class_names, taps, dtype, skipped)
+        shutil.rmtree(self.computed[0].path.parent, ignore_errors=True)
+        return left
+
+
+def plan(todo: list[ShardJob], out_dir, store_path: Path, manifest: dict, class_names, taps: tuple[str, ...],
+         dtype: str, first_free: int, shard_size: int, committed) -> Reuse:
+    """Write the shards of ``todo`` that earlier stores cover, and say what is left to run.
+
+    Args:
+        first_free: A list position past every image's (the computed shards' positions start there).
+        committed: ``committed(path)``: whether a shard file is complete for this key and these taps.
+    """
+    donors = find_donors(out_dir, store_path, manifest, taps)
+    if donors is None:
+        return Reuse(run=todo)
+    reuse = Reuse(donors)
+    missing = []
+    for job in donors.write_covered(todo, manifest, class_names, taps, dtype):
+        hits = donors.lookup([record.fingerprint for record in job.records])
+        if any(hits):
+            reuse.mixed.append(job)
+            missing += [record for hit, record in zip(hits, job.records) if not hit]
+        else:
+            reuse.run.append(job)
+    reuse.planned = sum(len(job.records) for job in todo) - sum(len(job.records) for job in reuse.run) - len(missing)
+    for start in range(0, len(missing), shard_size):
+        records = tuple(missing[start:start + shard_size])
+        # Named by content too: a shard a stopped run committed is reused only for the same images.
+        digest = hashlib.sha256("".join(r.fingerprint for r in records).encode()).hexdigest()[:16]
+        path = todo[0].path.parent / "computed" / f"shard-{start:09d}-{digest}.h5"
+        reuse.computed.append(ShardJob(first_free + start, first_free + start + len(records), path, todo[0].root,
+                                       records))
+    reuse.run += [job for job in reuse.computed if not committed(job.path)]
+    return reuse
 
 
 def _mtime(path: Path) -> float:

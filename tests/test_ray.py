@@ -215,3 +215,17 @@ def _processes_titled(prefix: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def test_new_images_among_reused_ones_are_computed_on_ray_like_on_the_local_engine(cluster, tmp_path):
+    from conftest import COLOURS, make_class_folder, photo
+
+    data = make_class_folder(tmp_path / "data")
+    extract_features(tiny_settings(data, tmp_path / "ray"))
+    extract_features(tiny_settings(data, tmp_path / "local"))
+    for c, colour in enumerate(COLOURS):
+        photo(COLOURS[colour], seed=900 + c).save(data / colour / "img_00.jpg")
+    on_ray = extract_features(tiny_settings(data, tmp_path / "ray", engine="ray"))
+    local = extract_features(tiny_settings(data, tmp_path / "local"))
+    assert on_ray.n_decoded == local.n_decoded == 3 and on_ray.n_reused == local.n_reused == 12
+    assert_same_store(on_ray.store, local.store)

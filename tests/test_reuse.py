@@ -20,26 +20,45 @@ def rows_by_fingerprint(store: FeatureStore) -> dict[str, dict[str, np.ndarray]]
     return {fp: {tap: features[tap][i] for tap in TAPS} for i, fp in enumerate(store.rows.fingerprints)}
 
 
+def damage(store: FeatureStore) -> None:
+    """Zero 64 bytes of one row's block2_pool features inside the file (its chunk then fails its checksum)."""
+    raw = bytearray(store.path.read_bytes())
+    at = raw.find(store.features("block2_pool")[5].tobytes()[:64])
+    assert at > 0
+    raw[at:at + 64] = bytes(64)
+    store.path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("merge", ["copy", "virtual"])
-def test_an_added_image_computes_only_its_shard_and_the_rest_is_reused_bit_for_bit(tmp_path, merge):
+def test_added_images_alone_are_computed_and_every_other_row_is_the_earlier_stores_bit_for_bit(tmp_path, merge):
     data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
     first = extract_features(tiny_settings(data, tmp_path / "f", merge=merge))
-    photo(COLOURS["blue"], seed=999).save(data / "blue" / "img_00.jpg")  # second in the listing: shard 1 of 4
+    for c, colour in enumerate(COLOURS):  # one new photo in each class: in every shard of the new store
+        photo(COLOURS[colour], seed=900 + c).save(data / colour / "img_00.jpg")
     second = extract_features(tiny_settings(data, tmp_path / "f"))
-    assert second.store_path != first.store_path and len(second.store) == 13
-    assert second.n_decoded == 4 and second.n_reused == 9
-    assert second.store.manifest.taps["block1_pool"]["reused"] == 9
+    assert second.store_path != first.store_path and len(second.store) == 15
+    assert second.n_decoded == 3 and second.n_reused == 12
+    assert second.store.manifest.taps["block1_pool"]["reused"] == 12
+    assert not any(tmp_path.joinpath("f").glob("*.parts")), "the computed shards are cleaned up with the parts"
     before, after = rows_by_fingerprint(first.store), rows_by_fingerprint(second.store)
-    for fingerprint, row in after.items():
-        if fingerprint in before:  # reused rows, and the three computed again beside the new image
-            for tap in TAPS:
-                np.testing.assert_allclose(row[tap], before[fingerprint][tap], rtol=1e-5, atol=1e-6)
+    assert sum(fp in before for fp in after) == 12
+    assert all(np.array_equal(row[tap], before[fp][tap]) for fp, row in after.items() if fp in before for tap in TAPS)
     fresh = extract_features(tiny_settings(data, tmp_path / "fresh", reuse=False))
-    assert fresh.n_reused == 0 and fresh.n_decoded == 13
+    assert fresh.n_reused == 0 and fresh.n_decoded == 15
+    assert list(fresh.store.rows.paths) == list(second.store.rows.paths)
+    assert list(fresh.store.labels) == list(second.store.labels)
     for tap in TAPS:
         np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
-    reused = second.store.rows.fingerprints[4:]  # the shards written from the first store: its rows, bit for bit
-    assert all(np.array_equal(after[fp][tap], before[fp][tap]) for fp in reused for tap in TAPS)
+
+
+def test_a_bad_new_file_among_reused_images_is_skipped_and_named(tmp_path):
+    data = make_class_folder(tmp_path / "data")
+    extract_features(tiny_settings(data, tmp_path / "f"))
+    good = (data / "green" / "img_0.jpg").read_bytes()
+    (data / "green" / "img_00.jpg").write_bytes(good[: len(good) // 2])  # a whole header, half the pixels
+    second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.n_decoded == 1 and second.n_reused == 12 and len(second.store) == 12
+    assert [(path, "truncated" in reason) for path, reason in second.store.skipped] == [("green/img_00.jpg", True)]
 
 
 def test_an_edited_image_is_computed_again_never_taken_from_the_earlier_store(tmp_path):
@@ -48,7 +67,7 @@ def test_an_edited_image_is_computed_again_never_taken_from_the_earlier_store(tm
     edited = data / "red" / "img_1.jpg"
     photo((0, 0, 0), seed=5).save(edited)
     second = extract_features(tiny_settings(data, tmp_path / "f"))
-    assert second.n_decoded == 4 and second.n_reused == 8
+    assert second.n_decoded == 1 and second.n_reused == 11
     row = list(second.store.rows.paths).index(str(edited.relative_to(data)))
     old = list(first.store.rows.paths).index(str(edited.relative_to(data)))
     assert second.store.rows.fingerprints[row] != first.store.rows.fingerprints[old]
@@ -93,18 +112,27 @@ def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
 def test_a_damaged_earlier_store_is_passed_over_with_a_warning(tmp_path, caplog):
     data = make_class_folder(tmp_path / "data")
     first = extract_features(tiny_settings(data, tmp_path / "f", shard_size=12))
-    raw = bytearray(first.store_path.read_bytes())
-    values = first.store.features("block2_pool")
-    needle = values[5].tobytes()[:64]
-    at = raw.find(needle)
-    assert at > 0
-    raw[at:at + 64] = bytes(64)
-    first.store_path.write_bytes(bytes(raw))
+    damage(first.store)
     (data / "red" / "img_3.jpg").unlink()
     with caplog.at_level(logging.WARNING):
         second = extract_features(tiny_settings(data, tmp_path / "f", shard_size=12))
     assert second.n_reused == 0 and second.n_decoded == 11
     assert "not reusing features" in caplog.text and first.store_path.name in caplog.text
+
+
+def test_an_earlier_store_found_damaged_while_mixing_rows_leaves_those_shards_to_be_computed(tmp_path, caplog):
+    data = make_class_folder(tmp_path / "data")
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    for c, colour in enumerate(COLOURS):  # a new image in every shard: no shard is covered whole
+        photo(COLOURS[colour], seed=900 + c).save(data / colour / "img_00.jpg")
+    damage(first.store)
+    with caplog.at_level(logging.WARNING):
+        second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert "not reusing features from " + first.store_path.name in caplog.text
+    assert second.n_reused == 0 and len(second.store) == 15
+    fresh = extract_features(tiny_settings(data, tmp_path / "fresh", reuse=False))
+    for tap in TAPS:
+        np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
 
 
 def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(tmp_path):
@@ -115,3 +143,32 @@ def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(tmp_pat
     weights = resolve_weights(get_backbone("vgg16"), "random", 0)
     _, material = cache_key(load_images(settings), settings, weights)
     assert sorted(material) == sorted(MODEL_FIELDS + DATA_FIELDS)
+
+
+def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_committed(tmp_path, monkeypatch):
+    import pipeline.shards as shards
+
+    data = make_class_folder(tmp_path / "data")
+    extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
+    for c, colour in enumerate(COLOURS):
+        photo(COLOURS[colour], seed=900 + c).save(data / colour / "img_00.jpg")
+    run_shard, calls = shards.run_shard, []
+
+    def stop_after_one(job, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(job.path)
+        return run_shard(job, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "run_shard", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
+    assert calls[0].parent.name == "computed" and calls[0].exists()  # two of the three new images
+    monkeypatch.setattr(shards, "run_shard", run_shard)
+    resumed = extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
+    # The shards written from the earlier store were committed by the stopped run; this one reuses the old
+    # image beside each new one, and computes the one new image left.
+    assert resumed.n_decoded == 1 and resumed.n_reused == 3 and len(resumed.store) == 15
+    fresh = extract_features(tiny_settings(data, tmp_path / "fresh", shard_size=2, reuse=False))
+    for tap in TAPS:
+        np.testing.assert_allclose(resumed.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
