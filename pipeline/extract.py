@@ -296,20 +296,19 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     if len(todo) < len(shards):
         log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
                  len(shards))
-    reuse = reuse_plan(todo, settings, store_path, manifest, images.class_names, taps, len(images))
+    reuse = _reuse_plan(todo, settings, store_path, manifest, images.class_names, taps, len(images))
     timings["reuse"] = time.perf_counter() - t0
     todo = reuse.run
     shapes = reuse.donors.map_shapes if reuse.donors and reuse.donors.stores else None
-    total, engine = sum(job.stop - job.start for job in shards), []
+    total, run = sum(job.stop - job.start for job in shards), None
     timings["extract"] = 0.0
 
     def compute(jobs) -> int:
         """Run ``jobs`` on the engine, built when first needed (not at all where everything was reused)."""
-        nonlocal shapes
-        if not engine:
+        nonlocal shapes, run
+        if run is None:
             t0 = time.perf_counter()
             shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
-            engine.append(run)
             # The key was computed without loading Keras; the backend it named must be the one now running.
             assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
             for tap in taps:
@@ -318,7 +317,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
                     log.warning(warning)
             timings["build_model"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n = engine[0](jobs, manifest, images.class_names, total - sum(len(job.records) for job in jobs))
+        n = run(jobs, manifest, images.class_names, total - sum(len(job.records) for job in jobs))
         timings["extract"] += time.perf_counter() - t0
         return n
 
@@ -349,7 +348,8 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     return store, n_decoded, reused, timings
 
 
-def reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dict, class_names, taps, n_images: int):
+def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dict, class_names, taps,
+                n_images: int):
     """:func:`pipeline.reuse.plan`: the shards earlier stores of the same model settings cover are written;
     what is left to run, and what to write after it."""
     from pipeline.reuse import Reuse, plan
