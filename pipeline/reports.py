@@ -86,9 +86,12 @@ def store_summary(store) -> str:
         shards = virtual.shard_files(store.path, tap)
         where = (f"{len(shards)} shard file{'s' * (len(shards) > 1)} in <store>.shards/{shards[0].parent.name}/"
                  if shards else "this file")
-        rows.append([tap, "x".join(map(str, store.map_shapes[tap])), store.dims[tap],
-                     m.taps.get(tap, {}).get("engine", "local"), where])
-    lines += ["", format_table(["tap", "map", "dims", "engine", "features in"], rows)]
+        info = m.taps.get(tap, {})
+        rows.append([tap, "x".join(map(str, store.map_shapes[tap])), store.dims[tap], info.get("engine", "local"),
+                     info.get("images"), info.get("reused", 0), where])
+    lines += ["", format_table(["tap", "map", "dims", "engine", "computed", "reused", "features in"], rows,
+                               title="(computed: images the run that made the tap decoded; reused: rows it took "
+                                     "from earlier stores)")]
     lines.append(f"\n{len(store):,} images, {len(store.class_names)} classes ({split_counts(store)})")
     counts = dict.fromkeys(store.class_names, 0)
     for label in store.rows.labels:

@@ -91,6 +91,9 @@ def test_a_removed_image_writes_the_new_store_from_the_earlier_one_without_build
     out = capsys.readouterr().out
     assert "reused the features of 10 images" in out and "no image decoded" in out
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("block")] == ["reused", "reused"]
+    assert main(["inspect", str(sorted((tmp_path / "f").glob("*.h5"), key=lambda p: p.stat().st_mtime)[-1])]) == 0
+    assert [line.split()[4:6] for line in capsys.readouterr().out.splitlines() if line.startswith("block")] == [
+        ["0", "10"], ["0", "10"]]  # computed, reused
 
 
 def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
