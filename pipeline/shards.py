@@ -10,6 +10,9 @@ joins the shards into the store. An engine is a short driver of these three:
 - the Ray engine (:mod:`pipeline.ray_engine`) decodes in Ray tasks and runs the model in an
   actor pool, on one machine or a cluster.
 
+Before an engine runs, :mod:`pipeline.reuse` writes what earlier stores of the same model settings
+already hold (by content hash), so an engine gets only images no store has computed.
+
 Both chunk a shard into the same batches and pad them the same way, so they write identical
 shards; a shard committed by either is reused by both, which is what makes a killed run
 resumable whatever engine it ran on. A third engine (Spark, Dask) would be a third driver.
