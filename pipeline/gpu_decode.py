@@ -12,8 +12,8 @@ What they decode matches :func:`pipeline.decoding.decode_image` in meaning (EXIF
 applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
 bit (another IDCT, chroma upsampling and resize kernel), so the decoder is part of a store's cache
 key. Files they cannot take (PNG and the other formats, CMYK JPEGs, cut-off JPEGs, images whose GPU
-decode fails)
-are decoded by Pillow on the host and copied up; bad files are skipped with Pillow's reason.
+decode fails) are decoded by Pillow on the host and copied up; bad files are skipped with Pillow's
+reason.
 
 ``nvjpeg`` needs ``torch`` and ``torchvision`` with CUDA, ``dali`` the ``nvidia-dali-cuda120`` or
 ``-cuda130`` wheel (``pip install 'layertap[dali]'`` or ``'layertap[dali-cuda13]'``). Both run the
