@@ -107,7 +107,7 @@ def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.extract"):
         more_taps = extract_features(tiny_settings(data, tmp_path / "g"))  # the donor lacks block2_pool
     assert fewer_taps.n_decoded == 13 and more_taps.n_reused == 0 and more_taps.n_decoded == 14
-    assert "reused" not in caplog.text
+    assert "reusing" not in caplog.text
     again = extract_features(tiny_settings(data, tmp_path / "f", reuse=False, shard_size=5))
     assert again.n_reused == 0 and again.n_decoded == 14
 
