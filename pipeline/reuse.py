@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import LayertapError
-from pipeline.shards import ShardJob
-from pipeline.store import FeatureStore, Rows, write_shard
+from pipeline.shards import ShardJob, rows_of
+from pipeline.store import FeatureStore, write_shard
+from pipeline.virtual import TapReader
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class Donors:
     """Earlier stores of the same model settings, and where each content hash has a row in them.
 
     Each store's fingerprints are held as one sorted array of bytes (32 bytes a row: 3.2 GB for 10^8
-    rows, where a dict of Python strings would take several times that) and looked up by bisection.
+    rows, where a dict of Python strings would take several times that) and looked up by bisection. Each
+    store's taps are read through one open :class:`pipeline.virtual.TapReader` (:meth:`close` closes them):
+    a shard's rows are one read per store, not one open, and a virtual store's map is listed once.
     """
 
     stores: list[FeatureStore] = field(default_factory=list)
@@ -53,6 +56,7 @@ class Donors:
     rows: list[np.ndarray] = field(default_factory=list)  # the row of each of them
     earlier: int = 0  # the first this many stores are earlier stores; after them come this run's computed shards
     reused: int = 0  # rows written from earlier stores so far
+    readers: dict[tuple[Path, str], TapReader] = field(default_factory=dict)
 
     @property
     def map_shapes(self) -> dict:
@@ -60,7 +64,7 @@ class Donors:
 
     def add(self, store: FeatureStore, earlier: bool = True) -> None:
         """Look up rows in ``store`` too (after the stores already added)."""
-        fingerprints = store.columns()["fingerprints"].astype(bytes)
+        fingerprints = store.columns(["fingerprints"])["fingerprints"].astype(bytes)
         if len(fingerprints):
             order = np.argsort(fingerprints, kind="stable")
             self.stores.append(store)
@@ -79,33 +83,37 @@ class Donors:
         return found
 
     def write_covered(self, jobs: list[ShardJob], manifest: dict, class_names, taps: tuple[str, ...],
-                      dtype: str, skipped: dict[str, str] | None = None) -> list[ShardJob]:
-        """Commit each job whose every image has a row here (or a reason in ``skipped``) from those rows, and
-        return the others. A store whose features cannot be read is dropped, with a warning."""
-        left = []
+                      dtype: str, skipped: dict[str, str] | None = None) -> list[tuple[ShardJob, list]]:
+        """Commit each job whose every image has a row here (or a reason in ``skipped``) from those rows.
+
+        Returns:
+            The other jobs, each with its images' :meth:`lookup`. A store whose features cannot be read is
+            dropped, with a warning, and its rows looked up elsewhere.
+        """
+        skipped, left = skipped or {}, []
+        class_index = {name: i for i, name in enumerate(class_names)}
         for job in jobs:
             while True:
                 hits = self.lookup([record.fingerprint for record in job.records])
-                if not all(hit or record.path in (skipped or {}) for hit, record in zip(hits, job.records)):
-                    left.append(job)
+                if not all(hit or record.path in skipped for hit, record in zip(hits, job.records)):
+                    left.append((job, hits))
                     break
                 try:
-                    self._write(job, hits, skipped or {}, manifest, class_names, taps, dtype)
+                    self._write(job, hits, skipped, manifest, class_names, class_index, taps, dtype)
                     break
                 except _Unreadable as exc:
-                    log.warning("not reusing features from %s: %s", self.stores[exc.store].path.name, exc.error)
+                    log.warning("not reusing features from %s: %s", self.stores[exc.store].path.name, exc)
                     for column in (self.stores, self.keys, self.rows):
                         del column[exc.store]
                     self.earlier -= exc.store < self.earlier
         return left
 
-    def _write(self, job: ShardJob, hits, skipped: dict[str, str], manifest: dict, class_names, taps, dtype) -> None:
+    def _write(self, job: ShardJob, hits, skipped: dict[str, str], manifest: dict, class_names, class_index,
+               taps, dtype) -> None:
         kept = [(hit, record) for hit, record in zip(hits, job.records) if hit]
         features = {tap: self._gather([hit for hit, _ in kept], tap) for tap in taps}
-        class_index = {name: i for i, name in enumerate(class_names)}
-        rows = Rows([r.path for _, r in kept], [class_index[r.label] for _, r in kept],
-                    [r.split for _, r in kept], [r.fingerprint for _, r in kept])
-        write_shard(job.path, rows=rows, features=features, class_names=class_names,
+        write_shard(job.path, rows=rows_of([record for _, record in kept], class_index), features=features,
+                    class_names=class_names,
                     skipped=[(r.path, skipped[r.path]) for hit, r in zip(hits, job.records) if not hit],
                     manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(taps)},
                     map_shapes=self.map_shapes, dtype=dtype)
@@ -119,17 +127,25 @@ class Donors:
             by_store.setdefault(store, []).append(position)
         for store, positions in by_store.items():
             unique, inverse = np.unique([hits[p][1] for p in positions], return_inverse=True)
+            path = self.stores[store].path
             try:
-                out[positions] = self.stores[store].features(tap, unique)[inverse]
-            except LayertapError as exc:
-                raise _Unreadable(store, exc) from None
+                if (path, tap) not in self.readers:
+                    self.readers[path, tap] = TapReader(path, tap)
+                out[positions] = self.readers[path, tap](unique)[inverse]
+            except (OSError, KeyError) as exc:
+                raise _Unreadable(store, f"the features of {tap} are damaged ({exc})") from None
         return out
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()
 
 
 class _Unreadable(Exception):
-    def __init__(self, store: int, error: LayertapError):
-        super().__init__(str(error))
-        self.store, self.error = store, error
+    def __init__(self, store: int, message: str):
+        super().__init__(message)
+        self.store = store
 
 
 def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tuple[str, ...]) -> Donors | None:
@@ -183,9 +199,12 @@ class Reuse:
             shard = FeatureStore(job.path, kind="shard")
             self.donors.add(shard, earlier=False)
             skipped.update(shard.skipped)
-        left = self.donors.write_covered(self.mixed, manifest, class_names, taps, dtype, skipped)
+        try:
+            left = self.donors.write_covered(self.mixed, manifest, class_names, taps, dtype, skipped)
+        finally:
+            self.donors.close()
         shutil.rmtree(self.computed[0].path.parent, ignore_errors=True)
-        return left
+        return [job for job, _ in left]
 
 
 def plan(todo: list[ShardJob], out_dir, store_path: Path, manifest: dict, class_names, taps: tuple[str, ...],
@@ -201,8 +220,11 @@ def plan(todo: list[ShardJob], out_dir, store_path: Path, manifest: dict, class_
         return Reuse(run=todo)
     reuse = Reuse(donors)
     missing = []
-    for job in donors.write_covered(todo, manifest, class_names, taps, dtype):
-        hits = donors.lookup([record.fingerprint for record in job.records])
+    try:
+        left = donors.write_covered(todo, manifest, class_names, taps, dtype)
+    finally:
+        donors.close()
+    for job, hits in left:
         if any(hits):
             reuse.mixed.append(job)
             missing += [record for hit, record in zip(hits, job.records) if not hit]

@@ -105,11 +105,9 @@ def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict
     rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
     in_flight = None  # one batch's forward pass runs while the next batch is fetched (on JAX)
     for (a, b), pixels, reasons in batches:
-        for record, reason in zip(job.records[a - job.start:b - job.start], reasons):
-            if reason is None:
-                rows.extend(Rows([record.path], [class_index[record.label]], [record.split], [record.fingerprint]))
-            else:
-                skipped.append((record.path, reason))
+        records = job.records[a - job.start:b - job.start]
+        rows.extend(rows_of([r for r, reason in zip(records, reasons) if reason is None], class_index))
+        skipped += [(r.path, reason) for r, reason in zip(records, reasons) if reason is not None]
         if len(pixels):
             started = forward(extractor, pixels, pad_to)
             if in_flight:
@@ -125,6 +123,12 @@ def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict
                 manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(extractor.taps)},
                 map_shapes=extractor.map_shapes, dtype=dtype)
     return job.stop - job.start
+
+
+def rows_of(records: list[ImageRecord], class_index: dict[str, int]) -> Rows:
+    """A store's per-image columns for ``records``, each label by its class's index."""
+    return Rows([r.path for r in records], [class_index[r.label] for r in records], [r.split for r in records],
+                [r.fingerprint for r in records])
 
 
 def pads_short_batches() -> bool:

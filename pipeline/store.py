@@ -136,12 +136,12 @@ class FeatureStore:
                               _decoded(columns["fingerprints"]))
         return self._rows
 
-    def columns(self) -> dict[str, np.ndarray]:
+    def columns(self, names: Sequence[str] = _COLUMNS) -> dict[str, np.ndarray]:
         """The per-image columns as stored (``paths``, ``split``, ``fingerprints``: arrays of UTF-8 bytes;
-        ``labels``: int32), without a Python string per row."""
+        ``labels``: int32), without a Python string per row; all of them, or ``names``."""
         try:
             with h5py.File(self.path, "r") as fh:
-                return {name: fh[name][()] for name in _COLUMNS}
+                return {name: fh[name][()] for name in names}
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
 
@@ -170,11 +170,8 @@ class FeatureStore:
         if tap not in self.taps:
             raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
         try:
-            with h5py.File(self.path, "r") as fh:
-                dataset = fh["features"][tap]
-                if dataset.is_virtual:
-                    return virtual_store.read(dataset, self.path, rows)
-                return dataset[()] if rows is None else dataset[np.asarray(rows)]
+            with virtual_store.TapReader(self.path, tap) as read:
+                return read(rows)
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 

@@ -7,7 +7,7 @@ kept in ``<store>.shards/`` (by paths relative to the store, so the store and th
 together). External HDF5 tools read it as one dataset.
 
 HDF5 fills the rows of a source file it cannot open with the fill value, silently. layertap never
-reads through the mapping: :func:`read` opens each shard itself, so a missing or damaged shard is
+reads through the mapping: :class:`TapReader` opens each shard itself, so a missing or damaged shard is
 an error that names it (and Fletcher-32 checks every chunk, as in a copied store).
 """
 
@@ -38,29 +38,58 @@ def create(group: h5py.Group, tap: str, store_path: Path, shards: list[tuple[Pat
     return group.create_virtual_dataset(tap, layout, fillvalue=np.nan)
 
 
-def read(dataset: h5py.Dataset, store_path: Path, rows: np.ndarray | None = None) -> np.ndarray:
-    """All rows of a virtual tap, or the increasing ``rows``, each shard read from its own file (so nothing
-    missing is filled in) and only the shards that hold asked-for rows.
+class TapReader:
+    """The rows of one tap of a store (virtual or copied), read as often as asked: the file stays open and a
+    virtual tap's shard map is listed once (``virtual_sources`` builds an object per shard file).
+
+    Calling it with increasing ``rows`` (or None: all) returns those rows; a virtual tap reads each shard
+    file that holds some of them itself, so nothing missing is filled in.
 
     Raises:
-        OSError: a shard file is missing or cannot be read; the message names it.
+        OSError: the store or a shard file is missing or cannot be read (a chunk failing its Fletcher-32
+            checksum too); the message names the file.
     """
-    wanted = None if rows is None else np.asarray(rows)
-    out = np.empty((dataset.shape[0] if wanted is None else len(wanted),) + dataset.shape[1:], dataset.dtype)
-    for mapping in dataset.virtual_sources():
-        (start, _), (last, _) = mapping.vspace.get_select_bounds()
-        a, b = (start, last + 1) if wanted is None else np.searchsorted(wanted, [start, last + 1])
-        if a == b:
-            continue
-        path = store_path.parent / mapping.file_name
-        try:
-            with h5py.File(path, "r") as fh:
-                source = fh[mapping.dset_name]
-                out[a:b] = source[()] if wanted is None else source[wanted[a:b] - start]
-        except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
-            raise OSError(f"shard file {path} is missing" if not path.exists() else
-                          f"shard file {path} cannot be read: {exc}") from None
-    return out
+
+    def __init__(self, store_path: Path, tap: str):
+        self.path = Path(store_path)
+        self._file = h5py.File(self.path, "r")
+        self._dataset = self._file["features"][tap]
+        self._map = None
+        if self._dataset.is_virtual:
+            bounds = [(m.vspace.get_select_bounds(), m.file_name, m.dset_name) for m in self._dataset.virtual_sources()]
+            self._map = sorted((first, last + 1, name, dset) for ((first, _), (last, _)), name, dset in bounds)
+            self._starts = np.array([first for first, *_ in self._map])
+
+    def __call__(self, rows: np.ndarray | None = None) -> np.ndarray:
+        wanted = None if rows is None else np.asarray(rows)
+        if self._map is None:
+            return self._dataset[()] if wanted is None else self._dataset[wanted]
+        dataset = self._dataset
+        out = np.empty((dataset.shape[0] if wanted is None else len(wanted),) + dataset.shape[1:], dataset.dtype)
+        first = 0 if wanted is None or not len(wanted) else max(0, np.searchsorted(self._starts, wanted[0], "right") - 1)
+        for start, stop, name, dset in self._map[first:]:
+            a, b = (start, stop) if wanted is None else np.searchsorted(wanted, [start, stop])
+            if wanted is not None and a == len(wanted):
+                break
+            if a == b:
+                continue
+            path = self.path.parent / name
+            try:
+                with h5py.File(path, "r") as fh:
+                    out[a:b] = fh[dset][()] if wanted is None else fh[dset][wanted[a:b] - start]
+            except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
+                raise OSError(f"shard file {path} is missing" if not path.exists() else
+                              f"shard file {path} cannot be read: {exc}") from None
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TapReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def shard_files(store_path: Path, tap: str) -> list[Path]:
