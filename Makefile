@@ -36,7 +36,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-gpu clean
+.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (4 min on 2 cores),"
@@ -57,6 +57,7 @@ help:
 	@echo "                 needs ../shared/data/flowers17): tables printed and written to bench/results/"
 	@echo "make bench-ray   the Ray engine against the local one, same images, alternating runs (~4 min on 2 cores)"
 	@echo "make bench-scan  a cache-hit scan with the stat cache vs reading and hashing every file (16,384 files)"
+	@echo "make bench-reuse a new store reusing an earlier one's rows vs --no-reuse (flowers17 + 17 photos, ~6 min)"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
 	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
@@ -130,6 +131,9 @@ bench-ray: install
 
 bench-scan: install
 	$(BIN)/python -m bench.scan $(BENCH_SCAN_ARGS)
+
+bench-reuse: install
+	$(BIN)/python -m bench.reuse $(BENCH_REUSE_ARGS)
 
 bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)

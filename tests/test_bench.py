@@ -88,3 +88,11 @@ def test_scan_comparison_runs_both_scans_over_the_same_files(tmp_path):
     assert [run["mode"] for run in result["runs"]] == ["full", "stat"]
     assert {run["images"] for run in [result["primed"], *result["runs"]]} == {9}
     assert "9 files" in result["table"] and set(result["medians"]) == {"full", "stat"}
+
+
+def test_reuse_bench_reads_a_virtual_store_both_ways(tmp_path):
+    """``make bench-reuse``'s last line: one shard's rows at a time, one open reader against one per read."""
+    from bench.reuse import reader_reads
+
+    result = reader_reads(tmp_path, shards=5)
+    assert result["shards"] == 5 and result["kept_open_s"] > 0 and result["per_read_s"] > 0
