@@ -192,33 +192,31 @@ def child_ours(args) -> dict:
 
 
 def child_decode(args) -> dict:
-    """One decoder alone over the files, batch after batch (the first batch is not timed)."""
+    """One decoder alone over the files, driven as an extraction drives it (``shards.decoded_batches``:
+    worker processes for Pillow, threads ahead for the GPU decoders); the first batch is not timed."""
+    from types import SimpleNamespace
+
+    from pipeline.images import DEFAULT_MAX_PIXELS
+    from pipeline.shards import decoded_batches
+
+    if args.hw_decoder_load is not None:
+        from functools import partial
+
+        import pipeline.dali_decode as dali_decode
+        dali_decode.DaliDecoder = partial(dali_decode.DaliDecoder, hw_decoder_load=args.hw_decoder_load)
     paths = list_images(Path(args.data))
     chunks = [(i, min(i + BATCH, len(paths))) for i in range(0, len(paths), BATCH)]
-    if args.decoder == "pillow":
-        from pipeline.decoding import ProcessDecoder
-
-        decoder = ProcessDecoder(SIZE, BATCH, os.cpu_count())
-        batches = decoder.batches(paths, chunks)
-        next(batches)
-        start = time.perf_counter()
-        for _ in batches:
-            pass
-    else:
-        if args.decoder == "dali":
-            from pipeline.dali_decode import DaliDecoder
-            decoder = DaliDecoder(SIZE, batch_size=BATCH, workers=os.cpu_count(), hw_decoder_load=args.hw_decoder_load)
-        else:
-            from pipeline.gpu_decode import NvjpegDecoder
-            decoder = NvjpegDecoder(SIZE, workers=os.cpu_count())
-        batch, _ = decoder(paths[:BATCH])
-        start = time.perf_counter()
-        for a, b in chunks[1:]:
-            batch, _ = decoder(paths[a:b])
-        if hasattr(batch, "block_until_ready"):
-            batch.block_until_ready()
+    settings = SimpleNamespace(decoder=args.decoder, image_size=SIZE, resize="squash", max_pixels=DEFAULT_MAX_PIXELS,
+                               batch_size=BATCH, workers=os.cpu_count(), draft=True)
+    batches = decoded_batches(paths, chunks, settings)
+    _, pixels, _ = next(batches)
+    start = time.perf_counter()
+    for _, pixels, _ in batches:
+        pass
+    if hasattr(pixels, "block_until_ready"):
+        pixels.block_until_ready()
     seconds = time.perf_counter() - start
-    decoder.close()
+    batches.close()
     return {"images": len(paths), "steady_images": len(paths) - (chunks[0][1] - chunks[0][0]), "steady_s": seconds}
 
 

@@ -7,6 +7,7 @@ this module is imported only when the ``dali`` decoder runs (``pip install 'laye
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,14 +32,17 @@ class DaliDecoder:
         max_pixels: Larger images are skipped as decompression bombs (by Pillow, which names them).
         batch_size: The most files one call gets.
         device: ``cuda`` (the default, :data:`pipeline.gpu_decode.DEVICE`) or ``cpu`` (DALI's CPU decoder; for tests).
-        workers: DALI's CPU threads, and the threads that read files and run Pillow.
+        workers: DALI's CPU threads, and the threads that run Pillow for the files DALI does not take.
         hw_decoder_load: The share of each batch DALI gives the hardware JPEG engines, the rest going to
-            nvJPEG's CUDA decoder (``None``: DALI's default, 0.65; ``make bench-gpu --dali-hw-loads`` measures
-            others).
+            nvJPEG's CUDA decoder. 1.0 (all) by default: which decoder takes an image then depends on the
+            image alone, never on the other images of its batch. DALI alone ran faster so on an H100 (its
+            own file reader: 20,300 against 17,400 images/s at DALI's default, 0.65; batches fed as here,
+            16,000 against 12,900), the same within noise in the pipeline (bench/NOTES.md). ``None``: DALI's
+            default; ``make bench-gpu --dali-hw-loads`` measures others.
     """
 
     def __init__(self, size: int, resize: str = "squash", max_pixels: int | None = None, batch_size: int = 32,
-                 device: str | None = None, workers: int = 4, hw_decoder_load: float | None = None):
+                 device: str | None = None, workers: int = 4, hw_decoder_load: float | None = 1.0):
         from pipeline.images import DEFAULT_MAX_PIXELS
 
         self.size, self.resize, self.batch_size = size, resize, batch_size
@@ -47,6 +51,7 @@ class DaliDecoder:
         self.workers, self.hw_decoder_load = workers, hw_decoder_load
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layertap-read")
         self._pipe = self._build()
+        self._lock = threading.Lock()  # one batch in DALI at a time; reading and routing the next overlap it
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -80,7 +85,7 @@ class DaliDecoder:
 
         ``stats``: the ``(size, mtime_ns)`` each file must still have (else it is skipped as changed).
         """
-        blobs, reasons, jpegs, host = read_and_route(self._pool, paths, stats, self.max_pixels)
+        blobs, reasons, jpegs, host = read_and_route(paths, stats, self.max_pixels)
         pieces, failed = self._decode_jpegs([(i, blobs[i], header) for i, header in jpegs])
         host += failed
         arrays = []
@@ -111,17 +116,29 @@ class DaliDecoder:
 
     def _run(self, items: list[tuple[int, bytes, tuple]]):
         starts, ends = zip(*(self._region(header) for _, _, header in items))
-        self._pipe.feed_input("blobs", [np.frombuffer(blob, np.uint8) for _, blob, _ in items])
-        self._pipe.feed_input("start", list(starts))
-        self._pipe.feed_input("end", list(ends))
-        (out,) = self._pipe.run()
+        blobs = [np.frombuffer(blob, np.uint8) for _, blob, _ in items]
+        with self._lock:
+            self._pipe.feed_input("blobs", blobs)
+            self._pipe.feed_input("start", list(starts))
+            self._pipe.feed_input("end", list(ends))
+            (out,) = self._pipe.run()
+            return self._handed_over(out)
+
+    def _handed_over(self, out):
+        """DALI's output as the Keras backend's array, by DLPack on the device DALI ran on.
+
+        A copy, finished before the next run may reuse DALI's buffers (so under the lock).
+        """
         backend = _backend()
-        if backend == "jax":  # DLPack, on the device DALI ran on; a copy, as DALI reuses its buffers
+        if backend == "jax":
             import jax.dlpack
-            return jax.dlpack.from_dlpack(out.as_tensor()).copy()
+            return jax.dlpack.from_dlpack(out.as_tensor()).copy().block_until_ready()
         if backend == "torch":
             import torch
-            return torch.from_dlpack(out.as_tensor()).clone()
+            batch = torch.from_dlpack(out.as_tensor()).clone()
+            if batch.is_cuda:
+                torch.cuda.current_stream(batch.device).synchronize()
+            return batch
         return np.array((out.as_cpu() if self.on_gpu else out).as_array())
 
     def _region(self, header: tuple) -> tuple[np.ndarray, np.ndarray]:

@@ -208,10 +208,12 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) 
             from pipeline.gpu_decode import NvjpegDecoder
             decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
         try:
-            # One thread decodes the next batch on the GPU while this one runs the forward pass.
+            # Decoding runs ahead of the forward pass in threads: DALI's in two, so one batch's files are read
+            # while the one before is on the GPU (the decoder lets one batch at a time into DALI).
             def decode(chunk):
                 return decoder([paths[i] for i in range(*chunk)], [stats[i] for i in range(*chunk)] if stats else None)
-            for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, workers=1, prefetch=2)):
+            threads = 2 if settings.decoder == "dali" else 1
+            for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, threads, prefetch=threads + 1)):
                 yield chunk, pixels, reasons
         finally:
             decoder.close()
