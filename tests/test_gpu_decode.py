@@ -112,9 +112,8 @@ def test_other_formats_fall_back_to_pillow_and_bad_files_are_skipped(gpu_decoder
     photo((1, 200, 3)).save(folder / "red" / "img.png")
     Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(folder / "red" / "cmyk.jpg")
     # Half a JPEG with its end marker put back: a whole header and end, so it goes to the GPU decoder. On the
-    # CPU device DALI fails on it (the whole batch: the JPEGs are then decoded one by one, and this one by
-    # Pillow, which fills the missing rows with grey); on a GPU, nvJPEG and DALI return it black, unnoticed
-    # (measured on an H100). The images around it keep their places either way.
+    # CPU device the decoders fill the missing rows with grey, as Pillow does; on a GPU, nvJPEG and DALI
+    # return it black, unnoticed (measured on an H100). The images around it keep their places either way.
     good = (folder / "red" / "img_0.jpg").read_bytes()
     (folder / "red" / "patched.jpg").write_bytes(good[: len(good) // 2] + b"\xff\xd9")
     names = ["img_0.jpg", "img.png", "cmyk.jpg", "truncated.jpg", "patched.jpg", "img_1.jpg", "empty.jpg",
@@ -177,7 +176,34 @@ def test_two_threads_share_one_dali_decoder_as_the_extraction_does(gpu_decoder, 
     paths = sorted(folder.rglob("*.jpg"))
     batches = [paths[i::12] for i in range(12)]  # a few images each, so the threads' turns interleave
     decoder = gpu_decoder.make(16)
+    runs = []
+    run = decoder._run
+    decoder._run = lambda items: runs.append(len(items)) or run(items)
     alone = [gpu_decoder.numpy(decoder(batch)[0]) for batch in batches]
+    assert runs == [len(batch) for batch in batches]  # each batch one DALI run: none fell back to one by one
     together = [gpu_decoder.numpy(pixels) for pixels, _ in ordered_map(decoder, batches * 16, 2, prefetch=3)]
     decoder.close()
     assert all(np.array_equal(a, b) for a, b in zip(alone * 16, together))
+
+
+def test_a_batch_dali_fails_is_decoded_one_image_at_a_time_and_said_once(gpu_decoder, tmp_path, caplog):
+    if gpu_decoder.name != "dali":
+        pytest.skip("DALI fails a whole batch on one bad image; nvJPEG's decoder is retried inside torchvision")
+    paths = sorted(make_class_folder(tmp_path / "d", per_class=3).rglob("*.jpg"))
+    decoder = gpu_decoder.make(16)
+    run = decoder._run
+
+    def fails_on_batches(items):  # as DALI does on a JPEG it cannot decode, on either device
+        if len(items) > 1:
+            raise RuntimeError("Critical error in pipeline:\n[jpeg_parser] Invalid marker")
+        return run(items)
+
+    decoder._run = fails_on_batches
+    with caplog.at_level("WARNING"):
+        first, reasons = decoder(paths)
+        decoder(paths)
+    decoder.close()
+    expected = np.stack([decode_image(path, 16, draft=False) for path in paths]).astype(int)
+    assert reasons == [None] * len(paths)
+    assert np.abs(gpu_decoder.numpy(first).astype(int) - expected).mean() < 4
+    assert caplog.text.count("decoding them one at a time") == 1 and "Critical error in pipeline" in caplog.text
