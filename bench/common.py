@@ -50,6 +50,18 @@ def link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def fresh_work(name: str) -> Path:
+    """A benchmark's scratch folder, ``bench/results/work/<name>``, emptied."""
+    work = RESULTS / "work" / name
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def class_folders(data: str | Path) -> list[Path]:
+    """The class folders of a data folder, sorted."""
+    return sorted(p for p in Path(data).iterdir() if p.is_dir())
+
+
 def subset(folder: Path, classes: list[Path], per_class: int) -> Path:
     """The first ``per_class`` JPEGs of each class folder, hard-linked (copied across file systems) into ``folder``."""
     for cls in classes:

@@ -14,15 +14,14 @@ prints the table.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import (FLOWERS, RESULTS, SYNTHETIC_MANIFEST, emit, identical_stores, machine, offline_weights,
-                          run_child, subset, write_results)
+from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
+                          offline_weights, run_child, subset, write_results)
 from pipeline.reports import format_table
 
 ENGINES = ("local", "ray")
@@ -53,9 +52,8 @@ def main() -> None:
         args.engine = args.child
         return child(args)
 
-    work = RESULTS / "work" / "engines"
-    shutil.rmtree(work, ignore_errors=True)
-    data = subset(work / "images", sorted(p for p in Path(args.data).iterdir() if p.is_dir()), args.per_class)
+    work = fresh_work("engines")
+    data = subset(work / "images", class_folders(args.data), args.per_class)
     runs = []
     for i in range(args.rounds):
         for engine in ENGINES:

@@ -199,7 +199,7 @@ def child_decode(args) -> dict:
     from pipeline.images import DEFAULT_MAX_PIXELS
     from pipeline.shards import decoded_batches
 
-    if args.hw_decoder_load is not None:
+    if args.hw_decoder_load is not None:  # a knob of this benchmark's rows, not a setting of the extraction
         from functools import partial
 
         import pipeline.dali_decode as dali_decode

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (FLOWERS, RESULTS, SYNTHETIC_MANIFEST, emit, identical_stores, machine, offline_weights,
-                          run_child, subset, write_results)
+from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
+                          offline_weights, run_child, subset, write_results)
 from pipeline.reports import format_table
 
 MODES = ("reuse", "no-reuse")
@@ -57,9 +57,8 @@ def main() -> None:
 
     from PIL import Image, ImageOps
 
-    work = RESULTS / "work" / "reuse"
-    shutil.rmtree(work, ignore_errors=True)
-    data = subset(work / "images", sorted(p for p in Path(args.data).iterdir() if p.is_dir()), args.per_class)
+    work = fresh_work("reuse")
+    data = subset(work / "images", class_folders(args.data), args.per_class)
 
     def extract(mode: str, out: Path) -> dict:
         result = run_child(["-m", "bench.reuse", "--child", mode, "--data", str(data), "--out", str(out)])

@@ -13,12 +13,11 @@ Writes ``bench/results/scan-<time>.json``, ``scan-latest.json`` and ``scan-lates
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import time
 from pathlib import Path
 
-from bench.common import FLOWERS, RESULTS, emit, link, machine, run_child, write_results
+from bench.common import FLOWERS, emit, fresh_work, link, machine, run_child, write_results
 from pipeline.reports import format_table
 
 MODES = ("full", "stat")
@@ -48,8 +47,7 @@ def main() -> None:
         args.mode = args.child
         return child(args)
 
-    work = RESULTS / "work" / "scan"
-    shutil.rmtree(work, ignore_errors=True)
+    work = fresh_work("scan")
     sources = sorted(Path(args.data).glob("*/*.jpg"))
     for i in range(args.files):
         source = sources[i % len(sources)]

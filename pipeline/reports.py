@@ -29,10 +29,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | 
 def extract_summary(result, settings) -> str:
     """What stage one did: the store, its taps (computed or cached), images, speed and skipped files."""
     store = result.store
-    made = {(True, False): "computed", (False, True): "reused", (True, True): "computed + reused"}[
-        (bool(result.n_decoded or not result.n_reused), bool(result.n_reused))]
+    made = " + ".join(word for word, n in (("computed", result.n_decoded), ("reused", result.n_reused)) if n)
     rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
-             made if tap in result.computed_taps else "cached"] for tap in settings.layers]
+             (made or "computed") if tap in result.computed_taps else "cached"] for tap in settings.layers]
     lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
                           title=f"\nfeature store {result.store_path}")]
     counts = split_counts(store)

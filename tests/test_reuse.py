@@ -94,6 +94,11 @@ def test_a_removed_image_writes_the_new_store_from_the_earlier_one_without_build
     assert main(["inspect", str(sorted((tmp_path / "f").glob("*.h5"), key=lambda p: p.stat().st_mtime)[-1])]) == 0
     assert [line.split()[4:6] for line in capsys.readouterr().out.splitlines() if line.startswith("block")] == [
         ["0", "10"], ["0", "10"]]  # computed, reused
+    photo(COLOURS["green"], seed=999).save(data / "green" / "new.jpg")
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), "--weights", "random", "--size", "32",
+                 "--layers", ",".join(TAPS), "--shard-size", "4", "-q"]) == 0
+    assert [line.split()[-3:] for line in capsys.readouterr().out.splitlines() if line.startswith("block")] == [
+        ["computed", "+", "reused"]] * 2
 
 
 def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
