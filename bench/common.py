@@ -50,6 +50,21 @@ def link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def parse_or_run_child(parser, choices: tuple[str, ...], name: str, child) -> object | None:
+    """A benchmark's arguments; or, in one of its measurement processes (the hidden ``--child CHOICE --out
+    DIR``, which :func:`run_child` passes), ``child(args)`` run with ``args.<name>`` set to the choice, and None."""
+    import argparse
+
+    parser.add_argument("--child", choices=choices, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.child:
+        return args
+    setattr(args, name, args.child)
+    child(args)
+    return None
+
+
 def fresh_work(name: str) -> Path:
     """A benchmark's scratch folder, ``bench/results/work/<name>``, emptied."""
     work = RESULTS / "work" / name
@@ -115,15 +130,36 @@ SYNTHETIC_MANIFEST = {"key": "bench", "class_names": ["a", "b"], "pooling": "avg
                       "image_size": 224}
 
 
+def synthetic_shards(folder: Path, shards: int, rows: int, dims: int) -> list[Path]:
+    """``shards`` shard files of ``rows`` x ``dims`` seeded random float32 features (tap ``t``) in ``folder``,
+    written as an extraction writes them, without a model."""
+    import numpy as np
+
+    from pipeline.store import Rows, write_shard
+
+    rng = np.random.default_rng(0)
+    return [write_shard(folder / f"shard-{i:06d}.h5",
+                        rows=Rows([f"a/{i}-{j}.jpg" for j in range(rows)], [j % 2 for j in range(rows)],
+                                  ["train"] * rows, ["0" * 32] * rows),
+                        features={"t": rng.random((rows, dims), np.float32)}, class_names=["a", "b"], skipped=[],
+                        manifest=SYNTHETIC_MANIFEST, map_shapes={"t": (1, 1, dims)}, dtype="float32")
+            for i in range(shards)]
+
+
 def identical_stores(stores: list[str]) -> bool:
-    """Whether the stores hold the same rows and the same features, bit for bit."""
+    """Whether the stores hold the same rows and the same features, bit for bit (each store opened once)."""
     import numpy as np
 
     from pipeline.store import FeatureStore
 
     first = FeatureStore(stores[0])
-    return all(FeatureStore(s).rows.paths == first.rows.paths and all(
-        np.array_equal(FeatureStore(s).features(tap), first.features(tap)) for tap in first.taps) for s in stores[1:])
+    features = {tap: first.features(tap) for tap in first.taps}
+    for path in stores[1:]:
+        store = FeatureStore(path)
+        if store.rows.paths != first.rows.paths or not all(
+                np.array_equal(store.features(tap), values) for tap, values in features.items()):
+            return False
+    return True
 
 
 def offline_weights() -> str:

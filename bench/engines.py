@@ -18,10 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
-                          offline_weights, run_child, subset, write_results)
+                          offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
 from pipeline.reports import format_table
 
 ENGINES = ("local", "ray")
@@ -45,12 +43,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data", default=str(FLOWERS), help="a folder of class folders (default: flowers17)")
-    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        args.engine = args.child
-        return child(args)
+    args = parse_or_run_child(parser, ENGINES, "engine", child)
+    if args is None:
+        return
 
     work = fresh_work("engines")
     data = subset(work / "images", class_folders(args.data), args.per_class)
@@ -89,21 +84,13 @@ def main() -> None:
 def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:
     """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store, copied and
     virtual (the costs the scale projection in bench/NOTES.md extrapolates)."""
-    from pipeline.store import Rows, merge_shards, write_shard
+    from pipeline.store import merge_shards
 
-    rng = np.random.default_rng(0)
-    manifest = SYNTHETIC_MANIFEST
-    paths = []
-    for i in range(shards):
-        names = [f"c/{i}-{j}.jpg" for j in range(rows)]
-        paths.append(write_shard(work / "merge" / f"shard-{i}.h5", rows=Rows(names, [j % 2 for j in range(rows)],
-                                 ["train"] * rows, ["0" * 32] * rows), features={"t": rng.random((rows, dims),
-                                 np.float32)}, class_names=["a", "b"], skipped=[], manifest=manifest,
-                                 map_shapes={"t": (7, 7, dims)}, dtype="float32"))
+    paths = synthetic_shards(work / "merge", shards, rows, dims)
     seconds = {}
     for mode in ("copy", "virtual"):
         started = time.perf_counter()
-        merge_shards(paths, work / "merge" / f"{mode}.h5", manifest=manifest, virtual=mode == "virtual")
+        merge_shards(paths, work / "merge" / f"{mode}.h5", manifest=SYNTHETIC_MANIFEST, virtual=mode == "virtual")
         seconds[mode] = time.perf_counter() - started
     feature_bytes = shards * rows * dims * 4
     return {"shards": shards, "rows": shards * rows, "dims": dims, "seconds": seconds["copy"],

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
-                          offline_weights, run_child, subset, write_results)
+                          offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
 from pipeline.reports import format_table
 
 MODES = ("reuse", "no-reuse")
@@ -48,12 +48,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating (default 2)")
     parser.add_argument("--shards", type=int, default=1000, help="shard files of the virtual store read (default 1000)")
     parser.add_argument("--data", default=str(FLOWERS), help="a folder of class folders (default: flowers17)")
-    parser.add_argument("--child", choices=("first", *MODES), help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        args.mode = args.child
-        return child(args)
+    args = parse_or_run_child(parser, ("first", *MODES), "mode", child)
+    if args is None:
+        return
 
     from PIL import Image, ImageOps
 
@@ -99,14 +96,10 @@ def main() -> None:
 def reader_reads(work: Path, shards: int, rows: int = 16, dims: int = 64) -> dict:
     """Seconds to read each of ``shards`` shards' rows from a virtual store, through one open reader and through
     a reader opened for each read."""
-    from pipeline.store import Rows, merge_shards, write_shard
+    from pipeline.store import merge_shards
     from pipeline.virtual import TapReader
 
-    paths = [write_shard(work / "store.shards" / "t" / f"shard-{i:06d}.h5",
-                         rows=Rows([f"a/{i}-{j}.jpg" for j in range(rows)], [0] * rows, [""] * rows, ["0" * 32] * rows),
-                         features={"t": np.ones((rows, dims), np.float32)}, class_names=["a", "b"], skipped=[],
-                         manifest=SYNTHETIC_MANIFEST, map_shapes={"t": (1, 1, dims)}, dtype="float32")
-             for i in range(shards)]
+    paths = synthetic_shards(work / "store.shards" / "t", shards, rows, dims)
     store = work / "store.h5"
     merge_shards(paths, store, manifest=SYNTHETIC_MANIFEST, virtual=True)
     wanted = [np.arange(i * rows, (i + 1) * rows) for i in range(shards)]

@@ -96,3 +96,18 @@ def test_reuse_bench_reads_a_virtual_store_both_ways(tmp_path):
 
     result = reader_reads(tmp_path, shards=5)
     assert result["shards"] == 5 and result["kept_open_s"] > 0 and result["per_read_s"] > 0
+
+
+def test_engines_bench_merges_synthetic_shards_both_ways_into_identical_stores(tmp_path):
+    """``make bench-ray``'s merge lines, and the store comparison every engine bench prints."""
+    from bench.common import SYNTHETIC_MANIFEST, identical_stores, synthetic_shards
+    from bench.engines import merge_rate
+    from pipeline.store import merge_shards
+
+    result = merge_rate(tmp_path, shards=3, rows=4, dims=8)
+    assert result["rows"] == 12 and result["seconds"] > 0 and result["virtual_seconds"] > 0
+    copy, virtual = tmp_path / "merge" / "copy.h5", tmp_path / "merge" / "virtual.h5"
+    assert identical_stores([str(copy), str(virtual)])
+    fewer = merge_shards(synthetic_shards(tmp_path / "other", 2, 4, 8), tmp_path / "fewer.h5",
+                         manifest=SYNTHETIC_MANIFEST)
+    assert not identical_stores([str(copy), str(fewer.path)])
