@@ -111,3 +111,12 @@ def test_engines_bench_merges_synthetic_shards_both_ways_into_identical_stores(t
     fewer = merge_shards(synthetic_shards(tmp_path / "other", 2, 4, 8), tmp_path / "fewer.h5",
                          manifest=SYNTHETIC_MANIFEST)
     assert not identical_stores([str(copy), str(fewer.path)])
+
+
+def test_dali_profile_times_the_host_work_of_a_batch_on_the_cpu_device():
+    """``python -m bench.dali_profile --host-overhead``: the figure bench/NOTES.md judges the decoder's host work by."""
+    pytest.importorskip("nvidia.dali")
+    from bench.dali_profile import host_overhead
+
+    result = host_overhead(batches=2)
+    assert result["images"] == 256 and result["host_ms_per_batch"] > 0
