@@ -56,6 +56,9 @@ class ImageRecord:
     format: str = ""
     # (size, mtime_ns) when the scan read or stat'ed it: decoding checks the file still has them.
     stat: tuple[int, int] | None = field(default=None, compare=False)
+    # (width, height, EXIF orientation) of a JPEG the GPU decoders take (:func:`gpu_jpeg`), from the scan:
+    # DALI then reads the file itself, with no Python per file.
+    jpeg: tuple[int, int, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,21 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
             return width, height, components, orientation
         pos += 2 + length
     return None
+
+
+def gpu_jpeg(data: bytes, header: tuple | None = ()) -> tuple[int, int, int] | None:
+    """``(width, height, EXIF orientation)`` of a JPEG the GPU decoders take whole, else ``None`` (Pillow's).
+
+    A Huffman JPEG of 1 or 3 components (:func:`jpeg_header`) that ends with its end-of-image marker,
+    zero padding after it allowed. A cut-off file does not, and goes to Pillow, which names it ("image
+    file is truncated") as the CPU path does, where a GPU decoder might fill the missing rows silently
+    (and DALI logs an error); a file with other bytes after its image goes to Pillow too, which decodes it.
+    ``header``: :func:`jpeg_header` of ``data`` where the caller has it.
+    """
+    header = jpeg_header(data) if header == () else header
+    if header is None or not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    return header[0], header[1], header[3]
 
 
 def _exif_orientation(data: bytes, tiff: int, end: int) -> int:

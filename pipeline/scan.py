@@ -30,7 +30,7 @@ from PIL import Image
 
 from pipeline import LayertapError
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers, \
-    drop_empty_classes, fingerprint, jpeg_header, or_reason, ordered_map, progress_bar, read_file, sniff_format
+    drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map, progress_bar, read_file, sniff_format
 
 log = logging.getLogger(__name__)
 FILE_NAME = ".layertap-stat-cache.sqlite"
@@ -38,21 +38,25 @@ FILE_NAME = ".layertap-stat-cache.sqlite"
 # timestamps: 2 s on FAT, 1 s on some network filesystems).
 RACY_NS = 2_000_000_000
 STAT_CHUNK = 2048  # files a scan thread stats at once
-_SCHEMA = """CREATE TABLE IF NOT EXISTS files (
+# ``orientation`` is set for the JPEGs a GPU decoder takes (:func:`pipeline.images.gpu_jpeg`), NULL otherwise.
+# The table of earlier versions (``files``, without it) is dropped: its files are read once more.
+_SCHEMA = """CREATE TABLE IF NOT EXISTS probes (
     root TEXT NOT NULL, path BLOB NOT NULL, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
-    scanned_ns INTEGER, fingerprint TEXT, format TEXT, width INTEGER, height INTEGER, reason TEXT,
-    PRIMARY KEY (root, path))"""
+    scanned_ns INTEGER, fingerprint TEXT, format TEXT, width INTEGER, height INTEGER, orientation INTEGER,
+    reason TEXT, PRIMARY KEY (root, path))"""
 
 
 @dataclass(frozen=True)
 class Probe:
-    """What a file's bytes say: its hash, format and size in pixels, or why it is not an image."""
+    """What a file's bytes say: its hash, format and size in pixels, or why it is not an image; and, for a JPEG a
+    GPU decoder takes, ``(width, height, EXIF orientation)`` (:func:`pipeline.images.gpu_jpeg`)."""
 
     fingerprint: str = ""
     format: str = ""
     width: int = 0
     height: int = 0
     reason: str | None = None
+    jpeg: tuple[int, int, int] | None = None
 
 
 def file_stat(path: Path) -> tuple[int, int, int, int] | None:
@@ -83,7 +87,7 @@ class StatCache:
             if self.path.exists():
                 with self._connect() as db:
                     rows = db.execute("SELECT path, size, mtime_ns, ctime_ns, inode, scanned_ns, fingerprint, format,"
-                                      " width, height, reason FROM files WHERE root = ?", (self.root,))
+                                      " width, height, reason, orientation FROM probes WHERE root = ?", (self.root,))
                     self._entries = {os.fsdecode(row[0]): (row[1:5], row[5], row[6:]) for row in rows}
         except sqlite3.Error as exc:
             self._unusable(exc)
@@ -93,14 +97,15 @@ class StatCache:
         entry = self._entries.get(rel)
         if entry is None or entry[0] != stat or stat[1] >= entry[1] - RACY_NS:
             return None
-        fingerprint, fmt, width, height, reason = entry[2]
-        return Probe(fingerprint or "", fmt or "", width or 0, height or 0, reason)
+        fingerprint, fmt, width, height, reason, orientation = entry[2]
+        return Probe(fingerprint or "", fmt or "", width or 0, height or 0, reason,
+                     (width, height, orientation) if orientation else None)
 
     def remember(self, rel: str, stat: tuple | None, probe: Probe) -> None:
         """Record a probe made from the file's bytes (read after ``stat`` was taken)."""
         if stat is not None:
-            self._new.append((self.root, os.fsencode(rel), *stat, self.started_ns, probe.fingerprint,
-                              probe.format, probe.width, probe.height, probe.reason))
+            self._new.append((self.root, os.fsencode(rel), *stat, self.started_ns, probe.fingerprint, probe.format,
+                              probe.width, probe.height, probe.jpeg[2] if probe.jpeg else None, probe.reason))
 
     def save(self, present=None) -> None:
         """Write the new entries, and forget files of this root not in ``present`` (the paths listed now), in
@@ -111,9 +116,10 @@ class StatCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
-                db.executemany("DELETE FROM files WHERE root = ? AND path = ?",
+                db.executemany("DELETE FROM probes WHERE root = ? AND path = ?",
                                [(self.root, os.fsencode(p)) for p in gone])
-                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._new)
+                db.executemany("INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               self._new)
             self._new = []
             for path in gone:
                 del self._entries[path]
@@ -125,6 +131,7 @@ class StatCache:
         """A connection, committed when the block succeeds and closed either way."""
         db = sqlite3.connect(self.path, timeout=30)
         try:
+            db.execute("DROP TABLE IF EXISTS files")
             db.execute(_SCHEMA)
             with db:
                 yield db
@@ -207,7 +214,7 @@ def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | N
     if probe.width * probe.height > max_pixels:
         return Skipped(record.path, bomb_reason(probe.width, probe.height, max_pixels))
     return ImageRecord(record.path, record.label, record.split, probe.fingerprint, probe.format,
-                       stat[:2] if stat else None)
+                       stat[:2] if stat else None, probe.jpeg)
 
 
 def probe_file(path: Path):
@@ -235,4 +242,4 @@ def probe_file(path: Path):
         return Probe(reason=f"decompression bomb: {exc}"), True  # over Pillow's own limit, whatever --max-pixels
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a skip, never a crash
         return Probe(reason=f"unreadable {fmt} header: {exc}"), True
-    return Probe(fingerprint(data), fmt, width, height), True
+    return Probe(fingerprint(data), fmt, width, height, jpeg=gpu_jpeg(data, header)), True

@@ -119,3 +119,32 @@ def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, ca
     assert scanned == scan_images(find_images(data)) and len(reads) == 24
     warnings = [r for r in caplog.records if "stat cache" in r.getMessage()]
     assert len(warnings) == 1 and "Delete the file" in warnings[0].getMessage()
+
+
+def test_the_jpeg_facts_a_gpu_decoder_routes_by_come_back_from_the_cache(tmp_path, reads, caplog):
+    import sqlite3
+
+    from PIL import Image
+
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo((9, 9, 9), size=(30, 20)).save(data / "train" / "red" / "img_0.jpg", exif=exif)
+    photo((9, 9, 9)).save(data / "train" / "red" / "img_9.png")
+    age(data)
+    first = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    facts = {r.path: r.jpeg for r in first.records}
+    assert facts.pop("train/red/img_0.jpg") == (30, 20, 6) and facts.pop("train/red/img_9.png") is None
+    assert set(facts.values()) == {(48, 40, 1)}
+    reads.clear()
+    again = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert reads == [] and [r.jpeg for r in again.records] == [r.jpeg for r in first.records]
+
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:  # a cache written before the facts were kept
+        db.execute("DROP TABLE probes")
+        db.execute("CREATE TABLE files (root TEXT, path BLOB, size INTEGER, reason TEXT)")
+    rescanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert len(reads) == 13 and [r.jpeg for r in rescanned.records] == [r.jpeg for r in first.records]
+    assert "stat cache" not in caplog.text
+    with sqlite3.connect(tmp_path / FILE_NAME) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["probes"]
