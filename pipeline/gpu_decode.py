@@ -6,10 +6,13 @@ per GPU: on an H100 with 16 host cores, its decoder (one lock, Huffman decoding 
 at about 3,000 images/s, slower than 16 Pillow worker processes (bench/NOTES.md), so it is not the
 default. ``dali`` (``fn.decoders.image`` on the ``mixed`` device) decodes on the GPU's hardware
 JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise. On an
-H100 with 16 host cores it decoded 7,400-8,900 images/s against 5,800 for 16 Pillow processes,
-and extracted VGG16 features 1.25x as fast as ``pillow`` but ResNet50's at 0.8-1.0x (the decoding
-threads share the main process's GIL with the forward pass), so it is not the default either
-(bench/NOTES.md, "DALI on an H100").
+H100 with 16 host cores, when it was fed file bytes read in Python, it decoded 7,400-8,900
+images/s against 5,800 for 16 Pillow processes, and extracted VGG16 features 1.25x as fast as
+``pillow`` but ResNet50's at 0.8-1.0x (the reads shared the main process's GIL with the forward
+pass), so it is not the default either (bench/NOTES.md, "DALI on an H100"). DALI now reads the
+files itself, routed by what the scan found in each (:attr:`pipeline.images.ImageRecord.jpeg`),
+with two batches queued ahead: the Python work per batch is 0.4x (measured on the CPU device; not
+yet on a GPU).
 
 What they decode matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation
 applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
@@ -31,7 +34,7 @@ from functools import partial
 
 from pipeline import LayertapError
 from pipeline.decoding import CHANGED, decode_image
-from pipeline.images import jpeg_header, or_reason, read_file
+from pipeline.images import gpu_jpeg, or_reason, read_file
 from pipeline.scan import file_stat
 
 DECODERS = ("pillow", "nvjpeg", "dali")
@@ -77,46 +80,44 @@ def check_decoder(decoder: str) -> str:
 
 
 def read_and_route(paths: list, stats, max_pixels: int):
-    """Read ``paths`` and sort them for a GPU decoder.
+    """Read ``paths`` and sort them for the ``nvjpeg`` decoder (DALI reads the files itself).
 
     The files are read in the calling thread, one after another: from the page cache that was faster
     than handing them to threads (an H100 host with 16 cores, 256 flowers17 JPEGs: 5.9 ms read in
-    one thread, 21 ms as one task each on 16 threads, and DALI end to end 8,942 against 7,172
-    images/s with slices of 64 files a thread; bench/NOTES.md), since each read is mostly Python
-    holding the GIL. Reads of the next batch still overlap the GPU's work on this one: the
-    extraction decodes in two threads (:func:`pipeline.shards.decoded_batches`).
+    one thread, 21 ms as one task each on 16 threads; bench/NOTES.md), since each read is mostly
+    Python holding the GIL.
 
     Returns:
         ``(blobs, reasons, jpegs, host)``: the files' bytes (``None`` where unreadable or changed since the
-        scan, with the reason), ``(position, jpeg header)`` of the JPEGs a GPU decoder takes, and the
-        positions Pillow decodes on the host (other formats, CMYK, cut-off JPEGs, over ``max_pixels``:
-        Pillow gives the reason).
+        scan, with the reason), ``(position, (width, height, orientation))`` of the JPEGs a GPU decoder takes
+        (:func:`pipeline.images.gpu_jpeg`), and the positions Pillow decodes on the host (other formats,
+        CMYK, cut-off JPEGs, over ``max_pixels``: Pillow gives the reason).
     """
     blobs, reasons, jpegs, host = [], [], [], []
     for i, (path, expected) in enumerate(zip(paths, stats or [None] * len(paths))):
         blob, reason = or_reason(read_file, path)
-        if blob is not None and expected and (file_stat(path) or ())[:2] != tuple(expected):
+        if blob is not None and expected and not unchanged(path, expected):
             blob, reason = None, CHANGED
         blobs.append(blob)
         reasons.append(reason)
         if blob is None:
             continue
-        header = jpeg_header(blob)
-        if header is None or header[0] * header[1] > max_pixels or not _ends_whole(blob):
-            host.append(i)
+        jpeg = gpu_jpeg(blob)
+        if takes(jpeg, max_pixels):
+            jpegs.append((i, jpeg))
         else:
-            jpegs.append((i, header))
+            host.append(i)
     return blobs, reasons, jpegs, host
 
 
-def _ends_whole(jpeg: bytes) -> bool:
-    """Whether a JPEG ends with its end-of-image marker (zero padding after it allowed).
+def takes(jpeg: tuple | None, max_pixels: int) -> bool:
+    """Whether a GPU decoder takes a file with these :func:`pipeline.images.gpu_jpeg` facts."""
+    return jpeg is not None and jpeg[0] * jpeg[1] <= max_pixels
 
-    A cut-off file does not, and goes to Pillow, which names it ("image file is truncated") as the
-    CPU path does, where a GPU decoder might fill the missing rows silently (and DALI logs an error).
-    A file with other bytes after its image goes to Pillow too, which decodes it.
-    """
-    return jpeg[-64:].rstrip(b"\0").endswith(b"\xff\xd9")
+
+def unchanged(path, expected) -> bool:
+    """Whether ``path`` still has the ``(size, mtime_ns)`` the scan saw."""
+    return (file_stat(path) or ())[:2] == tuple(expected)
 
 
 def decode_on_host(pool, paths: list, size: int, resize: str, max_pixels: int):
@@ -179,11 +180,11 @@ class NvjpegDecoder:
         blobs, reasons, gpu, host = read_and_route(paths, stats, self.max_pixels)
         images: list = [None] * len(paths)
         if gpu:
-            for (i, header), image in zip(gpu, self._decode_jpegs([blobs[i] for i, _ in gpu])):
+            for (i, jpeg), image in zip(gpu, self._decode_jpegs([blobs[i] for i, _ in gpu])):
                 if image is None:
                     host.append(i)
                 else:
-                    images[i] = self._finish(_orient(image, header[3]))
+                    images[i] = self._finish(_orient(image, jpeg[2]))
         for i, (array, reason) in zip(host, decode_on_host(self._pool, [paths[i] for i in host], self.size,
                                                            self.resize, self.max_pixels)):
             reasons[i] = reason

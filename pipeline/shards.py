@@ -172,9 +172,10 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
     """
     chunks = [job.chunks(settings.batch_size) for job in jobs]
     files = {i: path for job in jobs for i, path in zip(range(job.start, job.stop), job.files())}
-    stats = {i: record.stat for job in jobs for i, record in zip(range(job.start, job.stop), job.records)}
+    records = {i: record for job in jobs for i, record in zip(range(job.start, job.stop), job.records)}
     bar = extraction_bar(jobs, done, settings.progress)
-    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings, stats)
+    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings,
+                              {i: r.stat for i, r in records.items()}, {i: r.jpeg for i, r in records.items()})
     pad_to = settings.batch_size if pads_short_batches() else None
     try:
         return sum(run_shard(job, itertools.islice(batches, len(job_chunks)), extractor, manifest, class_names,
@@ -185,13 +186,15 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
         bar.close()
 
 
-def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) -> Iterator[Batch]:
+def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None, jpegs=None) -> Iterator[Batch]:
     """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
 
     Args:
         paths: Files by list position (a list, or a dict of the chunks' positions).
         stats: The ``(size, mtime_ns)`` the scan saw, by the same positions: a file that no longer has
             them is skipped (:data:`pipeline.decoding.CHANGED`), never stored under its old content's hash.
+        jpegs: The scan's JPEG facts (``ImageRecord.jpeg``) by the same positions, for ``dali``: which files
+            it reads and decodes itself (without them it reads each file once more to find out).
 
     Yields:
         ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
@@ -199,21 +202,25 @@ def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None) 
         was skipped.
     """
     workers = settings.workers or default_workers()
-    if settings.decoder in ("nvjpeg", "dali"):
-        if settings.decoder == "dali":
-            from pipeline.dali_decode import DaliDecoder
-            decoder = DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
-                                  workers=workers)
-        else:
-            from pipeline.gpu_decode import NvjpegDecoder
-            decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
+    if settings.decoder == "dali":
+        from pipeline.dali_decode import DaliDecoder
+        decoder = DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
+                              workers=workers)
+        stream = decoder.batches(paths, chunks, stats, jpegs)
         try:
-            # Decoding runs ahead of the forward pass in threads: DALI's in two, so one batch's files are read
-            # while the one before is on the GPU (the decoder lets one batch at a time into DALI).
+            # In a thread of its own, ahead of the forward passes: handing a batch over waits on the GPU.
+            yield from ordered_map(lambda _: next(stream), chunks, 1, prefetch=2)
+        finally:
+            stream.close()
+            decoder.close()
+        return
+    if settings.decoder == "nvjpeg":
+        from pipeline.gpu_decode import NvjpegDecoder
+        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
+        try:
             def decode(chunk):
                 return decoder([paths[i] for i in range(*chunk)], [stats[i] for i in range(*chunk)] if stats else None)
-            threads = 2 if settings.decoder == "dali" else 1
-            for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, threads, prefetch=threads + 1)):
+            for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, 1, prefetch=2)):
                 yield chunk, pixels, reasons
         finally:
             decoder.close()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import LayertapError
 from pipeline.gpu_decode import check_decoder
-from pipeline.decoding import decode_image
+from pipeline.decoding import CHANGED, decode_image
 from pipeline.images import jpeg_header
 from pipeline.runtime import keras_backend
 
@@ -166,44 +166,90 @@ def test_extraction_on_the_gpu_decoder_matches_pillow_and_has_its_own_cache_key(
         assert np.abs(x - y).max() <= 0.02 * np.abs(y).max()
 
 
-@pytest.mark.timeout(120, method="thread")  # without its lock DALI mixed the threads' batches or hung
-def test_two_threads_share_one_dali_decoder_as_the_extraction_does(gpu_decoder, tmp_path):
-    from pipeline.images import ordered_map
+def scanned(folder) -> tuple[list, list]:
+    """The files of a class folder and their records, as the scan before an extraction gives them."""
+    from pipeline.images import find_images
+    from pipeline.scan import scan_images
 
+    images = scan_images(find_images(folder))
+    return [images.root / record.path for record in images.records], list(images.records)
+
+
+def stream(decoder, paths, records, size: int):
+    """``decoder.batches`` over chunks of ``size`` files, with the scan's stats and JPEG facts."""
+    chunks = [(a, min(a + size, len(paths))) for a in range(0, len(paths), size)]
+    return chunks, decoder.batches(paths, chunks, [r.stat for r in records], [r.jpeg for r in records])
+
+
+@pytest.fixture
+def dali(gpu_decoder):
     if gpu_decoder.name != "dali":
-        pytest.skip("the extraction decodes in two threads with dali only")
-    folder = make_class_folder(tmp_path / "d", per_class=12)
-    paths = sorted(folder.rglob("*.jpg"))
-    batches = [paths[i::12] for i in range(12)]  # a few images each, so the threads' turns interleave
-    decoder = gpu_decoder.make(16)
-    runs = []
-    run = decoder._run
-    decoder._run = lambda items: runs.append(len(items)) or run(items)
-    alone = [gpu_decoder.numpy(decoder(batch)[0]) for batch in batches]
-    assert runs == [len(batch) for batch in batches]  # each batch one DALI run: none fell back to one by one
-    together = [gpu_decoder.numpy(pixels) for pixels, _ in ordered_map(decoder, batches * 16, 2, prefetch=3)]
+        pytest.skip("DALI's own reads and its queue of runs")
+    return gpu_decoder
+
+
+@pytest.mark.timeout(120, method="thread")  # a queue of DALI runs out of step would hang
+def test_dali_reads_the_scanned_jpegs_itself_and_decodes_chunks_ahead(dali, tmp_path, monkeypatch):
+    import builtins
+
+    folder = make_class_folder(tmp_path / "d", per_class=8)
+    photo((1, 200, 3)).save(folder / "green" / "img_9.png")  # Pillow's, in its place among DALI's
+    paths, records = scanned(folder)
+    png = [r.format for r in records].index("PNG")
+    assert all(r.jpeg == (48, 40, 1) for r in records if r.format == "JPEG") and records[png].jpeg is None
+    decoder = dali.make(16)
+    chunks, batches = stream(decoder, paths, records, 5)
+    alone = [dali.numpy(decoder(paths[a:b])[0]) for a, b in chunks]  # each file read here for its facts
+
+    runs, schedule, opened, real_open = [], decoder._schedule, [], builtins.open
+    decoder._schedule = lambda files, facts: runs.append(len(files)) or schedule(files, facts)
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(file) or real_open(file, *a, **k))
+    span, first, _ = next(batches)
+    queued_at_first = len(runs)
+    streamed = [(span, dali.numpy(first))] + [(span, dali.numpy(pixels)) for span, pixels, _ in batches]
+    monkeypatch.undo()
     decoder.close()
-    assert all(np.array_equal(a, b) for a, b in zip(alone * 16, together))
+    assert queued_at_first == 3, "the next two chunks were queued in DALI before the first was handed over"
+    assert runs == [b - a - (a <= png < b) for a, b in chunks], "one DALI run a chunk: none fell back"
+    assert [str(file) for file in opened] == [str(paths[png])], "Python opened only the PNG; DALI read the JPEGs"
+    assert [s for s, _ in streamed] == chunks
+    assert all(np.array_equal(a, b) for a, (_, b) in zip(alone, streamed))
 
 
-def test_a_batch_dali_fails_is_decoded_one_image_at_a_time_and_said_once(gpu_decoder, tmp_path, caplog):
-    if gpu_decoder.name != "dali":
-        pytest.skip("DALI fails a whole batch on one bad image; nvJPEG's decoder is retried inside torchvision")
-    paths = sorted(make_class_folder(tmp_path / "d", per_class=3).rglob("*.jpg"))
-    decoder = gpu_decoder.make(16)
-    run = decoder._run
-
-    def fails_on_batches(items):  # as DALI does on a JPEG it cannot decode, on either device
-        if len(items) > 1:
-            raise RuntimeError("Critical error in pipeline:\n[jpeg_parser] Invalid marker")
-        return run(items)
-
-    decoder._run = fails_on_batches
+@pytest.mark.timeout(120, method="thread")
+def test_a_run_dali_fails_is_retried_one_image_at_a_time_and_the_queue_behind_it_kept(dali, tmp_path, caplog):
+    folder = make_class_folder(tmp_path / "d", per_class=6)
+    paths, records = scanned(folder)
+    gone, edited = paths[5], paths[9]
+    gone.unlink()  # after the scan: DALI's read of it fails its chunk's whole run
+    photo((0, 0, 0), seed=9, size=(30, 30)).save(edited, "JPEG")  # new bytes: never stored under the old hash
+    decoder = dali.make(16)
     with caplog.at_level("WARNING"):
-        first, reasons = decoder(paths)
-        decoder(paths)
+        _, batches = stream(decoder, paths, records, 4)
+        results = list(batches)
+        _, batches = stream(decoder, paths, records, 4)
+        again = list(batches)
     decoder.close()
-    expected = np.stack([decode_image(path, 16, draft=False) for path in paths]).astype(int)
-    assert reasons == [None] * len(paths)
-    assert np.abs(gpu_decoder.numpy(first).astype(int) - expected).mean() < 4
-    assert caplog.text.count("decoding them one at a time") == 1 and "Critical error in pipeline" in caplog.text
+    reasons = [reason for _, _, chunk_reasons in results for reason in chunk_reasons]
+    assert "No such file" in reasons[5] and reasons[9] == CHANGED
+    assert [i for i, reason in enumerate(reasons) if reason] == [5, 9]
+    pixels = np.concatenate([dali.numpy(p) for _, p, _ in results]).astype(int)
+    kept = [path for i, path in enumerate(paths) if i not in (5, 9)]
+    expected = np.stack([decode_image(path, 16, draft=False) for path in kept]).astype(int)
+    assert pixels.shape == expected.shape and np.abs(pixels - expected).mean() < 4
+    assert all(np.array_equal(dali.numpy(a[1]), dali.numpy(b[1])) and a[2] == b[2] for a, b in zip(results, again))
+    assert caplog.text.count("decoding them one at a time") == 1 and str(gone) in caplog.text  # DALI's reason
+
+
+def test_a_stream_left_early_leaves_the_decoder_ready(dali, tmp_path):
+    paths, records = scanned(make_class_folder(tmp_path / "d", per_class=4))
+    decoder = dali.make(16)
+    _, batches = stream(decoder, paths, records, 2)
+    next(batches)  # two more chunks queued in DALI
+    with pytest.raises(RuntimeError, match="one stream of chunks at a time"):
+        decoder(paths[:2])
+    batches.close()
+    pixels, reasons = decoder(paths[:3])
+    decoder.close()
+    expected = np.stack([decode_image(path, 16, draft=False) for path in paths[:3]]).astype(int)
+    assert reasons == [None] * 3 and np.abs(dali.numpy(pixels).astype(int) - expected).mean() < 4
