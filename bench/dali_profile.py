@@ -1,19 +1,19 @@
-"""Where ``--decoder dali``'s time goes, batch by batch (bench/NOTES.md, "DALI on an H100").
+"""Where ``--decoder dali``'s time goes (bench/NOTES.md, "DALI on an H100").
 
 On a CUDA machine with DALI (the profile the NOTES quote; 256-image batches of the given JPEGs, the
 folder repeated 16 times, from the page cache):
 
-- ``read_tasks_ms`` / ``read_thread_ms``: reading a batch's files as one thread task each on 16 threads,
-  against one after another in one thread (what :func:`pipeline.gpu_decode.read_and_route` does);
-- ``route_ms``: :func:`pipeline.gpu_decode.read_and_route` (read, header, end marker);
-- ``dali_only_img_s``: DALI fed already-read batches, one run at a time (:class:`DaliDecoder`'s own work);
-- ``calls_<n>thr_img_s``: whole decoder calls from ``n`` threads, as the extraction makes them;
-- ``native_<load>_img_s``: DALI reading the files itself (``fn.readers.file``) at that ``hw_decoder_load``:
-  what DALI can do on this GPU with no Python per file;
+- ``stream_ahead<n>_img_s`` / ``stream_ahead<n>_thread_ms``: :meth:`DaliDecoder.batches` with the
+  scan's JPEG facts, as the extraction drives it, with ``n`` chunks queued in DALI ahead of the one
+  handed over: images/s, and the CPU time per batch of the thread that drives it (the Python work
+  left to share the GIL with the forward passes);
+- ``native_<load>_img_s``: DALI reading the files itself with its own reader (``fn.readers.file``) at
+  that ``hw_decoder_load``: what DALI does on this GPU with no Python at all;
 - ``parity_*``: DALI's pixels against Pillow's full-resolution decode, and Pillow's draft decode against it.
 
-``--host-overhead`` (any machine, DALI's CPU device): the host time of one decoder call over 256 tiny
-JPEGs, where decoding is a small part; the figure the per-batch Python work is judged by without a GPU.
+``--host-overhead`` (any machine, DALI's CPU device): the same stream over 256 tiny JPEGs a batch, where
+decoding is a small part: wall and driving-thread CPU milliseconds per batch, and for a one-batch call
+without the scan's facts (each file read in Python to find them).
 
     KERAS_BACKEND=jax python -m bench.dali_profile --data DIR
     KERAS_BACKEND=jax python -m bench.dali_profile --host-overhead [--batches 100]
@@ -25,8 +25,6 @@ import argparse
 import json
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,33 +32,49 @@ import numpy as np
 BATCH = 256
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls, after one untimed."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+def streamed(decoder, files: list, repeats: int) -> tuple[float, float]:
+    """``(images/s, driving-thread CPU ms per batch)`` of ``decoder.batches`` over ``files`` repeated, in chunks of
+    :data:`BATCH`, with the stats and JPEG facts a scan gives (as an extraction); the first chunk not timed."""
+    from pipeline.images import gpu_jpeg, read_file
+    from pipeline.scan import file_stat
+
+    paths = files * repeats
+    stats, jpegs = [file_stat(file)[:2] for file in files] * repeats, [gpu_jpeg(read_file(f)) for f in files] * repeats
+    chunks = [(a, min(a + BATCH, len(paths))) for a in range(0, len(paths), BATCH)]
+    batches = decoder.batches(paths, chunks, stats, jpegs)
+    next(batches)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _, pixels, _ in batches:
+        pass
+    if hasattr(pixels, "block_until_ready"):
+        pixels.block_until_ready()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return (chunks[-1][1] - chunks[0][1]) / wall, cpu / (len(chunks) - 1) * 1e3
 
 
 def host_overhead(batches: int) -> dict:
-    """Milliseconds of one :class:`DaliDecoder` call on 256 16x16 JPEGs, DALI's CPU device."""
+    """Milliseconds per batch of 256 16x16 JPEGs through :class:`DaliDecoder`, DALI's CPU device."""
     from PIL import Image
 
     from pipeline.dali_decode import DaliDecoder
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
+        files = []
         for i in range(BATCH):
             pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-            paths.append(Path(tmp) / f"{i}.jpg")
-            Image.fromarray(pixels).save(paths[-1])
+            files.append(Path(tmp) / f"{i}.jpg")
+            Image.fromarray(pixels).save(files[-1])
         decoder = DaliDecoder(8, batch_size=BATCH, device="cpu", workers=2)
-        seconds = _timed(lambda: decoder(paths), batches)
+        rate, thread_ms = streamed(decoder, files, batches + 1)
+        decoder(files)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for _ in range(batches):
+            decoder(files)
+        call_ms, call_thread_ms = ((time.perf_counter() - wall) * 1e3 / batches,
+                                   (time.thread_time() - cpu) * 1e3 / batches)
         decoder.close()
-    return {"host_ms_per_batch": seconds * 1e3, "images": BATCH, "batches": batches}
+    return {"host_ms_per_batch": BATCH / rate * 1e3, "thread_ms_per_batch": thread_ms, "call_ms": call_ms,
+            "call_thread_ms": call_thread_ms, "images": BATCH, "batches": batches}
 
 
 def gpu_profile(data: Path) -> dict:
@@ -70,32 +84,15 @@ def gpu_profile(data: Path) -> dict:
     from bench.gpu import list_images
     from pipeline.dali_decode import DaliDecoder
     from pipeline.decoding import decode_image
-    from pipeline.gpu_decode import read_and_route
-    from pipeline.images import or_reason, ordered_map, read_file
 
     files = list_images(data)
-    paths = files * 16
-    chunks = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)][:33]
     res = {}
-    with ThreadPoolExecutor(16) as pool:
-        res["read_tasks_ms"] = _timed(lambda: list(pool.map(partial(or_reason, read_file), chunks[0])), 20) * 1e3
-    res["read_thread_ms"] = _timed(lambda: [or_reason(read_file, p) for p in chunks[0]], 20) * 1e3
-    res["route_ms"] = _timed(lambda: read_and_route(chunks[0], None, 10**9), 20) * 1e3
-    decoder = DaliDecoder(224, batch_size=BATCH, workers=16)
-    routed = [read_and_route(chunk, None, 10**9) for chunk in chunks[:20]]
-    items = [[(i, blobs[i], header) for i, header in jpegs] for blobs, _, jpegs, _ in routed]
-    decoder._run(items[0])
-    started = time.perf_counter()
-    for batch in items:
-        decoder._run(batch)
-    res["dali_only_img_s"] = sum(map(len, items)) / (time.perf_counter() - started)
-    for threads in (1, 2, 3):
-        started = time.perf_counter()
-        for pixels, _ in ordered_map(decoder, chunks[1:], threads, prefetch=threads + 1):
-            pass
-        pixels.block_until_ready()
-        res[f"calls_{threads}thr_img_s"] = BATCH * (len(chunks) - 1) / (time.perf_counter() - started)
+    for ahead in (0, 1, 2, 4):
+        decoder = DaliDecoder(224, batch_size=BATCH, workers=16, ahead=ahead)
+        res[f"stream_ahead{ahead}_img_s"], res[f"stream_ahead{ahead}_thread_ms"] = streamed(decoder, files, 16)
+        decoder.close()
     some = files[:: max(1, len(files) // BATCH)][:BATCH]
+    decoder = DaliDecoder(224, batch_size=BATCH, workers=16)
     got = np.asarray(decoder(some)[0]).astype(int)
     decoder.close()
     full = np.stack([decode_image(p, 224, draft=False) for p in some]).astype(int)
@@ -106,14 +103,18 @@ def gpu_profile(data: Path) -> dict:
     for load in (0.65, 1.0):
         @pipeline_def(batch_size=BATCH, num_threads=16, device_id=0)
         def native():
-            jpegs, _ = fn.readers.file(files=[str(p) for p in paths])
+            jpegs, _ = fn.readers.file(files=[str(p) for p in files * 16])
             images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=load)
             return fn.resize(images, size=[224, 224], interp_type=types.INTERP_LINEAR, antialias=True,
                              dtype=types.UINT8)
 
         pipe = native()
         pipe.build()
-        res[f"native_{load}_img_s"] = BATCH / _timed(pipe.run, 40)
+        pipe.run()
+        started = time.perf_counter()
+        for _ in range(40):
+            pipe.run()
+        res[f"native_{load}_img_s"] = BATCH * 40 / (time.perf_counter() - started)
         del pipe
     return res
 

@@ -119,4 +119,4 @@ def test_dali_profile_times_the_host_work_of_a_batch_on_the_cpu_device():
     from bench.dali_profile import host_overhead
 
     result = host_overhead(batches=2)
-    assert result["images"] == 256 and result["host_ms_per_batch"] > 0
+    assert result["images"] == 256 and result["host_ms_per_batch"] > 0 and 0 < result["thread_ms_per_batch"]
