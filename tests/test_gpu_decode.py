@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline import LayertapError
 from pipeline.gpu_decode import check_decoder
 from pipeline.decoding import CHANGED, decode_image
-from pipeline.images import jpeg_header
+from pipeline.images import gpu_jpeg, jpeg_header
 from pipeline.runtime import keras_backend
 
 
@@ -142,9 +142,10 @@ def test_cut_off_jpegs_go_to_pillow_and_zero_padding_after_the_end_is_allowed(tm
     whole = jpeg_bytes(photo((200, 40, 40), size=(48, 40)))
     files = {"whole.jpg": whole, "padded.jpg": whole + bytes(40), "cut.jpg": whole[:-200],
              "trailing.jpg": whole + b"thumbnail data"}
+    assert [gpu_jpeg(data) for data in files.values()] == [(48, 40, 1), (48, 40, 1), None, None]
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    _, reasons, jpegs, host = read_and_route([tmp_path / name for name in files], None, 10**8)
+    _, reasons, jpegs, host = read_and_route([tmp_path / name for name in files], None, 10**8)  # nvjpeg's routing
     assert reasons == [None] * 4 and [i for i, _ in jpegs] == [0, 1] and host == [2, 3]
 
 
