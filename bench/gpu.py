@@ -210,8 +210,8 @@ def child_decode(args) -> dict:
     chunks = [(i, min(i + BATCH, len(paths))) for i in range(0, len(paths), BATCH)]
     settings = SimpleNamespace(decoder=args.decoder, image_size=SIZE, resize="squash", max_pixels=DEFAULT_MAX_PIXELS,
                                batch_size=BATCH, workers=os.cpu_count(), draft=True)
-    batches = decoded_batches(paths, chunks, settings, [r.stat for r in images.records],
-                              [r.jpeg for r in images.records])
+    batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,
+                              settings)
     _, pixels, _ = next(batches)
     start = time.perf_counter()
     for _, pixels, _ in batches:
@@ -252,7 +252,6 @@ def child_main(argv=None) -> None:
         DEVICE = "cpu"
         import pipeline.gpu_decode
         pipeline.gpu_decode.DEVICE = "cpu"
-        pipeline.gpu_decode.nvjpeg_available = pipeline.gpu_decode.dali_available = lambda: True
     result = CHILDREN[args.child](args)
     steady = result.get("steady_images", result["images"])
     emit({**result, "images_per_s": steady / result["steady_s"]})

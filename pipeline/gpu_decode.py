@@ -41,27 +41,28 @@ DECODERS = ("pillow", "nvjpeg", "dali")
 DEVICE = "cuda"  # where the GPU decoders decode by default (the tests set "cpu")
 
 
-def nvjpeg_available() -> bool:
-    """Whether torchvision can decode JPEGs on a CUDA GPU here."""
+def nvjpeg_available(device: str | None = None) -> bool:
+    """Whether torchvision can decode JPEGs on ``device`` here (default :data:`DEVICE`; ``cuda`` needs a CUDA GPU)."""
     try:
         import torch
         import torchvision.io  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means: not available
         return False
-    return bool(torch.cuda.is_available())
+    return (device or DEVICE) == "cpu" or bool(torch.cuda.is_available())
 
 
-def dali_available() -> bool:
-    """Whether NVIDIA DALI imports and sees a CUDA GPU here."""
+def dali_available(device: str | None = None) -> bool:
+    """Whether NVIDIA DALI imports and can decode on ``device`` here (default :data:`DEVICE`; ``cuda`` needs a GPU)."""
     try:
         from nvidia.dali import backend
     except Exception:  # noqa: BLE001 - any import failure means: not available
         return False
-    return backend.GetCUDADeviceCount() > 0
+    return (device or DEVICE) == "cpu" or backend.GetCUDADeviceCount() > 0
 
 
-def check_decoder(decoder: str) -> str:
-    """Validate a decoder name; ``nvjpeg`` only where torchvision has CUDA, ``dali`` only where DALI sees a GPU.
+def check_decoder(decoder: str, device: str | None = None) -> str:
+    """Validate a decoder name; ``nvjpeg`` only where torchvision has CUDA, ``dali`` only where DALI sees a GPU
+    (on ``device``, default :data:`DEVICE`).
 
     Raises:
         ValueError: an unknown decoder.
@@ -69,10 +70,10 @@ def check_decoder(decoder: str) -> str:
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r} is not known; use one of: {', '.join(DECODERS)}")
-    if decoder == "nvjpeg" and not nvjpeg_available():
+    if decoder == "nvjpeg" and not nvjpeg_available(device):
         raise LayertapError("decoder=nvjpeg needs torch and torchvision with a CUDA GPU (pip install torch "
                             "torchvision); use --decoder pillow to decode on the CPU")
-    if decoder == "dali" and not dali_available():
+    if decoder == "dali" and not dali_available(device):
         raise LayertapError("decoder=dali needs NVIDIA DALI and a CUDA GPU (pip install 'layertap[dali]', or "
                             "'layertap[dali-cuda13]' beside CUDA 13 builds of JAX or PyTorch); use --decoder "
                             "pillow to decode on the CPU")

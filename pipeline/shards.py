@@ -171,11 +171,8 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
         The number of images decoded.
     """
     chunks = [job.chunks(settings.batch_size) for job in jobs]
-    files = {i: path for job in jobs for i, path in zip(range(job.start, job.stop), job.files())}
-    records = {i: record for job in jobs for i, record in zip(range(job.start, job.stop), job.records)}
     bar = extraction_bar(jobs, done, settings.progress)
-    batches = decoded_batches(files, [c for job_chunks in chunks for c in job_chunks], settings,
-                              {i: r.stat for i, r in records.items()}, {i: r.jpeg for i, r in records.items()})
+    batches = decoded_batches(*decoding_inputs(jobs), [c for job_chunks in chunks for c in job_chunks], settings)
     pad_to = settings.batch_size if pads_short_batches() else None
     try:
         return sum(run_shard(job, itertools.islice(batches, len(job_chunks)), extractor, manifest, class_names,
@@ -186,53 +183,67 @@ def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_n
         bar.close()
 
 
-def decoded_batches(paths, chunks: list[tuple[int, int]], settings, stats=None, jpegs=None) -> Iterator[Batch]:
+def decoding_inputs(jobs: list[ShardJob]) -> tuple[dict, dict, dict]:
+    """What :func:`decoded_batches` takes for ``jobs``: ``(paths, stats, jpegs)`` by list position."""
+    files, stats, jpegs = {}, {}, {}
+    for job in jobs:
+        for i, path, record in zip(range(job.start, job.stop), job.files(), job.records):
+            files[i], stats[i], jpegs[i] = path, record.stat, record.jpeg
+    return files, stats, jpegs
+
+
+def open_decoder(settings, device: str | None = None):
+    """The decoder ``settings.decoder`` names, for :func:`decoded_batches` (close it when done): Pillow in
+    worker processes, or a GPU decoder on ``device`` (default :data:`pipeline.gpu_decode.DEVICE`)."""
+    workers = settings.workers or default_workers()
+    if settings.decoder == "dali":
+        from pipeline.dali_decode import DaliDecoder
+        return DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
+                           device=device, workers=workers)
+    if settings.decoder == "nvjpeg":
+        from pipeline.gpu_decode import NvjpegDecoder
+        return NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, device=device, workers=workers)
+    from pipeline.decoding import ProcessDecoder
+    return ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
+                          draft=settings.draft, max_pixels=settings.max_pixels)
+
+
+def decoded_batches(paths, stats, jpegs, chunks: list[tuple[int, int]], settings, decoder=None) -> Iterator[Batch]:
     """Decode ``paths[a:b]`` for each chunk ``(a, b)``, in order, ahead of the consumer.
 
     Args:
-        paths: Files by list position (a list, or a dict of the chunks' positions).
-        stats: The ``(size, mtime_ns)`` the scan saw, by the same positions: a file that no longer has
-            them is skipped (:data:`pipeline.decoding.CHANGED`), never stored under its old content's hash.
-        jpegs: The scan's JPEG facts (``ImageRecord.jpeg``) by the same positions, for ``dali``: which files
-            it reads and decodes itself (without them it reads each file once more to find out).
+        paths, stats, jpegs: By list position (lists, or dicts of the chunks' positions; :func:`decoding_inputs`):
+            the files; the ``(size, mtime_ns)`` the scan saw (a file that no longer has them is skipped,
+            :data:`pipeline.decoding.CHANGED`, never stored under its old content's hash), or None; the scan's
+            JPEG facts (``ImageRecord.jpeg``), which tell ``dali`` what it reads and decodes itself, or None
+            (it then reads each file once more to find out).
+        decoder: An :func:`open_decoder` of these settings to use (and leave open), else one is opened and closed.
 
     Yields:
         ``((a, b), pixels, reasons)``: the decoded images of the chunk as one ``(n, size, size, 3)``
         uint8 batch (NumPy, or a device array for ``nvjpeg`` and ``dali``) and, per path, ``None`` or why it
         was skipped.
     """
-    workers = settings.workers or default_workers()
-    if settings.decoder == "dali":
-        from pipeline.dali_decode import DaliDecoder
-        decoder = DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
-                              workers=workers)
-        stream = decoder.batches(paths, chunks, stats, jpegs)
-        try:
-            # In a thread of its own, ahead of the forward passes: handing a batch over waits on the GPU.
-            yield from ordered_map(lambda _: next(stream), chunks, 1, prefetch=2)
-        finally:
-            stream.close()
-            decoder.close()
-        return
-    if settings.decoder == "nvjpeg":
-        from pipeline.gpu_decode import NvjpegDecoder
-        decoder = NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, workers=workers)
-        try:
+    own = decoder is None
+    decoder = open_decoder(settings) if own else decoder
+    try:
+        if settings.decoder == "dali":
+            stream = decoder.batches(paths, chunks, stats, jpegs)
+            try:
+                # In a thread of its own, ahead of the forward passes: handing a batch over waits on the GPU.
+                yield from ordered_map(lambda _: next(stream), chunks, 1, prefetch=2)
+            finally:
+                stream.close()
+        elif settings.decoder == "nvjpeg":
             def decode(chunk):
                 return decoder([paths[i] for i in range(*chunk)], [stats[i] for i in range(*chunk)] if stats else None)
             for chunk, (pixels, reasons) in zip(chunks, ordered_map(decode, chunks, 1, prefetch=2)):
                 yield chunk, pixels, reasons
-        finally:
-            decoder.close()
-        return
-    from pipeline.decoding import ProcessDecoder
-
-    decoder = ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
-                             draft=settings.draft, max_pixels=settings.max_pixels)
-    try:
-        yield from decoder.batches(paths, chunks, stats)
+        else:
+            yield from decoder.batches(paths, chunks, stats)
     finally:
-        decoder.close()
+        if own:
+            decoder.close()
 
 
 def extraction_bar(jobs: list[ShardJob], done: int, enabled: bool):

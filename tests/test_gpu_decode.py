@@ -51,8 +51,8 @@ def test_jpeg_header_sends_what_nvjpeg_cannot_take_to_pillow(data):
 def test_decoder_choice(monkeypatch):
     import pipeline.gpu_decode as gd
 
-    monkeypatch.setattr(gd, "nvjpeg_available", lambda: False)
-    monkeypatch.setattr(gd, "dali_available", lambda: False)
+    monkeypatch.setattr(gd, "nvjpeg_available", lambda device=None: False)
+    monkeypatch.setattr(gd, "dali_available", lambda device=None: False)
     assert check_decoder("pillow") == "pillow"
     with pytest.raises(LayertapError, match="--decoder pillow"):
         check_decoder("nvjpeg")
@@ -81,7 +81,6 @@ def gpu_decoder(request, monkeypatch):
         on_gpu, make = backend.GetCUDADeviceCount() > 0, DaliDecoder
     if not on_gpu:
         monkeypatch.setattr(gd, "DEVICE", "cpu")
-    monkeypatch.setattr(gd, f"{request.param}_available", lambda: True)
     return SimpleNamespace(name=request.param, make=make, on_gpu=on_gpu,
                            numpy=lambda batch: batch.cpu().numpy() if hasattr(batch, "cpu") else np.asarray(batch))
 
