@@ -76,7 +76,8 @@ class ExtractSettings:
     decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores), nvjpeg (on "
                                     "the GPU through torchvision; slower than 16 cores on an H100 host, see "
                                     "bench/NOTES.md) or dali (NVIDIA DALI: the GPU's hardware JPEG engines; "
-                                    "pip install 'layertap[dali]')", choices=DECODERS, group="model")
+                                    "pip install 'layertap[dali]'); with --engine ray the GPU decoders run in "
+                                    "the model actors, each on its GPU", choices=DECODERS, group="model")
     precision: str = option("auto", "compute precision: bfloat16/float16 are mixed precision; auto is bfloat16 on "
                                     "GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16), else float32",
                             choices=PRECISION_CHOICES, group="model")
@@ -122,10 +123,10 @@ class ExtractSettings:
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
-        if self.engine == "ray" and self.decoder != "pillow":
-            raise ValueError(f"--engine ray decodes with Pillow in Ray tasks; --decoder {self.decoder} runs only with "
-                             "--engine local")
-        check_decoder(self.decoder)
+        if self.engine == "ray":  # the GPUs that decode are the cluster's: each model actor checks its own
+            check_choice("decoder", self.decoder, DECODERS)
+        else:
+            check_decoder(self.decoder)
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         check_choice("engine", self.engine, ENGINE_NAMES)
         check_choice("merge", self.merge, MERGES)

@@ -4,8 +4,10 @@ Ray Data's batch-inference pattern over :mod:`pipeline.shards`: a dataset of sha
 ``map_batches`` of :func:`decode_shard` decodes each shard in a Ray task on a CPU worker;
 ``map_batches`` of :class:`ShardWriter` runs the model in an actor pool (one model build per
 actor, one GPU each where the cluster has GPUs, else one CPU actor) and commits the shard with
-:func:`pipeline.shards.run_shard` into the store's ``.parts/`` folder. This process only plans,
-shows progress and merges, so the store, its key and its numbers are the local engine's.
+:func:`pipeline.shards.run_shard` into the store's ``.parts/`` folder. With a GPU decoder
+(``--decoder dali`` or ``nvjpeg``) there are no decoding tasks: each actor decodes its shards on its
+own GPU, as the local engine does, and no pixels pass through Ray's object store. This process only
+plans, shows progress and merges, so the store, its key and its numbers are the local engine's.
 
 Every worker must reach the images, the weights file and the ``--out`` folder at the same
 absolute paths (a shared filesystem), and run the same layertap. Ray retries a decoding task
@@ -24,11 +26,12 @@ from functools import partial
 
 import numpy as np
 
-from pipeline import LayertapError
+from pipeline import LayertapError, gpu_decode
 from pipeline.decoding import decode_image
 from pipeline.images import or_reason
 from pipeline.runtime import keras_backend
-from pipeline.shards import ShardJob, extraction_bar, pads_short_batches, run_shard
+from pipeline.shards import ShardJob, decoded_batches, decoding_inputs, extraction_bar, open_decoder, pads_short_batches, \
+    run_shard
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'layertap[ray]'"
@@ -165,20 +168,27 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     memory = int(min(ACTOR_MEMORY, resources.get("memory", ACTOR_MEMORY) / 2))
+    on_gpus = settings.decoder != "pillow"  # decoded in the model actors, each on its GPU
+    if on_gpus and not gpus and gpu_decode.DEVICE != "cpu":
+        raise LayertapError(f"--decoder {settings.decoder} with --engine ray decodes in the model actors, one on each "
+                            "GPU of the Ray cluster, and this cluster has no GPU; use --decoder pillow (decoding "
+                            "in Ray tasks on its CPUs)")
     dataset = ray.data.from_items([{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
-    dataset = dataset.map_batches(
-        decode_shard, batch_size=1, batch_format="numpy", num_cpus=1,
-        fn_kwargs=dict(size=settings.image_size, resize=settings.resize, draft=settings.draft,
-                       max_pixels=settings.max_pixels))
+    if not on_gpus:
+        dataset = dataset.map_batches(
+            decode_shard, batch_size=1, batch_format="numpy", num_cpus=1,
+            fn_kwargs=dict(size=settings.image_size, resize=settings.resize, draft=settings.draft,
+                           max_pixels=settings.max_pixels))
     dataset = dataset.map_batches(
         ShardWriter, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=gpus or 1),
         num_cpus=1, num_gpus=1 if gpus else 0, memory=memory,
         fn_constructor_kwargs=dict(settings=settings, weights=weights, taps=taps, manifest=manifest,
-                                   class_names=tuple(class_names)),
+                                   class_names=tuple(class_names), decode_device=gpu_decode.DEVICE),
         runtime_env={"env_vars": _backend_env()})
-    log.info("Ray: %d shard%s to compute, %d CPUs to decode, %s", len(jobs), "s" * (len(jobs) > 1),
-             int(resources.get("CPU", 0)), f"one model actor on each of {gpus} GPUs" if gpus else "one model actor "
-             "on a CPU (no GPU in the cluster)")
+    where = f"one model actor on each of {gpus} GPUs" if gpus else "one model actor on a CPU (no GPU in the cluster)"
+    how = f"decoding with {settings.decoder} in the actors" if on_gpus else \
+        f"{int(resources.get('CPU', 0))} CPUs to decode"
+    log.info("Ray: %d shard%s to compute, %s, %s", len(jobs), "s" * (len(jobs) > 1), how, where)
     bar = extraction_bar(jobs, done, settings.progress)
     n_decoded = 0
     try:
@@ -215,9 +225,13 @@ def decode_shard(batch: dict, size: int, resize: str, draft: bool, max_pixels: i
 
 
 class ShardWriter:
-    """A Ray actor: builds the extractor once, then computes and commits each decoded shard it is given."""
+    """A Ray actor: builds the extractor once, then computes and commits each shard it is given.
 
-    def __init__(self, settings, weights, taps, manifest: dict, class_names):
+    The shards come decoded by the tasks before it, or, with a GPU decoder, the actor decodes them itself on
+    ``decode_device`` (the driver's :data:`pipeline.gpu_decode.DEVICE`: ``cuda``, the GPU Ray gave it).
+    """
+
+    def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None):
         from pipeline import set_backend_defaults
         from pipeline.backbones import create_extractor, get_backbone
 
@@ -234,12 +248,20 @@ class ShardWriter:
                                           settings.precision)
         self.settings, self.manifest, self.class_names = settings, manifest, class_names
         self.pad_to = settings.batch_size if pads_short_batches() else None
+        self.decoder = None
+        if settings.decoder != "pillow":  # this actor decodes its shards, on its GPU (``decode_device``)
+            gpu_decode.check_decoder(settings.decoder, decode_device)
+            self.decoder = open_decoder(settings, decode_device)
 
     def __call__(self, batch: dict) -> dict:
         job: ShardJob = pickle.loads(batch["job"][0])
-        pixels, reasons = batch["pixels"][0], json.loads(batch["reasons"][0])
-        n = run_shard(job, _batches(job, pixels, reasons, self.settings.batch_size), self.extractor, self.manifest,
-                      self.class_names, self.settings.store_dtype, self.pad_to)
+        chunks = job.chunks(self.settings.batch_size)
+        if self.decoder is None:
+            batches = _batches(job, batch["pixels"][0], json.loads(batch["reasons"][0]), chunks)
+        else:
+            batches = decoded_batches(*decoding_inputs([job]), chunks, self.settings, self.decoder)
+        n = run_shard(job, batches, self.extractor, self.manifest, self.class_names, self.settings.store_dtype,
+                      self.pad_to)
         return {"images": np.array([n]), "shard": _column(str(job.path))}
 
 
@@ -251,9 +273,9 @@ def _column(value) -> np.ndarray:
     return column
 
 
-def _batches(job: ShardJob, pixels: np.ndarray, reasons: list, batch_size: int):
+def _batches(job: ShardJob, pixels: np.ndarray, reasons: list, chunks: list[tuple[int, int]]):
     """A decoded shard as the local engine's batches: the same chunks, only the decoded images of each."""
-    for a, b in job.chunks(batch_size):
+    for a, b in chunks:
         chunk = reasons[a - job.start:b - job.start]
         ok = [a - job.start + i for i, reason in enumerate(chunk) if reason is None]
         yield (a, b), pixels[ok], chunk

@@ -172,9 +172,31 @@ def test_the_command_starts_its_own_ray_and_stops_it(data, local_store, tmp_path
     assert not processes_marked(mark), "the Ray the command started must stop with it"
 
 
-def test_the_ray_engine_refuses_a_decoder_it_does_not_run(data, tmp_path):
-    with pytest.raises(ValueError, match="--engine ray decodes with Pillow"):
-        tiny_settings(data, tmp_path, engine="ray", decoder="nvjpeg")
+def test_a_gpu_decoder_decodes_in_the_model_actors_and_writes_the_local_engines_store(cluster, tmp_path,
+                                                                                       monkeypatch, caplog):
+    """``--decoder dali`` on Ray: no decoding tasks; each model actor decodes its shards as the local engine does
+    (here on DALI's CPU device, which the driver's setting carries to the actors), bad files named alike."""
+    pytest.importorskip("nvidia.dali")
+    import pipeline.gpu_decode as gd
+    import pipeline.ray_engine as ray_engine
+
+    monkeypatch.setattr(gd, "DEVICE", "cpu")
+    monkeypatch.setattr(ray_engine, "decode_shard", None)  # a decoding task would fail the run
+    folder = make_split_folder(tmp_path / "bad", train=2, val=1, test=1)
+    add_bad_files(folder / "train", "red")
+    local = FeatureStore(extract_features(tiny_settings(folder, tmp_path / "local", decoder="dali")).store_path)
+    with caplog.at_level("INFO", logger="pipeline.ray_engine"):
+        made = extract_features(tiny_settings(folder, tmp_path / "ray", decoder="dali", engine="ray"))
+    assert "decoding with dali in the actors" in caplog.text
+    assert_same_store(FeatureStore(made.store_path), local)
+    assert "truncated" in dict(local.skipped)["train/red/truncated.jpg"]
+
+
+def test_a_gpu_decoder_on_a_ray_cluster_without_gpus_is_refused_with_the_way_out(cluster, data, tmp_path):
+    with pytest.raises(LayertapError, match="this cluster has no GPU; use --decoder pillow"):
+        extract_features(tiny_settings(data, tmp_path, decoder="dali", engine="ray"))
+    with pytest.raises(ValueError, match="decoder='turbo' is not known"):
+        tiny_settings(data, tmp_path, engine="ray", decoder="turbo")
 
 
 def test_ctrl_c_stops_the_command_and_its_ray_and_keeps_the_committed_shards(data, tmp_path):
