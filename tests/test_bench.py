@@ -120,3 +120,13 @@ def test_dali_profile_times_the_host_work_of_a_batch_on_the_cpu_device():
 
     result = host_overhead(batches=2)
     assert result["images"] == 256 and result["host_ms_per_batch"] > 0 and 0 < result["thread_ms_per_batch"]
+
+
+def test_forward_bench_folds_each_batchnorm_into_its_convolution_without_changing_the_features():
+    """``python -m bench.forward``: the folded network is the same function (float32), with no BatchNormalization
+    left in the path; ResNet50 up to conv2_block3_out has 11 (conv1 and 3 blocks), each after its convolution."""
+    from bench.forward import measure
+
+    result = measure("resnet50", "conv2_block3_out", size=32, batch=2, precision="float32", rounds=1)
+    assert result["batchnorms_folded"] == 11 and result["max_rel_diff"] < 1e-5 and result["folded_vs_float32"] < 1e-5
+    assert result["plain_img_s"] > 0 and result["folded_img_s"] > 0
