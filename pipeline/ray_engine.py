@@ -30,8 +30,8 @@ from pipeline import LayertapError, gpu_decode
 from pipeline.decoding import decode_image
 from pipeline.images import or_reason
 from pipeline.runtime import keras_backend
-from pipeline.shards import ShardJob, decoded_batches, decoding_inputs, extraction_bar, open_decoder, pads_short_batches, \
-    run_shard
+from pipeline.shards import (ShardJob, decoded_batches, decoding_inputs, extraction_bar, open_decoder,
+                             pads_short_batches, run_shard)
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'layertap[ray]'"

@@ -29,8 +29,9 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers, \
-    drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map, progress_bar, read_file, sniff_format
+from pipeline.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers,
+                             drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map,
+                             progress_bar, read_file, sniff_format)
 
 log = logging.getLogger(__name__)
 FILE_NAME = ".layertap-stat-cache.sqlite"
