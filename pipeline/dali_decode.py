@@ -196,6 +196,9 @@ class DaliDecoder:
             self._take_queued([chunk])
             if isinstance(chunk.output, RuntimeError):  # one bad JPEG fails DALI's whole run
                 self._take_queued(later)  # the runs queued behind it, so the retries below are DALI's only work
+                # DALI calls its pipeline "no longer valid" after a failed run. Its CPU device runs on regardless; the
+                # GPU's was never seen failing. The retries get a fresh pipeline: milliseconds, and only after a failure.
+                self._pipe = self._build()
                 decoded, failed = self._one_by_one(chunk, chunk.output)
                 pieces += decoded
                 host += failed

@@ -224,9 +224,12 @@ def test_a_run_dali_fails_is_retried_one_image_at_a_time_and_the_queue_behind_it
     gone.unlink()  # after the scan: DALI's read of it fails its chunk's whole run
     photo((0, 0, 0), seed=9, size=(30, 30)).save(edited, "JPEG")  # new bytes: never stored under the old hash
     decoder = dali.make(16)
+    first_pipeline = decoder._pipe
     with caplog.at_level("WARNING"):
         _, batches = stream(decoder, paths, records, 4)
         results = list(batches)
+    assert decoder._pipe is not first_pipeline, "the retries run on a fresh pipeline (DALI calls the old one invalid)"
+    with caplog.at_level("WARNING"):
         _, batches = stream(decoder, paths, records, 4)
         again = list(batches)
     decoder.close()
