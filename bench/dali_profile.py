@@ -35,11 +35,11 @@ BATCH = 256
 def streamed(decoder, files: list, repeats: int) -> tuple[float, float]:
     """``(images/s, driving-thread CPU ms per batch)`` of ``decoder.batches`` over ``files`` repeated, in chunks of
     :data:`BATCH`, with the stats and JPEG facts a scan gives (as an extraction); the first chunk not timed."""
-    from pipeline.images import gpu_jpeg, read_file
-    from pipeline.scan import file_stat
+    from pipeline.scan import file_stat, probe_file
 
     paths = files * repeats
-    stats, jpegs = [file_stat(file)[:2] for file in files] * repeats, [gpu_jpeg(read_file(f)) for f in files] * repeats
+    stats = [file_stat(file)[:2] for file in files] * repeats
+    jpegs = [probe_file(file)[0].jpeg for file in files] * repeats
     chunks = [(a, min(a + BATCH, len(paths))) for a in range(0, len(paths), BATCH)]
     batches = decoder.batches(paths, chunks, stats, jpegs)
     next(batches)

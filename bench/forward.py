@@ -27,8 +27,8 @@ import numpy as np
 
 
 def fold_batchnorm(model):
-    """A copy of ``model`` with every BatchNormalization over the channels of a Conv2D's output (its only user)
-    folded into that convolution, which gets a bias; the rest is copied as it is."""
+    """``(copy, n)``: a copy of ``model`` with every BatchNormalization over the channels of a Conv2D's output (its
+    only user) folded into that convolution, which gets a bias, the rest copied as it is; ``n`` folded."""
     from pipeline import import_keras
 
     keras = import_keras()

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import FLOWERS, emit, fresh_work, link, machine, run_child, write_results
+from bench.common import FLOWERS, emit, fresh_work, link, machine, parse_or_run_child, run_child, write_results
 from pipeline.reports import format_table
 
 MODES = ("full", "stat")
@@ -39,13 +39,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=16384, help="file names to scan (default 16,384)")
     parser.add_argument("--rounds", type=int, default=3, help="scans of each kind, alternating (default 3)")
     parser.add_argument("--data", default=str(FLOWERS), help="a folder of class folders of JPEGs (default: flowers17)")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        args.mode = args.child
-        return child(args)
+    args = parse_or_run_child(parser, MODES, "mode", child)
+    if args is None:
+        return
 
     work = fresh_work("scan")
     sources = sorted(Path(args.data).glob("*/*.jpg"))

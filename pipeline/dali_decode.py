@@ -150,8 +150,12 @@ class DaliDecoder:
             facts = [jpegs[i] for i in range(*span)]
         else:  # no scan: each file read here to find out
             facts, reasons = map(list, zip(*(_facts_of(file) for file in files))) if files else ([], [])
-        dali = [k for k, jpeg in enumerate(facts) if takes(jpeg, self.max_pixels)]
-        host = [k for k, jpeg in enumerate(facts) if not takes(jpeg, self.max_pixels) and reasons[k] is None]
+        dali, host = [], []
+        for k, jpeg in enumerate(facts):
+            if takes(jpeg, self.max_pixels):
+                dali.append(k)
+            elif reasons[k] is None:
+                host.append(k)
         chunk = _Chunk(span, files, reasons, [stats[i] for i in range(*span)] if stats else None, dali,
                        [facts[k] for k in dali], host, decode_on_host(self._pool, [files[k] for k in host], self.size,
                                                                       self.resize, self.max_pixels))
