@@ -5,8 +5,8 @@ A lead for issue 13's ResNet50 gap (bench/NOTES.md, "DALI on an H100"): our Kera
 9,500. Folding each BatchNormalization into its convolution (kernel times gamma / sqrt(var + eps),
 bias (bias - mean) times that plus beta) leaves the same function for inference (float32: the
 features agree to ~1e-6 relative) with one elementwise pass over the activations fewer per
-BatchNormalization: 53 in ResNet50, none in VGG16. The pipeline does not fold: it would change a
-store's numbers in their last bits (so its cache key), and is for where it measures faster.
+BatchNormalization: 53 in ResNet50, none in VGG16. Extraction folds where this measured faster
+(:mod:`pipeline.batchnorm`: on TensorFlow), with the store's key saying so.
 
 Both networks run in this process, alternating rounds, on the same random uint8 batches (a cut at
 ``--tap``, seeded random weights with BatchNormalization statistics drawn away from (0, 1), the Keras
@@ -26,56 +26,10 @@ import time
 import numpy as np
 
 
-def fold_batchnorm(model):
-    """``(copy, n)``: a copy of ``model`` with every BatchNormalization over the channels of a Conv2D's output (its
-    only user) folded into that convolution, which gets a bias, the rest copied as it is; ``n`` folded."""
-    from pipeline import import_keras
-
-    keras = import_keras()
-    layers = keras.layers
-    users: dict[str, set] = {}
-    for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                users.setdefault(tensor._keras_history[0].name, set()).add(layer.name)
-    convs = {}  # conv name -> its BatchNormalization
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization) and layer.axis in (-1, 3) and layer.scale and layer.center:
-            (source,) = [tensor._keras_history[0] for tensor in layer._inbound_nodes[0].input_tensors]
-            if isinstance(source, layers.Conv2D) and users[source.name] == {layer.name}:
-                convs[source.name] = layer
-    folded_away = {bn.name for bn in convs.values()}
-
-    class PassThrough(layers.Layer):
-        def call(self, x, mask=None, training=None):
-            return x
-
-    def clone(layer):
-        if layer.name in folded_away:
-            return PassThrough(name=layer.name, dtype=layer.dtype_policy)
-        config = layer.get_config()
-        return layer.__class__.from_config({**config, "use_bias": True} if layer.name in convs else config)
-
-    folded = keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers:
-        if not layer.weights or layer.name in folded_away:
-            continue
-        target = folded.get_layer(layer.name)
-        if layer.name in convs:
-            bn = convs[layer.name]
-            gamma, beta, mean, variance = (np.asarray(w, np.float64) for w in bn.get_weights())
-            scale = gamma / np.sqrt(variance + bn.epsilon)
-            kernel, *bias = (np.asarray(w, np.float64) for w in layer.get_weights())
-            shift = (bias[0] if bias else 0.0) - mean
-            target.set_weights([(kernel * scale).astype(np.float32), (shift * scale + beta).astype(np.float32)])
-        else:
-            target.set_weights(layer.get_weights())
-    return folded, len(convs)
-
-
 def measure(backbone: str, tap: str, size: int, batch: int, precision: str, rounds: int) -> dict:
     from pipeline import import_keras
     from pipeline.backbones import build_backbone, cut_trunk, get_backbone
+    from pipeline.batchnorm import fold_batchnorm
     from pipeline.runtime import keras_backend
     from pipeline.weights import resolve_weights
 
@@ -93,12 +47,7 @@ def measure(backbone: str, tap: str, size: int, batch: int, precision: str, roun
         return cut_trunk(base, tap)
 
     plain = network(precision)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(plain.dtype_policy)
-    try:
-        folded, n_folded = fold_batchnorm(plain)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    folded, n_folded = fold_batchnorm(plain)
     x = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3)).astype("float32")
     a, b = (np.asarray(model.predict_on_batch(x), np.float32) for model in (plain, folded))
     exact = a if precision == "float32" else np.asarray(network("float32").predict_on_batch(x), np.float32)

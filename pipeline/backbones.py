@@ -37,6 +37,7 @@ class Backbone:
     imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, md5
     imagenet_url: str
     imagenet_md5: str
+    batchnorm: bool = False     # BatchNormalization after its convolutions (pipeline.batchnorm folds it)
 
     def build(self, image_size: int):
         """The convolutional base (a ``keras.Model``) without weights, for ``image_size`` x ``image_size`` RGB."""
@@ -64,7 +65,7 @@ BACKBONES: dict[str, Backbone] = {
         taps=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
         imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_md5="4d473c1dd8becc155b73f8504c6f6626"),
+        imagenet_md5="4d473c1dd8becc155b73f8504c6f6626", batchnorm=True),
 }
 
 
@@ -200,13 +201,17 @@ def architecture_shapes(backbone: str | Backbone, taps, image_size: int) -> dict
     return tap_shapes(model, taps)
 
 
-def build_extractor(base, backbone: Backbone, taps, pooling: str):
-    """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`."""
+def build_extractor(base, backbone: Backbone, taps, pooling: str, fold: bool = False):
+    """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`, its
+    BatchNormalization folded into the convolutions if ``fold`` (:mod:`pipeline.batchnorm`)."""
+    from pipeline.batchnorm import fold_batchnorm
     from pipeline.layers import BackbonePreprocess, TapPooling
 
     keras = import_keras()
     check_taps(base, backbone, taps)
     trunk = cut_trunk(base, list(taps), name=f"{backbone.name}_trunk")
+    if fold:
+        trunk, _ = fold_batchnorm(trunk)
     pixels = keras.Input(shape=base.input_shape[1:], dtype="uint8", name="pixels")
     maps = trunk(BackbonePreprocess(backbone.name, name="preprocess")(pixels))
     maps = maps if isinstance(maps, (list, tuple)) else [maps]
@@ -274,7 +279,8 @@ class Extractor:
 
 
 def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, taps, pooling: str = "avg",
-                     image_size: int = 224, precision: str = "float32", seed: int = 0) -> Extractor:
+                     image_size: int = 224, precision: str = "float32", seed: int = 0,
+                     fold: bool = False) -> Extractor:
     """The backbone factory: registry entry, weights, network, taps and pooling in one call.
 
     Args:
@@ -285,6 +291,8 @@ def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, t
         image_size: Input side in pixels.
         precision: ``float32``, ``bfloat16`` or ``float16`` (resolve ``auto`` first with :func:`resolve_precision`).
         seed: Seed of ``random`` weights.
+        fold: Fold BatchNormalization into the convolutions (inference only: a store's manifest says
+            whether its features were computed so, :func:`pipeline.batchnorm.folds_batchnorm` when).
 
     Raises:
         ValueError: an unknown backbone, layer, pooling or precision (the message lists valid ones).
@@ -297,7 +305,7 @@ def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, t
     taps = (taps,) if isinstance(taps, str) else tuple(taps)
     pooling = parse_pooling(pooling)
     base = build_backbone(entry, resolved, image_size, precision)
-    model = build_extractor(base, entry, taps, pooling)
+    model = build_extractor(base, entry, taps, pooling, fold)
     return Extractor(model, base, taps, tap_shapes(base, taps))
 
 

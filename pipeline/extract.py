@@ -183,6 +183,7 @@ def load_images(settings: ExtractSettings, session=None) -> ImageList:
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
     """The store's key and the material it hashes (which goes into the manifest)."""
     from pipeline.backbones import get_backbone
+    from pipeline.batchnorm import FOLDED, folds_batchnorm
 
     listing = hashlib.sha256()
     for record in images.records:
@@ -199,6 +200,8 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
         "pooling": settings.pooling, "precision": settings.precision, "store_dtype": settings.store_dtype,
         "keras_backend": keras_backend(), "keras_version": keras_version(),
     }
+    if folds_batchnorm(get_backbone(settings.backbone)):  # absent otherwise: the keys stores had before
+        material["batchnorm"] = FOLDED
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return key, material
 
@@ -309,7 +312,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         nonlocal shapes, run
         if run is None:
             t0 = time.perf_counter()
-            shapes, run = ENGINES[settings.engine](settings, weights, taps, session)
+            shapes, run = ENGINES[settings.engine](settings, weights, taps, manifest, session)
             # The key was computed without loading Keras; the backend it named must be the one now running.
             assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
             for tap in taps:
@@ -367,20 +370,21 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
     return reuse
 
 
-def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session=None):
+def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], manifest: dict, session=None):
     """This process runs the model; worker processes on this host decode (:func:`pipeline.shards.run_local`)."""
     from pipeline.backbones import create_extractor
+    from pipeline.batchnorm import FOLDED
     from pipeline.shards import run_local
 
     extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
-                                 settings.precision)
+                                 settings.precision, fold=manifest.get("batchnorm") == FOLDED)
 
     def run(jobs, manifest, class_names, done):
         return run_local(jobs, settings, extractor, manifest, class_names, done)
     return extractor.map_shapes, run
 
 
-def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], session):
+def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], manifest: dict, session):
     """Ray tasks decode and an actor pool runs the model (:mod:`pipeline.ray_engine`); this process only
     checks the taps (on the architecture, without weights) and merges."""
     from pipeline.backbones import architecture_shapes

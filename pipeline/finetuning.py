@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline import LayertapError, import_keras
 from pipeline.artifacts import KerasImageModel, model_manifest, run_folder, save_model
-from pipeline.backbones import cut_trunk
+from pipeline.backbones import build_backbone, cut_trunk, get_backbone
 from pipeline.classifiers import build_dense_head, build_probe_head, probe_weights, train_one
 from pipeline.compose import SCHEDULES, build_augmentation, build_finetune_model, check_composition, \
     check_unfreeze_from, default_unfreeze_from, learning_rate_schedule, param_counts, parse_augmentation, \
@@ -264,7 +264,8 @@ class _Job:
         s, store = self.settings, self.store
         keras = import_keras()
         keras.utils.set_random_seed(s.seed)
-        base = store.manifest.create_extractor(self.tap).base  # the weights checked against the store
+        m = store.manifest  # the network as built (BatchNormalization too), the weights checked against the store
+        base = build_backbone(get_backbone(m.backbone), m.resolve_weights(), m.image_size, m.precision)
         self.trunk = cut_trunk(base, self.tap)
         self.unfreeze_from = s.unfreeze_from or default_unfreeze_from(self.trunk)
         check_unfreeze_from(self.trunk, self.unfreeze_from)  # now, not after phase 1

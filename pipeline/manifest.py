@@ -2,7 +2,8 @@
 
 Every later stage learns how a store was made from a :class:`StoreManifest`, never by reading
 dict keys: prediction decodes new images with :meth:`StoreManifest.decoder` and runs the backbone
-from :meth:`StoreManifest.create_extractor`; fine-tuning starts from the same network. A model
+from :meth:`StoreManifest.create_extractor`; fine-tuning starts from the same backbone and weights
+(:meth:`StoreManifest.resolve_weights`), BatchNormalization as built. A model
 folder's manifest carries the same fields (:meth:`StoreManifest.recipe`), so a model finds its
 backbone without its store.
 """
@@ -17,7 +18,8 @@ from pipeline.images import DEFAULT_MAX_PIXELS
 
 # The fields a model folder needs to turn new images into this store's features.
 _RECIPE = ("backbone", "weights", "weights_sha256", "weights_arg", "seed", "image_size", "resize",
-           "interpolation", "draft", "decoder", "max_pixels", "preprocessing", "pooling", "precision")
+           "interpolation", "draft", "decoder", "max_pixels", "preprocessing", "pooling", "precision",
+           "batchnorm")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class StoreManifest:
             (``decoder_name`` is the manifest's ``decoder``: ``pillow``, ``nvjpeg`` or ``dali``).
         preprocessing: What the backbone's ``preprocess_input`` does.
         pooling, precision: How taps were pooled, and the compute precision.
+        batchnorm: ``folded`` where BatchNormalization was folded into the convolutions
+            (:mod:`pipeline.batchnorm`), else empty.
         store_dtype: The stored features' type.
         keras_backend, keras_version: What computed them.
         class_names: The classes, in label order.
@@ -59,6 +63,7 @@ class StoreManifest:
     preprocessing: str = ""
     pooling: str = "avg"
     precision: str = "float32"
+    batchnorm: str = ""
     store_dtype: str = "float32"
     keras_backend: str = ""
     keras_version: str = ""
@@ -92,7 +97,7 @@ class StoreManifest:
                 decoder_name=d.get("decoder", "pillow"),
                 max_pixels=int(d.get("max_pixels") or settings.get("max_pixels") or DEFAULT_MAX_PIXELS),
                 preprocessing=d.get("preprocessing", ""), pooling=d["pooling"],
-                precision=d.get("precision", "float32"), store_dtype=d.get("store_dtype", "float32"),
+                precision=d.get("precision", "float32"), batchnorm=d.get("batchnorm", ""), store_dtype=d.get("store_dtype", "float32"),
                 keras_backend=d.get("keras_backend", ""), keras_version=d.get("keras_version", ""),
                 class_names=tuple(d.get("class_names", ())), data_name=data.get("name", ""),
                 data_root=data.get("root", ""), split_file=data.get("split_file"),
@@ -140,6 +145,7 @@ class StoreManifest:
             taps: Taps to compute (default: every tap of the store).
         """
         from pipeline.backbones import create_extractor
+        from pipeline.batchnorm import FOLDED
 
         return create_extractor(self.backbone, self.resolve_weights(), taps or tuple(self.taps),
-                                self.pooling, self.image_size, self.precision)
+                                self.pooling, self.image_size, self.precision, fold=self.batchnorm == FOLDED)

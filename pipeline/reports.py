@@ -76,7 +76,8 @@ def store_summary(store) -> str:
               ("image size", f"{m.image_size} px, {m.resize}, {m.interpolation}"
                              f"{', JPEG draft' if m.draft else ''}, {m.decoder_name} decoder"),
               ("preprocessing", m.preprocessing), ("pooling", m.pooling),
-              ("precision", f"{m.precision} compute, {store.dtype} stored"),
+              ("precision", f"{m.precision} compute, {store.dtype} stored"
+                            f"{', BatchNormalization folded' if m.batchnorm else ''}"),
               ("keras", f"{m.keras_version} on {m.keras_backend}"),
               ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
     lines += [f"  {name:<14} {value}" for name, value in fields]

@@ -4,8 +4,8 @@ A store's key covers its whole image list, so one added, removed or edited photo
 new store. The features of an image, though, are a function of its bytes and the model settings alone
 (extraction is a pure function of an image slice and the settings). So before an engine runs, each
 shard of the new store is looked up, image by image (by content hash), in the earlier stores of the same
-settings (same backbone, weights, size, resize, decoder, preprocessing, pooling, precision, stored type,
-Keras backend and version) in ``--out``:
+settings (same backbone, weights, size, resize, decoder, preprocessing, pooling, precision, BatchNormalization
+folding, stored type, Keras backend and version) in ``--out``:
 
 - a shard whose every image is there is written from those rows;
 - a shard with none of its images there is computed as usual;
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # The cache key's material is these two lists: how features are computed from an image (a donor must match
 # every one of them), and which images with which labels (what reuse looks past).
 MODEL_FIELDS = ("backbone", "weights", "weights_sha256", "image_size", "resize", "interpolation", "draft", "decoder",
-                "preprocessing", "pooling", "precision", "store_dtype", "keras_backend", "keras_version")
+                "preprocessing", "pooling", "precision", "batchnorm", "store_dtype", "keras_backend", "keras_version")
 DATA_FIELDS = ("images_sha256", "n_images_listed", "class_names")
 
 
@@ -151,7 +151,7 @@ class _Unreadable(Exception):
 def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tuple[str, ...]) -> Donors | None:
     """The complete stores in ``out_dir`` (other than ``store_path``) made with the :data:`MODEL_FIELDS` of
     ``manifest`` that hold every tap of ``taps``, newest first; None if there are none."""
-    wanted = {k: manifest[k] for k in MODEL_FIELDS}
+    wanted = {k: manifest.get(k) for k in MODEL_FIELDS}  # batchnorm: absent where not folded
     stores = []
     candidates = [p for p in Path(out_dir).glob("*.h5") if p.resolve() != store_path.resolve()]
     for path in sorted(candidates, key=_mtime, reverse=True):

@@ -14,7 +14,9 @@ import pytest
 from conftest import ROOT, add_bad_files, make_split_folder, processes_marked, tiny_settings
 
 from pipeline import LayertapError
+from pipeline.batchnorm import FOLDED
 from pipeline.extract import extract_features
+from pipeline.runtime import keras_backend
 from pipeline.store import FeatureStore, StoreLockedError, store_lock
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
@@ -37,7 +39,8 @@ def data(tmp_path_factory):
 
 def assert_same_store(a: FeatureStore, b: FeatureStore) -> None:
     assert a.key == b.key and a.rows.paths == b.rows.paths and a.skipped == b.skipped
-    for tap in TAPS:
+    assert a.taps == b.taps
+    for tap in a.taps:
         np.testing.assert_array_equal(a.features(tap), b.features(tap))  # bit for bit
 
 
@@ -58,6 +61,16 @@ def test_ray_and_local_write_the_same_store_and_each_is_a_cache_hit_for_the_othe
     again = extract_features(tiny_settings(data, local_store.path.parent, engine="ray"))
     assert again.cache_hit and again.store_path == local_store.path
     assert extract_features(tiny_settings(data, tmp_path)).cache_hit  # the local engine reuses Ray's store
+
+
+def test_the_actors_build_the_network_the_manifest_names_batchnorm_folded_or_not(cluster, data, tmp_path):
+    """ResNet50: where the local engine folds BatchNormalization into the convolutions (TensorFlow), so do the
+    actors, and the stores agree bit for bit (folded and as built differ in the last bits)."""
+    settings = {"backbone": "resnet50", "layers": ("conv2_block3_out",)}
+    local = FeatureStore(extract_features(tiny_settings(data, tmp_path / "local", **settings)).store_path)
+    made = FeatureStore(extract_features(tiny_settings(data, tmp_path / "ray", engine="ray", **settings)).store_path)
+    assert made.manifest.batchnorm == local.manifest.batchnorm == (FOLDED if keras_backend() == "tensorflow" else "")
+    assert_same_store(made, local)
 
 
 def test_an_actor_killed_mid_run_is_restarted_and_the_store_comes_out_identical(cluster, data, local_store,
