@@ -322,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"layertap: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # The reader of our output left (``layertap inspect STORE | head``): no traceback, and none at exit
+        # when Python flushes what is left.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -332,6 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         print("layertap: interrupted; committed extraction shards are kept (rerun the same command to resume); "
               "model folders are written only when their training completes", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has left (a broken pipe elsewhere is a real error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no such file descriptor
+        return False
 
 
 def entry() -> None:

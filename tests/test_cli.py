@@ -149,3 +149,24 @@ def test_console_has_no_backend_start_up_lines_unless_verbose(class_folder, tmp_
         verbose = subprocess.run([*args[:3], "-v", *args[3:], "--pool", "max"], env=env, capture_output=True,
                                  text=True, timeout=180)
         assert verbose.returncode == 0 and any(t in verbose.stderr for t in TF_CPP_LINES), verbose.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``layertap layers vgg16 | head -1``: the command's output goes nowhere once its reader left, quietly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "layers", "vgg16"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the network is built and anything printed
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+def test_a_broken_pipe_that_is_not_our_output_is_still_an_error(monkeypatch):
+    import pipeline.cli
+
+    def worker_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")  # as from a pipe to a process that died
+
+    monkeypatch.setattr(pipeline.cli, "cmd_layers", worker_gone)
+    with pytest.raises(BrokenPipeError):
+        main(["layers", "vgg16"])
