@@ -1,7 +1,8 @@
 """The extraction recipes compared, each run in its own process: ``python -m bench.recipes RECIPE ...``.
 
-All three compute the same thing: the global-average-pooled ``tap`` activations of VGG16 with the
-same weights for every image of a folder of class folders, written to disk. The clock starts after
+All three compute the same thing: the global-average-pooled ``tap`` activations of the backbone
+(``--backbone``, VGG16 by default) with the same weights for every image of a folder of class folders,
+written to disk. The clock starts after
 the imports and stops when the features are on disk, so model building and weight loading count.
 
 - ``datagen``: the Keras transfer-learning tutorials' recipe, ``ImageDataGenerator().flow_from_directory``
@@ -29,22 +30,23 @@ from bench.common import emit
 from pipeline import set_backend_defaults
 
 
-def conv_base(size: int, tap: str, weights: str):
-    """VGG16 with our weights up to ``tap``, global average pooled (peers use keras's own layers)."""
+def conv_base(backbone: str, size: int, tap: str, weights: str):
+    """The backbone as Keras builds it, with our weights, up to ``tap``, global average pooled (peers use
+    keras's own layers), and its ``preprocess_input``."""
     import keras
 
-    from pipeline.backbones import create_extractor
+    from pipeline.backbones import create_extractor, get_backbone
 
-    base = create_extractor("vgg16", weights, tap, image_size=size).base
+    base = create_extractor(backbone, weights, tap, image_size=size).base
     pooled = keras.layers.GlobalAveragePooling2D()(base.get_layer(tap).output)
-    return keras.Model(base.inputs, pooled)
+    return keras.Model(base.inputs, pooled), get_backbone(backbone).preprocess
 
 
-def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> dict:
+def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path,
+            backbone: str = "vgg16") -> dict:
     import tensorflow as tf
-    from keras.applications.vgg16 import preprocess_input
 
-    model = conv_base(size, tap, weights)
+    model, preprocess_input = conv_base(backbone, size, tap, weights)
     generator = tf.keras.preprocessing.image.ImageDataGenerator(preprocessing_function=preprocess_input)
     flow = generator.flow_from_directory(str(data), target_size=(size, size), batch_size=batch_size,
                                          class_mode="sparse", shuffle=False)
@@ -61,12 +63,12 @@ def datagen(data: Path, size: int, tap: str, weights: str, batch_size: int, out:
     return {"images": done}
 
 
-def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path) -> dict:
+def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path,
+            backbone: str = "vgg16") -> dict:
     import keras
     import tensorflow as tf
-    from keras.applications.vgg16 import preprocess_input
 
-    model = conv_base(size, tap, weights)
+    model, preprocess_input = conv_base(backbone, size, tap, weights)
     ds = keras.utils.image_dataset_from_directory(str(data), image_size=(size, size), batch_size=batch_size,
                                                   shuffle=False, label_mode="int", verbose=False)
     ds = ds.map(lambda x, y: preprocess_input(x), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -75,11 +77,12 @@ def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out:
     return {"images": len(features)}
 
 
-def ours(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path, split_file=None,
-         precision: str = "auto") -> dict:
+def ours(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path, backbone: str = "vgg16",
+         split_file=None, precision: str = "auto") -> dict:
     from pipeline.extract import ExtractSettings, extract_features
 
-    result = extract_features(ExtractSettings(data=str(data), split_file=split_file, layers=(tap,), weights=weights,
+    result = extract_features(ExtractSettings(data=str(data), split_file=split_file, backbone=backbone,
+                                              layers=(tap,), weights=weights,
                                               image_size=size, batch_size=batch_size, out_dir=str(out),
                                               precision=precision, progress=False))
     assert not result.cache_hit, "the benchmark needs a fresh output folder"
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split-file")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--tap", default="block5_pool")
     parser.add_argument("--weights", default="hed-bsds500")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -110,13 +114,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     kwargs = {"split_file": args.split_file, "precision": args.precision} if args.recipe == "ours" else {}
-    done = RECIPES[args.recipe](Path(args.data), args.size, args.tap, args.weights, args.batch_size, out, **kwargs)
+    done = RECIPES[args.recipe](Path(args.data), args.size, args.tap, args.weights, args.batch_size, out,
+                                args.backbone, **kwargs)
     seconds = time.perf_counter() - started
     precision = "float32"
     if args.recipe == "ours":
         from pipeline.runtime import resolve_precision
         precision = resolve_precision(args.precision)
-    emit({"recipe": args.recipe, "size": args.size, "tap": args.tap, "precision": precision, **done,
+    emit({"recipe": args.recipe, "backbone": args.backbone, "weights": args.weights, "size": args.size,
+          "tap": args.tap, "precision": precision, **done,
           "seconds": seconds, "images_per_s": done["images"] / seconds})
 
 

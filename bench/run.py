@@ -33,6 +33,7 @@ PEER_NAMES = {"datagen": "ImageDataGenerator.flow_from_directory + predict loop"
               "dataset": "image_dataset_from_directory + model.predict",
               "ours": "layertap extract"}
 SPEED_SECONDS = 60  # ours at 224 px gets about this long per speed row; the peers take longer
+RESNET_TAP = "conv5_block3_out"
 MIN_SPEED_IMAGES = 204  # 12 a class: fewer, and start-up (scan, model build) would weigh on the rates
 
 
@@ -42,7 +43,8 @@ def _recipe(recipe: str, out: Path, size: int, tap: str = "block5_pool", data: P
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     result = run_child(args)
-    print(f"  {recipe:<8} {size} px {tap:<12} {result['precision']:<8} {result['images_per_s']:7.1f} images/s "
+    print(f"  {recipe:<8} {result['backbone']:<8} {size} px {tap:<16} {result['precision']:<8} "
+          f"{result['images_per_s']:7.1f} images/s "
           f"({result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:,.0f} MB)", flush=True)
     return result
 
@@ -72,6 +74,13 @@ def speed(work: Path, data: Path, sizes=(224, 150)) -> dict:
     if rows["ours-224"]["precision"] != "float32":  # the peers' arithmetic, like for like
         rows["ours-224-float32"] = _recipe("ours", work / "float32", 224, data=data, precision="float32")
     rows["ours-224-block3_pool"] = _recipe("ours", work / "lower-tap", 224, "block3_pool", data=data)
+    # ResNet50 to its last block, seeded random weights (hed-bsds500 is a VGG16; speed does not depend on them).
+    resnet = {"data": data, "backbone": "resnet50", "weights": "random"}
+    for recipe in (*PEERS, "ours"):
+        rows[f"{recipe}-224-resnet50"] = _recipe(recipe, work / f"resnet50-{recipe}", 224, RESNET_TAP, **resnet)
+    if rows["ours-224-resnet50"]["precision"] != "float32":
+        rows["ours-224-resnet50-float32"] = _recipe("ours", work / "resnet50-float32", 224, RESNET_TAP,
+                                                    precision="float32", **resnet)
     return rows
 
 
@@ -113,17 +122,19 @@ def tables(results: dict) -> str:
     out = []
     speed_rows = results["speed"]
     rows = []
-    for key, r in speed_rows.items():
-        recipe, size = key.split("-")[:2]
-        peers = [speed_rows[f"{p}-{size}"]["images_per_s"] for p in PEERS if f"{p}-{size}" in speed_rows]
-        ratio = r["images_per_s"] / max(peers) if recipe == "ours" and peers else None
-        rows.append([PEER_NAMES[recipe], int(size), r["tap"], r["precision"], r["images"], r["seconds"],
-                     r["images_per_s"], ratio, r["peak_rss_mb"]])
+    for r in speed_rows.values():
+        backbone = r.get("backbone", "vgg16")  # runs before ResNet50 had rows
+        # The faster peer on the same backbone and image size (for a lower tap: the peer's whole network).
+        peers = [p["images_per_s"] for p in speed_rows.values()
+                 if p["recipe"] in PEERS and p["size"] == r["size"] and p.get("backbone", "vgg16") == backbone]
+        ratio = r["images_per_s"] / max(peers) if r["recipe"] == "ours" and peers else None
+        rows.append([PEER_NAMES[r["recipe"]], backbone, int(r["size"]), r["tap"], r["precision"], r["images"],
+                     r["seconds"], r["images_per_s"], ratio, r["peak_rss_mb"]])
     images = "all of flowers17" if results["speed_data"] == str(FLOWERS) else "a class-balanced flowers17 subset"
-    out.append(format_table(["recipe", "px", "tap", "precision", "images", "seconds", "images/s", "x faster peer",
-                             "peak RSS MB"], rows,
-                            title=f"Extraction, JPEG files to features on disk (VGG16, hed-bsds500 weights, CPU, "
-                                  f"{images})"))
+    out.append(format_table(["recipe", "backbone", "px", "tap", "precision", "images", "seconds", "images/s",
+                             "x faster peer", "peak RSS MB"], rows,
+                            title=f"Extraction, JPEG files to features on disk (CPU, {images}; VGG16 with "
+                                  f"hed-bsds500 weights, ResNet50 with seeded random weights)"))
     c = results["cache"]
     out.append(format_table(["step", "wall s", "x first extraction"], [
         ["first extraction (224 px, block5_pool)", c["first_extract_s"], 1.0],

@@ -13,7 +13,9 @@ from pipeline.store import FeatureStore
 
 
 @pytest.mark.skipif(keras_backend() != "tensorflow", reason="the peer recipes are TensorFlow-backend Keras code")
-def test_peer_recipes_and_ours_give_the_same_features(tmp_path):
+@pytest.mark.parametrize("backbone, tap, dims", [("vgg16", "block3_pool", 256), ("resnet50", "conv2_block3_out", 256)])
+def test_peer_recipes_and_ours_give_the_same_features(backbone, tap, dims, tmp_path):
+    """ResNet50 included: ours folds its BatchNormalization, the peers run Keras's network as built."""
     pytest.importorskip("tensorflow", reason="the peer recipes are TensorFlow-backend Keras code")
     data = tmp_path / "data"
     for c, (name, colour) in enumerate(COLOURS.items()):
@@ -25,14 +27,14 @@ def test_peer_recipes_and_ours_give_the_same_features(tmp_path):
         out = tmp_path / name
         out.mkdir()
         kwargs = {"precision": "float32"} if name == "ours" else {}
-        assert recipe(data, 32, "block3_pool", "random", 4, out, **kwargs)["images"] == 6
+        assert recipe(data, 32, tap, "random", 4, out, backbone, **kwargs)["images"] == 6
         if name == "ours":
-            features[name] = FeatureStore(next(out.glob("*.h5"))).features("block3_pool")
+            features[name] = FeatureStore(next(out.glob("*.h5"))).features(tap)
         else:
             features[name] = np.load(out / "features.npz")["features"]
     scale = np.abs(features["ours"]).max()
     for name in ("datagen", "dataset"):
-        assert features[name].shape == (6, 256)
+        assert features[name].shape == (6, dims)
         np.testing.assert_allclose(features[name], features["ours"], atol=1e-4 * scale, err_msg=name)
 
 
