@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-n", type=int, default=300, help="N of the memory benchmark (default: 300)")
     parser.add_argument("--skip-accuracy", action="store_true", help="speed, cache and memory only")
     parser.add_argument("--fine-tune-epochs", type=int, default=3, help="most epochs of phase 2 (default: 3)")
-    parser.add_argument("--budget-minutes", type=float, default=14,
+    parser.add_argument("--budget-minutes", type=float, default=16,
                         help="phase 2 of stage three trains until this many minutes after the start of the run "
                              "(default: %(default)s; the test predictions and tables take a minute or two more)")
     args = parser.parse_args(argv)

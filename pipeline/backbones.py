@@ -225,8 +225,8 @@ class Extractor:
 
     Attributes:
         model: The ``keras.Model`` (what is run, saved or compiled).
-        base: The whole convolutional base it was cut from, with its weights (fine-tuning cuts its
-            own trunk from it).
+        base: The whole convolutional base it was cut from, with its weights, as built (``model``
+            may have its BatchNormalization folded; ``base`` never has).
         taps: The taps, in the order asked for.
         map_shapes: ``(H, W, C)`` of each tap's map before pooling.
     """
