@@ -81,6 +81,28 @@ def test_gpu_bench_table_gives_ratios_to_the_same_backbones_peer_and_ceiling_onl
     assert "| 7,500 | 1.25x | 94% |" in lines["ours-dali"] and "failed: no GPU" in lines["ours-nvjpeg"]
 
 
+def test_cpu_bench_table_compares_each_row_with_the_faster_peer_on_its_own_backbone_and_size():
+    from bench.run import tables
+
+    def row(recipe, rate, backbone="vgg16", size=224, tap="block5_pool", precision="float32"):
+        return {"recipe": recipe, "backbone": backbone, "size": size, "tap": tap, "precision": precision,
+                "images": 100, "seconds": 100 / rate, "images_per_s": rate, "peak_rss_mb": 1000.0}
+
+    speed = {"datagen-224": row("datagen", 5.0), "dataset-224": row("dataset", 4.0),
+             "ours-224": row("ours", 15.0, precision="bfloat16"),
+             "ours-224-block3_pool": row("ours", 30.0, tap="block3_pool"),
+             "datagen-224-resnet50": row("datagen", 10.0, "resnet50", tap="conv5_block3_out"),
+             "dataset-224-resnet50": row("dataset", 20.0, "resnet50", tap="conv5_block3_out"),
+             "ours-224-resnet50": row("ours", 50.0, "resnet50", tap="conv5_block3_out")}
+    results = {"speed": speed, "speed_data": "subset", "cache": {"first_extract_s": 10.0, "second_extract_s": 1.0,
+                                                                 "classify_4_s": 5.0},
+               "memory": {"n": 1, "rows": {"1": {"seconds": 1.0, "peak_rss_mb": 1.0}}, "ratio": 1.0}}
+    lines = tables(results).splitlines()
+    ratio = {(line.split()[-9], line.split()[-7]): line.split()[-2] for line in lines if line.startswith("layertap extract")}
+    assert ratio == {("vgg16", "block5_pool"): "3.000", ("vgg16", "block3_pool"): "6.000",
+                     ("resnet50", "conv5_block3_out"): "2.500"}
+
+
 def test_scan_comparison_runs_both_scans_over_the_same_files(tmp_path):
     """What ``make bench-scan`` and ``make bench-gpu`` run: one priming scan, then full and stat scans alternating."""
     from bench.scan import compare
