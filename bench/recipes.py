@@ -2,8 +2,8 @@
 
 All three compute the same thing: the global-average-pooled ``tap`` activations of the backbone
 (``--backbone``, VGG16 by default) with the same weights for every image of a folder of class folders,
-written to disk. The clock starts after
-the imports and stops when the features are on disk, so model building and weight loading count.
+written to disk. The clock starts after the imports and stops when the features are on disk, so model
+building and weight loading count.
 
 - ``datagen``: the Keras transfer-learning tutorials' recipe, ``ImageDataGenerator().flow_from_directory``
   and ``conv_base.predict(batch)`` in a loop (TensorFlow backend; ``tf.keras``).

