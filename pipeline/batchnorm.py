@@ -33,6 +33,12 @@ def folds_batchnorm(backbone, backend: str | None = None) -> bool:
     return backbone.batchnorm and (backend or keras_backend()) in _FASTER_ON
 
 
+def folded(manifest: dict) -> bool:
+    """Whether a store's features were computed with BatchNormalization folded: what its manifest says, which
+    the engines that write it and prediction follow (never the running backend's :func:`folds_batchnorm`)."""
+    return manifest.get("batchnorm") == FOLDED
+
+
 def fold_batchnorm(model):
     """A copy of ``model`` with each foldable BatchNormalization folded into its convolution.
 

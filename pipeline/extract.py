@@ -185,6 +185,7 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
     from pipeline.backbones import get_backbone
     from pipeline.batchnorm import FOLDED, folds_batchnorm
 
+    backbone = get_backbone(settings.backbone)
     listing = hashlib.sha256()
     for record in images.records:
         # surrogateescape: a file name that is not UTF-8 keys by its own bytes (os.fsencode's way)
@@ -196,11 +197,11 @@ def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[st
         "backbone": settings.backbone, "weights": weights.id, "weights_sha256": weights.sha256,
         "image_size": settings.image_size, "resize": settings.resize, "interpolation": "bilinear",
         "draft": settings.draft and settings.decoder == "pillow", "decoder": settings.decoder,
-        "preprocessing": get_backbone(settings.backbone).preprocessing,
+        "preprocessing": backbone.preprocessing,
         "pooling": settings.pooling, "precision": settings.precision, "store_dtype": settings.store_dtype,
         "keras_backend": keras_backend(), "keras_version": keras_version(),
     }
-    if folds_batchnorm(get_backbone(settings.backbone)):  # absent otherwise: the keys stores had before
+    if folds_batchnorm(backbone):  # absent otherwise: the keys stores had before
         material["batchnorm"] = FOLDED
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return key, material
@@ -373,11 +374,11 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
 def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], manifest: dict, session=None):
     """This process runs the model; worker processes on this host decode (:func:`pipeline.shards.run_local`)."""
     from pipeline.backbones import create_extractor
-    from pipeline.batchnorm import FOLDED
+    from pipeline.batchnorm import folded
     from pipeline.shards import run_local
 
     extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
-                                 settings.precision, fold=manifest.get("batchnorm") == FOLDED)
+                                 settings.precision, fold=folded(manifest))
 
     def run(jobs, manifest, class_names, done):
         return run_local(jobs, settings, extractor, manifest, class_names, done)

@@ -234,7 +234,7 @@ class ShardWriter:
     def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None):
         from pipeline import set_backend_defaults
         from pipeline.backbones import create_extractor, get_backbone
-        from pipeline.batchnorm import FOLDED
+        from pipeline.batchnorm import folded
 
         set_backend_defaults()
         from pipeline.weights import resolve_weights
@@ -246,7 +246,7 @@ class ShardWriter:
             raise LayertapError(f"the weights on this Ray node ({local.path}) are not the ones the run was "
                                 f"started with (sha256 {local.sha256[:12]}, not {weights.sha256[:12]})")
         self.extractor = create_extractor(settings.backbone, local, taps, settings.pooling, settings.image_size,
-                                          settings.precision, fold=manifest.get("batchnorm") == FOLDED)
+                                          settings.precision, fold=folded(manifest))
         self.settings, self.manifest, self.class_names = settings, manifest, class_names
         self.pad_to = settings.batch_size if pads_short_batches() else None
         self.decoder = None
