@@ -24,8 +24,13 @@ global average pooled:
 Weights: seeded random for ours and torchvision's default initialisation for the peers (no
 network here; speed does not depend on the weights). The data set is the given image folder
 repeated (hard links) to ``--images`` files so the runs last seconds, read once beforehand so all
-come from the page cache. Rates are steady-state (after the first batch, which holds the JIT
-compilation and worker start-up); ``wall_s`` is the whole child, start-up and compilation included.
+come from the page cache. An end-to-end or decoder row's rate is over the second half of its images
+(:class:`Timeline`): from the batch that completes the first half to the last one. Counting from the
+first batch instead credited a pipeline with what it decoded ahead while its first forward pass
+compiled: the peer's ``DataLoader`` holds 64 batches ahead (16 workers x ``prefetch_factor`` 4), all
+16,384 images, and its first batch came 2.6-3.7 s after its start (bench/NOTES.md). The torch
+pipelines also run their network once before the loader starts. ``after_first_per_s`` keeps the old
+figure; ``wall_s`` is the whole child, start-up and compilation included.
 
     KERAS_BACKEND=jax python -m bench.gpu --data DIR [--images 16384] [--backbones vgg16,resnet50]
 """
@@ -44,6 +49,7 @@ import numpy as np
 
 from bench.common import RESULTS, emit, link, machine, run_child
 from bench.scan import compare
+from pipeline.backbones import get_backbone
 
 BATCH = 256
 SIZE = 224
@@ -75,6 +81,32 @@ def _sync() -> None:
 
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+class Timeline:
+    """When each batch of a pipeline's output was complete: ``mark(n)`` after a batch of ``n`` images."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []  # (time, images done so far)
+
+    def mark(self, n: int) -> None:
+        self.marks.append((time.perf_counter(), (self.marks[-1][1] if self.marks else 0) + n))
+
+    def rates(self) -> dict:
+        """``images_per_s`` over the second half of the images (the batches from the one that completes the first
+        half to the last: what was decoded ahead during start-up is used up by then), and ``after_first_per_s``,
+        from the first batch to the last (what this bench reported before); None without two marks to time."""
+        (t_first, n_first), (t_end, total) = self.marks[0], self.marks[-1]
+        t_half, n_half = next(m for m in self.marks if m[1] >= total / 2)
+        if t_half == t_end:  # the half is the last batch: time from the first
+            t_half, n_half = t_first, n_first
+
+        def rate(images, seconds):
+            return images / seconds if seconds > 0 else None
+
+        return {"images": total, "steady_images": total - n_half, "steady_s": t_end - t_half,
+                "images_per_s": rate(total - n_half, t_end - t_half),
+                "after_first_per_s": rate(total - n_first, t_end - t_first)}
 
 
 def child_ceiling(args) -> dict:
@@ -121,27 +153,32 @@ def child_torch(args) -> dict:
     model = torch_trunk(args.backbone)
     mean = torch.tensor(MEAN, device=DEVICE).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=DEVICE).view(1, 3, 1, 1) * 255
+
+    def features(x):
+        x = x.to(DEVICE, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - mean) / std).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        return model(x).mean((2, 3)).float().cpu()
+
+    with torch.inference_mode():  # the first passes (cuDNN's set-up) before any image is decoded
+        for _ in range(2):
+            features(torch.zeros((BATCH, SIZE, SIZE, 3), dtype=torch.uint8))
     loader = torch.utils.data.DataLoader(_Files(paths, args.draft, SIZE), batch_size=BATCH,
                                          num_workers=os.cpu_count(), pin_memory=DEVICE == "cuda", prefetch_factor=4)
-    features, first = [], None
+    done, timeline = [], Timeline()
     start = time.perf_counter()
     with torch.inference_mode():
         for x in loader:
-            x = x.to(DEVICE, non_blocking=True).permute(0, 3, 1, 2).float()
-            x = ((x - mean) / std).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            features.append(model(x).mean((2, 3)).float().cpu())
-            if first is None:
-                first = time.perf_counter()
-    np.save(Path(args.out) / "features.npy", torch.cat(features).numpy())
-    end = time.perf_counter()
-    return {"images": len(paths), "steady_s": end - first, "steady_images": len(paths) - BATCH,
-            "e2e_s": end - start}
+            done.append(features(x))
+            timeline.mark(len(x))
+    np.save(Path(args.out) / "features.npy", torch.cat(done).numpy())
+    return {**timeline.rates(), "e2e_s": time.perf_counter() - start}
 
 
 def child_keras_forward(args) -> dict:
     from pipeline.backbones import create_extractor
 
-    model = create_extractor(args.backbone, "random", TAPS[args.backbone], "avg", SIZE, "bfloat16").model
+    model = create_extractor(args.backbone, "random", TAPS[args.backbone], "avg", SIZE, "bfloat16",
+                             fold=args.fold_batchnorm).model
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
     for i in range(3):
@@ -156,44 +193,40 @@ def child_keras_forward(args) -> dict:
 def child_ours(args) -> dict:
     import pipeline.shards as shards
     from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.store import FeatureStore
 
-    marks = {}
-    slices, forward, collect = shards.run_local, shards.forward, shards.collect
-
-    def timed_slices(*a, **k):
-        marks["start"] = time.perf_counter()
-        return slices(*a, **k)
+    if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow only, so far
+        import pipeline.batchnorm as batchnorm
+        batchnorm._FASTER_ON = (*batchnorm._FASTER_ON, "jax")
+    timeline, forward_s = Timeline(), [0.0]
+    forward, collect = shards.forward, shards.collect
 
     def timed(fn):  # the main process's time in starting forward passes and waiting for their features
         def run(*a):
             begin = time.perf_counter()
             result = fn(*a)
-            marks["forward_s"] = marks.get("forward_s", 0.0) + time.perf_counter() - begin
+            forward_s[0] += time.perf_counter() - begin
             return result
         return run
 
-    def timed_forward(extractor, pixels, pad_to):
-        started = timed(forward)(extractor, pixels, pad_to)
-        marks.setdefault("first", (time.perf_counter(), len(pixels)))  # after the first compile
-        return started
+    def collected(extractor, started, outputs):
+        timed(collect)(extractor, started, outputs)
+        timeline.mark(started[0])  # this batch's features are on the host
 
-    shards.run_local, shards.forward, shards.collect = timed_slices, timed_forward, timed(collect)
+    shards.forward, shards.collect = timed(forward), collected
     start = time.perf_counter()
     result = extract_features(ExtractSettings(
         data=args.data, backbone=args.backbone, layers=(TAPS[args.backbone],), weights="random", image_size=SIZE,
         batch_size=BATCH, shard_size=4096, decoder=args.decoder, precision="auto", out_dir=args.out,
         progress=False))
-    end = time.perf_counter()
-    first, first_n = marks["first"]
-    loop_end = marks["start"] + result.timings["extract"]
-    return {"images": result.n_decoded, "steady_s": loop_end - first, "steady_images": result.n_decoded - first_n,
-            "e2e_s": end - start, "timings": result.timings, "decoder": args.decoder,
-            "forward_s": marks["forward_s"]}
+    return {**timeline.rates(), "images": result.n_decoded, "e2e_s": time.perf_counter() - start,
+            "timings": result.timings, "decoder": args.decoder, "forward_s": forward_s[0],
+            "batchnorm": FeatureStore(result.store_path).manifest.batchnorm or "as built"}
 
 
 def child_decode(args) -> dict:
     """One decoder alone over the files, driven as an extraction drives it (``shards.decoded_batches``:
-    worker processes for Pillow, threads ahead for the GPU decoders); the first batch is not timed."""
+    worker processes for Pillow, threads ahead for the GPU decoders), timed like the pipelines (:class:`Timeline`)."""
     from types import SimpleNamespace
 
     from pipeline.images import DEFAULT_MAX_PIXELS, find_images
@@ -212,15 +245,13 @@ def child_decode(args) -> dict:
                                batch_size=BATCH, workers=os.cpu_count(), draft=True)
     batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,
                               settings)
-    _, pixels, _ = next(batches)
-    start = time.perf_counter()
+    timeline = Timeline()
     for _, pixels, _ in batches:
-        pass
-    if hasattr(pixels, "block_until_ready"):
-        pixels.block_until_ready()
-    seconds = time.perf_counter() - start
+        if hasattr(pixels, "block_until_ready"):
+            pixels.block_until_ready()
+        timeline.mark(len(pixels))
     batches.close()
-    return {"images": len(paths), "steady_images": len(paths) - (chunks[0][1] - chunks[0][0]), "steady_s": seconds}
+    return timeline.rates()
 
 
 CHILDREN = {"ceiling": child_ceiling, "torch": child_torch, "keras-forward": child_keras_forward,
@@ -239,6 +270,7 @@ def child_main(argv=None) -> None:
     parser.add_argument("--hw-decoder-load", type=float)
     parser.add_argument("--draft", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fold-batchnorm", action="store_true")
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--batch-size", type=int, default=BATCH)
     args = parser.parse_args(argv)
@@ -253,8 +285,9 @@ def child_main(argv=None) -> None:
         import pipeline.gpu_decode
         pipeline.gpu_decode.DEVICE = "cpu"
     result = CHILDREN[args.child](args)
-    steady = result.get("steady_images", result["images"])
-    emit({**result, "images_per_s": steady / result["steady_s"]})
+    if "images_per_s" not in result:  # the fixed loops over batches already on hand (ceiling, keras-forward)
+        result["images_per_s"] = result["images"] / result["steady_s"]
+    emit(result)
 
 
 def tile(data: Path, n: int, into: Path) -> int:
@@ -291,7 +324,7 @@ def gpu_facts() -> dict:
 
 
 def table(rows: list[dict], facts: dict, size: int, batch_size: int) -> str:
-    lines = [f"GPU extraction, {size} px, batch {batch_size}, steady-state images/s (after the first batch); "
+    lines = [f"GPU extraction, {size} px, batch {batch_size}, images/s over the second half of the images; "
              f"{facts.get('gpu')}, {facts.get('cpus')} host cores, torch {facts.get('torch')}, "
              f"jax {facts.get('jax')}, keras {facts.get('keras')}; seeded random weights", "",
              "| backbone | pipeline | images/s | vs torch pipeline | vs ceiling | wall s |",
@@ -325,9 +358,12 @@ def main() -> None:
     parser.add_argument("--dali-hw-loads", default="", help="comma list of hw_decoder_load values for more dali rows")
     args = parser.parse_args()
     env = {"KERAS_BACKEND": "jax", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
-    plan = [("ceiling", []), ("torch", []), ("torch-draft", ["--draft"]), ("keras-forward", []),
-            ("ours-pillow", ["--decoder", "pillow"]), ("ours-nvjpeg", ["--decoder", "nvjpeg"]),
-            ("ours-dali", ["--decoder", "dali"])]
+    # (row, child, its flags); a -fold row folds BatchNormalization on JAX too, for backbones that have it (ResNet50).
+    fold = ["--fold-batchnorm"]
+    plan = [("ceiling", "ceiling", []), ("torch", "torch", []), ("torch-draft", "torch", ["--draft"]),
+            ("keras-forward", "keras-forward", []), ("keras-forward-fold", "keras-forward", fold),
+            ("ours-pillow", "ours", ["--decoder", "pillow"]), ("ours-nvjpeg", "ours", ["--decoder", "nvjpeg"]),
+            ("ours-dali", "ours", ["--decoder", "dali"]), ("ours-dali-fold", "ours", ["--decoder", "dali", *fold])]
     only = set(filter(None, args.only.split(",")))
     facts = gpu_facts()
     rows, scans = [], None
@@ -337,17 +373,14 @@ def main() -> None:
         print(f"{n} files under {data}", flush=True)
         if not only or "scan" in only:  # the stat cache on this host's cores (issue 13's 10x target)
             scans = compare(data, Path(tmp) / "scan-cache", rounds=2)
-        steps = [("all", name, ["--decoder", name]) for name in DECODE_ONLY if not only or name in only]
-        steps += [("all", f"dali@{load}", ["--decoder", "dali", "--hw-decoder-load", load])
+        steps = [("all", name, "decode", ["--decoder", name]) for name in DECODE_ONLY if not only or name in only]
+        steps += [("all", f"dali@{load}", "decode", ["--decoder", "dali", "--hw-decoder-load", load])
                   for load in filter(None, args.dali_hw_loads.split(","))]
-        steps += [(b, name, extra) for b in args.backbones.split(",") for name, extra in plan
-                  if not only or name in only]
-        for backbone, name, extra in steps:
+        steps += [(b, name, child, extra) for b in args.backbones.split(",") for name, child, extra in plan
+                  if (not only or name in only) and (get_backbone(b).batchnorm or fold[0] not in extra)]
+        for backbone, name, child, extra in steps:
             out = Path(tmp) / f"out-{backbone}-{name}"
             out.mkdir()
-            child = name.split("-")[0] if name.startswith(("torch", "ours")) else name
-            if backbone == "all":
-                child = "decode"
             command = ["-m", "bench.gpu", "child", child, "--backbone", backbone if backbone != "all" else "vgg16",
                        "--data", str(data), "--out", str(out), "--size", str(args.size),
                        "--batch-size", str(args.batch_size), *extra]

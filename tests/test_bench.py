@@ -51,7 +51,7 @@ def test_speed_subset_takes_the_same_first_images_of_every_class(tmp_path):
 
 
 @pytest.mark.parametrize("decoder", ["pillow", "dali"])
-def test_gpu_bench_times_a_decoder_alone_after_its_first_batch(decoder, tmp_path, monkeypatch):
+def test_gpu_bench_times_a_decoder_alone_like_the_pipelines(decoder, tmp_path, monkeypatch):
     """``make bench-gpu``'s decoder rows, run here on the CPU device (a GPU session has no time to lose to a crash)."""
     import argparse
 
@@ -63,9 +63,27 @@ def test_gpu_bench_times_a_decoder_alone_after_its_first_batch(decoder, tmp_path
     monkeypatch.setattr(gd, "DEVICE", "cpu")
     monkeypatch.setattr(gpu, "SIZE", 32)
     monkeypatch.setattr(gpu, "BATCH", 4)
-    data = make_class_folder(tmp_path / "data", per_class=3)
+    data = make_class_folder(tmp_path / "data", per_class=4)
     result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder, hw_decoder_load=0.9))
-    assert result["images"] == 9 and result["steady_images"] == 5 and result["steady_s"] > 0
+    # three batches of 4: the second half is timed from the second batch's end to the third's
+    assert result["images"] == 12 and result["steady_images"] == 4
+    assert result["images_per_s"] > 0 and result["after_first_per_s"] > 0
+
+
+def test_gpu_bench_rate_is_not_credited_with_images_decoded_ahead_during_start_up():
+    """A loader that decoded 8 batches while the first forward pass was set up, then decodes a batch every 40 ms
+    for a network that takes 20 ms: the rate is the decoding rate, 6,400 images/s, not what the backlog adds."""
+    from bench.gpu import Timeline
+
+    timeline, ready, done = Timeline(), 1.0, 1.0
+    for i in range(64):
+        ready = 1.0 if i < 8 else ready + 0.04
+        done = max(ready, done) + 0.02
+        timeline.marks.append((done, 256 * (i + 1)))
+    rates = timeline.rates()
+    assert rates["images"] == 16384 and rates["steady_images"] == 8192
+    assert rates["images_per_s"] == pytest.approx(6400)
+    assert rates["after_first_per_s"] > 1.1 * 6400  # the old reading: from the first batch
 
 
 def test_gpu_bench_table_gives_ratios_to_the_same_backbones_peer_and_ceiling_only():
