@@ -218,8 +218,9 @@ class DenseHeadClassifier(ClassifierMixin, BaseEstimator):
             X, y_index = val[2], val[3]
         self.model_ = build_dense_head(X.shape[1], len(self.classes_), X.mean(axis=0), X.var(axis=0),
                                        self.hidden_units, self.dropout)
-        self.model_.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
-                            loss="sparse_categorical_crossentropy")
+        from pipeline.layers import crossentropy
+
+        self.model_.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=crossentropy)
         self.history_ = self._train(X, y_index.astype(np.int32), val)
         self.n_iter_ = len(self.history_["loss"])
         losses = self.history_.get("val_loss") or self.history_["loss"]

@@ -206,7 +206,9 @@ def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_ra
     optimizer = keras.optimizers.Adam(learning_rate)
     if precision == "float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    net.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    from pipeline.layers import crossentropy
+
+    net.compile(optimizer=optimizer, loss=crossentropy, metrics=["accuracy"])
     best = _best_on_val(patience, start)
     callbacks = [best] + ([_time_limit(minutes)] if minutes is not None else [])
     history = net.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size,

@@ -20,9 +20,14 @@ def rank_on_val(rows: list[dict]) -> list[dict]:
     return rows
 
 
+# float32's smallest normal number: the floor under a probability whose log is taken, here and in training's loss
+# (:func:`pipeline.layers.crossentropy`), so the two measure the same thing.
+TINY = float(np.finfo(np.float32).tiny)
+
+
 def log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
-    """Mean cross-entropy of class ``probabilities`` (n, k) on integer labels ``y`` (clipped at 1e-7)."""
-    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0))))
+    """Mean cross-entropy of class ``probabilities`` (n, k) on integer labels ``y`` (floored at :data:`TINY`)."""
+    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], TINY, 1.0))))
 
 
 def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names) -> dict:

@@ -1,4 +1,4 @@
-"""The Keras layers layertap adds around a backbone: its preprocessing and the tap pooling.
+"""The Keras pieces layertap adds: a backbone's preprocessing, the tap pooling, and the training loss.
 
 Registered under the ``layertap`` package name, so a saved fine-tuned model (``model.keras``)
 loads in safe mode wherever this module has been imported (:func:`pipeline.artifacts.load_model`).
@@ -7,6 +7,7 @@ loads in safe mode wherever this module has been imported (:func:`pipeline.artif
 from __future__ import annotations
 
 from pipeline import import_keras
+from pipeline.evaluation import TINY
 from pipeline.pooling import parse_pooling, pool_tensor
 
 keras = import_keras()
@@ -44,3 +45,18 @@ class TapPooling(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="layertap")
+def crossentropy(y_true, y_pred):
+    """Sparse cross-entropy of class probabilities (a softmax output), the same on every backend.
+
+    Keras's own ``sparse_categorical_crossentropy`` takes a softmax layer's logits on TensorFlow only; on JAX
+    and torch it clips the probabilities to [1e-7, 1 - 1e-7], and a clipped probability passes no gradient:
+    an image the network is sure is another class (its own class below 1e-7) teaches nothing, and a network
+    that is sure about every image does not move at all. Here the probabilities are floored at
+    :data:`pipeline.evaluation.TINY` instead (as :func:`pipeline.evaluation.log_loss` floors them), and ``-log p``
+    of the true class is computed from their logarithms.
+    """
+    log_p = keras.ops.log(keras.ops.maximum(keras.ops.cast(y_pred, "float32"), TINY))
+    return keras.losses.sparse_categorical_crossentropy(y_true, log_p, from_logits=True)

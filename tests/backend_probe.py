@@ -65,6 +65,7 @@ def changed_by_one_step(backbone: str) -> dict:
     from pipeline.backbones import create_extractor, cut_trunk
     from pipeline.classifiers import build_dense_head
     from pipeline.compose import build_augmentation, build_finetune_model, set_trainable
+    from pipeline.layers import crossentropy
 
     keras = import_keras()
     keras.utils.set_random_seed(0)
@@ -76,13 +77,30 @@ def changed_by_one_step(backbone: str) -> dict:
     model, _ = build_finetune_model(trunk, backbone, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
     before = [keras.ops.convert_to_numpy(w).copy() for w in trunk.weights]
     # Adam moves every weight with a non-zero gradient by about its learning rate, however small the gradient.
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=crossentropy)  # fine-tuning's loss
     model.fit(np.concatenate([IMAGES, IMAGES]), np.array([0, 1, 2, 0, 1, 2, 0, 1]), batch_size=8, epochs=1, verbose=0)
     changed: dict[str, bool] = {}
     for w, old in zip(trunk.weights, before):
         layer = w.path.split("/")[-2]
         changed[layer] = changed.get(layer, False) or not np.array_equal(old, keras.ops.convert_to_numpy(w))
     return changed
+
+
+def confident_mistakes_train() -> bool:
+    """Whether fine-tuning's training (``train_phase``) moves a softmax layer that is sure of the wrong class for
+    every image (the true class's probability about 1e-17): Keras's own loss gives no gradient there on JAX and
+    torch (:func:`pipeline.layers.crossentropy`)."""
+    from pipeline import import_keras
+    from pipeline.compose import train_phase
+
+    keras = import_keras()
+    x = np.eye(3, dtype=np.float32)
+    y = np.array([1, 2, 0])  # image i is class i + 1, and the layer is sure it is class i
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    net.layers[0].set_weights([40 * np.eye(3, dtype=np.float32), np.zeros(3, np.float32)])
+    before = net.layers[0].get_weights()[0].copy()
+    train_phase(net, x, y, x, y, epochs=1, learning_rate=1e-2, precision="float32", batch_size=3, patience=1)
+    return not np.array_equal(before, net.layers[0].get_weights()[0])
 
 
 def dali_batch(folder: Path) -> dict:
@@ -124,7 +142,8 @@ def main(out: str, resnet_weights: str) -> None:
         steps[backbone] = changed_by_one_step(backbone)
     with tempfile.TemporaryDirectory() as folder:
         arrays.update(dali_batch(Path(folder)))
-    np.savez(out, **arrays, meta=np.array(json.dumps({"backend": keras.config.backend(), "steps": steps})))
+    meta = {"backend": keras.config.backend(), "steps": steps, "confident_mistakes_train": confident_mistakes_train()}
+    np.savez(out, **arrays, meta=np.array(json.dumps(meta)))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_other_backend_matches_tensorflow_and_fine_tunes_what_it_unfreezes(backe
     probe = np.load(out)
     meta = json.loads(str(probe["meta"]))
     assert meta["backend"] == backend
+    assert meta["confident_mistakes_train"], "fine-tuning's loss passes no gradient to a sure mistake on " + backend
     if "dali/pixels" in probe:  # DALI's batch came to this backend as its own array, with DALI's and Pillow's rows
         assert str(probe["dali/type"]).startswith(backend)
         assert np.abs(probe["dali/pixels"].astype(int) - probe["dali/pillow"]).mean() < 1

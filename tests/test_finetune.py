@@ -116,6 +116,27 @@ def test_augmentation_specs():
     assert np.array_equal(np.asarray(layer(x, training=False)), x)  # off at inference
 
 
+def test_training_loss_is_the_cross_entropy_keras_computes_and_log_loss_reports():
+    """``pipeline.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on val), on
+    probabilities none of them clips; where the true class's probability is below Keras's 1e-7, it keeps counting
+    (tests/backend_probe.py checks that such an image still trains on JAX and torch)."""
+    from pipeline import import_keras
+    from pipeline.evaluation import log_loss
+    from pipeline.layers import crossentropy
+
+    keras = import_keras()
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(np.random.default_rng(0).normal(size=(6, 4)) * 2))
+    y = np.array([0, 1, 2, 3, 0, 1])
+    ours = keras.ops.convert_to_numpy(crossentropy(y, probs))
+    np.testing.assert_allclose(ours, keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, probs)),
+                               rtol=1e-5)
+    assert log_loss(probs, y) == pytest.approx(ours.mean(), rel=1e-5)
+    sure = np.array([[1 - 1e-12, 1e-12]], np.float32)  # sure of class 0, wrongly
+    assert float(keras.ops.convert_to_numpy(crossentropy(np.array([1]), sure))[0]) == pytest.approx(-np.log(1e-12),
+                                                                                                   rel=1e-3)
+    assert log_loss(sure, np.array([1])) == pytest.approx(-np.log(1e-12), rel=1e-3)
+
+
 def test_bootstrap_gain_interval():
     rng = np.random.default_rng(0)
     old = rng.random(400) < 0.6
