@@ -26,25 +26,32 @@ import time
 import numpy as np
 
 
-def measure(backbone: str, tap: str, size: int, batch: int, precision: str, rounds: int) -> dict:
+def trained_like_batchnorm(model, seed: int = 0):
+    """Draw ``model``'s BatchNormalization statistics away from the fresh (0, 1), as trained ones are (in place), so
+    that folding them changes every number it touches; returns the model."""
     from pipeline import import_keras
+
+    keras = import_keras()
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, variance.shape)])
+    return model
+
+
+def measure(backbone: str, tap: str, size: int, batch: int, precision: str, rounds: int) -> dict:
     from pipeline.backbones import build_backbone, cut_trunk, get_backbone
     from pipeline.batchnorm import fold_batchnorm
     from pipeline.runtime import keras_backend
     from pipeline.weights import resolve_weights
 
-    keras = import_keras()
     entry = get_backbone(backbone)
 
     def network(precision: str):
-        base = build_backbone(entry, resolve_weights(entry, "random"), size, precision)
-        rng = np.random.default_rng(0)
-        for layer in base.layers:  # BatchNormalization statistics away from (0, 1), as trained ones are
-            if isinstance(layer, keras.layers.BatchNormalization):
-                gamma, beta, mean, variance = layer.get_weights()
-                layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                                   rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, variance.shape)])
-        return cut_trunk(base, tap)
+        return cut_trunk(trained_like_batchnorm(build_backbone(entry, resolve_weights(entry, "random"), size,
+                                                               precision)), tap)
 
     plain = network(precision)
     folded, n_folded = fold_batchnorm(plain)

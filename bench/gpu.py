@@ -195,7 +195,7 @@ def child_ours(args) -> dict:
     from pipeline.extract import ExtractSettings, extract_features
     from pipeline.store import FeatureStore
 
-    if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow only, so far
+    if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow and torch only
         import pipeline.batchnorm as batchnorm
         batchnorm._FASTER_ON = (*batchnorm._FASTER_ON, "jax")
     timeline, forward_s = Timeline(), [0.0]

@@ -5,8 +5,8 @@ live in the convolution's kernel and bias: kernel times ``gamma / sqrt(var + eps
 mean)`` times that plus ``beta``. The network computes the same function (float32: the features
 agree to ~1e-6 relative) with one elementwise pass over the activations fewer per BatchNormalization,
 53 in ResNet50, none in VGG16. On TensorFlow, the CPU default, that runs ResNet50 1.14-1.20x faster in
-float32 and 1.38-1.43x in bfloat16; XLA (the JAX backend) fuses the pass already on the CPU, 0.95-1.06x
-(bench/NOTES.md, ``python -m bench.forward``). So extraction folds where it measured faster:
+float32 and 1.38-1.43x in bfloat16, on torch (CPU) 1.26-1.27x and 1.17-1.22x; XLA (the JAX backend) fuses
+the pass already on the CPU, 0.95-1.06x (bench/NOTES.md, ``python -m bench.forward``). So extraction folds where it measured faster:
 :func:`folds_batchnorm`. Fine-tuning never folds: it composes the backbone as built.
 
 A store records the folding in its key and manifest (``"batchnorm": "folded"``), since its numbers
@@ -22,7 +22,7 @@ from pipeline.runtime import keras_backend
 
 FOLDED = "folded"
 # Backends where a folded network measured faster (bench/NOTES.md, "BatchNormalization folded ...").
-_FASTER_ON = ("tensorflow",)
+_FASTER_ON = ("tensorflow", "torch")
 
 
 def folds_batchnorm(backbone, backend: str | None = None) -> bool:

@@ -55,6 +55,16 @@ def features(backbone: str, weights: str) -> dict:
     return {f"{backbone}/{tap}": np.concatenate(outputs[tap]) for tap in taps}
 
 
+def folded_features(weights: str) -> dict:
+    """ResNet50's features with its BatchNormalization folded (as extraction runs it where
+    :func:`pipeline.batchnorm.folds_batchnorm` says so), to compare with TensorFlow's network as built."""
+    from pipeline.backbones import create_extractor
+
+    taps = CASES["resnet50"][1]
+    direct = create_extractor("resnet50", weights, taps, "avg", 32, "float32", fold=True)(IMAGES)
+    return {f"folded/resnet50/{tap}": np.asarray(direct[tap]) for tap in taps}
+
+
 def changed_by_one_step(backbone: str) -> dict:
     """``{layer: changed}`` for every trunk layer with weights, after one Adam step with the top unfrozen.
 
@@ -140,6 +150,7 @@ def main(out: str, resnet_weights: str) -> None:
     for backbone, w in weights.items():
         arrays.update(features(backbone, w))
         steps[backbone] = changed_by_one_step(backbone)
+    arrays.update(folded_features(resnet_weights))
     with tempfile.TemporaryDirectory() as folder:
         arrays.update(dali_batch(Path(folder)))
     meta = {"backend": keras.config.backend(), "steps": steps, "confident_mistakes_train": confident_mistakes_train()}
