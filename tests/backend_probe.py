@@ -98,7 +98,7 @@ def changed_by_one_step(backbone: str) -> dict:
 
 def confident_mistakes_train() -> bool:
     """Whether fine-tuning's training (``train_phase``) moves a softmax layer that is sure of the wrong class for
-    every image (the true class's probability about 1e-17): Keras's own loss gives no gradient there on JAX and
+    every image (the true class's probability about 4e-18): Keras's own loss gives no gradient there on JAX and
     torch (:func:`pipeline.layers.crossentropy`)."""
     from pipeline import import_keras
     from pipeline.compose import train_phase
