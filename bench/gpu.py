@@ -193,7 +193,6 @@ def child_keras_forward(args) -> dict:
 def child_ours(args) -> dict:
     import pipeline.shards as shards
     from pipeline.extract import ExtractSettings, extract_features
-    from pipeline.store import FeatureStore
 
     if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow and torch only
         import pipeline.batchnorm as batchnorm
@@ -221,7 +220,7 @@ def child_ours(args) -> dict:
         progress=False))
     return {**timeline.rates(), "images": result.n_decoded, "e2e_s": time.perf_counter() - start,
             "timings": result.timings, "decoder": args.decoder, "forward_s": forward_s[0],
-            "batchnorm": FeatureStore(result.store_path).manifest.batchnorm or "as built"}
+            "batchnorm": result.store.manifest.batchnorm or "as built"}
 
 
 def child_decode(args) -> dict:

@@ -36,15 +36,16 @@ def on_device(pixels: np.ndarray):
     return pixels
 
 
-def features(backbone: str, weights: str) -> dict:
+def features(backbone: str, weights: str, fold: bool = False) -> dict:
     """The features of IMAGES as stage one computes them: two batches, the second started before the first is
     collected (on JAX both run asynchronously), the last one padded and handed over as a device array (as the GPU
-    decoders do); checked against one synchronous call."""
+    decoders do); checked against one synchronous call. ``fold``: with BatchNormalization folded, as extraction runs
+    it where :func:`pipeline.batchnorm.folds_batchnorm` says so (keys ``folded/...``)."""
     from pipeline.backbones import create_extractor
     from pipeline.shards import collect, forward
 
     taps = CASES[backbone][1]
-    extractor = create_extractor(backbone, weights, taps, "avg", 32, "float32")
+    extractor = create_extractor(backbone, weights, taps, "avg", 32, "float32", fold=fold)
     outputs = {tap: [] for tap in taps}
     first, second = forward(extractor, IMAGES[:3], 3), forward(extractor, on_device(IMAGES[3:]), 3)
     collect(extractor, first, outputs)
@@ -52,17 +53,7 @@ def features(backbone: str, weights: str) -> dict:
     direct = extractor(IMAGES)
     for tap in taps:
         np.testing.assert_allclose(np.concatenate(outputs[tap]), direct[tap], rtol=1e-5, atol=1e-6, err_msg=tap)
-    return {f"{backbone}/{tap}": np.concatenate(outputs[tap]) for tap in taps}
-
-
-def folded_features(weights: str) -> dict:
-    """ResNet50's features with its BatchNormalization folded (as extraction runs it where
-    :func:`pipeline.batchnorm.folds_batchnorm` says so), to compare with TensorFlow's network as built."""
-    from pipeline.backbones import create_extractor
-
-    taps = CASES["resnet50"][1]
-    direct = create_extractor("resnet50", weights, taps, "avg", 32, "float32", fold=True)(IMAGES)
-    return {f"folded/resnet50/{tap}": np.asarray(direct[tap]) for tap in taps}
+    return {f"{'folded/' if fold else ''}{backbone}/{tap}": np.concatenate(outputs[tap]) for tap in taps}
 
 
 def changed_by_one_step(backbone: str) -> dict:
@@ -150,7 +141,7 @@ def main(out: str, resnet_weights: str) -> None:
     for backbone, w in weights.items():
         arrays.update(features(backbone, w))
         steps[backbone] = changed_by_one_step(backbone)
-    arrays.update(folded_features(resnet_weights))
+    arrays.update(features("resnet50", resnet_weights, fold=True))
     with tempfile.TemporaryDirectory() as folder:
         arrays.update(dali_batch(Path(folder)))
     meta = {"backend": keras.config.backend(), "steps": steps, "confident_mistakes_train": confident_mistakes_train()}
