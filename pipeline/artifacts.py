@@ -20,11 +20,13 @@ does not stop an author who rewrites it too, which is why the formats themselves
 
 from __future__ import annotations
 
+import importlib.abc
 import io
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, is_dataclass
@@ -97,11 +99,40 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     return model_dir
 
 
-def _save_estimator(estimator, folder: Path) -> tuple[str, str, dict]:
-    import skops.io
+class _NoArrayLibraries(importlib.abc.MetaPathFinder):
+    """Refuses scikit-learn's adapters for other array libraries (``sklearn.externals.array_api_compat.torch``,
+    ``.cupy``, ``.dask``), each of which imports its library."""
 
+    PREFIX = "sklearn.externals.array_api_compat."
+
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(self.PREFIX) and name[len(self.PREFIX):].split(".")[0] in ("torch", "cupy", "dask"):
+            raise ModuleNotFoundError(f"{name} is not imported while skops lists scikit-learn's estimators")
+        return None
+
+
+def skops_io():
+    """``skops.io``, imported without importing torch, CuPy or Dask.
+
+    On import skops lists scikit-learn's estimators, and scikit-learn does that by importing every one of its
+    packages, its array-library adapters too; the torch adapter imports torch, a second or more of start-up
+    (and the GPU libraries of a CUDA build) for commands that run no network, wherever torch is installed.
+    The adapters hold no estimators; a later import of one (scikit-learn's array API support) works as usual.
+    """
+    if "skops.io" not in sys.modules:
+        finder = _NoArrayLibraries()
+        sys.meta_path.insert(0, finder)
+        try:
+            import skops.io  # noqa: F401
+        finally:
+            sys.meta_path.remove(finder)
+    return sys.modules["skops.io"]
+
+
+def _save_estimator(estimator, folder: Path) -> tuple[str, str, dict]:
+    skops = skops_io()
     try:
-        data = skops.io.dumps(estimator)
+        data = skops.dumps(estimator)
     except Exception as exc:  # noqa: BLE001 - an estimator skops cannot describe: a pickle, loaded only with trust
         import joblib
 
@@ -181,10 +212,9 @@ def _verified_bytes(path: Path, expected: str) -> bytes:
 
 
 def _load_skops(path: Path, data: bytes, trust: bool):
-    import skops.io
-
-    unknown = [t for t in skops.io.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+    skops = skops_io()
+    unknown = [t for t in skops.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
     if unknown and not trust:
         raise LayertapError(f"{path} holds types layertap does not trust to load: {', '.join(unknown)}. If you "
                             "trust where this folder comes from, pass --trust (trust=True)")
-    return skops.io.loads(data, trusted=[*TRUSTED_TYPES, *unknown])
+    return skops.loads(data, trusted=[*TRUSTED_TYPES, *unknown])

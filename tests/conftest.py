@@ -91,6 +91,16 @@ def tiny_settings(data, out, **overrides):
     return ExtractSettings(**values)
 
 
+def backend_interpreter(backend: str) -> Path:
+    """The Python of the virtual environment ``make test`` builds for a Keras backend without TensorFlow
+    (``.venv-jax``, ``.venv-torch``), or ``LAYERTAP_<BACKEND>_PYTHON``; the test is skipped where there is none."""
+    path = Path(os.environ.get(f"LAYERTAP_{backend.upper()}_PYTHON", ROOT / f".venv-{backend}" / "bin" / "python"))
+    if not path.exists():
+        pytest.skip(f"no {backend} interpreter at {path} (make test builds .venv-{backend}; set "
+                    f"LAYERTAP_{backend.upper()}_PYTHON to another one)")
+    return path
+
+
 @pytest.fixture
 def flowers17() -> Path:
     folder = SHARED_DATA / "flowers17"

@@ -10,27 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from backend_probe import CASES
-from conftest import ROOT
+from conftest import ROOT, backend_interpreter
 
 from pipeline.runtime import keras_backend
 
-# Where each backend's interpreter is: LAYERTAP_<BACKEND>_PYTHON, else the virtual environment make test builds.
-INTERPRETERS = {"jax": ROOT / ".venv-jax" / "bin" / "python", "torch": ROOT / ".venv-torch" / "bin" / "python"}
 # float32 convolutions summed in another order (oneDNN vs XLA vs ATen): relative differences of about 1e-6.
 TOLERANCE = 1e-4
-
-
-def _interpreter(backend: str) -> Path:
-    path = Path(os.environ.get(f"LAYERTAP_{backend.upper()}_PYTHON", INTERPRETERS[backend]))
-    if not path.exists():
-        pytest.skip(f"no {backend} interpreter at {path} (make test builds .venv-jax; set "
-                    f"LAYERTAP_{backend.upper()}_PYTHON to another one)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_backend_matches_tensorflow_and_fine_tunes_what_it_unfreezes(backend, reference, tmp_path):
-    python = _interpreter(backend)
+    python = backend_interpreter(backend)
     weights, expected = reference
     out = tmp_path / "probe.npz"
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, backend_interpreter
 
 from pipeline.cli import main
 from pipeline.runtime import keras_backend
@@ -108,17 +108,25 @@ NO_FRAMEWORK = textwrap.dedent("""
 """)
 
 
-def test_cache_hit_inspect_and_scikit_learn_classify_load_no_framework(split_folder, tmp_path):
-    """Commands that run no network do not pay for loading TensorFlow (seconds of start-up)."""
+@pytest.mark.parametrize("python", ["this", "torch"])
+def test_cache_hit_inspect_and_scikit_learn_classify_load_no_framework(python, split_folder, tmp_path):
+    """Commands that run no network do not pay for loading a framework (seconds of start-up): not TensorFlow,
+    and not torch where it is installed (skops would load it through scikit-learn; the torch case runs
+    ``inspect`` and ``classify`` in ``.venv-torch``, as a torch user would)."""
     out = str(tmp_path / "f")
     extract = ["extract", "--data", str(split_folder), "--out", out, *TINY]
     assert main(extract) == 0  # computes: the network runs here
     store = str(next((tmp_path / "f").glob("*.h5")))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for args in (extract, ["inspect", store],
-                 ["classify", "--store", store, "--models", str(tmp_path / "m"), "--classifiers", "logreg,knn", "-q"]):
-        run = subprocess.run([sys.executable, "-c", NO_FRAMEWORK, *args], env=env, capture_output=True, text=True,
-                             timeout=120)
+    commands = [["inspect", store],
+                ["classify", "--store", store, "--models", str(tmp_path / "m"), "--classifiers", "logreg,knn", "-q"]]
+    if python == "this":
+        interpreter, commands = sys.executable, [extract, *commands]
+    else:
+        interpreter, env["KERAS_BACKEND"] = backend_interpreter(python), python
+    for args in commands:
+        run = subprocess.run([str(interpreter), "-c", NO_FRAMEWORK, *args], env=env, capture_output=True,
+                             text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert "frameworks loaded: none" in run.stdout, (args[0], run.stdout)
         assert args[0] != "extract" or "cache hit: no image decoded" in run.stdout
