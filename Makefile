@@ -40,7 +40,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all test-backends bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
@@ -57,6 +57,7 @@ help:
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
 	@echo "make test-all    the tests including slow ones"
+	@echo "make test-backends  the fast tests again on JAX (.venv-jax) and torch (.venv-torch): ~4 + 2 min on 2 cores"
 	@echo "make bench       extraction speed vs the Keras recipes (VGG16, ResNet50), cache, memory, accuracy"
 	@echo "                 (CPU, 16-18 min; needs ../shared/data/flowers17): tables printed and written to bench/results/"
 	@echo "make bench-ray   the Ray engine against the local one, same images, alternating runs (~4 min on 2 cores)"
@@ -133,6 +134,13 @@ test: install install-jax install-torch
 
 test-all: install install-jax install-torch
 	$(BIN)/python -m pytest -q
+
+# make test runs the backend matrix (tests/test_backends.py); this runs every fast test on the other backends,
+# each in its environment without TensorFlow (the TensorFlow-only tests skip there, and say why).
+test-backends: install-jax install-torch
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -m "not slow" -q
+	@if [ -x $(TORCH_VENV)/bin/python ]; then KERAS_BACKEND=torch $(TORCH_VENV)/bin/python -m pytest -m "not slow" -q; \
+	else echo "no $(TORCH_VENV): torch skipped"; fi
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -126,6 +126,9 @@ def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch
     assert runtime.resolve_precision("auto") == "bfloat16"
     monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: False)
     monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0", "gpu:0"])
+    if keras.config.backend() == "torch":  # which asks torch, not keras.distribution
+        import torch
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert runtime.resolve_precision("auto") == "bfloat16"
     monkeypatch.setattr(runtime, "_accelerator_device_nodes", lambda: False)  # no device node: no GPU
     assert runtime.resolve_precision("auto") == "float32"

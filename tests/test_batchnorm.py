@@ -54,7 +54,8 @@ def test_extraction_folds_where_it_measured_faster():
     assert not folds_batchnorm(vgg16, "tensorflow")
 
 
-@pytest.mark.skipif(keras_backend() != "tensorflow", reason="folded on TensorFlow only")
+@pytest.mark.skipif(not folds_batchnorm(get_backbone("resnet50"), keras_backend()),
+                    reason=f"ResNet50 is not folded on {keras_backend()}")
 def test_a_folded_store_says_so_and_prediction_folds_too(split_folder, tmp_path, monkeypatch):
     """The key and manifest of a ResNet50 store record the folding (a VGG16 store's keys are as before), the
     engine and the manifest's extractor (prediction's) both fold, and only stores folded alike share rows."""

@@ -68,15 +68,15 @@ def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
     probe = make_classifier("logreg").fit(X, y)
     kernel, bias = probe_weights(probe)
     assert kernel.shape == (12, n_classes) and bias.shape == (n_classes,)
-    head = build_probe_head(kernel, bias)
-    np.testing.assert_allclose(np.asarray(head(X)), probe.predict_proba(X), atol=2e-6)
-    assert (np.asarray(head(X)).argmax(axis=1) == probe.predict(X)).all()
+    probabilities = build_probe_head(kernel, bias).predict_on_batch(X)
+    np.testing.assert_allclose(probabilities, probe.predict_proba(X), atol=2e-6)
+    assert (probabilities.argmax(axis=1) == probe.predict(X)).all()
     with pytest.raises(ValueError, match="only such a probe folds"):
         probe_weights(make_classifier("knn").fit(X, y))
     # a linear SVM folds with a temperature: the same predictions, probabilities fitted on the train rows
     svm = make_classifier("linsvm").fit(X, y)
     with pytest.raises(ValueError, match="give X, y"):
         probe_weights(svm)
-    svm_head = build_probe_head(*probe_weights(svm, X, y))
-    assert (np.asarray(svm_head(X)).argmax(axis=1) == svm.predict(X)).all()
-    np.testing.assert_allclose(np.asarray(svm_head(X)).sum(axis=1), 1, atol=1e-5)
+    svm_probabilities = build_probe_head(*probe_weights(svm, X, y)).predict_on_batch(X)
+    assert (svm_probabilities.argmax(axis=1) == svm.predict(X)).all()
+    np.testing.assert_allclose(svm_probabilities.sum(axis=1), 1, atol=1e-5)
