@@ -173,6 +173,9 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
         raise LayertapError(f"--decoder {settings.decoder} with --engine ray decodes in the model actors, one on each "
                             "GPU of the Ray cluster, and this cluster has no GPU; use --decoder pillow (decoding "
                             "in Ray tasks on its CPUs)")
+    # A GPU decoder's threads (reading files; on GPUs without JPEG engines, Huffman decoding too) are the
+    # actor's: it reserves its node's CPUs per GPU, and runs that many (or --workers) threads.
+    actor_cpus = cpus_per_gpu(ray.nodes()) if on_gpus and gpus else 1
     dataset = ray.data.from_items([{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
     if not on_gpus:
         dataset = dataset.map_batches(
@@ -181,12 +184,14 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
                            max_pixels=settings.max_pixels))
     dataset = dataset.map_batches(
         ShardWriter, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=gpus or 1),
-        num_cpus=1, num_gpus=1 if gpus else 0, memory=memory,
+        num_cpus=actor_cpus, num_gpus=1 if gpus else 0, memory=memory,
         fn_constructor_kwargs=dict(settings=settings, weights=weights, taps=taps, manifest=manifest,
-                                   class_names=tuple(class_names), decode_device=gpu_decode.DEVICE),
+                                   class_names=tuple(class_names), decode_device=gpu_decode.DEVICE,
+                                   decode_workers=settings.workers or actor_cpus),
         runtime_env={"env_vars": _backend_env()})
     where = f"one model actor on each of {gpus} GPUs" if gpus else "one model actor on a CPU (no GPU in the cluster)"
-    how = f"decoding with {settings.decoder} in the actors" if on_gpus else \
+    how = f"decoding with {settings.decoder} in the actors ({settings.workers or actor_cpus} threads each)" \
+        if on_gpus else \
         f"{int(resources.get('CPU', 0))} CPUs to decode"
     log.info("Ray: %d shard%s to compute, %s, %s", len(jobs), "s" * (len(jobs) > 1), how, where)
     bar = extraction_bar(jobs, done, settings.progress)
@@ -198,6 +203,15 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
     finally:
         bar.close()
     return n_decoded
+
+
+def cpus_per_gpu(nodes: list[dict]) -> int:
+    """The CPUs a model actor that decodes on its GPU reserves: the fewest CPUs per GPU of the cluster's live
+    GPU nodes (``ray.nodes()``), at least 1, so that every GPU's actor fits on its node and the actors of a
+    node share its cores instead of each running a thread per core."""
+    shares = [int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"]) for node in nodes
+              if node.get("Alive") and node.get("Resources", {}).get("GPU")]
+    return max(1, min(shares, default=1))
 
 
 def _backend_env() -> dict[str, str]:
@@ -231,7 +245,8 @@ class ShardWriter:
     ``decode_device`` (the driver's :data:`pipeline.gpu_decode.DEVICE`: ``cuda``, the GPU Ray gave it).
     """
 
-    def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None):
+    def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None,
+                 decode_workers: int | None = None):
         from pipeline import set_backend_defaults
         from pipeline.backbones import create_extractor, get_backbone
         from pipeline.batchnorm import folded
@@ -252,7 +267,7 @@ class ShardWriter:
         self.decoder = None
         if settings.decoder != "pillow":  # this actor decodes its shards, on its GPU (``decode_device``)
             gpu_decode.check_decoder(settings.decoder, decode_device)
-            self.decoder = open_decoder(settings, decode_device)
+            self.decoder = open_decoder(settings, decode_device, decode_workers)
 
     def __call__(self, batch: dict) -> dict:
         job: ShardJob = pickle.loads(batch["job"][0])

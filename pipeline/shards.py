@@ -192,10 +192,11 @@ def decoding_inputs(jobs: list[ShardJob]) -> tuple[dict, dict, dict]:
     return files, stats, jpegs
 
 
-def open_decoder(settings, device: str | None = None):
+def open_decoder(settings, device: str | None = None, workers: int | None = None):
     """The decoder ``settings.decoder`` names, for :func:`decoded_batches` (close it when done): Pillow in
-    worker processes, or a GPU decoder on ``device`` (default :data:`pipeline.gpu_decode.DEVICE`)."""
-    workers = settings.workers or default_workers()
+    worker processes, or a GPU decoder on ``device`` (default :data:`pipeline.gpu_decode.DEVICE`), with
+    ``workers`` processes or threads (default: ``settings.workers``, else one per core, at most 16)."""
+    workers = workers or settings.workers or default_workers()
     if settings.decoder == "dali":
         from pipeline.dali_decode import DaliDecoder
         return DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,

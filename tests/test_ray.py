@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -203,6 +204,44 @@ def test_a_gpu_decoder_decodes_in_the_model_actors_and_writes_the_local_engines_
     assert "decoding with dali in the actors" in caplog.text
     assert_same_store(FeatureStore(made.store_path), local)
     assert "truncated" in dict(local.skipped)["train/red/truncated.jpg"]
+
+
+GPU_NODE = textwrap.dedent("""
+    import logging, sys
+    import ray
+    import pipeline.gpu_decode as gd
+    from conftest import tiny_settings
+    from pipeline.extract import extract_features
+    gd.DEVICE = "cpu"  # DALI's CPU device stands in for the GPU Ray hands the actor
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=256 << 20, include_dashboard=False, logging_level="error")
+    made = extract_features(tiny_settings(sys.argv[1], sys.argv[2], decoder="dali", engine="ray", workers=0))
+    print("decoded", made.n_decoded)
+    ray.shutdown()
+""")
+
+
+def test_a_gpu_decoders_actor_reserves_its_nodes_cpus_per_gpu_and_decodes_with_that_many_threads(data, tmp_path):
+    """A Ray node with 2 CPUs and 1 GPU (declared; DALI's CPU device decodes): the one actor reserves both CPUs
+    (so Ray schedules nothing else on them) and its DALI runs 2 threads, not one per core of the node."""
+    pytest.importorskip("nvidia.dali")
+    run = subprocess.run([sys.executable, "-c", GPU_NODE, str(data), str(tmp_path)],
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "decoded 24" in run.stdout
+    assert "decoding with dali in the actors (2 threads each), one model actor on each of 1 GPUs" in run.stderr
+
+
+def test_gpu_actors_reserve_the_fewest_cpus_per_gpu_of_the_live_gpu_nodes():
+    from pipeline.ray_engine import cpus_per_gpu
+
+    def node(cpus, gpus=0, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+    assert cpus_per_gpu([node(64, 8), node(16, 1), node(96), node(2, 2, alive=False)]) == 8
+    assert cpus_per_gpu([node(96, 8)]) == 12
+    assert cpus_per_gpu([node(4, 8)]) == 1 and cpus_per_gpu([node(8)]) == 1 and cpus_per_gpu([]) == 1
 
 
 def test_a_gpu_decoder_on_a_ray_cluster_without_gpus_is_refused_with_the_way_out(cluster, data, tmp_path):
