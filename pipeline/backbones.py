@@ -180,8 +180,8 @@ def cut_trunk(base, taps, name: str | None = None):
     """
     keras = import_keras()
     if isinstance(taps, str):
-        return keras.Model(base.inputs, base.get_layer(taps).output, name=name or f"{base.name}_to_{taps}")
-    return keras.Model(base.inputs, [base.get_layer(tap).output for tap in taps], name=name or f"{base.name}_trunk")
+        return keras.Model(base.input, base.get_layer(taps).output, name=name or f"{base.name}_to_{taps}")
+    return keras.Model(base.input, [base.get_layer(tap).output for tap in taps], name=name or f"{base.name}_trunk")
 
 
 def tap_shapes(model, taps) -> dict[str, tuple[int, int, int]]:

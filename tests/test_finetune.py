@@ -62,7 +62,7 @@ def finetuned(staged):
 def _trunk(backbone_name: str, tap: str, size: int = 32):
     backbone = get_backbone(backbone_name)
     base = build_backbone(backbone, resolve_weights(backbone, "random"), size)
-    return backbone, keras.Model(base.inputs, base.get_layer(tap).output, name="trunk")
+    return backbone, keras.Model(base.input, base.get_layer(tap).output, name="trunk")
 
 
 @pytest.mark.parametrize("backbone_name, tap, unfreeze_from", [
