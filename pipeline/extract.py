@@ -79,7 +79,8 @@ class ExtractSettings:
                                     "pip install 'layertap[dali]'); with --engine ray the GPU decoders run in "
                                     "the model actors, each on its GPU", choices=DECODERS, group="model")
     precision: str = option("auto", "compute precision: bfloat16/float16 are mixed precision; auto is bfloat16 on "
-                                    "GPUs and CPUs with bfloat16 units (AMX/AVX512-BF16), else float32",
+                                    "GPUs, and on CPUs with bfloat16 units (AMX/AVX512-BF16) on TensorFlow or "
+                                    "torch (JAX's CPU backend runs it no faster); else float32",
                             choices=PRECISION_CHOICES, group="model")
     store_dtype: str = option("float32", "stored feature type", flag="--dtype", choices=STORE_DTYPES, group="store")
     compression: str = option("none", "HDF5 compression of the stored features", choices=COMPRESSIONS,

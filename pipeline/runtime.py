@@ -52,11 +52,18 @@ def keras_version() -> str:
     return metadata.version("keras")
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bfloat16`` on a GPU or a CPU with bfloat16 matrix units, else ``float32``.
+# The backends whose CPU convolutions run bfloat16 on the CPU's bfloat16 units (oneDNN under TensorFlow and
+# torch). XLA's CPU backend (JAX) does not: there bfloat16 measured no faster than float32 (bench/NOTES.md).
+CPU_BFLOAT16_BACKENDS = ("tensorflow", "torch")
 
-    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 (measured:
-    bench/NOTES.md) and gives the same linear-probe accuracy within one test image on flowers17.
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bfloat16`` on a GPU, or on a CPU with bfloat16 matrix units where the Keras backend uses
+    them (:data:`CPU_BFLOAT16_BACKENDS`); else ``float32``.
+
+    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 on TensorFlow (2x on a
+    Zen 4; torch 2x on ResNet50; measured: bench/NOTES.md) and gives the same linear-probe accuracy within one
+    test image on flowers17. On JAX's CPU backend it is no faster, so ``auto`` keeps float32 there.
 
     Raises:
         ValueError: an unknown precision.
@@ -65,7 +72,8 @@ def resolve_precision(precision: str) -> str:
         raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
     if precision != "auto":
         return precision
-    return "bfloat16" if on_gpu() or _cpu_has_bf16() else "float32"
+    cpu_bfloat16 = keras_backend() in CPU_BFLOAT16_BACKENDS and _cpu_has_bf16()
+    return "bfloat16" if cpu_bfloat16 or on_gpu() else "float32"
 
 
 def on_gpu() -> bool:
