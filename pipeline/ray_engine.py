@@ -176,6 +176,7 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
     # A GPU decoder's threads (reading files; on GPUs without JPEG engines, Huffman decoding too) are the
     # actor's: it reserves its node's CPUs per GPU, and runs that many (or --workers) threads.
     actor_cpus = cpus_per_gpu(ray.nodes()) if on_gpus and gpus else 1
+    threads = settings.workers or actor_cpus
     dataset = ray.data.from_items([{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=len(jobs))
     if not on_gpus:
         dataset = dataset.map_batches(
@@ -187,11 +188,10 @@ def _run(ray, jobs, settings, weights, taps, manifest, class_names, done) -> int
         num_cpus=actor_cpus, num_gpus=1 if gpus else 0, memory=memory,
         fn_constructor_kwargs=dict(settings=settings, weights=weights, taps=taps, manifest=manifest,
                                    class_names=tuple(class_names), decode_device=gpu_decode.DEVICE,
-                                   decode_workers=settings.workers or actor_cpus),
+                                   decode_workers=threads),
         runtime_env={"env_vars": _backend_env()})
     where = f"one model actor on each of {gpus} GPUs" if gpus else "one model actor on a CPU (no GPU in the cluster)"
-    how = f"decoding with {settings.decoder} in the actors ({settings.workers or actor_cpus} threads each)" \
-        if on_gpus else \
+    how = f"decoding with {settings.decoder} in the actors ({threads} threads each)" if on_gpus else \
         f"{int(resources.get('CPU', 0))} CPUs to decode"
     log.info("Ray: %d shard%s to compute, %s, %s", len(jobs), "s" * (len(jobs) > 1), how, where)
     bar = extraction_bar(jobs, done, settings.progress)
@@ -242,7 +242,8 @@ class ShardWriter:
     """A Ray actor: builds the extractor once, then computes and commits each shard it is given.
 
     The shards come decoded by the tasks before it, or, with a GPU decoder, the actor decodes them itself on
-    ``decode_device`` (the driver's :data:`pipeline.gpu_decode.DEVICE`: ``cuda``, the GPU Ray gave it).
+    ``decode_device`` (the driver's :data:`pipeline.gpu_decode.DEVICE`: ``cuda``, the GPU Ray gave it) with
+    ``decode_workers`` threads.
     """
 
     def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None,
