@@ -95,7 +95,8 @@ class Timeline:
     def rates(self) -> dict:
         """``images_per_s`` over the second half of the images (the batches from the one that completes the first
         half to the last: what was decoded ahead during start-up is used up by then), and ``after_first_per_s``,
-        from the first batch to the last (what this bench reported before); None without two marks to time."""
+        from the first batch to the last (what this bench reported before); a rate is None where a pipeline gave one
+        batch only (nothing to time)."""
         (t_first, n_first), (t_end, total) = self.marks[0], self.marks[-1]
         t_half, n_half = next(m for m in self.marks if m[1] >= total / 2)
         if t_half == t_end:  # the half is the last batch: time from the first
@@ -208,8 +209,10 @@ def child_ours(args) -> dict:
             return result
         return run
 
+    timed_collect = timed(collect)
+
     def collected(extractor, started, outputs):
-        timed(collect)(extractor, started, outputs)
+        timed_collect(extractor, started, outputs)
         timeline.mark(started[0])  # this batch's features are on the host
 
     shards.forward, shards.collect = timed(forward), collected

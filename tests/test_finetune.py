@@ -27,7 +27,7 @@ from pipeline.compose import (
 )
 from pipeline.extract import extract_features
 from pipeline.decoding import decode_image
-from pipeline.evaluation import bootstrap_gain
+from pipeline.evaluation import bootstrap_gain, log_loss
 from pipeline.finetuning import FinetuneSettings, finetune
 from pipeline.layers import BackbonePreprocess, crossentropy
 from pipeline.prediction import predict
@@ -121,11 +121,6 @@ def test_training_loss_is_the_cross_entropy_keras_computes_and_log_loss_reports(
     """``pipeline.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on val), on
     probabilities none of them clips; where the true class's probability is below Keras's 1e-7, it keeps counting
     (tests/backend_probe.py checks that such an image still trains on JAX and torch)."""
-    from pipeline import import_keras
-    from pipeline.evaluation import log_loss
-    from pipeline.layers import crossentropy
-
-    keras = import_keras()
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(np.random.default_rng(0).normal(size=(6, 4)) * 2))
     y = np.array([0, 1, 2, 3, 0, 1])
     ours = keras.ops.convert_to_numpy(crossentropy(y, probs))
