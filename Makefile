@@ -42,7 +42,7 @@ STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS))
 
 .PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all test-backends bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
-	@echo "make demo        install, then run all three stages on the embedded sample set (offline, a few minutes)"
+	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
 	@echo "                 of torch is at hand), then run the fast tests (5 min on 2 cores), the backend matrix included"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
@@ -96,6 +96,7 @@ $(TORCH_VENV)/.installed: setup.cfg pyproject.toml
 # The sample set is small, so stage three is kept short (2 epochs from block5_pool): it shows the mechanics and the report.
 demo: install
 	$(MAKE) --no-print-directory extract
+	$(MAKE) --no-print-directory sweep
 	$(MAKE) --no-print-directory classify
 	$(MAKE) --no-print-directory finetune LAYER=block5_pool FINETUNE_ARGS="--fine-tune-epochs 2 $(FINETUNE_ARGS)"
 
