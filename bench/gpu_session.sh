@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 13's runs on a lent GPU machine (bench/NOTES.md, "Getting DALI onto the lent GPU machine").
-# The four calls before this one carried .whl1-.whl4 and copied their parts to /tmp/parts; this one
-# carries .whl5, installs DALI, Keras and the data once (while the machine stays warm), then runs
-# each mode given, writing what it measures under $OUT:
+# bench/gpu_pack.sh packed .whl1 ... .whlN here; the calls before this one carried .whl1 ... .whl(N-1)
+# and copied their parts to /tmp/parts; this one carries .whlN, installs DALI, Keras and the data once
+# (while the machine stays warm), then runs each mode given, writing what it measures under $OUT:
 #   bash bench/gpu_session.sh tests profile forward ab full
 set -u
-mkdir -p /tmp/parts /tmp/w0 && cp .whl5/part.* /tmp/parts/ 2>/dev/null
+mkdir -p /tmp/parts /tmp/w0 && cp .whl*/part.* /tmp/parts/ 2>/dev/null
 if [ ! -d /tmp/site ]; then
   cat /tmp/parts/part.* | tar xf - -C /tmp/w0 && python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/site /tmp/w0/*.whl || exit 3
