@@ -104,6 +104,11 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike, kind: str = "store"):
         self.path = Path(path)
+        if self.path.is_dir():
+            inside = sorted(p.name for p in self.path.glob("*.h5"))
+            raise FileNotFoundError(f"{self.path} is a folder, not a feature store; " + (
+                f"give one of its .h5 files ({', '.join(inside[:5])}{', ...' if inside[5:] else ''})" if inside
+                else "it holds no .h5 file: run `layertap extract` first"))
         if not self.path.is_file():
             raise FileNotFoundError(f"feature store {self.path} does not exist; run `layertap extract` first")
         try:

@@ -69,6 +69,9 @@ def test_unfinished_and_foreign_files_are_refused(tmp_path):
         FeatureStore(tmp_path / "junk.h5")
     with pytest.raises(FileNotFoundError, match="run `layertap extract` first"):
         FeatureStore(tmp_path / "absent.h5")
+    with pytest.raises(FileNotFoundError, match=r"is a folder, not a feature store; give one of its .h5 files "
+                                                r"\(junk.h5, s.h5\)"):
+        FeatureStore(tmp_path)
 
 
 def test_a_failed_write_leaves_no_file(tmp_path):
