@@ -201,12 +201,13 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         cache.save(present={record.path for record in records})
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
-    scanned = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
-    if not scanned.records:
-        detail = f"; {len(scanned.skipped)} files were skipped, first: " \
-                 f"{scanned.skipped[0].path} ({scanned.skipped[0].reason})" if scanned.skipped else ""
-        raise LayertapError(f"no usable images in {scanned.root}{detail}")
-    return scanned
+    if not kept:
+        detail = f"; {len(skipped)} files were skipped, first: {skipped[0].path} ({skipped[0].reason})" if skipped else ""
+        if records and all(stat is None for stat in stats):
+            detail += (f". No listed file is in {images.root}: a CSV's paths are relative to --root (default: the "
+                       "CSV's folder), a --split-file's to --data")
+        raise LayertapError(f"no usable images in {images.root}{detail}")
+    return drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
 
 
 def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | None) -> ImageRecord | Skipped:
