@@ -161,8 +161,7 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
     """
     model_dir = Path(model_dir)
     if not (model_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); "
-                                "train one with `layertap classify`")
+        raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); {_models_in(model_dir)}")
     try:
         manifest = json.loads((model_dir / MANIFEST).read_text())
     except ValueError as exc:
@@ -197,6 +196,20 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
 
         model = DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))), manifest["params"])
     return model, manifest
+
+
+def _models_in(folder: Path) -> str:
+    """What to give instead of ``folder``: one of its model folders if it is a run folder (the best on val first)."""
+    models = sorted(p.parent.name for p in folder.glob(f"*/{MANIFEST}"))
+    if not models:
+        return "train one with `layertap classify`"
+    try:
+        best = Path(json.loads((folder / "comparison.json").read_text())["rows"][0]["model_dir"]).name
+    except (OSError, ValueError, LookupError, TypeError):
+        best = None
+    first, why = (best, " (best on val)") if best in models else (models[0], "")
+    return (f"it is a run folder: give one of its {len(models)} model folders, such as {folder / first}{why}; "
+            f"it has {', '.join(models)}")
 
 
 def _verified_bytes(path: Path, expected: str) -> bytes:

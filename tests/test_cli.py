@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,10 @@ def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "val acc (chooses)" in shown and "test acc" in shown and "best on val: " in shown
     model = next(models.glob("*/block2_pool-logreg"))
+    best = json.loads((model.parent / "comparison.json").read_text())["rows"][0]["model_dir"]
+    assert main(["predict", str(model.parent), str(split_folder / "test")]) != 0
+    assert f"it is a run folder: give one of its 4 model folders, such as {best} (best on val); it has " \
+           f"block1_pool-knn, block1_pool-logreg, block2_pool-knn" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(model), str(split_folder / "test"), str(tmp_path / "bad.png"), "--output",
