@@ -142,6 +142,11 @@ def test_bootstrap_gain_interval():
     gain = bootstrap_gain(better, old)
     assert gain["gain"] == pytest.approx(better.mean() - old.mean())
     assert 0 < gain["low"] < gain["gain"] < gain["high"] and gain["p_not_better"] == 0
+    se = np.std(better.astype(float) - old) / np.sqrt(len(old))  # the interval's ends near gain -/+ z se
+    for level, z in ((0.95, 1.960), (0.5, 0.674)):
+        ends = bootstrap_gain(better, old, level=level)
+        assert ends["level"] == level and (ends["gain"] - ends["low"]) / se == pytest.approx(z, abs=0.15)
+        assert (ends["high"] - ends["gain"]) / se == pytest.approx(z, abs=0.15)
     with pytest.raises(ValueError, match="equal-length"):
         bootstrap_gain(old, old[:10])
 
