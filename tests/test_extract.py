@@ -68,6 +68,22 @@ def test_key_changes_with_what_changes_the_numbers(split_folder, tmp_path):
     assert extract_features(tiny_settings(split_folder, tmp_path / "f")).store_path != base
 
 
+def test_a_changed_split_file_gives_a_store_with_the_new_splits(class_folder, tmp_path):
+    """Same files, same labels, one image moved from train to test: a new key (never the old splits), and
+    every feature is taken from the first store by content."""
+    rows = [f"{p.parent.name}/{p.name},{p.parent.name},{'test' if p.name == 'img_0.jpg' else 'train'}"
+            for p in sorted(class_folder.glob("*/*.jpg"))]
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    first = extract_features(tiny_settings(class_folder, tmp_path / "f", split_file=str(split_file)))
+    split_file.write_text(split_file.read_text().replace("red/img_1.jpg,red,train", "red/img_1.jpg,red,test"))
+    second = extract_features(tiny_settings(class_folder, tmp_path / "f", split_file=str(split_file)))
+    assert second.store_path != first.store_path and (second.n_decoded, second.n_reused) == (0, len(rows))
+    rows = FeatureStore(second.store_path).rows
+    assert rows.splits[rows.paths.index("red/img_1.jpg")] == "test"
+    assert FeatureStore(first.store_path).rows.splits.count("test") + 1 == rows.splits.count("test")
+
+
 def test_bad_images_are_skipped_and_recorded(class_folder, tmp_path):
     expected = add_bad_files(class_folder)
     result = extract_features(tiny_settings(class_folder, tmp_path / "f"))
