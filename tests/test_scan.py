@@ -79,6 +79,29 @@ def test_files_that_are_gone_are_forgotten(tmp_path):
     assert len(entries) == 11 and "train/red/img_0.jpg" not in entries
 
 
+def test_new_bytes_under_the_old_size_and_modification_time_are_read_again(tmp_path, reads):
+    """An edit in place that keeps the size and puts the modification time back (as `touch -r`, `rsync -t`
+    or `cp -p` leave a file) still changes the file's change time: the file is read and hashed anew."""
+    data = make_split_folder(tmp_path / "images", train=1, val=0, test=0)
+    age(data)
+    edited = data / "train" / "red" / "img_0.jpg"
+    before = {r.path: r.fingerprint for r in scan_images(find_images(data), cache=StatCache(tmp_path, data)).records}
+    time.sleep(0.05)  # the change time moves in clock ticks
+    stat = os.stat(edited)
+    with open(edited, "r+b") as fh:
+        fh.seek(stat.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(stat.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_stat(edited)[:2] == (stat.st_size, stat.st_mtime_ns)
+    reads.clear()
+    after = {r.path: r.fingerprint for r in scan_images(find_images(data), cache=StatCache(tmp_path, data)).records}
+    assert reads == [edited] and after["train/red/img_0.jpg"] != before["train/red/img_0.jpg"]
+    assert {k: v for k, v in after.items() if k != "train/red/img_0.jpg"} == {
+        k: v for k, v in before.items() if k != "train/red/img_0.jpg"}
+
+
 def test_a_file_modified_close_to_its_scan_is_read_again(tmp_path):
     """Git's racy-clean rule: a rewrite within one timestamp tick of the scan, same size, must not pass."""
     (tmp_path / "a.bin").write_bytes(b"x")
