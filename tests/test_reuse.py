@@ -51,6 +51,21 @@ def test_added_images_alone_are_computed_and_every_other_row_is_the_earlier_stor
         np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
 
 
+def test_rows_reused_in_another_order_each_keep_their_own_images_features(tmp_path):
+    """Renamed so that every class's order is reversed: each shard's rows come from the earlier store's rows
+    in decreasing order, and each image must still get its own row."""
+    data = make_class_folder(tmp_path / "data")  # img_0 ... img_3 a class, shards of 4
+    first = extract_features(tiny_settings(data, tmp_path / "f"))
+    for colour in COLOURS:
+        for i in range(4):
+            (data / colour / f"img_{i}.jpg").rename(data / colour / f"new_{3 - i}.jpg")
+    second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.store_path != first.store_path and (second.n_decoded, second.n_reused) == (0, 12)
+    before, after = rows_by_fingerprint(first.store), rows_by_fingerprint(second.store)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(after[fp][tap], before[fp][tap]) for fp in before for tap in TAPS)
+
+
 def test_a_bad_new_file_among_reused_images_is_skipped_and_named(tmp_path):
     data = make_class_folder(tmp_path / "data")
     extract_features(tiny_settings(data, tmp_path / "f"))
