@@ -156,6 +156,40 @@ def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_pa
     assert choose_tap(store, None, [], probe)[0] == "a"  # no stage-two run: the probes, on val
 
 
+def test_classifiers_learn_from_the_train_rows_alone_and_stop_early_on_val(tmp_path, monkeypatch):
+    import pipeline.classifiers as classifiers
+
+    store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
+    splits, _ = resolve_splits(store)
+    X, y, fits, make = store.features("a"), store.labels, {}, classifiers.make_classifier
+
+    def recording(spec, **kwargs):
+        estimator = make(spec, **kwargs)
+        fit = estimator.fit
+        if classifiers.takes_validation_data(estimator):
+            def spy(X, y, validation_data):
+                fits[spec] = (X, y, validation_data)
+                return fit(X, y, validation_data=validation_data)
+        else:
+            def spy(X, y):
+                fits[spec] = (X, y, None)
+                return fit(X, y)
+        estimator.fit = spy
+        return estimator
+
+    monkeypatch.setattr(classifiers, "make_classifier", recording)
+    for spec in ("logreg", "dense"):
+        classifiers.train_one(store, X, spec, splits)
+    train, val = splits == "train", splits == "val"
+    assert sorted(fits) == ["dense", "logreg"]
+    for X_fit, y_fit, _ in fits.values():
+        np.testing.assert_array_equal(X_fit, X[train])
+        np.testing.assert_array_equal(y_fit, y[train])
+    assert fits["logreg"][2] is None
+    np.testing.assert_array_equal(fits["dense"][2][0], X[val])
+    np.testing.assert_array_equal(fits["dense"][2][1], y[val])
+
+
 def test_a_recorded_split_without_val_rows_gets_val_carved_from_train(tmp_path):
     root = tmp_path / "data"
     for split, n in (("train", 8), ("test", 2)):
