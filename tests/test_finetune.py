@@ -234,6 +234,17 @@ def test_changed_image_is_refused(staged, tmp_path):
         finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), data_root=str(data), **QUICK))
 
 
+def test_phase_two_reports_its_best_epoch_on_val_not_its_last(staged, tmp_path, monkeypatch):
+    """Best is the highest val accuracy, then the lowest val loss: epoch 2 here, which the weights are restored to."""
+    epochs = [(0.5, 1.0), (0.9, 0.4), (0.9, 0.6), (0.7, 0.3)]
+    curves = [{"loss": 0.1, "accuracy": 1.0, "val_accuracy": a, "val_loss": v} for a, v in epochs]
+    monkeypatch.setattr(pipeline.finetuning, "train_phase", lambda *a, **k: (curves, False, True))
+    _, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), **QUICK))
+    phase2 = metrics["phases"][1]
+    assert (phase2["val_accuracy"], phase2["val_loss"], phase2["epochs_run"]) == (0.9, 0.4, 4)
+    assert metrics["kept"] == "phase 2" and metrics["val_accuracy"] == 0.9
+
+
 def test_time_budget_stops_phase_two_in_its_first_epoch_and_says_so(staged, finetuned, tmp_path):
     _, unlimited = finetuned
     assert unlimited["phases"][1]["epochs_run"] == 2 and not unlimited["phases"][1]["time_limited"]
