@@ -209,7 +209,7 @@ def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_ra
     from pipeline.layers import crossentropy
 
     net.compile(optimizer=optimizer, loss=crossentropy, metrics=["accuracy"])
-    best = _best_on_val(patience, start)
+    best = keep_best_on_val(patience, start)
     callbacks = [best] + ([_time_limit(minutes)] if minutes is not None else [])
     history = net.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs, batch_size=batch_size,
                       shuffle=True, callbacks=callbacks, verbose=verbose)
@@ -221,7 +221,7 @@ def train_phase(net, x_train, y_train, x_val, y_val, *, epochs: int, learning_ra
     return curves, time_limited, best.improved
 
 
-def _best_on_val(patience: int, start: tuple | None):
+def keep_best_on_val(patience: int, start: tuple | None):
     """A callback that keeps the best weights on val (see :func:`train_phase`)."""
     keras = import_keras()
 

@@ -22,6 +22,7 @@ from pipeline.compose import (
     build_augmentation,
     build_finetune_model,
     default_unfreeze_from,
+    keep_best_on_val,
     parse_augmentation,
     set_trainable,
 )
@@ -232,6 +233,35 @@ def test_changed_image_is_refused(staged, tmp_path):
     changed.write_bytes(changed.read_bytes() + b"\x00")
     with pytest.raises(LayertapError, match=r"test/red/img_1.jpg \(the file changed since the store was extracted"):
         finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), data_root=str(data), **QUICK))
+
+
+def _epochs_through_best_on_val(scores, start=None, patience=3):
+    """Run the callback train_phase keeps weights with over ``scores`` (val accuracy, val loss), the model's
+    weights set to the epoch's number before each epoch ends; return the restored number, when it
+    stopped and whether an epoch beat ``start``."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    callback = keep_best_on_val(patience, start)
+    callback.set_model(model)
+    model.set_weights([np.full(w.shape, -1.0, w.dtype) for w in model.get_weights()])
+    model.stop_training, stopped = False, None  # as fit() starts
+    callback.on_train_begin()
+    for epoch, (accuracy, loss) in enumerate(scores):
+        model.set_weights([np.full(w.shape, float(epoch), w.dtype) for w in model.get_weights()])
+        callback.on_epoch_end(epoch, {"val_accuracy": accuracy, "val_loss": loss})
+        if model.stop_training:
+            stopped = epoch
+            break
+    callback.on_train_end()
+    return float(model.get_weights()[0].flat[0]), stopped, callback.improved
+
+
+def test_the_weights_kept_are_the_best_epochs_on_val_accuracy_then_loss():
+    scores = [(0.5, 1.0), (0.9, 0.6), (0.9, 0.4), (0.8, 0.1), (0.9, 0.5)]
+    assert _epochs_through_best_on_val(scores) == (2.0, None, True)
+    assert _epochs_through_best_on_val(scores, patience=2) == (2.0, 4, True)  # two epochs without a better one
+    assert _epochs_through_best_on_val(scores, start=(0.9, 0.45)) == (2.0, None, True)
+    assert _epochs_through_best_on_val(scores, start=(0.9, 0.4)) == (-1.0, 2, False)  # a tie does not beat it
+    assert _epochs_through_best_on_val(scores, start=(0.9, 0.3)) == (-1.0, 2, False)  # none beats the start: its weights
 
 
 def test_phase_two_reports_its_best_epoch_on_val_not_its_last(staged, tmp_path, monkeypatch):
