@@ -80,3 +80,27 @@ def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
     svm_probabilities = build_probe_head(*probe_weights(svm, X, y)).predict_on_batch(X)
     assert (svm_probabilities.argmax(axis=1) == svm.predict(X)).all()
     np.testing.assert_allclose(svm_probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_scores_of_a_classifier_without_probabilities_rank_its_own_prediction_first(n_classes):
+    from pipeline.prediction import class_scores
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % n_classes
+    X = rng.normal(size=(60, 5)) + y[:, None]
+    svm = make_classifier("linsvm").fit(X, y)
+    assert not hasattr(svm, "predict_proba")  # predict takes its decision scores
+    scores = class_scores(svm, X)
+    np.testing.assert_array_equal(scores.argmax(axis=1), svm.predict(X))
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0)
+
+
+def test_scores_of_large_decisions_are_a_softmax_without_overflow():
+    from pipeline.prediction import class_scores
+
+    class Decisive:
+        def decision_function(self, X):
+            return np.array([[1000.0, 0.0, 999.0]])
+
+    np.testing.assert_allclose(class_scores(Decisive(), None), [[1 / (1 + np.exp(-1)), 0, 1 / (1 + np.e)]], atol=1e-12)
