@@ -139,6 +139,11 @@ def test_modes_become_proper_rgb(tmp_path):
     deep = decode_image(tmp_path / "deep.png", 256, resize="squash")
     # 16-bit values are scaled to 8 bits, not clipped at 255: the gradient survives.
     assert deep[..., 0].min() < 5 and deep[..., 0].max() > 250 and np.median(deep[..., 0]) < 200
+    # 32-bit integers in 0..255 stay as they are; floats in 0..1 are scaled by 255 (TIFFs from scientific tools)
+    Image.fromarray(np.full((16, 16), 200, np.int32), "I").save(tmp_path / "int.tif")
+    Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(tmp_path / "unit.tif")
+    assert (decode_image(tmp_path / "int.tif", 8) == 200).all()
+    assert (decode_image(tmp_path / "unit.tif", 8) == 128).all()
 
 
 @pytest.mark.parametrize("resize", ["squash", "crop"])
