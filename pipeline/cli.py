@@ -286,7 +286,8 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     command("inspect", cmd_inspect, "show a feature store's contents and provenance",
             arguments((["store"], dict(help="a .h5 feature store"))))
     command("sample", cmd_sample, "build the embedded sample set (offline) and print its folder",
-            arguments((["--dest"], dict(default=None, help="folder (default: $LAYERTAP_SAMPLE_DIR, else ~/.cache/layertap/sample-v<version>)"))))
+            arguments((["--dest"], dict(default=None, help="folder (default: $LAYERTAP_SAMPLE_DIR, else "
+                                                           "~/.cache/layertap/sample-v<version>)"))))
     command("fetch", cmd_fetch, "download a public data set from its official page (with checksum)", arguments(
         (["dataset"], dict(choices=("flowers17",))),
         (["--dest"], dict(default="data/flowers17", help="target folder (default: %(default)s)")),
