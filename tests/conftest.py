@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -127,3 +128,9 @@ def leaked_segments(before: set[str]) -> set[str]:
     if not os.path.isdir("/dev/shm"):
         return set()
     return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child that a test sends Ctrl-C: the default SIGINT. A shell starts background jobs
+    with SIGINT ignored and the child would inherit that (`make test &`), so the test would fail there."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,7 +13,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, leaked_segments, make_class_folder, processes_marked
+from conftest import ROOT, interruptible, leaked_segments, make_class_folder, processes_marked
 
 from pipeline.store import FeatureStore
 
@@ -103,7 +103,7 @@ def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path
     shm_before = set(os.listdir("/dev/shm"))
     process = subprocess.Popen([sys.executable, str(script), "extract", "--data", str(data), "--out",
                                 str(tmp_path / "f"), *TINY], env=_env(mark), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 60
     while len(processes_marked(mark)) < 4 and time.time() < deadline:  # the run, a forkserver, two workers
         time.sleep(0.1)

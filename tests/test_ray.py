@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, add_bad_files, make_split_folder, processes_marked, tiny_settings
+from conftest import ROOT, add_bad_files, interruptible, make_split_folder, processes_marked, tiny_settings
 
 from pipeline import LayertapError
 from pipeline.batchnorm import FOLDED
@@ -260,7 +260,7 @@ def test_ctrl_c_stops_the_command_and_its_ray_and_keeps_the_committed_shards(dat
                             "--size", "32", "--layers", ",".join(TAPS), "--batch-size", "2", "--shard-size", "2",
                             "--out", str(tmp_path), "--engine", "ray", "-q"],
                            env={**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 120
     while not list(tmp_path.glob("*.parts/*/shard-*.h5")) and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
