@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from pipeline import LayertapError, import_keras
+from pipeline.evaluation import epoch_rank
 from pipeline.settings import check_choice
 
 log = logging.getLogger(__name__)
@@ -226,19 +227,19 @@ def keep_best_on_val(patience: int, start: tuple | None):
     keras = import_keras()
 
     class BestOnVal(keras.callbacks.Callback):
-        """Keep the weights of the epoch with the best (val accuracy, -val loss); restore them at the end."""
+        """Keep the weights of the epoch best by :func:`pipeline.evaluation.epoch_rank`; restore them at the end."""
 
         def __init__(self, patience: int, start: tuple | None):
             super().__init__()
             self.patience = patience
-            self.best = (start[0], -start[1]) if start else (-np.inf, -np.inf)
+            self.best = epoch_rank({"val_accuracy": start[0], "val_loss": start[1]}) if start else (-np.inf, -np.inf)
             self.best_weights, self.wait, self.improved = None, 0, False
 
         def on_train_begin(self, logs=None):
             self.initial = self.model.get_weights()
 
         def on_epoch_end(self, epoch, logs=None):
-            score = (logs["val_accuracy"], -logs["val_loss"])
+            score = epoch_rank(logs)
             if score > self.best:
                 self.best, self.best_weights, self.wait, self.improved = score, self.model.get_weights(), 0, True
                 return

@@ -1,7 +1,7 @@
 """Scoring on held-out images, the same way for every stage: choosing on val, test metrics, a gain with its interval.
 
-Choices are made on the val rows (:func:`best_on_val`, :func:`rank_on_val`); the test rows are scored
-once, for the report (:func:`score_predictions`, :func:`bootstrap_gain`).
+Choices are made on the val rows (:func:`best_on_val`, :func:`rank_on_val`, :func:`epoch_rank`); the test rows
+are scored once, for the report (:func:`score_predictions`, :func:`bootstrap_gain`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ import numpy as np
 def best_on_val(rows: list[dict]) -> dict:
     """The row with the highest ``val_accuracy``; of equals, the first (the order given: taps low to high)."""
     return max(rows, key=lambda r: r["val_accuracy"])
+
+
+def epoch_rank(val: dict) -> tuple[float, float]:
+    """How training epochs (or a phase's start) compare on val: higher ``val_accuracy``, then lower ``val_loss``;
+    the larger the better. The one rule both the weights kept and the epoch reported follow."""
+    return val["val_accuracy"], -val["val_loss"]
 
 
 def rank_on_val(rows: list[dict]) -> list[dict]:

@@ -39,7 +39,7 @@ from pipeline.compose import SCHEDULES, build_augmentation, build_finetune_model
     check_unfreeze_from, default_unfreeze_from, learning_rate_schedule, param_counts, parse_augmentation, \
     predict_batched, set_trainable, train_phase
 from pipeline.decoding import decode_store_rows
-from pipeline.evaluation import best_on_val, bootstrap_gain, log_loss, score_predictions
+from pipeline.evaluation import best_on_val, bootstrap_gain, epoch_rank, log_loss, score_predictions
 from pipeline.settings import check_choice, check_int, option
 from pipeline.splits import resolve_splits, test_rows_sha256
 from pipeline.store import FeatureStore
@@ -356,7 +356,7 @@ class _Job:
         curves, time_limited, improved = self._train(self.model, images, s.fine_tune_epochs, schedule,
                                                      s.fine_tune_minutes, start=start)
         self.curves += [{"phase": 2, **e} for e in curves]
-        best = max(curves, key=lambda e: (e["val_accuracy"], -e["val_loss"])) if curves else {}
+        best = max(curves, key=epoch_rank) if curves else {}
         self.phases.append({"head": s.head, "data": "augmented images", "epochs_run": len(curves),
                             "seconds": time.perf_counter() - started, "learning_rate": s.fine_tune_learning_rate,
                             "schedule": s.schedule, "warmup_epochs": s.warmup_epochs,

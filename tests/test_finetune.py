@@ -265,7 +265,8 @@ def test_the_weights_kept_are_the_best_epochs_on_val_accuracy_then_loss():
 
 
 def test_phase_two_reports_its_best_epoch_on_val_not_its_last(staged, tmp_path, monkeypatch):
-    """Best is the highest val accuracy, then the lowest val loss: epoch 2 here, which the weights are restored to."""
+    """Best is the highest val accuracy, then the lowest val loss: epoch 2 here (train_phase is stood in for, so
+    no weights move; the callback test above checks that the weights kept follow the same rule)."""
     epochs = [(0.5, 1.0), (0.9, 0.4), (0.9, 0.6), (0.7, 0.3)]
     curves = [{"loss": 0.1, "accuracy": 1.0, "val_accuracy": a, "val_loss": v} for a, v in epochs]
     monkeypatch.setattr(pipeline.finetuning, "train_phase", lambda *a, **k: (curves, False, True))
