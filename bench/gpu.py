@@ -393,6 +393,9 @@ def main() -> None:
             row = {"backbone": backbone, "name": name, **result}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            partial = Path(args.results) / "gpu-partial.json"  # rows so far, should the run be cut off
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"machine": facts, "rows": rows, "scan": scans}, indent=2, default=str))
             shutil.rmtree(out, ignore_errors=True)
     markdown = table(rows, facts, args.size, args.batch_size) + (scans["table"] + "\n" if scans else "")
     print(markdown)

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 DATA=/tmp/w0/flowers  # 60 flowers17 JPEGs a class, in the parts
 for mode in "$@"; do
   case $mode in
-    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
+    tests) timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -25 | tee "$OUT/tests.txt" ;;
     profile) timeout 300 python3 -m bench.dali_profile --data $DATA 2>&1 | tail -3 | tee "$OUT/profile.json" ;;
     forward) for backbone in resnet50 vgg16; do
                timeout 200 python3 -m bench.forward --backbone $backbone --batch 256 --precision bfloat16 2>&1 | tail -1 | tee -a "$OUT/forward.jsonl"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipeline import LayertapError, virtual
 from pipeline.backbones import BACKBONES
-from pipeline.gpu_decode import DECODERS
+from pipeline.gpu_decode import DECODER_CHOICES, DECODERS
 from pipeline.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
 from pipeline.pooling import flatten_warning, parse_pooling
 from pipeline.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
@@ -46,8 +46,9 @@ MERGES = ("copy", "virtual")
 class ExtractSettings:
     """Everything stage one needs; validated when built. Each field's ``help`` says what it does.
 
-    ``precision="auto"`` is resolved when the settings are built (bfloat16 on GPUs and on CPUs with
-    bfloat16 units, else float32), so the resolved value is what the cache key and manifest record.
+    ``precision="auto"`` and ``decoder="auto"`` are resolved when the settings are built (bfloat16 on GPUs
+    and on CPUs with bfloat16 units, else float32; dali where DALI and a GPU are there for the local
+    engine, else pillow), so the resolved values are what the cache key and manifest record.
     ``batch_size``, ``workers``, ``shard_size`` and the engine are not part of the cache key.
     """
 
@@ -73,11 +74,12 @@ class ExtractSettings:
     draft: bool = option(True, "decode JPEGs at the smallest DCT scale that still covers image_size", group="model",
                          flag_help="decode JPEGs at full resolution (default: at the smallest DCT scale that "
                                    "still covers --size)")
-    decoder: str = option("pillow", "JPEG decoding: pillow (--workers processes on the CPU cores), nvjpeg (on "
-                                    "the GPU through torchvision; slower than 16 cores on an H100 host, see "
-                                    "bench/NOTES.md) or dali (NVIDIA DALI: the GPU's hardware JPEG engines; "
-                                    "pip install 'layertap[dali]'); with --engine ray the GPU decoders run in "
-                                    "the model actors, each on its GPU", choices=DECODERS, group="model")
+    decoder: str = option("auto", "JPEG decoding: pillow (--workers processes on the CPU cores), dali (NVIDIA "
+                                  "DALI on the GPU's hardware JPEG engines, 1.7-2x pillow's speed on an H100 host; "
+                                  "pip install 'layertap[dali]') or nvjpeg (torchvision; slower than 16 cores); "
+                                  "auto is dali where the JAX or torch backend has a GPU and DALI imports, else "
+                                  "pillow (always pillow with --engine ray, whose GPU actors decode only with a "
+                                  "named GPU decoder)", choices=DECODER_CHOICES, group="model")
     precision: str = option("auto", "compute precision: bfloat16/float16 are mixed precision; auto is bfloat16 on "
                                     "GPUs, and on CPUs with bfloat16 units (AMX/AVX512-BF16) on TensorFlow or "
                                     "torch (JAX's CPU backend runs it no faster); else float32",
@@ -115,7 +117,7 @@ class ExtractSettings:
 
     def __post_init__(self):
         from pipeline.backbones import get_backbone
-        from pipeline.gpu_decode import check_decoder
+        from pipeline.gpu_decode import check_decoder, resolve_decoder
 
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
@@ -124,6 +126,7 @@ class ExtractSettings:
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
+        object.__setattr__(self, "decoder", resolve_decoder(self.decoder, self.engine))
         if self.engine == "ray":  # the GPUs that decode are the cluster's: each model actor checks its own
             check_choice("decoder", self.decoder, DECODERS)
         else:

@@ -5,14 +5,12 @@ without a trip through host memory (DLPack). ``nvjpeg`` (torchvision) is for hos
 per GPU: on an H100 with 16 host cores, its decoder (one lock, Huffman decoding on one thread) ran
 at about 3,000 images/s, slower than 16 Pillow worker processes (bench/NOTES.md), so it is not the
 default. ``dali`` (``fn.decoders.image`` on the ``mixed`` device) decodes on the GPU's hardware
-JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise. On an
-H100 with 16 host cores, when it was fed file bytes read in Python, it decoded 7,400-8,900
-images/s against 5,800 for 16 Pillow processes, and extracted VGG16 features 1.25x as fast as
-``pillow`` but ResNet50's at 0.8-1.0x (the reads shared the main process's GIL with the forward
-pass), so it is not the default either (bench/NOTES.md, "DALI on an H100"). DALI now reads the
-files itself, routed by what the scan found in each (:attr:`pipeline.images.ImageRecord.jpeg`),
-with two batches queued ahead: the Python work per batch is 0.4x (measured on the CPU device; not
-yet on a GPU).
+JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise. DALI
+reads the files itself, routed by what the scan found in each (:attr:`pipeline.images.ImageRecord.jpeg`),
+with two batches queued ahead. On an H100 with 16 host cores it decoded 27,000-28,000 images/s against
+6,300 for 16 Pillow processes, and extracted VGG16 and ResNet50 features 1.7-2.0x as fast as ``pillow``
+(bench/NOTES.md, "DALI reads the files itself, on an H100"), so ``--decoder auto`` (the default) is
+``dali`` where it can be (:func:`resolve_decoder`).
 
 What they decode matches :func:`pipeline.decoding.decode_image` in meaning (EXIF orientation
 applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
@@ -35,10 +33,36 @@ from functools import partial
 from pipeline import LayertapError
 from pipeline.decoding import CHANGED, decode_image
 from pipeline.images import gpu_jpeg, or_reason, read_file
+from pipeline.runtime import keras_backend, on_gpu
 from pipeline.scan import file_stat
 
 DECODERS = ("pillow", "nvjpeg", "dali")
+DECODER_CHOICES = ("auto", *DECODERS)
+# Keras backends that DALI hands batches to on the GPU (DLPack); on TensorFlow they would go through host memory.
+DALI_BACKENDS = ("jax", "torch")
 DEVICE = "cuda"  # where the GPU decoders decode by default (the tests set "cpu")
+
+
+def resolve_decoder(decoder: str, engine: str = "local") -> str:
+    """``auto`` -> ``dali`` where the local engine's Keras backend (JAX or torch) computes on a GPU that DALI
+    sees; else ``pillow``.
+
+    On an H100 with 16 host cores DALI extracted 1.7-2.0x as fast as 16 Pillow processes, VGG16 and ResNet50
+    alike (bench/NOTES.md, "DALI reads the files itself, on an H100"). With ``--engine ray`` the GPUs are the
+    cluster's, not this host's, so ``auto`` is ``pillow`` there (a cache key must not depend on which host
+    started the run); name ``--decoder dali`` to decode in the GPU actors. Checked without importing Keras
+    or DALI on a machine without an accelerator.
+
+    Raises:
+        ValueError: an unknown decoder.
+    """
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder={decoder!r} is not known; use one of: {', '.join(DECODER_CHOICES)}")
+    if decoder != "auto":
+        return decoder
+    if engine == "local" and keras_backend() in DALI_BACKENDS and on_gpu() and dali_available():
+        return "dali"
+    return "pillow"
 
 
 def nvjpeg_available(device: str | None = None) -> bool:

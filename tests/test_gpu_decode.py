@@ -62,6 +62,44 @@ def test_decoder_choice(monkeypatch):
         check_decoder("turbo")
 
 
+@pytest.mark.parametrize("backend, gpu, dali, engine, expected", [
+    ("jax", True, True, "local", "dali"), ("torch", True, True, "local", "dali"),
+    ("tensorflow", True, True, "local", "pillow"),  # DALI's batches would go through host memory
+    ("jax", False, True, "local", "pillow"), ("jax", True, False, "local", "pillow"),
+    ("jax", True, True, "ray", "pillow"),  # the GPUs are the cluster's, not this host's
+])
+def test_auto_decoder_is_dali_where_the_backend_has_a_gpu_and_dali_imports(monkeypatch, tmp_path, backend, gpu, dali,
+                                                                           engine, expected):
+    import pipeline.gpu_decode as gd
+    from pipeline.extract import ExtractSettings
+
+    monkeypatch.setattr(gd, "keras_backend", lambda: backend)
+    monkeypatch.setattr(gd, "on_gpu", lambda: gpu)
+    monkeypatch.setattr(gd, "dali_available", lambda device=None: dali)
+    assert gd.resolve_decoder("auto", engine) == expected
+    for named in ("pillow", "nvjpeg", "dali"):
+        assert gd.resolve_decoder(named, engine) == named
+    with pytest.raises(ValueError, match="auto, pillow, nvjpeg, dali"):
+        gd.resolve_decoder("turbo")
+    if engine == "local":  # the settings hold what auto resolved to: the cache key and manifest record it
+        monkeypatch.setattr(gd, "check_decoder", lambda decoder, device=None: decoder)
+        assert ExtractSettings(data=str(tmp_path), weights="random").decoder == expected
+
+
+def test_auto_decoder_here(tmp_path):
+    """Unpatched: pillow without a GPU (CI); dali on a GPU host with DALI and JAX or torch (the GPU sessions)."""
+    import pipeline.gpu_decode as gd
+    from pipeline.extract import ExtractSettings
+    from pipeline.runtime import on_gpu
+
+    decoder = ExtractSettings(data=str(tmp_path), weights="random").decoder
+    if keras_backend() in ("jax", "torch") and on_gpu() and gd.dali_available():
+        assert decoder == "dali"
+    else:
+        assert decoder == "pillow"
+    assert ExtractSettings(data=str(tmp_path), weights="random", engine="ray").decoder == "pillow"
+
+
 @pytest.fixture(params=["nvjpeg", "dali"])
 def gpu_decoder(request, monkeypatch):
     """A GPU decoder's factory, on the CPU device where there is no CUDA GPU."""
