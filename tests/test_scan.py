@@ -171,3 +171,29 @@ def test_the_jpeg_facts_a_gpu_decoder_routes_by_come_back_from_the_cache(tmp_pat
     assert "stat cache" not in caplog.text
     with sqlite3.connect(tmp_path / FILE_NAME) as db:
         assert [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["probes"]
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_stats_leave_the_calling_thread_only_where_the_filesystem_is_slow(tmp_path, monkeypatch, slow):
+    """From the page cache threads only contend for the GIL; a slow filesystem's stats wait in parallel."""
+    import threading
+
+    paths = []
+    for i in range(2 * scan_module.STAT_CHUNK + 5):
+        paths.append(str(tmp_path / f"{i}.bin"))
+        if i % 7:  # every seventh is missing: None in its place
+            open(paths[-1], "wb").close()
+    callers, stat = set(), scan_module.file_stat
+
+    def observed(path):
+        callers.add(threading.current_thread().name)
+        if slow:
+            time.sleep(2 * scan_module.SLOW_STAT_S)
+        return stat(path)
+
+    monkeypatch.setattr(scan_module, "file_stat", observed)
+    stats = scan_module.stat_files(paths, workers=4)
+    assert stats == [stat(path) for path in paths]
+    assert [s is None for s in stats] == [i % 7 == 0 for i in range(len(paths))]
+    here = threading.current_thread().name
+    assert callers == ({here, "layertap_0", "layertap_1"} if slow else {here})
