@@ -7,8 +7,8 @@ at about 3,000 images/s, slower than 16 Pillow worker processes (bench/NOTES.md)
 default. ``dali`` (``fn.decoders.image`` on the ``mixed`` device) decodes on the GPU's hardware
 JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise. DALI
 reads the files itself, routed by what the scan found in each (:attr:`pipeline.images.ImageRecord.jpeg`),
-with two batches queued ahead. On an H100 with 16 host cores it decoded 27,000-28,000 images/s against
-6,300 for 16 Pillow processes, and extracted VGG16 and ResNet50 features 1.7-2.0x as fast as ``pillow``
+with two batches queued ahead. On an H100 with 16 host cores it decoded 19,000-28,000 images/s against
+4,800-6,300 for 16 Pillow processes, and extracted VGG16 and ResNet50 features 1.65-2.2x as fast as ``pillow``
 (bench/NOTES.md, "DALI reads the files itself, on an H100"), so ``--decoder auto`` (the default) is
 ``dali`` where it can be (:func:`resolve_decoder`).
 
@@ -47,7 +47,7 @@ def resolve_decoder(decoder: str, engine: str = "local") -> str:
     """``auto`` -> ``dali`` where the local engine's Keras backend (JAX or torch) computes on a GPU that DALI
     sees; else ``pillow``.
 
-    On an H100 with 16 host cores DALI extracted 1.7-2.0x as fast as 16 Pillow processes, VGG16 and ResNet50
+    On an H100 with 16 host cores DALI extracted 1.65-2.2x as fast as 16 Pillow processes, VGG16 and ResNet50
     alike (bench/NOTES.md, "DALI reads the files itself, on an H100"). With ``--engine ray`` the GPUs are the
     cluster's, not this host's, so ``auto`` is ``pillow`` there (a cache key must not depend on which host
     started the run); name ``--decoder dali`` to decode in the GPU actors. Checked without importing Keras
