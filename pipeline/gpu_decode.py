@@ -79,9 +79,9 @@ def dali_available(device: str | None = None) -> bool:
     """Whether NVIDIA DALI imports and can decode on ``device`` here (default :data:`DEVICE`; ``cuda`` needs a GPU)."""
     try:
         from nvidia.dali import backend
-    except Exception:  # noqa: BLE001 - any import failure means: not available
+        return (device or DEVICE) == "cpu" or backend.GetCUDADeviceCount() > 0
+    except Exception:  # noqa: BLE001 - a failed import or CUDA driver query means: not available
         return False
-    return (device or DEVICE) == "cpu" or backend.GetCUDADeviceCount() > 0
 
 
 def check_decoder(decoder: str, device: str | None = None) -> str:

@@ -199,8 +199,14 @@ def open_decoder(settings, device: str | None = None, workers: int | None = None
     workers = workers or settings.workers or default_workers()
     if settings.decoder == "dali":
         from pipeline.dali_decode import DaliDecoder
-        return DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
-                           device=device, workers=workers)
+        try:
+            return DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
+                               device=device, workers=workers)
+        except Exception as exc:  # noqa: BLE001 - DALI imported and saw a GPU, yet cannot run a pipeline
+            first = (str(exc).strip().splitlines() or [""])[0][:300]  # DALI's errors go on with a C++ stack
+            raise LayertapError(f"NVIDIA DALI could not start a decoder ({type(exc).__name__}: {first}); use "
+                                "--decoder pillow to decode on the CPU cores (--decoder auto, the default, takes "
+                                "DALI wherever it imports and sees a GPU)") from exc
     if settings.decoder == "nvjpeg":
         from pipeline.gpu_decode import NvjpegDecoder
         return NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, device=device, workers=workers)

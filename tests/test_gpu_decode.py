@@ -100,6 +100,22 @@ def test_auto_decoder_here(tmp_path):
     assert ExtractSettings(data=str(tmp_path), weights="random", engine="ray").decoder == "pillow"
 
 
+def test_a_gpu_dali_cannot_use_is_no_gpu_for_auto(monkeypatch):
+    """A DALI whose CUDA driver query fails (a driver older than its CUDA) is not available: auto takes pillow."""
+    backend = pytest.importorskip("nvidia.dali.backend")
+    import pipeline.gpu_decode as gd
+
+    def broken():
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(backend, "GetCUDADeviceCount", broken)
+    monkeypatch.setattr(gd, "keras_backend", lambda: "jax")
+    monkeypatch.setattr(gd, "on_gpu", lambda: True)
+    assert not gd.dali_available("cuda") and gd.resolve_decoder("auto") == "pillow"
+    with pytest.raises(LayertapError, match="--decoder pillow"):
+        check_decoder("dali", "cuda")
+
+
 @pytest.fixture(params=["nvjpeg", "dali"])
 def gpu_decoder(request, monkeypatch):
     """A GPU decoder's factory, on the CPU device where there is no CUDA GPU."""
@@ -294,3 +310,17 @@ def test_a_stream_left_early_leaves_the_decoder_ready(dali, tmp_path):
     decoder.close()
     expected = np.stack([decode_image(path, 16, draft=False) for path in paths[:3]]).astype(int)
     assert reasons == [None] * 3 and np.abs(dali.numpy(pixels).astype(int) - expected).mean() < 4
+
+
+def test_a_dali_that_cannot_start_says_so_and_how_to_decode_on_the_cpu(dali, class_folder, tmp_path, monkeypatch):
+    from pipeline.dali_decode import DaliDecoder
+    from pipeline.extract import extract_features
+
+    def fails(self):
+        raise RuntimeError("nvImageCodec: no decoder for the mixed backend\n[/opt/dali/pipeline.cc:123] stack ...")
+
+    monkeypatch.setattr(DaliDecoder, "_build", fails)
+    with pytest.raises(LayertapError, match=r"DALI could not start a decoder \(RuntimeError: nvImageCodec: no decoder "
+                                            r"for the mixed backend\); use --decoder pillow") as error:
+        extract_features(tiny_settings(class_folder, tmp_path / "f", decoder="dali"))
+    assert "stack" not in str(error.value)
