@@ -44,12 +44,36 @@ class Backbone:
         constructor = getattr(import_keras().applications, self.constructor)
         return constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
 
+    def layer_names(self) -> tuple[str, ...] | None:
+        """Every layer name of the convolutional base but its input, without Keras (so that a wrong ``--layers``
+        is refused before the scan and the weights; a test holds the names to the built network), or None
+        for a backbone without such a list (its taps are checked when the network is built)."""
+        names = _LAYER_NAMES.get(self.name)
+        return names() if names else None
+
     def preprocess(self, x):
         import_keras()
         module = importlib.import_module(f"keras.applications.{self.module}")
         return module.preprocess_input(x)
 
 
+def _vgg16_names() -> tuple[str, ...]:
+    return tuple(name for block, convs in enumerate((2, 2, 3, 3, 3), start=1)
+                 for name in (*(f"block{block}_conv{i}" for i in range(1, convs + 1)), f"block{block}_pool"))
+
+
+def _resnet50_names() -> tuple[str, ...]:
+    names = ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu", "pool1_pad", "pool1_pool"]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=2):
+        for block in range(1, blocks + 1):
+            prefix = f"conv{stage}_block{block}"
+            shortcut = ("0_conv", "0_bn") if block == 1 else ()
+            names += [f"{prefix}_{part}" for part in (*shortcut, "1_conv", "1_bn", "1_relu", "2_conv", "2_bn",
+                                                      "2_relu", "3_conv", "3_bn", "add", "out")]
+    return tuple(names)
+
+
+_LAYER_NAMES = {"vgg16": _vgg16_names, "resnet50": _resnet50_names}
 _KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 BACKBONES: dict[str, Backbone] = {
     "vgg16": Backbone(
@@ -160,16 +184,24 @@ def load_weights_by_name(model, path: str | os.PathLike) -> list[str]:
 
 
 def check_taps(model, backbone: Backbone, taps: list[str] | tuple[str, ...]) -> None:
-    """Raise a ValueError naming the unknown taps and listing the valid layer names."""
-    names = [layer.name for layer in model.layers]
+    """Raise a ValueError naming the unknown taps and listing the valid layer names (``model``'s, or with
+    ``model=None`` the registry's :meth:`Backbone.layer_names`, which leaves the input layer, whose name
+    Keras numbers, to the check on the built network)."""
+    if not taps:
+        raise ValueError(f"no layers given; recommended taps for {backbone.name}: {', '.join(backbone.taps)}")
+    if model is None:
+        names = backbone.layer_names()
+        if names is None:
+            return
+        taps = [tap for tap in taps if not tap.startswith("input")]
+    else:
+        names = [layer.name for layer in model.layers]
     unknown = [tap for tap in taps if tap not in names]
     if unknown:
         others = [n for n in names if n not in backbone.taps and not n.startswith("input")]
         raise ValueError(f"layer {', '.join(map(repr, unknown))} is not in {backbone.name}; recommended "
                          f"taps: {', '.join(backbone.taps)}; any other layer also works: "
                          f"{', '.join(others)}")
-    if not taps:
-        raise ValueError(f"no layers given; recommended taps for {backbone.name}: {', '.join(backbone.taps)}")
 
 
 def cut_trunk(base, taps, name: str | None = None):

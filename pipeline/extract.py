@@ -116,7 +116,7 @@ class ExtractSettings:
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
 
     def __post_init__(self):
-        from pipeline.backbones import get_backbone
+        from pipeline.backbones import check_taps, get_backbone
         from pipeline.gpu_decode import check_decoder, resolve_decoder
 
         backbone = get_backbone(self.backbone)
@@ -124,6 +124,7 @@ class ExtractSettings:
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)  # one string: one layer
         object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
+        check_taps(None, backbone, self.layers)  # before the scan and the weights, which take minutes at scale
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
         object.__setattr__(self, "decoder", resolve_decoder(self.decoder, self.engine))

@@ -138,3 +138,23 @@ def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch
     assert runtime.resolve_precision("float16") == "float16"
     with pytest.raises(ValueError, match="precision='fp8' is not known; use one of: auto, float32"):
         runtime.resolve_precision("fp8")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_the_registry_knows_every_layer_name_of_the_built_network(name):
+    backbone = get_backbone(name)
+    built = [layer.name for layer in backbone.build(32).layers if not layer.name.startswith("input")]
+    assert sorted(backbone.layer_names()) == sorted(built)
+    assert set(backbone.taps) <= set(built)
+
+
+def test_a_wrong_layer_is_refused_before_the_scan_and_the_weights(tmp_path):
+    """A typo in --layers is one error when the settings are made, without Keras: not after hashing every
+    image, and not hidden behind an offline ImageNet download's error."""
+    from pipeline.extract import ExtractSettings
+
+    with pytest.raises(ValueError, match=r"layer 'conv4_block7_out' is not in resnet50; recommended taps: .*"
+                                         r"any other layer also works: .*conv4_block6_add"):
+        ExtractSettings(data=str(tmp_path), backbone="resnet50", weights="imagenet",
+                        layers=("conv2_block3_out", "conv4_block7_out"))
+    assert ExtractSettings(data=str(tmp_path), layers=("block3_conv1", "input_layer")).layers[0] == "block3_conv1"
