@@ -155,7 +155,8 @@ def param_counts(model) -> dict[str, int]:
 def check_composition(features_model, images: np.ndarray, stored: np.ndarray, exact: bool) -> float:
     """The composed model must reproduce the stored features: else preprocessing or weights differ.
 
-    ``exact``: float32 compute and storage; else (bfloat16/float16 somewhere) rounding allows 2%.
+    ``exact``: float32 compute and storage, and the images decoded as at extraction; else (bfloat16/float16
+    somewhere, or a GPU decoder's pixels against Pillow's) rounding and decoding allow 2%.
     """
     computed = np.asarray(features_model.predict_on_batch(images), dtype=np.float32)
     error = float(np.abs(computed - stored).max() / max(float(np.abs(stored).max()), 1e-6))

@@ -200,8 +200,11 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     job.fit_baselines()
     job.build_network()
     images, decode_seconds = job.decode(_data_root(store, settings.data_root))
+    # Exact where nothing rounds and the images are decoded as at extraction: a store a GPU decoder made is
+    # decoded here by Pillow (Manifest.decoder), whose pixels differ from the GPU's by about a grey level.
     composition_error = check_composition(job.features_model, images["test"][:8], job.X[job.test[:8]],
-                                          exact=job.precision == "float32" and store.dtype == "float32")
+                                          exact=job.precision == "float32" and store.dtype == "float32"
+                                          and store.manifest.decoder_name == "pillow")
     job.phase_one(images)
     job.phase_two(images)
     metrics = job.metrics(images, decode_seconds=decode_seconds, composition_error=composition_error)

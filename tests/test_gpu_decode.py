@@ -324,3 +324,29 @@ def test_a_dali_that_cannot_start_says_so_and_how_to_decode_on_the_cpu(dali, cla
                                             r"for the mixed backend\); use --decoder pillow") as error:
         extract_features(tiny_settings(class_folder, tmp_path / "f", decoder="dali"))
     assert "stack" not in str(error.value)
+
+
+def test_fine_tuning_a_gpu_decoded_store_allows_for_the_decoders_difference(dali, tmp_path, monkeypatch):
+    """Fine-tuning decodes with Pillow; a store DALI made differs from that by about a grey level on a GPU (one
+    grey level added here stands in for it), which the composition check allows only for such a store."""
+    import pipeline.finetuning as finetuning
+    from conftest import make_split_folder
+
+    from pipeline.extract import extract_features
+    from pipeline.finetuning import FinetuneSettings, finetune
+
+    decode = finetuning.decode_store_rows
+    monkeypatch.setattr(finetuning, "decode_store_rows",
+                        lambda *args: np.clip(decode(*args).astype(int) + 1, 0, 255).astype(np.uint8))
+    data = make_split_folder(tmp_path / "data", train=4, val=2, test=2)
+    quick = dict(layer="block2_pool", epochs=1, fine_tune_epochs=0, batch_size=8, hidden_units=8, workers=2,
+                 progress=False)
+    for decoder in ("dali", "pillow"):
+        store = extract_features(tiny_settings(data, tmp_path / "f", decoder=decoder, precision="float32")).store_path
+        settings = FinetuneSettings(store=str(store), out_dir=str(tmp_path / decoder), **quick)
+        if decoder == "dali":
+            _, metrics = finetune(settings)
+            assert 1e-3 < metrics["composition_error"] <= 2e-2
+        else:  # decoded as at extraction: the check stays exact and catches the grey level
+            with pytest.raises(LayertapError, match="does not reproduce the store's features"):
+                finetune(settings)
