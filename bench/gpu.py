@@ -14,6 +14,9 @@ global average pooled:
   our forward-pass ceiling.
 - ``ours-pillow`` / ``ours-nvjpeg`` / ``ours-dali``: ``pipeline.extract.extract_features`` end to
   end, from the JPEG files to an HDF5 store, decoding in worker processes on the CPU or on the GPU.
+  Each records ``forward_s`` (the main process starting forward passes and waiting for their features)
+  and ``wait_s`` (waiting for the next decoded batch). ``-fold`` (ResNet50): BatchNormalization folded
+  on JAX too; ``-ahead2``: two forward passes in flight instead of one (``pipeline.shards.IN_FLIGHT``).
 - ``pillow`` / ``nvjpeg`` / ``dali``: a decoder alone (decode + resize, no network): one
   :class:`pipeline.decoding.ProcessDecoder` process per host core, :class:`pipeline.gpu_decode.NvjpegDecoder`,
   :class:`pipeline.dali_decode.DaliDecoder`. ``dali@0.9`` (``--dali-hw-loads 0.9,...``): DALI with that share
@@ -198,8 +201,22 @@ def child_ours(args) -> dict:
     if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow and torch only
         import pipeline.batchnorm as batchnorm
         batchnorm._FASTER_ON = (*batchnorm._FASTER_ON, "jax")
-    timeline, forward_s = Timeline(), [0.0]
-    forward, collect = shards.forward, shards.collect
+    shards.IN_FLIGHT = args.in_flight  # the -ahead2 rows: forward passes started before the oldest is collected
+    timeline, forward_s, wait_s = Timeline(), [0.0], [0.0]
+    forward, collect, decoded_batches = shards.forward, shards.collect, shards.decoded_batches
+
+    def waited(*a):  # the main process's time waiting for the next decoded batch
+        batches = decoded_batches(*a)
+        try:
+            while True:
+                begin = time.perf_counter()
+                batch = next(batches, None)
+                wait_s[0] += time.perf_counter() - begin
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            batches.close()
 
     def timed(fn):  # the main process's time in starting forward passes and waiting for their features
         def run(*a):
@@ -215,15 +232,15 @@ def child_ours(args) -> dict:
         timed_collect(extractor, started, outputs)
         timeline.mark(started[0])  # this batch's features are on the host
 
-    shards.forward, shards.collect = timed(forward), collected
+    shards.forward, shards.collect, shards.decoded_batches = timed(forward), collected, waited
     start = time.perf_counter()
     result = extract_features(ExtractSettings(
         data=args.data, backbone=args.backbone, layers=(TAPS[args.backbone],), weights="random", image_size=SIZE,
         batch_size=BATCH, shard_size=4096, decoder=args.decoder, precision="auto", out_dir=args.out,
         progress=False))
     return {**timeline.rates(), "images": result.n_decoded, "e2e_s": time.perf_counter() - start,
-            "timings": result.timings, "decoder": args.decoder, "forward_s": forward_s[0],
-            "batchnorm": result.store.manifest.batchnorm or "as built"}
+            "timings": result.timings, "decoder": args.decoder, "forward_s": forward_s[0], "wait_s": wait_s[0],
+            "in_flight": args.in_flight, "batchnorm": result.store.manifest.batchnorm or "as built"}
 
 
 def child_decode(args) -> dict:
@@ -273,6 +290,7 @@ def child_main(argv=None) -> None:
     parser.add_argument("--draft", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fold-batchnorm", action="store_true")
+    parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--batch-size", type=int, default=BATCH)
     args = parser.parse_args(argv)
@@ -365,7 +383,8 @@ def main() -> None:
     plan = [("ceiling", "ceiling", []), ("torch", "torch", []), ("torch-draft", "torch", ["--draft"]),
             ("keras-forward", "keras-forward", []), ("keras-forward-fold", "keras-forward", fold),
             ("ours-pillow", "ours", ["--decoder", "pillow"]), ("ours-nvjpeg", "ours", ["--decoder", "nvjpeg"]),
-            ("ours-dali", "ours", ["--decoder", "dali"]), ("ours-dali-fold", "ours", ["--decoder", "dali", *fold])]
+            ("ours-dali", "ours", ["--decoder", "dali"]), ("ours-dali-fold", "ours", ["--decoder", "dali", *fold]),
+            ("ours-dali-ahead2", "ours", ["--decoder", "dali", "--in-flight", "2"])]
     only = set(filter(None, args.only.split(",")))
     facts = gpu_facts()
     rows, scans = [], None

@@ -21,7 +21,7 @@ for mode in "$@"; do
     forward) for backbone in resnet50 vgg16; do
                timeout 200 python3 -m bench.forward --backbone $backbone --batch 256 --precision bfloat16 2>&1 | tail -1 | tee -a "$OUT/forward.jsonl"
              done ;;
-    ab) timeout 500 python3 -m bench.gpu --data $DATA --only dali,ours-dali,ours-dali-fold,ours-pillow,torch-draft,keras-forward,keras-forward-fold --results "$OUT/ab" 2>&1 | tail -40 ;;
+    ab) timeout 500 python3 -m bench.gpu --data $DATA --only dali,ours-dali,ours-dali-fold,ours-dali-ahead2,ours-pillow,torch-draft,keras-forward,keras-forward-fold --results "$OUT/ab" 2>&1 | tail -40 ;;
     full) timeout 580 python3 -m bench.gpu --data $DATA --results "$OUT/full" 2>&1 | tail -50 ;;
     *) echo "unknown mode $mode: tests, profile, forward, ab or full"; exit 2 ;;
   esac

@@ -21,6 +21,7 @@ resumable whatever engine it ran on. A third engine (Spark, Dask) would be a thi
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ from pipeline import LayertapError
 from pipeline.images import ImageList, ImageRecord, default_workers, ordered_map
 from pipeline.runtime import keras_backend, on_gpu
 from pipeline.store import FeatureStore, Rows, write_shard
+
+# Forward passes started and not yet collected while the next batch is fetched (on JAX they run asynchronously).
+# One: on a CPU a forward pass already takes every core. ``make bench-gpu``'s ``-ahead2`` rows measure two on a GPU
+# (bench/NOTES.md: not yet run there).
+IN_FLIGHT = 1
 
 Batch = tuple[tuple[int, int], object, list]  # ((a, b), pixels of the decoded images, reason or None per image)
 
@@ -103,20 +109,19 @@ def run_shard(job: ShardJob, batches: Iterable[Batch], extractor, manifest: dict
     """
     class_index = {name: i for i, name in enumerate(class_names)}
     rows, skipped, outputs = Rows(), [], {tap: [] for tap in extractor.taps}
-    in_flight = None  # one batch's forward pass runs while the next batch is fetched (on JAX)
+    in_flight = deque()  # IN_FLIGHT batches' forward passes run while the next batch is fetched (on JAX)
     for (a, b), pixels, reasons in batches:
         records = job.records[a - job.start:b - job.start]
         rows.extend(rows_of([r for r, reason in zip(records, reasons) if reason is None], class_index))
         skipped += [(r.path, reason) for r, reason in zip(records, reasons) if reason is not None]
         if len(pixels):
-            started = forward(extractor, pixels, pad_to)
-            if in_flight:
-                collect(extractor, in_flight, outputs)
-            in_flight = started
+            in_flight.append(forward(extractor, pixels, pad_to))
+            if len(in_flight) > IN_FLIGHT:
+                collect(extractor, in_flight.popleft(), outputs)
         if progress:
             progress(b - a)
-    if in_flight:
-        collect(extractor, in_flight, outputs)
+    while in_flight:
+        collect(extractor, in_flight.popleft(), outputs)
     features = {tap: (np.concatenate(v) if v else np.zeros((0, extractor.dims(tap)), np.float32))
                 for tap, v in outputs.items()}
     write_shard(job.path, rows=rows, features=features, class_names=class_names, skipped=skipped,

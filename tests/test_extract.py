@@ -155,6 +155,22 @@ def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_f
         np.testing.assert_allclose(a.features(tap), b.features(tap), rtol=1e-5, atol=1e-6)
 
 
+def test_more_forward_passes_in_flight_give_the_same_store(class_folder, tmp_path, monkeypatch):
+    """Batches collected oldest first, whatever the number in flight (the GPU bench's -ahead2 rows)."""
+    from pipeline.backbones import Extractor
+
+    add_bad_files(class_folder)  # skipped images inside batches: short batches between full ones
+    settings = dict(batch_size=3, shard_size=7)
+    one = FeatureStore(extract_features(tiny_settings(class_folder, tmp_path / "one", **settings)).store_path)
+    collected, collect = [], Extractor.collect
+    monkeypatch.setattr(Extractor, "collect", staticmethod(lambda handle: collected.append(1) or collect(handle)))
+    monkeypatch.setattr(shards_module, "IN_FLIGHT", 3)
+    three = FeatureStore(extract_features(tiny_settings(class_folder, tmp_path / "three", **settings)).store_path)
+    assert len(collected) >= 4 and list(three.rows.paths) == list(one.rows.paths) and len(one) == 12
+    for tap in ("block1_pool", "block2_pool"):
+        np.testing.assert_array_equal(three.features(tap), one.features(tap))
+
+
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_file_changed_after_the_scan_is_skipped_never_stored_under_its_old_hash(engine, split_folder, tmp_path,
                                                                                    monkeypatch):
