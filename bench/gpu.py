@@ -246,30 +246,33 @@ def child_ours(args) -> dict:
 def child_decode(args) -> dict:
     """One decoder alone over the files, driven as an extraction drives it (``shards.decoded_batches``:
     worker processes for Pillow, threads ahead for the GPU decoders), timed like the pipelines (:class:`Timeline`)."""
+    from contextlib import ExitStack
+    from functools import partial
     from types import SimpleNamespace
+    from unittest import mock
 
     from pipeline.images import DEFAULT_MAX_PIXELS, find_images
     from pipeline.scan import scan_images
     from pipeline.shards import decoded_batches
 
-    if args.hw_decoder_load is not None:  # a knob of this benchmark's rows, not a setting of the extraction
-        from functools import partial
-
-        import pipeline.dali_decode as dali_decode
-        dali_decode.DaliDecoder = partial(dali_decode.DaliDecoder, hw_decoder_load=args.hw_decoder_load)
     images = scan_images(find_images(Path(args.data)))  # the stats and JPEG facts an extraction decodes with
     paths = [images.root / record.path for record in images.records]
     chunks = [(i, min(i + BATCH, len(paths))) for i in range(0, len(paths), BATCH)]
     settings = SimpleNamespace(decoder=args.decoder, image_size=SIZE, resize="squash", max_pixels=DEFAULT_MAX_PIXELS,
                                batch_size=BATCH, workers=os.cpu_count(), draft=True)
-    batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,
-                              settings)
     timeline = Timeline()
-    for _, pixels, _ in batches:
-        if hasattr(pixels, "block_until_ready"):
-            pixels.block_until_ready()
-        timeline.mark(len(pixels))
-    batches.close()
+    with ExitStack() as knobs:
+        if args.hw_decoder_load is not None:  # a knob of this benchmark's rows, not a setting of the extraction,
+            import pipeline.dali_decode as dali_decode  # so patched in, for this call only (tests call it in-process)
+            knobs.enter_context(mock.patch.object(dali_decode, "DaliDecoder", partial(
+                dali_decode.DaliDecoder, hw_decoder_load=args.hw_decoder_load)))
+        batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,
+                                  settings)
+        for _, pixels, _ in batches:
+            if hasattr(pixels, "block_until_ready"):
+                pixels.block_until_ready()
+            timeline.mark(len(pixels))
+        batches.close()
     return timeline.rates()
 
 

@@ -64,10 +64,14 @@ def test_gpu_bench_times_a_decoder_alone_like_the_pipelines(decoder, tmp_path, m
     monkeypatch.setattr(gpu, "SIZE", 32)
     monkeypatch.setattr(gpu, "BATCH", 4)
     data = make_class_folder(tmp_path / "data", per_class=4)
+    import pipeline.dali_decode as dali_decode
+
+    made = dali_decode.DaliDecoder
     result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder, hw_decoder_load=0.9))
     # three batches of 4: the second half is timed from the second batch's end to the third's
     assert result["images"] == 12 and result["steady_images"] == 4
     assert result["images_per_s"] > 0 and result["after_first_per_s"] > 0
+    assert dali_decode.DaliDecoder is made  # the bench's decoder knob does not outlive the call (later tests use it)
 
 
 def test_gpu_bench_rate_is_not_credited_with_images_decoded_ahead_during_start_up():
