@@ -154,7 +154,7 @@ def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(clu
     with ray_engine.RaySession() as session:
         on_ray = scan_images(find_images(folder), cache=cache, remote=session.probe)
     assert on_ray == here
-    assert len(StatCache(tmp_path / "out", folder)._entries) == 16, "what the cluster read is in the stat cache"
+    assert len(StatCache(tmp_path / "out", folder)) == 16, "what the cluster read is in the stat cache"
 
 
 def test_a_cache_hit_with_the_ray_engine_starts_no_ray(data, local_store, monkeypatch):

@@ -13,7 +13,7 @@ import pipeline.shards as shards_module
 from pipeline import LayertapError
 from pipeline.extract import extract_features
 from pipeline.images import find_images
-from pipeline.scan import FILE_NAME, RACY_NS, Probe, StatCache, file_stat, scan_images
+from pipeline.scan import LEGACY_FILE_NAME, RACY_NS, VERSION, Probe, StatCache, file_stat, scan_images
 
 AN_HOUR_AGO = time.time() - 3600
 
@@ -38,7 +38,7 @@ def test_a_rerun_reads_no_image_bytes_and_an_edited_image_is_caught(tmp_path, re
     data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
     age(data)
     first = extract_features(tiny_settings(data, tmp_path / "f"))
-    assert len(reads) == 12 and (tmp_path / "f" / FILE_NAME).is_file()
+    assert len(reads) == 12 and StatCache(tmp_path / "f", data).path.is_file()
 
     reads.clear()
     decoding = shards_module.decoded_batches
@@ -69,14 +69,33 @@ def test_verify_reads_every_file_and_unchanged_files_keep_their_store(tmp_path, 
     assert len(reads) == 12 and again.cache_hit and again.store_path == first.store_path
 
 
-def test_files_that_are_gone_are_forgotten(tmp_path):
+def test_files_that_are_gone_are_forgotten_and_new_ones_read_alone(tmp_path, reads):
     data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
     age(data)
     scan_images(find_images(data), cache=StatCache(tmp_path, data))
     (data / "train" / "red" / "img_0.jpg").unlink()
+    reads.clear()
     scan_images(find_images(data), cache=StatCache(tmp_path, data))
-    entries = StatCache(tmp_path, data)._entries
-    assert len(entries) == 11 and "train/red/img_0.jpg" not in entries
+    assert len(StatCache(tmp_path, data)) == 11 and reads == [], "the others are found by name, not position"
+    added = data / "train" / "blue" / "a_new.bmp"  # listed first in its class: the files after it move down
+    photo((1, 2, 3), seed=5).save(added)  # and a format that sorts before JPEG in the snapshot's table
+    os.utime(added, (AN_HOUR_AGO, AN_HOUR_AGO))
+    reads.clear()
+    scanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert reads == [added] and scanned == scan_images(find_images(data))
+    reads.clear()
+    assert scan_images(find_images(data), cache=StatCache(tmp_path, data)) == scanned and reads == []
+    assert len(StatCache(tmp_path, data)) == 12
+
+
+def test_a_rerun_over_an_unchanged_listing_writes_no_snapshot(tmp_path):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    snapshot = StatCache(tmp_path, data).path
+    written = os.stat(snapshot)
+    scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert os.stat(snapshot).st_ino == written.st_ino and os.listdir(snapshot.parent) == [snapshot.name]
 
 
 def test_new_bytes_under_the_old_size_and_modification_time_are_read_again(tmp_path, reads):
@@ -105,18 +124,18 @@ def test_new_bytes_under_the_old_size_and_modification_time_are_read_again(tmp_p
 def test_a_file_modified_close_to_its_scan_is_read_again(tmp_path):
     """Git's racy-clean rule: a rewrite within one timestamp tick of the scan, same size, must not pass."""
     (tmp_path / "a.bin").write_bytes(b"x")
-    stat = file_stat(tmp_path / "a.bin")
+    stat, probe = file_stat(tmp_path / "a.bin"), Probe("0" * 32, "JPEG", 4, 4)
     cache = StatCache(tmp_path, tmp_path)
-    cache.remember("a.bin", stat, Probe("hash", "JPEG", 4, 4))
+    cache.remember("a.bin", stat, probe)
     cache.save()
-    assert StatCache(tmp_path, tmp_path).lookup("a.bin", stat) is None, "modified just before the entry was made"
+    assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [stat]) == [None], "modified just before the entry was made"
 
     old = (stat[0], stat[1] - 2 * RACY_NS, *stat[2:])
-    cache.remember("a.bin", old, Probe("hash", "JPEG", 4, 4))
+    cache.remember("a.bin", old, probe)
     cache.save()
-    assert StatCache(tmp_path, tmp_path).lookup("a.bin", old) == Probe("hash", "JPEG", 4, 4)
-    assert StatCache(tmp_path, tmp_path).lookup("a.bin", (old[0] + 1, *old[1:])) is None, "another size"
-    assert StatCache(tmp_path, tmp_path / "other").lookup("a.bin", old) is None, "entries belong to their root"
+    assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [old]) == [probe]
+    assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [(old[0] + 1, *old[1:])]) == [None], "another size"
+    assert StatCache(tmp_path, tmp_path / "other").lookup(["a.bin"], [old]) == [None], "entries belong to their root"
 
 
 def test_bad_files_are_remembered_with_their_reason_and_the_pixel_limit_applies_anew(tmp_path, reads):
@@ -129,6 +148,11 @@ def test_bad_files_are_remembered_with_their_reason_and_the_pixel_limit_applies_
     assert again == first and reads == []
     at_scan = {name for name, reason in expected.items() if reason != "cannot decode"}  # truncated: at decoding
     assert {s.path.rsplit("/", 1)[-1] for s in again.skipped} == at_scan
+    touched = data / "val" / "red" / "img_0.jpg"  # one file read again: a new snapshot, the reasons in it too
+    os.utime(touched, (AN_HOUR_AGO + 60, AN_HOUR_AGO + 60))
+    assert scan_images(find_images(data), cache=StatCache(tmp_path, data)) == first and reads == [touched]
+    reads.clear()
+    assert scan_images(find_images(data), cache=StatCache(tmp_path, data)) == first and reads == []
     with pytest.raises(LayertapError, match="decompression bomb: 48x40"):  # the limit is applied to cached sizes
         scan_images(find_images(data), max_pixels=1000, cache=StatCache(tmp_path, data))
     assert reads == []
@@ -137,7 +161,9 @@ def test_bad_files_are_remembered_with_their_reason_and_the_pixel_limit_applies_
 def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, caplog):
     data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
     age(data)
-    (tmp_path / FILE_NAME).write_bytes(b"this is not a database" * 100)
+    cache = StatCache(tmp_path, data)
+    cache.path.parent.mkdir()
+    cache.path.write_bytes(b"this is not a snapshot" * 100)
     scanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
     assert scanned == scan_images(find_images(data)) and len(reads) == 24
     warnings = [r for r in caplog.records if "stat cache" in r.getMessage()]
@@ -145,8 +171,6 @@ def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, ca
 
 
 def test_the_jpeg_facts_a_gpu_decoder_routes_by_come_back_from_the_cache(tmp_path, reads, caplog):
-    import sqlite3
-
     from PIL import Image
 
     data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
@@ -163,14 +187,16 @@ def test_the_jpeg_facts_a_gpu_decoder_routes_by_come_back_from_the_cache(tmp_pat
     again = scan_images(find_images(data), cache=StatCache(tmp_path, data))
     assert reads == [] and [r.jpeg for r in again.records] == [r.jpeg for r in first.records]
 
-    with sqlite3.connect(tmp_path / FILE_NAME) as db:  # a cache written before the facts were kept
-        db.execute("DROP TABLE probes")
-        db.execute("CREATE TABLE files (root TEXT, path BLOB, size INTEGER, reason TEXT)")
+    import numpy as np
+
+    cache = StatCache(tmp_path, data)  # a snapshot in an earlier layout is not read (not a damaged one either)
+    with np.load(cache.path) as npz:
+        columns = dict(npz)
+    np.savez(cache.path, **{**columns, "version": np.array([VERSION - 1])})
+    (tmp_path / LEGACY_FILE_NAME).write_bytes(b"the row-per-file cache of earlier versions")
     rescanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
     assert len(reads) == 13 and [r.jpeg for r in rescanned.records] == [r.jpeg for r in first.records]
-    assert "stat cache" not in caplog.text
-    with sqlite3.connect(tmp_path / FILE_NAME) as db:
-        assert [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["probes"]
+    assert "stat cache" not in caplog.text and not (tmp_path / LEGACY_FILE_NAME).exists()
 
 
 @pytest.mark.parametrize("slow", [False, True])
