@@ -124,11 +124,13 @@ KILLER = textwrap.dedent("""
     real_replace = os.replace
 
     def replace_then_die(src, dst):
-        # Commit two shards, then die while the third is written but not yet renamed.
-        if len(commits) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
+        # Commit two shards, then die while the third is written but not yet renamed (other files, such as
+        # the stat cache's snapshot, are renamed into place too).
+        if os.path.basename(dst).startswith("shard-"):
+            if len(commits) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            commits.append(dst)
         real_replace(src, dst)
-        commits.append(dst)
 
     store.os.replace = replace_then_die
     sys.exit(main(sys.argv[1:]))
