@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers,
-                             drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map,
-                             progress_bar, read_file, sniff_format)
+from pipeline.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, collector_paused,
+                             default_workers, drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason,
+                             ordered_map, progress_bar, read_file, sniff_format)
 
 log = logging.getLogger(__name__)
 FOLDER_NAME = ".layertap-stat-cache"  # in the --out folder: one snapshot file per data root
@@ -241,6 +241,7 @@ _EMPTY = {"version": np.array([VERSION]), "root": _join([]), "paths": _join([]),
           "reason_rows": np.zeros(0, np.int64), "reasons": _join([])}
 
 
+@collector_paused()
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False, cache: StatCache | None = None,
                 remote=None) -> ImageList:
