@@ -107,8 +107,8 @@ def sniff_format(head: bytes) -> str | None:
 
 @contextmanager
 def collector_paused():
-    """Python's cycle collector off for the block (a decorator too): for listing and scanning, which make objects
-    a file and no reference cycles. Its passes over the growing heap made a cache-hit scan of 131,072 files take
+    """Python's cycle collector off for the block (a decorator too): for listing and a cache hit's scan, which make
+    objects a file and no reference cycles. Its passes over the growing heap made a cache-hit scan of 131,072 files take
     1.3x as long (1.55-1.59 s against 1.21-1.22 s; 16,384 files: 1.08x), the more so the more files
     (bench/NOTES.md)."""
     enabled = gc.isenabled()

@@ -241,7 +241,6 @@ _EMPTY = {"version": np.array([VERSION]), "root": _join([]), "paths": _join([]),
           "reason_rows": np.zeros(0, np.int64), "reasons": _join([])}
 
 
-@collector_paused()
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False, cache: StatCache | None = None,
                 remote=None) -> ImageList:
@@ -266,8 +265,9 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     probes: list[Probe | None] = [None] * len(records)
     stats: list[tuple | None] = [None] * len(records)
     if cache is not None:
-        stats = stat_files([root + os.sep + record.path for record in records], workers)
-        probes = cache.lookup([record.path for record in records], stats)
+        with collector_paused():  # objects a file, no cycles; not while reading, where Ray's or threads' may be
+            stats = stat_files([root + os.sep + record.path for record in records], workers)
+            probes = cache.lookup([record.path for record in records], stats)
     todo = [i for i, probe in enumerate(probes) if probe is None]
 
     def read(i: int) -> Probe:
@@ -288,7 +288,8 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         for i, probe in zip(todo, progress_bar(ordered_map(read, todo, workers), total=len(todo), desc="scan",
                                                enabled=progress)):
             probes[i] = probe
-    results = [_checked(record, probe, max_pixels, stat) for record, probe, stat in zip(records, probes, stats)]
+    with collector_paused():
+        results = [_checked(record, probe, max_pixels, stat) for record, probe, stat in zip(records, probes, stats)]
     if cache is not None:
         cache.save()
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
