@@ -9,7 +9,6 @@ image: it is reported as a :class:`Skipped` record with the reason.
 from __future__ import annotations
 
 import csv
-import gc
 import hashlib
 import logging
 import os
@@ -18,13 +17,13 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from pipeline import LayertapError
+from pipeline.runtime import collector_paused
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +102,6 @@ def sniff_format(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return None
-
-
-@contextmanager
-def collector_paused():
-    """Python's cycle collector off for the block (a decorator too): for listing and a cache hit's scan, which make
-    objects a file and no reference cycles. Its passes over the growing heap made a cache-hit scan of 131,072 files take
-    1.3x as long (1.55-1.59 s against 1.21-1.22 s; 16,384 files: 1.08x), the more so the more files
-    (bench/NOTES.md)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @collector_paused()

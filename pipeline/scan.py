@@ -31,9 +31,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, collector_paused,
-                             default_workers, drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason,
-                             ordered_map, progress_bar, read_file, sniff_format)
+from pipeline.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers,
+                             drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map,
+                             progress_bar, read_file, sniff_format)
+from pipeline.runtime import collector_paused
 
 log = logging.getLogger(__name__)
 FOLDER_NAME = ".layertap-stat-cache"  # in the --out folder: one snapshot file per data root
