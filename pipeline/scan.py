@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FOLDER_NAME = ".layertap-stat-cache"  # in the --out folder: one snapshot file per data root
 LEGACY_FILE_NAME = ".layertap-stat-cache.sqlite"  # the cache of earlier versions, a row per file: deleted
 VERSION = 3  # of the snapshot's layout
+STALE_PARTIAL_S = 3600  # a snapshot being written this long ago was left by a killed run (writing takes seconds)
 # An entry whose file changed less than this before the entry was written is rehashed (coarse
 # timestamps: 2 s on FAT, 1 s on some network filesystems).
 RACY_NS = 2_000_000_000
@@ -199,7 +200,7 @@ class StatCache:
         columns["reason_rows"], columns["reasons"] = np.array(list(reasons), np.int64), _join(list(reasons.values()))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(".partial", dir=self.path.parent)
+            handle, partial = tempfile.mkstemp(".partial", self.path.name + ".", self.path.parent)
             try:
                 with open(handle, "wb") as file:
                     np.savez(file, **columns)
@@ -207,6 +208,9 @@ class StatCache:
             finally:
                 Path(partial).unlink(missing_ok=True)
             (self.path.parent.parent / LEGACY_FILE_NAME).unlink(missing_ok=True)
+            for stale in self.path.parent.glob(self.path.name + ".*.partial"):  # a killed run's, not a live one's
+                if time.time() - stale.stat().st_mtime > STALE_PARTIAL_S:
+                    stale.unlink(missing_ok=True)
         except OSError as exc:
             self._unusable(exc)
             return

@@ -98,6 +98,20 @@ def test_a_rerun_over_an_unchanged_listing_writes_no_snapshot(tmp_path):
     assert os.stat(snapshot).st_ino == written.st_ino and os.listdir(snapshot.parent) == [snapshot.name]
 
 
+def test_a_snapshot_a_killed_run_left_half_written_is_removed_by_the_next_write(tmp_path):
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    snapshot = StatCache(tmp_path, data).path
+    snapshot.parent.mkdir()
+    killed, writing = (snapshot.parent / f"{snapshot.name}.{name}.partial" for name in ("killed", "writing"))
+    killed.write_bytes(b"PK half a snapshot")
+    os.utime(killed, (AN_HOUR_AGO - 60, AN_HOUR_AGO - 60))
+    writing.write_bytes(b"PK another run, writing now")
+    scan_images(find_images(data), cache=StatCache(tmp_path, data))
+    assert sorted(os.listdir(snapshot.parent)) == sorted([snapshot.name, writing.name])
+    assert len(StatCache(tmp_path, data)) == 12
+
+
 def test_new_bytes_under_the_old_size_and_modification_time_are_read_again(tmp_path, reads):
     """An edit in place that keeps the size and puts the modification time back (as `touch -r`, `rsync -t`
     or `cp -p` leave a file) still changes the file's change time: the file is read and hashed anew."""
