@@ -17,6 +17,7 @@ written, the scan reads every file, says so once, and the results are the same.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -209,8 +210,9 @@ class StatCache:
                 Path(partial).unlink(missing_ok=True)
             (self.path.parent.parent / LEGACY_FILE_NAME).unlink(missing_ok=True)
             for stale in self.path.parent.glob(self.path.name + ".*.partial"):  # a killed run's, not a live one's
-                if time.time() - stale.stat().st_mtime > STALE_PARTIAL_S:
-                    stale.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # gone already: another run removed it
+                    if time.time() - stale.stat().st_mtime > STALE_PARTIAL_S:
+                        stale.unlink()
         except OSError as exc:
             self._unusable(exc)
             return
