@@ -119,6 +119,9 @@ class StatCache:
                 with np.load(self.path, allow_pickle=False) as npz:
                     old = {name: npz[name] for name in _COLUMNS}
                 if int(old["version"][0]) == VERSION and _split(old["root"]) == [self.root]:
+                    rows = {int(np.count_nonzero(old["paths"] == 0)), len(old["fingerprints"]), len(old["formats"])}
+                    if rows != {len(old["numbers"])} or old["numbers"].shape[1:] != (8,):
+                        raise ValueError("its columns have different lengths")
                     self._old = old  # an earlier layout's snapshot is not read: its files are read once more
         except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:  # a damaged file
             self._unusable(exc)

@@ -172,12 +172,22 @@ def test_bad_files_are_remembered_with_their_reason_and_the_pixel_limit_applies_
     assert reads == []
 
 
-def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, caplog):
+@pytest.mark.parametrize("damage", ["not a snapshot", "columns of different lengths"])
+def test_a_damaged_cache_is_one_warning_and_the_same_results(tmp_path, reads, caplog, damage):
+    import numpy as np
+
     data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
     age(data)
     cache = StatCache(tmp_path, data)
-    cache.path.parent.mkdir()
-    cache.path.write_bytes(b"this is not a snapshot" * 100)
+    if damage == "not a snapshot":
+        cache.path.parent.mkdir()
+        cache.path.write_bytes(b"this is not a snapshot" * 100)
+    else:
+        scan_images(find_images(data), cache=cache)
+        with np.load(cache.path) as npz:
+            columns = dict(npz)
+        np.savez(cache.path, **{**columns, "fingerprints": columns["fingerprints"][:-1]})
+        reads.clear()
     scanned = scan_images(find_images(data), cache=StatCache(tmp_path, data))
     assert scanned == scan_images(find_images(data)) and len(reads) == 24
     warnings = [r for r in caplog.records if "stat cache" in r.getMessage()]
