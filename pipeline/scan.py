@@ -163,20 +163,16 @@ class StatCache:
             self._new[rel] = (stat, probe)
 
     def save(self) -> None:
-        """Write the snapshot: the files last looked up, in that order, that were found unchanged or remembered
-        since (files gone from the listing are forgotten), or without a lookup every entry and those remembered.
-        Nothing is written when that is the snapshot already; a failure costs only the next run's reads."""
+        """Write the snapshot: the files of the listing last looked up, in that order, that were found unchanged
+        or remembered since (files gone from the listing are forgotten). Nothing is written when that is the
+        snapshot already; a failure costs only the next run's reads."""
         if self._broken:
             return
-        old, new = self._old, self._new
         if self._looked is None:
-            known = _split(old["paths"])
-            rels = known + sorted(set(new) - set(known))
-            rows = np.concatenate([np.arange(len(known)), np.full(len(rels) - len(known), -1)]).astype(np.int64)
-        else:
-            rels, rows = self._looked
-            if not new and len(rows) == len(old["numbers"]) and (rows == np.arange(len(rows))).all():
-                return
+            raise RuntimeError("StatCache.save() writes what lookup() found: look the listing up first")
+        old, new, (rels, rows) = self._old, self._new, self._looked
+        if not new and len(rows) == len(old["numbers"]) and (rows == np.arange(len(rows))).all():
+            return
         fresh = np.fromiter((rel in new for rel in rels), bool, len(rels))
         keep = fresh | (rows >= 0)
         rels, rows, fresh = [rel for rel, k in zip(rels, keep) if k], rows[keep], fresh[keep]
@@ -195,12 +191,9 @@ class StatCache:
                                           probe.jpeg[2] if probe.jpeg else 0) for stat, probe in added]
             columns["fingerprints"][fresh] = [probe.fingerprint.encode("ascii") for _, probe in added]
             columns["formats"][fresh] = [names.index(probe.format) for _, probe in added]
-        old_reasons, added_reasons = _reasons(old), iter([probe.reason for _, probe in added])
-        reasons = {}
-        for i, (is_fresh, row) in enumerate(zip(fresh.tolist(), rows.tolist())):
-            reason = next(added_reasons) if is_fresh else old_reasons.get(row)
-            if reason:
-                reasons[i] = reason
+        old_reasons = _reasons(old)
+        reasons = {i: reason for i, (rel, is_fresh, row) in enumerate(zip(rels, fresh.tolist(), rows.tolist()))
+                   if (reason := new[rel][1].reason if is_fresh else old_reasons.get(row))}
         columns["reason_rows"], columns["reasons"] = np.array(list(reasons), np.int64), _join(list(reasons.values()))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +212,7 @@ class StatCache:
         except OSError as exc:
             self._unusable(exc)
             return
-        self._old, self._new, self._looked = columns, {}, None
+        self._old, self._new, self._looked = columns, {}, (rels, np.arange(len(rels)))  # the listing is the snapshot
 
     def _unusable(self, exc: Exception) -> None:
         if not self._broken:

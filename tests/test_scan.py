@@ -140,12 +140,15 @@ def test_a_file_modified_close_to_its_scan_is_read_again(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"x")
     stat, probe = file_stat(tmp_path / "a.bin"), Probe("0" * 32, "JPEG", 4, 4)
     cache = StatCache(tmp_path, tmp_path)
+    with pytest.raises(RuntimeError, match="look the listing up first"):
+        cache.save()
+    assert cache.lookup(["a.bin"], [stat]) == [None]
     cache.remember("a.bin", stat, probe)
     cache.save()
     assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [stat]) == [None], "modified just before the entry was made"
 
     old = (stat[0], stat[1] - 2 * RACY_NS, *stat[2:])
-    cache.remember("a.bin", old, probe)
+    cache.remember("a.bin", old, probe)  # the same listing, one file remembered anew
     cache.save()
     assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [old]) == [probe]
     assert StatCache(tmp_path, tmp_path).lookup(["a.bin"], [(old[0] + 1, *old[1:])]) == [None], "another size"
