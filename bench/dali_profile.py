@@ -35,7 +35,7 @@ BATCH = 256
 def streamed(decoder, files: list, repeats: int) -> tuple[float, float]:
     """``(images/s, driving-thread CPU ms per batch)`` of ``decoder.batches`` over ``files`` repeated, in chunks of
     :data:`BATCH`, with the stats and JPEG facts a scan gives (as an extraction); the first chunk not timed."""
-    from pipeline.scan import file_stat, probe_file
+    from pipeline.data.scan import file_stat, probe_file
 
     paths = files * repeats
     stats = [file_stat(file)[:2] for file in files] * repeats
@@ -56,7 +56,7 @@ def host_overhead(batches: int) -> dict:
     """Milliseconds per batch of 256 16x16 JPEGs through :class:`DaliDecoder`, DALI's CPU device."""
     from PIL import Image
 
-    from pipeline.dali_decode import DaliDecoder
+    from pipeline.data.dali_decode import DaliDecoder
 
     with tempfile.TemporaryDirectory() as tmp:
         files = []
@@ -82,8 +82,8 @@ def gpu_profile(data: Path) -> dict:
     from nvidia.dali import fn, pipeline_def, types
 
     from bench.gpu import list_images
-    from pipeline.dali_decode import DaliDecoder
-    from pipeline.decoding import decode_image
+    from pipeline.data.dali_decode import DaliDecoder
+    from pipeline.data.decoding import decode_image
 
     files = list_images(data)
     res = {}

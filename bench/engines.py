@@ -20,13 +20,13 @@ from pathlib import Path
 
 from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
                           offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
-from pipeline.reports import format_table
+from pipeline.runs.reports import format_table
 
 ENGINES = ("local", "ray")
 
 
 def child(args) -> None:
-    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.extraction.extract import ExtractSettings, extract_features
 
     weights = offline_weights()
     result = extract_features(ExtractSettings(
@@ -84,7 +84,7 @@ def main() -> None:
 def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:
     """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store, copied and
     virtual (the costs the scale projection in bench/NOTES.md extrapolates)."""
-    from pipeline.store import merge_shards
+    from pipeline.store.feature_store import merge_shards
 
     paths = synthetic_shards(work / "merge", shards, rows, dims)
     seconds = {}

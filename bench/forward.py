@@ -6,7 +6,7 @@ A lead for issue 13's ResNet50 gap (bench/NOTES.md, "DALI on an H100"): our Kera
 bias (bias - mean) times that plus beta) leaves the same function for inference (float32: the
 features agree to ~1e-6 relative) with one elementwise pass over the activations fewer per
 BatchNormalization: 53 in ResNet50, none in VGG16. Extraction folds where this measured faster
-(:mod:`pipeline.batchnorm`: on TensorFlow), with the store's key saying so.
+(:mod:`pipeline.backbones.batchnorm`: on TensorFlow), with the store's key saying so.
 
 Both networks run in this process, alternating rounds, on the same random uint8 batches (a cut at
 ``--tap``, seeded random weights with BatchNormalization statistics drawn away from (0, 1), the Keras
@@ -42,10 +42,10 @@ def trained_like_batchnorm(model, seed: int = 0):
 
 
 def measure(backbone: str, tap: str, size: int, batch: int, precision: str, rounds: int) -> dict:
-    from pipeline.backbones import build_backbone, cut_trunk, get_backbone
-    from pipeline.batchnorm import fold_batchnorm
-    from pipeline.runtime import keras_backend
-    from pipeline.weights import resolve_weights
+    from pipeline.backbones.build import build_backbone, cut_trunk, get_backbone
+    from pipeline.backbones.batchnorm import fold_batchnorm
+    from pipeline.core.runtime import keras_backend
+    from pipeline.backbones.weights import resolve_weights
 
     entry = get_backbone(backbone)
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from pipeline.backbones import get_backbone
+    from pipeline.backbones.build import get_backbone
 
     tap = args.tap or get_backbone(args.backbone).taps[-1]
     print(json.dumps(measure(args.backbone, tap, args.size, args.batch, args.precision, args.rounds)))

@@ -12,14 +12,14 @@ global average pooled:
   saved with ``np.save``. ``torch-draft`` is the same with Pillow's JPEG draft mode.
 - ``keras-forward``: our extractor (Keras on JAX, bfloat16) on uint8 batches from host memory:
   our forward-pass ceiling.
-- ``ours-pillow`` / ``ours-nvjpeg`` / ``ours-dali``: ``pipeline.extract.extract_features`` end to
+- ``ours-pillow`` / ``ours-nvjpeg`` / ``ours-dali``: ``pipeline.extraction.extract.extract_features`` end to
   end, from the JPEG files to an HDF5 store, decoding in worker processes on the CPU or on the GPU.
   Each records ``forward_s`` (the main process starting forward passes and waiting for their features)
   and ``wait_s`` (waiting for the next decoded batch). ``-fold`` (ResNet50): BatchNormalization folded
-  on JAX too; ``-ahead2``: two forward passes in flight instead of one (``pipeline.shards.IN_FLIGHT``).
+  on JAX too; ``-ahead2``: two forward passes in flight instead of one (``pipeline.extraction.shards.IN_FLIGHT``).
 - ``pillow`` / ``nvjpeg`` / ``dali``: a decoder alone (decode + resize, no network): one
-  :class:`pipeline.decoding.ProcessDecoder` process per host core, :class:`pipeline.gpu_decode.NvjpegDecoder`,
-  :class:`pipeline.dali_decode.DaliDecoder`. ``dali@0.9`` (``--dali-hw-loads 0.9,...``): DALI with that share
+  :class:`pipeline.data.decoding.ProcessDecoder` process per host core, :class:`pipeline.data.gpu_decode.NvjpegDecoder`,
+  :class:`pipeline.data.dali_decode.DaliDecoder`. ``dali@0.9`` (``--dali-hw-loads 0.9,...``): DALI with that share
   of each batch on the hardware JPEG engines instead of ours, 1.0.
 - ``scan``: a cache-hit rerun's scan of the same files with the stat cache against reading and
   hashing every file (``bench.scan``), on this host's cores.
@@ -52,7 +52,7 @@ import numpy as np
 
 from bench.common import RESULTS, emit, link, machine, run_child
 from bench.scan import compare
-from pipeline.backbones import get_backbone
+from pipeline.backbones.build import get_backbone
 
 BATCH = 256
 SIZE = 224
@@ -179,7 +179,7 @@ def child_torch(args) -> dict:
 
 
 def child_keras_forward(args) -> dict:
-    from pipeline.backbones import create_extractor
+    from pipeline.backbones.build import create_extractor
 
     model = create_extractor(args.backbone, "random", TAPS[args.backbone], "avg", SIZE, "bfloat16",
                              fold=args.fold_batchnorm).model
@@ -195,11 +195,11 @@ def child_keras_forward(args) -> dict:
 
 
 def child_ours(args) -> dict:
-    import pipeline.shards as shards
-    from pipeline.extract import ExtractSettings, extract_features
+    import pipeline.extraction.shards as shards
+    from pipeline.extraction.extract import ExtractSettings, extract_features
 
     if args.fold_batchnorm:  # a knob of this bench's -fold rows: extraction folds on TensorFlow and torch only
-        import pipeline.batchnorm as batchnorm
+        import pipeline.backbones.batchnorm as batchnorm
         batchnorm._FASTER_ON = (*batchnorm._FASTER_ON, "jax")
     shards.IN_FLIGHT = args.in_flight  # the -ahead2 rows: forward passes started before the oldest is collected
     timeline, forward_s, wait_s = Timeline(), [0.0], [0.0]
@@ -251,9 +251,9 @@ def child_decode(args) -> dict:
     from types import SimpleNamespace
     from unittest import mock
 
-    from pipeline.images import DEFAULT_MAX_PIXELS, find_images
-    from pipeline.scan import scan_images
-    from pipeline.shards import decoded_batches
+    from pipeline.data.images import DEFAULT_MAX_PIXELS, find_images
+    from pipeline.data.scan import scan_images
+    from pipeline.extraction.shards import decoded_batches
 
     images = scan_images(find_images(Path(args.data)))  # the stats and JPEG facts an extraction decodes with
     paths = [images.root / record.path for record in images.records]
@@ -263,7 +263,7 @@ def child_decode(args) -> dict:
     timeline = Timeline()
     with ExitStack() as knobs:
         if args.hw_decoder_load is not None:  # a knob of this benchmark's rows, not a setting of the extraction,
-            import pipeline.dali_decode as dali_decode  # so patched in, for this call only (tests call it in-process)
+            import pipeline.data.dali_decode as dali_decode  # so patched in, for this call only (tests call it in-process)
             knobs.enter_context(mock.patch.object(dali_decode, "DaliDecoder", partial(
                 dali_decode.DaliDecoder, hw_decoder_load=args.hw_decoder_load)))
         batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,
@@ -305,8 +305,8 @@ def child_main(argv=None) -> None:
         on_gpu = False
     if not on_gpu:
         DEVICE = "cpu"
-        import pipeline.gpu_decode
-        pipeline.gpu_decode.DEVICE = "cpu"
+        import pipeline.data.gpu_decode
+        pipeline.data.gpu_decode.DEVICE = "cpu"
     result = CHILDREN[args.child](args)
     if "images_per_s" not in result:  # the fixed loops over batches already on hand (ceiling, keras-forward)
         result["images_per_s"] = result["images"] / result["steady_s"]

@@ -50,9 +50,9 @@ def main() -> None:
     import h5py
     import keras
 
-    from pipeline.backbones import create_extractor
-    from pipeline.decoding import decode_image, iter_decoded
-    from pipeline.images import default_workers
+    from pipeline.backbones.build import create_extractor
+    from pipeline.data.decoding import decode_image, iter_decoded
+    from pipeline.data.images import default_workers
 
     paths = sorted(FLOWERS.rglob("*.jpg"))[: args.n]
     rows = {}

@@ -9,7 +9,7 @@ building and weight loading count.
   and ``conv_base.predict(batch)`` in a loop (TensorFlow backend; ``tf.keras``).
 - ``dataset``: the current Keras guide's recipe, ``keras.utils.image_dataset_from_directory`` (tf.data,
   prefetched) and ``model.predict(dataset)``.
-- ``ours``: ``pipeline.extract.extract_features`` into a fresh feature store, at ``--precision auto``
+- ``ours``: ``pipeline.extraction.extract.extract_features`` into a fresh feature store, at ``--precision auto``
   (bfloat16 where the CPU has bfloat16 units) or ``float32`` (the peers' arithmetic), with the
   backend settings the ``layertap`` command makes (:func:`pipeline.set_backend_defaults`: oneDNN
   kernels on every x86-64 CPU). The peers run with TensorFlow's defaults, as users run them.
@@ -35,7 +35,7 @@ def conv_base(backbone: str, size: int, tap: str, weights: str):
     keras's own layers), and its ``preprocess_input``."""
     import keras
 
-    from pipeline.backbones import create_extractor, get_backbone
+    from pipeline.backbones.build import create_extractor, get_backbone
 
     base = create_extractor(backbone, weights, tap, image_size=size).base
     pooled = keras.layers.GlobalAveragePooling2D()(base.get_layer(tap).output)
@@ -79,7 +79,7 @@ def dataset(data: Path, size: int, tap: str, weights: str, batch_size: int, out:
 
 def ours(data: Path, size: int, tap: str, weights: str, batch_size: int, out: Path, backbone: str = "vgg16",
          split_file=None, precision: str = "auto") -> dict:
-    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.extraction.extract import ExtractSettings, extract_features
 
     result = extract_features(ExtractSettings(data=str(data), split_file=split_file, backbone=backbone,
                                               layers=(tap,), weights=weights,
@@ -119,7 +119,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     precision = "float32"
     if args.recipe == "ours":
-        from pipeline.runtime import resolve_precision
+        from pipeline.core.runtime import resolve_precision
         precision = resolve_precision(args.precision)
     emit({"recipe": args.recipe, "backbone": args.backbone, "weights": args.weights, "size": args.size,
           "tap": args.tap, "precision": precision, **done,

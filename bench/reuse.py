@@ -8,7 +8,7 @@ holding only the first store (so it is a reuse, never a cache hit), ``no-reuse``
 an empty one. The stores must be identical.
 
 Last, the reads that reuse makes of an earlier ``--merge virtual`` store: ``--shards`` synthetic shard
-files, one shard's rows read at a time, through one :class:`pipeline.virtual.TapReader` kept open
+files, one shard's rows read at a time, through one :class:`pipeline.store.virtual.TapReader` kept open
 against a reader opened for each read (what the first version of reuse did through
 ``FeatureStore.features``).
 
@@ -27,13 +27,13 @@ import numpy as np
 
 from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
                           offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
-from pipeline.reports import format_table
+from pipeline.runs.reports import format_table
 
 MODES = ("reuse", "no-reuse")
 
 
 def child(args) -> None:
-    from pipeline.extract import ExtractSettings, extract_features
+    from pipeline.extraction.extract import ExtractSettings, extract_features
 
     weights = offline_weights()
     result = extract_features(ExtractSettings(data=args.data, layers=("block4_pool",), weights=weights,
@@ -96,8 +96,8 @@ def main() -> None:
 def reader_reads(work: Path, shards: int, rows: int = 16, dims: int = 64) -> dict:
     """Seconds to read each of ``shards`` shards' rows from a virtual store, through one open reader and through
     a reader opened for each read."""
-    from pipeline.store import merge_shards
-    from pipeline.virtual import TapReader
+    from pipeline.store.feature_store import merge_shards
+    from pipeline.store.virtual import TapReader
 
     paths = synthetic_shards(work / "store.shards" / "t", shards, rows, dims)
     store = work / "store.h5"

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import FLOWERS, RESULTS, SPLIT, machine, run_child, subset, write_results
-from pipeline.reports import format_table
+from pipeline.runs.reports import format_table
 
 PEERS = ("datagen", "dataset")
 PEER_NAMES = {"datagen": "ImageDataGenerator.flow_from_directory + predict loop",

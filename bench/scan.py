@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from bench.common import FLOWERS, emit, fresh_work, link, machine, parse_or_run_child, run_child, write_results
-from pipeline.reports import format_table
+from pipeline.runs.reports import format_table
 
 MODES = ("full", "stat")
 
 
 def child(args) -> None:
-    from pipeline.images import find_images
-    from pipeline.scan import StatCache, scan_images
+    from pipeline.data.images import find_images
+    from pipeline.data.scan import StatCache, scan_images
 
     started = time.perf_counter()
     found = find_images(args.folder)
@@ -61,7 +61,7 @@ def compare(folder: Path, cache_dir: Path, rounds: int) -> dict:
     Returns:
         ``{"primed", "runs", "medians", "table"}`` (also run by ``make bench-gpu`` on the GPU host's files).
     """
-    time.sleep(2.5)  # past the racy window (pipeline.scan.RACY_NS) of files just linked
+    time.sleep(2.5)  # past the racy window (pipeline.data.scan.RACY_NS) of files just linked
 
     def scan(mode: str) -> dict:
         return run_child(["-m", "bench.scan", "--child", mode, "--folder", str(folder), "--cache-dir", str(cache_dir)])

@@ -23,7 +23,7 @@ CASES = {"vgg16": ("hed-bsds500", ("block2_pool", "block3_pool"), "block3_pool",
 
 
 def on_device(pixels: np.ndarray):
-    """A batch as a GPU decoder hands it over (``pipeline.dali_decode.DaliDecoder``): the backend's own array."""
+    """A batch as a GPU decoder hands it over (``pipeline.data.dali_decode.DaliDecoder``): the backend's own array."""
     from pipeline import import_keras
 
     backend = import_keras().config.backend()
@@ -40,9 +40,9 @@ def features(backbone: str, weights: str, fold: bool = False) -> dict:
     """The features of IMAGES as stage one computes them: two batches, the second started before the first is
     collected (on JAX both run asynchronously), the last one padded and handed over as a device array (as the GPU
     decoders do); checked against one synchronous call. ``fold``: with BatchNormalization folded, as extraction runs
-    it where :func:`pipeline.batchnorm.folds_batchnorm` says so (keys ``folded/...``)."""
-    from pipeline.backbones import create_extractor
-    from pipeline.shards import collect, forward
+    it where :func:`pipeline.backbones.batchnorm.folds_batchnorm` says so (keys ``folded/...``)."""
+    from pipeline.backbones.build import create_extractor
+    from pipeline.extraction.shards import collect, forward
 
     taps = CASES[backbone][1]
     extractor = create_extractor(backbone, weights, taps, "avg", 32, "float32", fold=fold)
@@ -63,10 +63,10 @@ def changed_by_one_step(backbone: str) -> dict:
     gradient would reach it whatever the backend does.
     """
     from pipeline import import_keras
-    from pipeline.backbones import create_extractor, cut_trunk
-    from pipeline.classifiers import build_dense_head
-    from pipeline.compose import build_augmentation, build_finetune_model, set_trainable
-    from pipeline.layers import crossentropy
+    from pipeline.backbones.build import create_extractor, cut_trunk
+    from pipeline.heads.classifiers import build_dense_head
+    from pipeline.finetuning.compose import build_augmentation, build_finetune_model, set_trainable
+    from pipeline.backbones.layers import crossentropy
 
     keras = import_keras()
     keras.utils.set_random_seed(0)
@@ -90,9 +90,9 @@ def changed_by_one_step(backbone: str) -> dict:
 def confident_mistakes_train() -> bool:
     """Whether fine-tuning's training (``train_phase``) moves a softmax layer that is sure of the wrong class for
     every image (the true class's probability about 4e-18): Keras's own loss gives no gradient there on JAX and
-    torch (:func:`pipeline.layers.crossentropy`)."""
+    torch (:func:`pipeline.backbones.layers.crossentropy`)."""
     from pipeline import import_keras
-    from pipeline.compose import train_phase
+    from pipeline.finetuning.compose import train_phase
 
     keras = import_keras()
     x = np.eye(3, dtype=np.float32)
@@ -113,9 +113,9 @@ def dali_batch(folder: Path) -> dict:
         return {}
     from PIL import Image
 
-    import pipeline.gpu_decode as gpu_decode
-    from pipeline.dali_decode import DaliDecoder
-    from pipeline.decoding import decode_image
+    import pipeline.data.gpu_decode as gpu_decode
+    from pipeline.data.dali_decode import DaliDecoder
+    from pipeline.data.decoding import decode_image
 
     gpu_decode.DEVICE = "cpu"
     ramp = np.linspace(0, 255, 48 * 40 * 3).reshape(40, 48, 3)

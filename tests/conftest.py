@@ -83,7 +83,7 @@ def split_folder(tmp_path) -> Path:
 
 def tiny_settings(data, out, **overrides):
     """Settings for a fast extraction: random VGG16 weights, 32 px images, tiny shards."""
-    from pipeline.extract import ExtractSettings
+    from pipeline.extraction.extract import ExtractSettings
 
     values = dict(data=str(data), out_dir=str(out), weights="random", image_size=32,
                   layers=("block1_pool", "block2_pool"), batch_size=4, shard_size=4, workers=2,

@@ -13,13 +13,13 @@ import pipeline
 
 
 def test_public_names_are_the_stage_functions_and_settings():
-    import pipeline.classification
-    import pipeline.finetuning
-    import pipeline.prediction
+    import pipeline.classification.classify
+    import pipeline.finetuning.finetune
+    import pipeline.prediction.predict
 
-    assert pipeline.classify is pipeline.classification.classify
-    assert pipeline.finetune is pipeline.finetuning.finetune
-    assert pipeline.predict is pipeline.prediction.predict
+    assert pipeline.classify is pipeline.classification.classify.classify
+    assert pipeline.finetune is pipeline.finetuning.finetune.finetune
+    assert pipeline.predict is pipeline.prediction.predict.predict
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None, name
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import LayertapError
-from pipeline.backbones import build_backbone, build_extractor, get_backbone, load_weights_by_name
-from pipeline.weights import hed_weights_path, resolve_weights
+from pipeline.backbones.build import build_backbone, build_extractor, get_backbone, load_weights_by_name
+from pipeline.backbones.weights import hed_weights_path, resolve_weights
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_imagenet_offline_error_names_alternatives():
 def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     import keras
 
-    import pipeline.runtime as runtime
+    import pipeline.core.runtime as runtime
 
     monkeypatch.setattr(runtime, "_accelerator_device_nodes", lambda: True)  # ask Keras
     monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0"])
@@ -151,7 +151,7 @@ def test_the_registry_knows_every_layer_name_of_the_built_network(name):
 def test_a_wrong_layer_is_refused_before_the_scan_and_the_weights(tmp_path):
     """A typo in --layers is one error when the settings are made, without Keras: not after hashing every
     image, and not hidden behind an offline ImageNet download's error."""
-    from pipeline.extract import ExtractSettings
+    from pipeline.extraction.extract import ExtractSettings
 
     with pytest.raises(ValueError, match=r"layer 'conv4_block7_out' is not in resnet50; recommended taps: .*"
                                          r"any other layer also works: .*conv4_block6_add"):

@@ -16,7 +16,7 @@ import pytest
 from backend_probe import CASES
 from conftest import ROOT, backend_interpreter
 
-from pipeline.runtime import keras_backend
+from pipeline.core.runtime import keras_backend
 
 # float32 convolutions summed in another order (oneDNN vs XLA vs ATen): relative differences of about 1e-6.
 TOLERANCE = 1e-4
@@ -31,7 +31,7 @@ def reference(tmp_path_factory):
 
     from bench.forward import trained_like_batchnorm
 
-    from pipeline.backbones import create_extractor
+    from pipeline.backbones.build import create_extractor
 
     folder = tmp_path_factory.mktemp("backends")
     weights = folder / "resnet50-random.weights.h5"  # BatchNormalization as trained, so folding it changes numbers

@@ -8,8 +8,8 @@ from conftest import COLOURS, make_class_folder, photo
 
 from bench.recipes import RECIPES
 from bench.common import subset
-from pipeline.runtime import keras_backend
-from pipeline.store import FeatureStore
+from pipeline.core.runtime import keras_backend
+from pipeline.store.feature_store import FeatureStore
 
 
 @pytest.mark.skipif(keras_backend() != "tensorflow", reason="the peer recipes are TensorFlow-backend Keras code")
@@ -56,7 +56,7 @@ def test_gpu_bench_times_a_decoder_alone_like_the_pipelines(decoder, tmp_path, m
     import argparse
 
     import bench.gpu as gpu
-    import pipeline.gpu_decode as gd
+    import pipeline.data.gpu_decode as gd
 
     if decoder == "dali":
         pytest.importorskip("nvidia.dali")
@@ -64,7 +64,7 @@ def test_gpu_bench_times_a_decoder_alone_like_the_pipelines(decoder, tmp_path, m
     monkeypatch.setattr(gpu, "SIZE", 32)
     monkeypatch.setattr(gpu, "BATCH", 4)
     data = make_class_folder(tmp_path / "data", per_class=4)
-    import pipeline.dali_decode as dali_decode
+    import pipeline.data.dali_decode as dali_decode
 
     made = dali_decode.DaliDecoder
     result = gpu.child_decode(argparse.Namespace(data=str(data), decoder=decoder, hw_decoder_load=0.9))
@@ -148,7 +148,7 @@ def test_engines_bench_merges_synthetic_shards_both_ways_into_identical_stores(t
     """``make bench-ray``'s merge lines, and the store comparison every engine bench prints."""
     from bench.common import SYNTHETIC_MANIFEST, identical_stores, synthetic_shards
     from bench.engines import merge_rate
-    from pipeline.store import merge_shards
+    from pipeline.store.feature_store import merge_shards
 
     result = merge_rate(tmp_path, shards=3, rows=4, dims=8)
     assert result["rows"] == 12 and result["seconds"] > 0 and result["virtual_seconds"] > 0

@@ -7,8 +7,8 @@ import pytest
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.classifiers import DenseHeadClassifier, make_classifier, trainable_params
-from pipeline.settings import split_list
+from pipeline.heads.classifiers import DenseHeadClassifier, make_classifier, trainable_params
+from pipeline.core.settings import split_list
 
 
 def _float32_network(estimator) -> dict[str, str]:
@@ -59,7 +59,7 @@ def test_dense_head_early_stops_on_validation_data_and_counts_parameters():
 @pytest.mark.parametrize("n_classes", [3, 2])
 def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
     """Stage three starts from stage two's probe: the folded Keras layer gives scikit-learn's probabilities."""
-    from pipeline.classifiers import build_probe_head, probe_weights
+    from pipeline.heads.classifiers import build_probe_head, probe_weights
 
     rng = np.random.default_rng(n_classes)
     X = (rng.normal(size=(90, 12)) * rng.uniform(0.1, 30, 12) + rng.uniform(-5, 50, 12)).astype("float32")
@@ -84,7 +84,7 @@ def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_scores_of_a_classifier_without_probabilities_rank_its_own_prediction_first(n_classes):
-    from pipeline.prediction import class_scores
+    from pipeline.prediction.predict import class_scores
 
     rng = np.random.default_rng(0)
     y = np.arange(60) % n_classes
@@ -97,7 +97,7 @@ def test_scores_of_a_classifier_without_probabilities_rank_its_own_prediction_fi
 
 
 def test_scores_of_large_decisions_are_a_softmax_without_overflow():
-    from pipeline.prediction import class_scores
+    from pipeline.prediction.predict import class_scores
 
     class Decisive:
         def decision_function(self, X):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from conftest import make_class_folder, make_split_folder, tiny_settings
 
-import pipeline.images
+import pipeline.data.images
 from pipeline import LayertapError
-from pipeline.artifacts import load_model
-from pipeline.classification import ClassifySettings, classify, sweep
-from pipeline.extract import extract_features
-from pipeline.prediction import predict
-from pipeline.splits import resolve_splits
-from pipeline.store import FeatureStore
+from pipeline.runs.artifacts import load_model
+from pipeline.classification.classify import ClassifySettings, classify, sweep
+from pipeline.extraction.extract import extract_features
+from pipeline.prediction.predict import predict
+from pipeline.store.splits import resolve_splits
+from pipeline.store.feature_store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_classify_reads_no_image_and_writes_reports(stores, tmp_path, monkeypatc
     def no_images(*args, **kwargs):
         raise AssertionError("stage two opened an image")
 
-    monkeypatch.setattr(pipeline.images.Image, "open", no_images)
+    monkeypatch.setattr(pipeline.data.images.Image, "open", no_images)
     result = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg", "knn", "dense"),
                                        out_dir=str(tmp_path)))
     run_dir, rows = result.run_dir, result.rows
@@ -118,7 +118,7 @@ def test_predict_on_a_folder_with_a_corrupt_image(stores, tmp_path):
 
 def _store_where_val_and_test_disagree(path):
     """Two taps: ``a`` carries the label on train and val rows only, ``b`` on train and test rows only."""
-    from pipeline.store import Rows, merge_shards, write_shard
+    from pipeline.store.feature_store import Rows, merge_shards, write_shard
 
     rng = np.random.default_rng(0)
     splits = ["train"] * 40 + ["val"] * 20 + ["test"] * 20
@@ -138,8 +138,8 @@ def _store_where_val_and_test_disagree(path):
 
 
 def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_path):
-    from pipeline.classifiers import train_one
-    from pipeline.finetuning import choose_tap, stage_two_rows
+    from pipeline.heads.classifiers import train_one
+    from pipeline.finetuning.finetune import choose_tap, stage_two_rows
 
     store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
     result = classify(ClassifySettings(store=str(store.path), classifiers=("logreg",), out_dir=str(tmp_path / "m")))
@@ -157,7 +157,7 @@ def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_pa
 
 
 def test_classifiers_learn_from_the_train_rows_alone_and_stop_early_on_val(tmp_path, monkeypatch):
-    import pipeline.classifiers as classifiers
+    import pipeline.heads.classifiers as classifiers
 
     store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
     splits, _ = resolve_splits(store)

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, backend_interpreter
 
 from pipeline.cli import main
-from pipeline.runtime import keras_backend
+from pipeline.core.runtime import keras_backend
 
 TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool,block2_pool", "--batch-size", "4", "-q"]
 
@@ -85,7 +85,7 @@ def test_sample_set_is_built_offline(tmp_path, capsys):
 
 
 def test_sample_splits_share_no_pixels():
-    from pipeline.sample import GRID, split_tiles
+    from pipeline.data.sample import GRID, split_tiles
     tiles = split_tiles((512, 512), np.random.default_rng(3))
     covered = np.zeros((512, 512), int)
     for top, left, height, width in (tile for split in tiles.values() for tile in split):

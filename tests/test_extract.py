@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED_DATA, add_bad_files, leaked_segments, processes_marked, tiny_settings
 
-import pipeline.shards as shards_module
+import pipeline.extraction.shards as shards_module
 from pipeline import LayertapError
-from pipeline.extract import ExtractSettings, extract_features
-from pipeline.store import FeatureStore
+from pipeline.extraction.extract import ExtractSettings, extract_features
+from pipeline.store.feature_store import FeatureStore
 
 
 def test_store_holds_features_labels_and_provenance(split_folder, tmp_path):
@@ -109,7 +109,7 @@ def test_settings_are_validated():
 def test_no_usable_images_fails_before_any_model_is_built(class_folder, tmp_path, monkeypatch):
     for path in class_folder.rglob("*.jpg"):
         path.write_text("not an image")
-    import pipeline.backbones as backbones
+    import pipeline.backbones.build as backbones
 
     monkeypatch.setattr(backbones, "build_backbone", lambda *a, **k: pytest.fail("model was built"))
     with pytest.raises(LayertapError, match="no usable images in .*first: blue/img_0.jpg \\(not an image"):
@@ -118,7 +118,7 @@ def test_no_usable_images_fails_before_any_model_is_built(class_folder, tmp_path
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.store as store
+    import pipeline.store.feature_store as store
     from pipeline.cli import main
     commits = []
     real_replace = os.replace
@@ -140,7 +140,7 @@ KILLER = textwrap.dedent("""
 def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_folder, tmp_path, monkeypatch):
     import keras
 
-    from pipeline.backbones import Extractor
+    from pipeline.backbones.build import Extractor
 
     sizes, dispatch = [], Extractor.dispatch
     monkeypatch.setattr(Extractor, "dispatch", lambda self, x: sizes.append(len(x)) or dispatch(self, x))
@@ -159,7 +159,7 @@ def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_f
 
 def test_more_forward_passes_in_flight_give_the_same_store(class_folder, tmp_path, monkeypatch):
     """Batches collected oldest first, whatever the number in flight (the GPU bench's -ahead2 rows)."""
-    from pipeline.backbones import Extractor
+    from pipeline.backbones.build import Extractor
 
     add_bad_files(class_folder)  # skipped images inside batches: short batches between full ones
     settings = dict(batch_size=3, shard_size=7)
@@ -176,10 +176,10 @@ def test_more_forward_passes_in_flight_give_the_same_store(class_folder, tmp_pat
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_file_changed_after_the_scan_is_skipped_never_stored_under_its_old_hash(engine, split_folder, tmp_path,
                                                                                    monkeypatch):
-    import pipeline.extract as extract_module
+    import pipeline.extraction.extract as extract_module
     from conftest import photo
 
-    from pipeline.decoding import CHANGED
+    from pipeline.data.decoding import CHANGED
 
     if engine == "ray":
         pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
@@ -249,7 +249,7 @@ def test_extraction_refuses_a_store_another_process_writes(split_folder, tmp_pat
     orphan = store.with_name(f".{store.name}.tmp-99999")
     orphan.write_bytes(b"left by a writer killed during the merge")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store import store_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store.feature_store import store_lock\n"
          "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

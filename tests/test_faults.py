@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import ROOT, interruptible, leaked_segments, make_class_folder, processes_marked
 
-from pipeline.store import FeatureStore
+from pipeline.store.feature_store import FeatureStore
 
 TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool", "--batch-size", "4", "--workers", "2",
         "--shard-size", "4", "-q"]
@@ -47,7 +47,7 @@ def _gone(mark: str, within: float = 5.0) -> bool:
 
 KILLING_DECODER = """
     import os, signal, sys, time
-    import pipeline.decoding as decoding
+    import pipeline.data.decoding as decoding
 
     real = decoding.decode_image
 
@@ -81,7 +81,7 @@ def test_an_image_that_kills_its_decoding_worker_is_skipped_and_named(tmp_path):
 
 SLOW_DECODER = """
     import time
-    import pipeline.decoding as decoding
+    import pipeline.data.decoding as decoding
 
     real = decoding.decode_image
 
@@ -156,8 +156,8 @@ def model_folder(tmp_path_factory):
     """A stage-two model folder (logreg on a tiny store)."""
     from conftest import tiny_settings
 
-    from pipeline.classification import ClassifySettings, classify
-    from pipeline.extract import extract_features
+    from pipeline.classification.classify import ClassifySettings, classify
+    from pipeline.extraction.extract import extract_features
 
     root = tmp_path_factory.mktemp("models")
     data = make_class_folder(root / "data", per_class=8)
@@ -207,7 +207,7 @@ def test_predict_runs_no_code_from_a_model_folder(model_folder, tmp_path, capsys
     assert not marker.exists(), "the folder's code ran"
     assert ("is a pickle" in error and "--trust" in error) if list_hash else "does not list model.joblib" in error
     if list_hash:  # the user's explicit choice, and only then
-        from pipeline.artifacts import load_model
+        from pipeline.runs.artifacts import load_model
 
         load_model(tampered, trust=True)
         assert marker.exists()
@@ -221,7 +221,7 @@ def test_an_untrusted_type_inside_a_skops_model_is_refused_and_named(model_folde
     import skops.io
 
     from pipeline import LayertapError
-    from pipeline.artifacts import load_model
+    from pipeline.runs.artifacts import load_model
 
     _, _, folder = model_folder
     tampered = tmp_path / "skops"
@@ -261,7 +261,7 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_predicted(tmp_path):
 
 
 def test_links_that_lead_nowhere_and_empty_class_folders_are_accounted_for(tmp_path):
-    from pipeline.images import find_images
+    from pipeline.data.images import find_images
 
     data = make_class_folder(tmp_path / "data", per_class=2)
     (data / "red" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
@@ -277,7 +277,7 @@ def test_links_that_lead_nowhere_and_empty_class_folders_are_accounted_for(tmp_p
 def test_a_class_whose_images_all_fail_to_decode_is_left_out_of_the_store_and_named(tmp_path):
     from conftest import tiny_settings
 
-    from pipeline.extract import extract_features
+    from pipeline.extraction.extract import extract_features
 
     data = make_class_folder(tmp_path / "data", per_class=4)
     for path in (data / "green").iterdir():  # a valid header, so the scan keeps them; the decoder cannot
@@ -336,7 +336,7 @@ def test_a_full_disk_during_a_shard_write_is_one_line(tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=4)
     script = _script(tmp_path, """
         import errno, sys
-        import pipeline.store as store
+        import pipeline.store.feature_store as store
 
         calls = []
 
@@ -364,7 +364,7 @@ def test_a_full_disk_while_saving_a_model_is_one_line_and_leaves_no_half_folder(
                                                                                  monkeypatch):
     import errno
 
-    import pipeline.artifacts as artifacts
+    import pipeline.runs.artifacts as artifacts
     from pipeline.cli import main
 
     root, _, folder = model_folder

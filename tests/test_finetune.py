@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from conftest import make_split_folder, tiny_settings
 
-import pipeline.decoding
-import pipeline.finetuning
+import pipeline.data.decoding
+import pipeline.finetuning.finetune
 from pipeline import LayertapError
-from pipeline.artifacts import load_model
-from pipeline.backbones import build_backbone, get_backbone
-from pipeline.classifiers import build_dense_head
-from pipeline.classification import ClassifySettings, classify
+from pipeline.runs.artifacts import load_model
+from pipeline.backbones.build import build_backbone, get_backbone
+from pipeline.heads.classifiers import build_dense_head
+from pipeline.classification.classify import ClassifySettings, classify
 from pipeline.cli import main
-from pipeline.compose import (
+from pipeline.finetuning.compose import (
     build_augmentation,
     build_finetune_model,
     default_unfreeze_from,
@@ -26,14 +26,14 @@ from pipeline.compose import (
     parse_augmentation,
     set_trainable,
 )
-from pipeline.extract import extract_features
-from pipeline.decoding import decode_image
-from pipeline.evaluation import bootstrap_gain, log_loss
-from pipeline.finetuning import FinetuneSettings, finetune
-from pipeline.layers import BackbonePreprocess, crossentropy
-from pipeline.prediction import predict
-from pipeline.store import FeatureStore
-from pipeline.weights import resolve_weights
+from pipeline.extraction.extract import extract_features
+from pipeline.data.decoding import decode_image
+from pipeline.core.evaluation import bootstrap_gain, log_loss
+from pipeline.finetuning.finetune import FinetuneSettings, finetune
+from pipeline.backbones.layers import BackbonePreprocess, crossentropy
+from pipeline.prediction.predict import predict
+from pipeline.store.feature_store import FeatureStore
+from pipeline.backbones.weights import resolve_weights
 
 QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_tune_epochs=2, batch_size=8,
              learning_rate=1e-2, fine_tune_learning_rate=1e-3, hidden_units=8, workers=2, progress=False)
@@ -119,7 +119,7 @@ def test_augmentation_specs():
 
 
 def test_training_loss_is_the_cross_entropy_keras_computes_and_log_loss_reports():
-    """``pipeline.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on val), on
+    """``pipeline.backbones.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on val), on
     probabilities none of them clips; where the true class's probability is below Keras's 1e-7, it keeps counting
     (tests/backend_probe.py checks that such an image still trains on JAX and torch)."""
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(np.random.default_rng(0).normal(size=(6, 4)) * 2))
@@ -197,10 +197,10 @@ def test_without_a_stage_two_run_the_probe_is_the_baseline(staged, tmp_path, hea
         decoded.append(1)
         return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.decoding, "decode_image", counting_decode)
+    monkeypatch.setattr(pipeline.data.decoding, "decode_image", counting_decode)
     fits = []
-    real_train_one = pipeline.finetuning.train_one
-    monkeypatch.setattr(pipeline.finetuning, "train_one", lambda *a, **k: fits.append(a[2]) or real_train_one(*a, **k))
+    real_train_one = pipeline.finetuning.finetune.train_one
+    monkeypatch.setattr(pipeline.finetuning.finetune, "train_one", lambda *a, **k: fits.append(a[2]) or real_train_one(*a, **k))
     settings = {**QUICK, "fine_tune_epochs": 0, "layer": None, "unfreeze_from": None}  # the tap: the probes' best on val
     model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), head=head,
                                                    phase1=phase1, **settings))
@@ -269,7 +269,7 @@ def test_phase_two_reports_its_best_epoch_on_val_not_its_last(staged, tmp_path, 
     no weights move; the callback test above checks that the weights kept follow the same rule)."""
     epochs = [(0.5, 1.0), (0.9, 0.4), (0.9, 0.6), (0.7, 0.3)]
     curves = [{"loss": 0.1, "accuracy": 1.0, "val_accuracy": a, "val_loss": v} for a, v in epochs]
-    monkeypatch.setattr(pipeline.finetuning, "train_phase", lambda *a, **k: (curves, False, True))
+    monkeypatch.setattr(pipeline.finetuning.finetune, "train_phase", lambda *a, **k: (curves, False, True))
     _, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), **QUICK))
     phase2 = metrics["phases"][1]
     assert (phase2["val_accuracy"], phase2["val_loss"], phase2["epochs_run"]) == (0.9, 0.4, 4)

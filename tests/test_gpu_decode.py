@@ -18,10 +18,10 @@ from conftest import add_bad_files, make_class_folder, photo, tiny_settings
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.gpu_decode import check_decoder
-from pipeline.decoding import CHANGED, decode_image
-from pipeline.images import gpu_jpeg, jpeg_header
-from pipeline.runtime import keras_backend
+from pipeline.data.gpu_decode import check_decoder
+from pipeline.data.decoding import CHANGED, decode_image
+from pipeline.data.images import gpu_jpeg, jpeg_header
+from pipeline.core.runtime import keras_backend
 
 
 def jpeg_bytes(image: Image.Image, **save) -> bytes:
@@ -49,7 +49,7 @@ def test_jpeg_header_sends_what_nvjpeg_cannot_take_to_pillow(data):
 
 
 def test_decoder_choice(monkeypatch):
-    import pipeline.gpu_decode as gd
+    import pipeline.data.gpu_decode as gd
 
     monkeypatch.setattr(gd, "nvjpeg_available", lambda device=None: False)
     monkeypatch.setattr(gd, "dali_available", lambda device=None: False)
@@ -70,8 +70,8 @@ def test_decoder_choice(monkeypatch):
 ])
 def test_auto_decoder_is_dali_where_the_backend_has_a_gpu_and_dali_imports(monkeypatch, tmp_path, backend, gpu, dali,
                                                                            engine, expected):
-    import pipeline.gpu_decode as gd
-    from pipeline.extract import ExtractSettings
+    import pipeline.data.gpu_decode as gd
+    from pipeline.extraction.extract import ExtractSettings
 
     monkeypatch.setattr(gd, "keras_backend", lambda: backend)
     monkeypatch.setattr(gd, "on_gpu", lambda: gpu)
@@ -88,9 +88,9 @@ def test_auto_decoder_is_dali_where_the_backend_has_a_gpu_and_dali_imports(monke
 
 def test_auto_decoder_here(tmp_path):
     """Unpatched: pillow without a GPU (CI); dali on a GPU host with DALI and JAX or torch (the GPU sessions)."""
-    import pipeline.gpu_decode as gd
-    from pipeline.extract import ExtractSettings
-    from pipeline.runtime import on_gpu
+    import pipeline.data.gpu_decode as gd
+    from pipeline.extraction.extract import ExtractSettings
+    from pipeline.core.runtime import on_gpu
 
     decoder = ExtractSettings(data=str(tmp_path), weights="random").decoder
     if keras_backend() in ("jax", "torch") and on_gpu() and gd.dali_available():
@@ -103,7 +103,7 @@ def test_auto_decoder_here(tmp_path):
 def test_a_gpu_dali_cannot_use_is_no_gpu_for_auto(monkeypatch):
     """A DALI whose CUDA driver query fails (a driver older than its CUDA) is not available: auto takes pillow."""
     backend = pytest.importorskip("nvidia.dali.backend")
-    import pipeline.gpu_decode as gd
+    import pipeline.data.gpu_decode as gd
 
     def broken():
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
@@ -119,7 +119,7 @@ def test_a_gpu_dali_cannot_use_is_no_gpu_for_auto(monkeypatch):
 @pytest.fixture(params=["nvjpeg", "dali"])
 def gpu_decoder(request, monkeypatch):
     """A GPU decoder's factory, on the CPU device where there is no CUDA GPU."""
-    import pipeline.gpu_decode as gd
+    import pipeline.data.gpu_decode as gd
 
     if request.param == "nvjpeg":
         pytest.importorskip("torchvision")
@@ -130,7 +130,7 @@ def gpu_decoder(request, monkeypatch):
         pytest.importorskip("nvidia.dali")
         from nvidia.dali import backend
 
-        from pipeline.dali_decode import DaliDecoder
+        from pipeline.data.dali_decode import DaliDecoder
 
         on_gpu, make = backend.GetCUDADeviceCount() > 0, DaliDecoder
     if not on_gpu:
@@ -190,7 +190,7 @@ def test_other_formats_fall_back_to_pillow_and_bad_files_are_skipped(gpu_decoder
 
 
 def test_cut_off_jpegs_go_to_pillow_and_zero_padding_after_the_end_is_allowed(tmp_path):
-    from pipeline.gpu_decode import read_and_route
+    from pipeline.data.gpu_decode import read_and_route
 
     whole = jpeg_bytes(photo((200, 40, 40), size=(48, 40)))
     files = {"whole.jpg": whole, "padded.jpg": whole + bytes(40), "cut.jpg": whole[:-200],
@@ -203,8 +203,8 @@ def test_cut_off_jpegs_go_to_pillow_and_zero_padding_after_the_end_is_allowed(tm
 
 
 def test_extraction_on_the_gpu_decoder_matches_pillow_and_has_its_own_cache_key(gpu_decoder, class_folder, tmp_path):
-    from pipeline.extract import extract_features
-    from pipeline.store import FeatureStore
+    from pipeline.extraction.extract import extract_features
+    from pipeline.store.feature_store import FeatureStore
 
     add_bad_files(class_folder)
     nv = extract_features(tiny_settings(class_folder, tmp_path / "f", decoder=gpu_decoder.name, batch_size=5,
@@ -222,8 +222,8 @@ def test_extraction_on_the_gpu_decoder_matches_pillow_and_has_its_own_cache_key(
 
 def scanned(folder) -> tuple[list, list]:
     """The files of a class folder and their records, as the scan before an extraction gives them."""
-    from pipeline.images import find_images
-    from pipeline.scan import scan_images
+    from pipeline.data.images import find_images
+    from pipeline.data.scan import scan_images
 
     images = scan_images(find_images(folder))
     return [images.root / record.path for record in images.records], list(images.records)
@@ -313,8 +313,8 @@ def test_a_stream_left_early_leaves_the_decoder_ready(dali, tmp_path):
 
 
 def test_a_dali_that_cannot_start_says_so_and_how_to_decode_on_the_cpu(dali, class_folder, tmp_path, monkeypatch):
-    from pipeline.dali_decode import DaliDecoder
-    from pipeline.extract import extract_features
+    from pipeline.data.dali_decode import DaliDecoder
+    from pipeline.extraction.extract import extract_features
 
     def fails(self):
         raise RuntimeError("nvImageCodec: no decoder for the mixed backend\n[/opt/dali/pipeline.cc:123] stack ...")
@@ -329,11 +329,11 @@ def test_a_dali_that_cannot_start_says_so_and_how_to_decode_on_the_cpu(dali, cla
 def test_fine_tuning_a_gpu_decoded_store_allows_for_the_decoders_difference(dali, tmp_path, monkeypatch):
     """Fine-tuning decodes with Pillow; a store DALI made differs from that by about a grey level on a GPU (one
     grey level added here stands in for it), which the composition check allows only for such a store."""
-    import pipeline.finetuning as finetuning
+    import pipeline.finetuning.finetune as finetuning
     from conftest import make_split_folder
 
-    from pipeline.extract import extract_features
-    from pipeline.finetuning import FinetuneSettings, finetune
+    from pipeline.extraction.extract import extract_features
+    from pipeline.finetuning.finetune import FinetuneSettings, finetune
 
     decode = finetuning.decode_store_rows
     monkeypatch.setattr(finetuning, "decode_store_rows",

@@ -10,9 +10,9 @@ from conftest import add_bad_files, make_class_folder, photo
 from PIL import Image
 
 from pipeline import LayertapError
-from pipeline.decoding import decode_image, iter_decoded
-from pipeline.images import BadImageError, find_images, sniff_format
-from pipeline.scan import scan_images
+from pipeline.data.decoding import decode_image, iter_decoded
+from pipeline.data.images import BadImageError, find_images, sniff_format
+from pipeline.data.scan import scan_images
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
@@ -171,7 +171,7 @@ def test_every_good_file_is_listed(tmp_path):
 
 
 def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folder):
-    from pipeline.decoding import ProcessDecoder
+    from pipeline.data.decoding import ProcessDecoder
 
     expected = add_bad_files(class_folder)
     # over HUGE_PIXELS: decoded under the memory budget's semaphore
@@ -197,7 +197,7 @@ def test_process_decoder_fills_batches_in_order_and_frees_its_memory(class_folde
 
 
 def test_huge_decodes_are_budgeted_by_the_memory_available(monkeypatch):
-    import pipeline.decoding as decoding
+    import pipeline.data.decoding as decoding
 
     monkeypatch.setattr(decoding, "available_memory", lambda: 2 * 10**9)  # 2 GB: one 89 MP decode at a time
     assert decoding.huge_decode_slots(89_478_485, workers=16) == 1

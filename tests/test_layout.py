@@ -6,7 +6,7 @@ import ast
 
 from conftest import ROOT
 
-STAGES = {"pipeline.extract", "pipeline.classification", "pipeline.finetuning", "pipeline.prediction"}
+STAGES = {"pipeline.extraction.extract", "pipeline.classification.classify", "pipeline.finetuning.finetune", "pipeline.prediction.predict"}
 ENTRY_POINTS = {"pipeline.cli", "pipeline", "pipeline.__main__"}  # what calls the stages
 MAX_LINES = 410
 

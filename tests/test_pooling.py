@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.pooling import dense_params, flatten_warning, parse_pooling, pool_tensor, pooled_dims
+from pipeline.backbones.pooling import dense_params, flatten_warning, parse_pooling, pool_tensor, pooled_dims
 
 
 def test_unknown_pooling_names_the_choices():

@@ -15,10 +15,10 @@ import pytest
 from conftest import ROOT, add_bad_files, interruptible, make_split_folder, processes_marked, tiny_settings
 
 from pipeline import LayertapError
-from pipeline.batchnorm import FOLDED
-from pipeline.extract import extract_features
-from pipeline.runtime import keras_backend
-from pipeline.store import FeatureStore, StoreLockedError, store_lock
+from pipeline.backbones.batchnorm import FOLDED
+from pipeline.extraction.extract import extract_features
+from pipeline.core.runtime import keras_backend
+from pipeline.store.feature_store import FeatureStore, StoreLockedError, store_lock
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
 ACTOR_TITLE = "ray::MapWorker(MapBatches(ShardWriter))"
@@ -139,10 +139,10 @@ def test_a_killed_driver_leaves_shards_that_the_next_run_resumes_from(cluster, d
 
 
 def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(cluster, tmp_path, monkeypatch):
-    import pipeline.ray_engine as ray_engine
-    import pipeline.scan as scan_module
-    from pipeline.images import find_images
-    from pipeline.scan import StatCache, scan_images
+    import pipeline.extraction.engines.ray as ray_engine
+    import pipeline.data.scan as scan_module
+    from pipeline.data.images import find_images
+    from pipeline.data.scan import StatCache, scan_images
 
     folder = make_split_folder(tmp_path / "bad", train=2, val=1, test=1)
     add_bad_files(folder / "train", "red")
@@ -158,7 +158,7 @@ def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(clu
 
 
 def test_a_cache_hit_with_the_ray_engine_starts_no_ray(data, local_store, monkeypatch):
-    import pipeline.ray_engine as ray_engine
+    import pipeline.extraction.engines.ray as ray_engine
 
     monkeypatch.setattr(ray_engine.RaySession, "get", lambda self: pytest.fail("Ray started for a cache hit"))
     assert extract_features(tiny_settings(data, local_store.path.parent, engine="ray")).cache_hit
@@ -191,15 +191,15 @@ def test_a_gpu_decoder_decodes_in_the_model_actors_and_writes_the_local_engines_
     """``--decoder dali`` on Ray: no decoding tasks; each model actor decodes its shards as the local engine does
     (here on DALI's CPU device, which the driver's setting carries to the actors), bad files named alike."""
     pytest.importorskip("nvidia.dali")
-    import pipeline.gpu_decode as gd
-    import pipeline.ray_engine as ray_engine
+    import pipeline.data.gpu_decode as gd
+    import pipeline.extraction.engines.ray as ray_engine
 
     monkeypatch.setattr(gd, "DEVICE", "cpu")
     monkeypatch.setattr(ray_engine, "decode_shard", None)  # a decoding task would fail the run
     folder = make_split_folder(tmp_path / "bad", train=2, val=1, test=1)
     add_bad_files(folder / "train", "red")
     local = FeatureStore(extract_features(tiny_settings(folder, tmp_path / "local", decoder="dali")).store_path)
-    with caplog.at_level("INFO", logger="pipeline.ray_engine"):
+    with caplog.at_level("INFO", logger="pipeline.extraction.engines.ray"):
         made = extract_features(tiny_settings(folder, tmp_path / "ray", decoder="dali", engine="ray"))
     assert "decoding with dali in the actors" in caplog.text
     assert_same_store(FeatureStore(made.store_path), local)
@@ -209,9 +209,9 @@ def test_a_gpu_decoder_decodes_in_the_model_actors_and_writes_the_local_engines_
 GPU_NODE = textwrap.dedent("""
     import logging, sys
     import ray
-    import pipeline.gpu_decode as gd
+    import pipeline.data.gpu_decode as gd
     from conftest import tiny_settings
-    from pipeline.extract import extract_features
+    from pipeline.extraction.extract import extract_features
     gd.DEVICE = "cpu"  # DALI's CPU device stands in for the GPU Ray hands the actor
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ray.init(num_cpus=2, num_gpus=1, object_store_memory=256 << 20, include_dashboard=False, logging_level="error")
@@ -234,7 +234,7 @@ def test_a_gpu_decoders_actor_reserves_its_nodes_cpus_per_gpu_and_decodes_with_t
 
 
 def test_gpu_actors_reserve_the_fewest_cpus_per_gpu_of_the_live_gpu_nodes():
-    from pipeline.ray_engine import cpus_per_gpu
+    from pipeline.extraction.engines.ray import cpus_per_gpu
 
     def node(cpus, gpus=0, alive=True):
         return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}

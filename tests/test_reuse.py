@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import COLOURS, make_class_folder, photo, tiny_settings
 
-from pipeline.extract import cache_key, extract_features, load_images
-from pipeline.reuse import DATA_FIELDS, MODEL_FIELDS
-from pipeline.store import FeatureStore
+from pipeline.extraction.extract import cache_key, extract_features, load_images
+from pipeline.extraction.reuse import DATA_FIELDS, MODEL_FIELDS
+from pipeline.store.feature_store import FeatureStore
 
 TAPS = ("block1_pool", "block2_pool")
 
@@ -124,7 +124,7 @@ def test_other_model_settings_or_no_reuse_compute_everything(tmp_path, caplog):
     assert bigger.n_reused == 0 and bigger.n_decoded == 13
     fewer_taps = extract_features(tiny_settings(data, tmp_path / "g", layers=("block1_pool",)))
     (data / "red" / "img_8.jpg").write_bytes((data / "red" / "img_0.jpg").read_bytes())  # same bytes, other name
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline.extraction.extract"):
         more_taps = extract_features(tiny_settings(data, tmp_path / "g"))  # the donor lacks block2_pool
     assert fewer_taps.n_decoded == 13 and more_taps.n_reused == 0 and more_taps.n_decoded == 14
     assert "reusing" not in caplog.text
@@ -161,9 +161,9 @@ def test_an_earlier_store_found_damaged_while_mixing_rows_leaves_those_shards_to
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
 def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(backbone, tmp_path):
     """``batchnorm`` only where it is folded (ResNet50 on TensorFlow): the keys of other stores are as before."""
-    from pipeline.backbones import get_backbone
-    from pipeline.batchnorm import folds_batchnorm
-    from pipeline.weights import resolve_weights
+    from pipeline.backbones.build import get_backbone
+    from pipeline.backbones.batchnorm import folds_batchnorm
+    from pipeline.backbones.weights import resolve_weights
 
     taps = get_backbone(backbone).taps[:1]  # the settings refuse a layer the backbone has not
     settings = tiny_settings(make_class_folder(tmp_path / "data", per_class=1), tmp_path / "f", backbone=backbone,
@@ -175,7 +175,7 @@ def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(backbon
 
 
 def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_committed(tmp_path, monkeypatch):
-    import pipeline.shards as shards
+    import pipeline.extraction.shards as shards
 
     data = make_class_folder(tmp_path / "data")
     extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))

@@ -8,12 +8,12 @@ import time
 import pytest
 from conftest import add_bad_files, make_split_folder, photo, tiny_settings
 
-import pipeline.scan as scan_module
-import pipeline.shards as shards_module
+import pipeline.data.scan as scan_module
+import pipeline.extraction.shards as shards_module
 from pipeline import LayertapError
-from pipeline.extract import extract_features
-from pipeline.images import find_images
-from pipeline.scan import LEGACY_FILE_NAME, RACY_NS, VERSION, Probe, StatCache, file_stat, scan_images
+from pipeline.extraction.extract import extract_features
+from pipeline.data.images import find_images
+from pipeline.data.scan import LEGACY_FILE_NAME, RACY_NS, VERSION, Probe, StatCache, file_stat, scan_images
 
 AN_HOUR_AGO = time.time() - 3600
 
@@ -258,7 +258,7 @@ def test_the_listing_and_the_scan_pause_the_cycle_collector_and_restore_it(tmp_p
     also when the scan fails, and stays off where it was off."""
     import gc
 
-    import pipeline.images as images_module
+    import pipeline.data.images as images_module
 
     data = make_split_folder(tmp_path / "images", train=1, val=0, test=0)
     age(data)

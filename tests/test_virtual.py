@@ -11,9 +11,9 @@ import pytest
 from conftest import make_split_folder, tiny_settings
 
 from pipeline import LayertapError
-from pipeline.extract import extract_features
-from pipeline.store import FeatureStore
-from pipeline.virtual import shards_dir
+from pipeline.extraction.extract import extract_features
+from pipeline.store.feature_store import FeatureStore
+from pipeline.store.virtual import shards_dir
 
 TAPS = ("block1_pool", "block2_pool")
 
@@ -44,7 +44,7 @@ def test_a_virtual_store_has_the_same_features_without_copying_them_and_moves_wi
         assert fh["features/block2_pool"].is_virtual
         np.testing.assert_array_equal(fh["features/block2_pool"][()], copied.features("block2_pool"))
 
-    from pipeline.reports import store_summary
+    from pipeline.runs.reports import store_summary
 
     assert "5 shard files in <store>.shards/block1_pool-block2_pool-" in store_summary(store)  # layertap inspect
     assert "this file" in store_summary(copied)

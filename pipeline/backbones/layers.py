@@ -1,0 +1,62 @@
+"""The Keras pieces layertap adds: a backbone's preprocessing, the tap pooling, and the training loss.
+
+Registered under the ``layertap`` package name, so a saved fine-tuned model (``model.keras``)
+loads in safe mode wherever this module has been imported (:func:`pipeline.runs.artifacts.load_model`).
+"""
+
+from __future__ import annotations
+
+from pipeline.core.runtime import import_keras
+from pipeline.core.evaluation import TINY
+from pipeline.backbones.pooling import parse_pooling, pool_tensor
+
+keras = import_keras()
+
+
+@keras.saving.register_keras_serializable(package="layertap")
+class BackbonePreprocess(keras.layers.Layer):
+    """The backbone's own ``preprocess_input`` on uint8 or float RGB pixels, in float32."""
+
+    def __init__(self, backbone: str, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def call(self, x):
+        from pipeline.backbones.build import get_backbone
+
+        return get_backbone(self.backbone).preprocess(keras.ops.cast(x, "float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+@keras.saving.register_keras_serializable(package="layertap")
+class TapPooling(keras.layers.Layer):
+    """Pool a ``(B, H, W, C)`` map with one of :data:`pipeline.backbones.pooling.POOLING_MODES`, in float32."""
+
+    def __init__(self, mode: str, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.mode = parse_pooling(mode)
+
+    def call(self, x):
+        return pool_tensor(keras.ops.cast(x, "float32"), self.mode)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="layertap")
+def crossentropy(y_true, y_pred):
+    """Sparse cross-entropy of class probabilities (a softmax output), the same on every backend.
+
+    Keras's own ``sparse_categorical_crossentropy`` takes a softmax layer's logits on TensorFlow only; on JAX
+    and torch it clips the probabilities to [1e-7, 1 - 1e-7], and a clipped probability passes no gradient:
+    an image the network is sure is another class (its own class below 1e-7) teaches nothing, and a network
+    that is sure about every image does not move at all. Here the probabilities are floored at
+    :data:`pipeline.core.evaluation.TINY` instead (as :func:`pipeline.core.evaluation.log_loss` floors them), and ``-log p``
+    of the true class is computed from their logarithms.
+    """
+    log_p = keras.ops.log(keras.ops.maximum(keras.ops.cast(y_pred, "float32"), TINY))
+    return keras.losses.sparse_categorical_crossentropy(y_true, log_p, from_logits=True)

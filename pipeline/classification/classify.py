@@ -1,0 +1,168 @@
+"""Stage two: classifiers on a feature store. Reads the store, never an image.
+
+Each (tap, classifier) pair becomes a model folder ``models/<run>/<tap>-<classifier>/``
+(:mod:`pipeline.runs.artifacts`) with the fitted classifier, ``manifest.json`` (what it needs to run
+on new images and the sha256 of every file), ``metrics.json``, ``report.md`` and ``confusion.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import LayertapError
+from pipeline.runs.artifacts import model_manifest, run_folder, save_model
+from pipeline.heads.classifiers import BUILTIN, make_classifier, parse_spec, train_one
+from pipeline.core.evaluation import best_on_val, rank_on_val
+from pipeline.core.settings import option
+from pipeline.store.splits import resolve_splits, test_rows_sha256
+from pipeline.store.feature_store import FeatureStore
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    """What stage two trains and where it writes; validated when built. Each field's ``help`` says what it does.
+
+    ``classifiers`` are specs: ``logreg``, ``linsvm``, ``knn``, ``dense`` or an import path, each
+    optionally ``:{json params}`` (:func:`pipeline.heads.classifiers.make_classifier`).
+    """
+
+    store: str = option("", "the feature store", cli=False)
+    classifiers: tuple[str, ...] = option(("logreg",), "comma-separated: logreg, linsvm, knn, dense, or an import "
+                                                       "path, each optionally with :{json params}", metavar="SPECS",
+                                          group="stage two")
+    layers: tuple[str, ...] = option((), "taps to train on (default: every tap of the store)", cli=False)
+    out_dir: str = option("models", "folder of the runs", flag="--models", group="stage two")
+    run: str | None = option(None, "run folder name (default: the store's name)", group="stage two")
+    seed: int = option(0, "seed of every random choice (splits, cross-validation folds, the Dense head)")
+    test_fraction: float = option(0.25, "share of test images where the store records no split")
+    val_fraction: float = option(0.15, "share of validation images where the store records no split")
+
+    def __post_init__(self):
+        if not self.store:
+            raise ValueError("store is required: the feature store to train on")
+        object.__setattr__(self, "classifiers", _names(self.classifiers) or ("logreg",))
+        object.__setattr__(self, "layers", _names(self.layers))
+        for spec in self.classifiers:
+            make_classifier(spec)  # validates names and parameters now, not after an hour of training
+        for name in ("test_fraction", "val_fraction"):
+            if not 0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be between 0 and 0.5")
+
+
+def _names(value) -> tuple[str, ...]:
+    """A tuple of names; one string is one name (comma lists are the command line's to split)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclass
+class ClassifyResult:
+    """What :func:`classify` trained: the run folder, the table rows (best first) and the fitted estimators.
+
+    Attributes:
+        run_dir: Folder of the model folders and ``comparison.md``.
+        rows: One dict per (tap, classifier), best first.
+        estimators: ``{model folder name: fitted estimator}``, e.g. ``estimators["block4_pool-logreg"]``.
+    """
+
+    run_dir: Path
+    rows: list[dict]
+    estimators: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict:
+        return self.rows[0]
+
+
+def classifier_name(spec: str) -> str:
+    name, params = parse_spec(spec)
+    short = name if name in BUILTIN else name.rpartition(".")[2].lower()
+    if params:
+        short += "-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", short)
+
+
+def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
+    """Train every classifier on every tap of the store and write the model folders and reports.
+
+    Args:
+        progress: Called with each table row as it is done.
+    """
+    from pipeline.runs.reports import write_comparison, write_model_report
+
+    store = FeatureStore(settings.store)
+    taps = settings.layers or store.taps
+    unknown = [t for t in taps if t not in store.taps]
+    if unknown:
+        raise LayertapError(f"{store.path.name} has no tap {', '.join(unknown)}; it has {', '.join(store.taps)}. "
+                            "Extract it first: layertap extract ... --layers " + ",".join(unknown))
+    splits, source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
+    split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
+    run_dir = run_folder(settings.out_dir, settings.run, store)
+    rows, estimators = [], {}
+    for tap in taps:
+        X = store.features(tap).astype(np.float32)  # one HDF5 read per tap, shared by every classifier
+        for spec in settings.classifiers:
+            estimator, metrics = train_one(store, X, spec, splits, settings.seed)
+            metrics |= split_info
+            name = classifier_name(spec)
+            model_dir = run_dir / f"{tap}-{name}"
+            save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
+            estimators[model_dir.name] = estimator
+            write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
+            rows.append({"tap": tap, "classifier": name, "spec": spec, "val_accuracy": metrics["val_accuracy"],
+                         "accuracy": metrics["accuracy"], "macro_f1": metrics["report"]["macro avg"]["f1-score"],
+                         "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
+                         "dims": store.dims[tap], "chosen": metrics["chosen"], "model_dir": str(model_dir)})
+            if progress:
+                progress(rows[-1])
+    rank_on_val(rows)
+    write_comparison(run_dir, rows, store, source)
+    return ClassifyResult(run_dir, rows, estimators)
+
+
+def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
+          progress=None) -> tuple[Path, list[dict]]:
+    """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs.
+
+    The probe of each tap is fit on the train rows (C by cross-validation there); the tap to use is
+    the one with the best val accuracy (``best_on_val`` in ``sweep.json``); test accuracy is shown
+    beside it, never chosen on.
+
+    Returns:
+        ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json`` and ``sweep.png`` are written there.
+    """
+    from pipeline.backbones.build import get_backbone, tap_costs
+    from pipeline.backbones.pooling import dense_params, pooled_dims
+    from pipeline.runs.reports import write_sweep
+
+    store = FeatureStore(store_path)
+    model = get_backbone(store.manifest.backbone).build(store.manifest.image_size)
+    depth = {layer.name: i for i, layer in enumerate(model.layers)}
+    taps = sorted(store.taps, key=lambda t: depth.get(t, len(depth)))
+    costs = tap_costs(model, [*taps, model.layers[-1].name])
+    full = costs[model.layers[-1].name]["gflops"]
+    splits, _ = resolve_splits(store, seed)
+    rows = []
+    for tap in taps:
+        _, metrics = train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)
+        shape = store.map_shapes[tap]
+        flat = pooled_dims("flatten", shape)
+        rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),
+                     "dims": store.dims[tap], "val_accuracy": metrics["val_accuracy"], "accuracy": metrics["accuracy"],
+                     "C": metrics["chosen"].get("C"), "cv_accuracy": metrics["chosen"].get("cv_accuracy"),
+                     "gflops": costs[tap]["gflops"], "flops_share": costs[tap]["gflops"] / full,
+                     "params_to_tap": costs[tap]["params"], "flatten_dims": flat,
+                     "dense_flatten": dense_params(flat), "dense_avg": dense_params(shape[-1]),
+                     "fit_seconds": metrics["fit_seconds"]})
+        if progress:
+            progress(rows[-1])
+    run_dir = run_folder(out_dir, run, store)
+    write_sweep(run_dir, rows, store, best=best_on_val(rows)["tap"])
+    return run_dir, rows

@@ -1,0 +1,249 @@
+"""Features reused by content: images an earlier store computed with the same model settings are not computed again.
+
+A store's key covers its whole image list, so one added, removed or edited photo gives a new key and a
+new store. The features of an image, though, are a function of its bytes and the model settings alone
+(extraction is a pure function of an image slice and the settings). So before an engine runs, each
+shard of the new store is looked up, image by image (by content hash), in the earlier stores of the same
+settings (same backbone, weights, size, resize, decoder, preprocessing, pooling, precision, BatchNormalization
+folding, stored type, Keras backend and version) in ``--out``:
+
+- a shard whose every image is there is written from those rows;
+- a shard with none of its images there is computed as usual;
+- the images of the other shards that are not there are computed together, as shards of their own in
+  ``<parts>/computed/`` (committed, so a killed run resumes), and then each such shard of the store is
+  written from the earlier rows and the computed ones.
+
+A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
+batch-composition tolerance (README: Measured here). ``--no-reuse`` computes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import LayertapError
+from pipeline.extraction.shards import ShardJob, rows_of
+from pipeline.store.feature_store import FeatureStore, write_shard
+from pipeline.store.virtual import TapReader
+
+log = logging.getLogger(__name__)
+
+# The cache key's material is these two lists: how features are computed from an image (a donor must match
+# every one of them), and which images with which labels (what reuse looks past).
+MODEL_FIELDS = ("backbone", "weights", "weights_sha256", "image_size", "resize", "interpolation", "draft", "decoder",
+                "preprocessing", "pooling", "precision", "batchnorm", "store_dtype", "keras_backend", "keras_version")
+DATA_FIELDS = ("images_sha256", "n_images_listed", "class_names")
+
+
+@dataclass
+class Donors:
+    """Earlier stores of the same model settings, and where each content hash has a row in them.
+
+    Each store's fingerprints are held as one sorted array of bytes (32 bytes a row: 3.2 GB for 10^8
+    rows, where a dict of Python strings would take several times that) and looked up by bisection. Each
+    store's taps are read through one open :class:`pipeline.store.virtual.TapReader` (:meth:`close` closes them):
+    a shard's rows are one read per store, not one open, and a virtual store's map is listed once.
+    """
+
+    stores: list[FeatureStore] = field(default_factory=list)
+    keys: list[np.ndarray] = field(default_factory=list)  # each store's fingerprints, sorted
+    rows: list[np.ndarray] = field(default_factory=list)  # the row of each of them
+    earlier: int = 0  # the first this many stores are earlier stores; after them come this run's computed shards
+    reused: int = 0  # rows written from earlier stores so far
+    readers: dict[tuple[Path, str], TapReader] = field(default_factory=dict)
+
+    @property
+    def map_shapes(self) -> dict:
+        return self.stores[0].map_shapes
+
+    def add(self, store: FeatureStore, earlier: bool = True) -> None:
+        """Look up rows in ``store`` too (after the stores already added)."""
+        fingerprints = store.columns(["fingerprints"])["fingerprints"].astype(bytes)
+        if len(fingerprints):
+            order = np.argsort(fingerprints, kind="stable")
+            self.stores.append(store)
+            self.keys.append(fingerprints[order])
+            self.rows.append(order)
+            self.earlier += earlier
+
+    def lookup(self, fingerprints: list[str]) -> list[tuple[int, int] | None]:
+        """``(store, row)`` for each fingerprint, from the first store that has it, else None."""
+        wanted = np.array([f.encode("utf-8", "surrogateescape") for f in fingerprints], dtype=bytes)
+        found: list[tuple[int, int] | None] = [None] * len(fingerprints)
+        for store, (keys, rows) in enumerate(zip(self.keys, self.rows)):
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            for i in np.flatnonzero(keys[at] == wanted):
+                found[i] = found[i] or (store, int(rows[at[i]]))
+        return found
+
+    def write_covered(self, jobs: list[ShardJob], manifest: dict, class_names, taps: tuple[str, ...],
+                      dtype: str, skipped: dict[str, str] | None = None) -> list[tuple[ShardJob, list]]:
+        """Commit each job whose every image has a row here (or a reason in ``skipped``) from those rows.
+
+        Returns:
+            The other jobs, each with its images' :meth:`lookup`. A store whose features cannot be read is
+            dropped, with a warning, and its rows looked up elsewhere.
+        """
+        skipped, left = skipped or {}, []
+        class_index = {name: i for i, name in enumerate(class_names)}
+        for job in jobs:
+            while True:
+                hits = self.lookup([record.fingerprint for record in job.records])
+                if not all(hit or record.path in skipped for hit, record in zip(hits, job.records)):
+                    left.append((job, hits))
+                    break
+                try:
+                    self._write(job, hits, skipped, manifest, class_names, class_index, taps, dtype)
+                    break
+                except _Unreadable as exc:
+                    log.warning("not reusing features from %s: %s", self.stores[exc.store].path.name, exc)
+                    for column in (self.stores, self.keys, self.rows):
+                        del column[exc.store]
+                    self.earlier -= exc.store < self.earlier
+        return left
+
+    def _write(self, job: ShardJob, hits, skipped: dict[str, str], manifest: dict, class_names, class_index,
+               taps, dtype) -> None:
+        kept = [(hit, record) for hit, record in zip(hits, job.records) if hit]
+        features = {tap: self._gather([hit for hit, _ in kept], tap) for tap in taps}
+        write_shard(job.path, rows=rows_of([record for _, record in kept], class_index), features=features,
+                    class_names=class_names,
+                    skipped=[(r.path, skipped[r.path]) for hit, r in zip(hits, job.records) if not hit],
+                    manifest={**manifest, "shard": [job.start, job.stop], "shard_taps": list(taps)},
+                    map_shapes=self.map_shapes, dtype=dtype)
+        self.reused += sum(hit[0] < self.earlier for hit, _ in kept)
+
+    def _gather(self, hits: list[tuple[int, int]], tap: str) -> np.ndarray:
+        """The rows ``hits`` of one tap, in that order (each store read once, at increasing rows, as h5py asks)."""
+        out = np.zeros((len(hits), self.stores[0].dims[tap]), self.stores[0].dtype)
+        by_store: dict[int, list[int]] = {}
+        for position, (store, _) in enumerate(hits):
+            by_store.setdefault(store, []).append(position)
+        for store, positions in by_store.items():
+            unique, inverse = np.unique([hits[p][1] for p in positions], return_inverse=True)
+            path = self.stores[store].path
+            try:
+                if (path, tap) not in self.readers:
+                    self.readers[path, tap] = TapReader(path, tap)
+                out[positions] = self.readers[path, tap](unique)[inverse]
+            except (OSError, KeyError) as exc:
+                raise _Unreadable(store, f"the features of {tap} are damaged ({exc})") from None
+        return out
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()
+
+
+class _Unreadable(Exception):
+    def __init__(self, store: int, message: str):
+        super().__init__(message)
+        self.store = store
+
+
+def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tuple[str, ...]) -> Donors | None:
+    """The complete stores in ``out_dir`` (other than ``store_path``) made with the :data:`MODEL_FIELDS` of
+    ``manifest`` that hold every tap of ``taps``, newest first; None if there are none."""
+    wanted = {k: manifest.get(k) for k in MODEL_FIELDS}  # batchnorm: absent where not folded
+    stores = []
+    candidates = [p for p in Path(out_dir).glob("*.h5") if p.resolve() != store_path.resolve()]
+    for path in sorted(candidates, key=_mtime, reverse=True):
+        try:
+            store = FeatureStore(path)
+        except (LayertapError, OSError):
+            continue  # not a complete layertap store: nothing to reuse
+        raw = store.manifest.raw
+        if all(raw.get(k) == v for k, v in wanted.items()) and set(taps) <= set(store.taps):
+            stores.append(store)
+    donors = Donors()
+    for store in stores:
+        try:
+            donors.add(store)
+        except LayertapError:
+            continue
+    return donors if donors.stores else None
+
+
+@dataclass
+class Reuse:
+    """What :func:`plan` decided: the jobs an engine runs, and the shards :meth:`finish` then writes."""
+
+    donors: Donors | None = None
+    run: list[ShardJob] = field(default_factory=list)  # shards computed as usual, and pending computed/ shards
+    mixed: list[ShardJob] = field(default_factory=list)  # shards written from earlier and computed rows
+    computed: list[ShardJob] = field(default_factory=list)  # the images of ``mixed`` no earlier store has
+    planned: int = 0  # images of the shards to make whose rows are to come from earlier stores
+
+    @property
+    def reused(self) -> int:
+        """Images whose rows this run took from earlier stores."""
+        return self.donors.reused if self.donors else 0
+
+    def finish(self, manifest: dict, class_names, taps: tuple[str, ...], dtype: str) -> list[ShardJob]:
+        """Write the mixed shards once the computed ones are committed, and remove those.
+
+        Returns:
+            Shards that could not be written after all (an earlier store found damaged): to compute.
+        """
+        if not self.mixed:
+            return []
+        skipped = {}
+        for job in self.computed:
+            shard = FeatureStore(job.path, kind="shard")
+            self.donors.add(shard, earlier=False)
+            skipped.update(shard.skipped)
+        try:
+            left = self.donors.write_covered(self.mixed, manifest, class_names, taps, dtype, skipped)
+        finally:
+            self.donors.close()
+        shutil.rmtree(self.computed[0].path.parent, ignore_errors=True)
+        return [job for job, _ in left]
+
+
+def plan(todo: list[ShardJob], out_dir, store_path: Path, manifest: dict, class_names, taps: tuple[str, ...],
+         dtype: str, first_free: int, shard_size: int, committed) -> Reuse:
+    """Write the shards of ``todo`` that earlier stores cover, and say what is left to run.
+
+    Args:
+        first_free: A list position past every image's (the computed shards' positions start there).
+        committed: ``committed(path)``: whether a shard file is complete for this key and these taps.
+    """
+    donors = find_donors(out_dir, store_path, manifest, taps)
+    if donors is None:
+        return Reuse(run=todo)
+    reuse = Reuse(donors)
+    missing = []
+    try:
+        left = donors.write_covered(todo, manifest, class_names, taps, dtype)
+    finally:
+        donors.close()
+    for job, hits in left:
+        if any(hits):
+            reuse.mixed.append(job)
+            missing += [record for hit, record in zip(hits, job.records) if not hit]
+        else:
+            reuse.run.append(job)
+    reuse.planned = sum(len(job.records) for job in todo) - sum(len(job.records) for job in reuse.run) - len(missing)
+    for start in range(0, len(missing), shard_size):
+        records = tuple(missing[start:start + shard_size])
+        # Named by content too: a shard a stopped run committed is reused only for the same images.
+        digest = hashlib.sha256("".join(r.fingerprint for r in records).encode()).hexdigest()[:16]
+        path = todo[0].path.parent / "computed" / f"shard-{start:09d}-{digest}.h5"
+        reuse.computed.append(ShardJob(first_free + start, first_free + start + len(records), path, todo[0].root,
+                                       records))
+    reuse.run += [job for job in reuse.computed if not committed(job.path)]
+    return reuse
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # gone since it was listed: opening it fails next, and it is passed over
+        return 0.0

@@ -1,0 +1,321 @@
+"""Tables and summaries a user reads at the end of each stage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
+    """A plain-text table; numbers are right-aligned, floats shown with 3 decimals."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
+                                  for r in rows if r[i] is not None) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def extract_summary(result, settings) -> str:
+    """What stage one did: the store, its taps (computed or cached), images, speed and skipped files."""
+    store = result.store
+    made = " + ".join(word for word, n in (("computed", result.n_decoded), ("reused", result.n_reused)) if n)
+    rows = [[tap, "x".join(map(str, store.map_shapes[tap])), settings.pooling, store.dims[tap],
+             (made or "computed") if tap in result.computed_taps else "cached"] for tap in settings.layers]
+    lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
+                          title=f"\nfeature store {result.store_path}")]
+    counts = split_counts(store)
+    lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
+                 f"skipped: {len(result.skipped)}")
+    if result.n_reused:
+        lines.append(f"reused the features of {result.n_reused:,} images from earlier stores in {settings.out_dir} "
+                     f"(same model settings, same file contents; --no-reuse computes them)")
+    if result.cache_hit:
+        lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
+    elif not result.n_decoded:
+        lines.append(f"no image decoded; {result.seconds:.1f} s")
+    else:
+        where = " on Ray (its start and the actors' model builds included)" if settings.engine == "ray" else ""
+        lines.append(f"decoded {result.n_decoded:,} images{where} in {result.extract_seconds:.1f} s "
+                     f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
+                     f"with scan {result.timings.get('scan', 0):.1f} s, model build "
+                     f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")
+    for path, reason in result.skipped[:10]:
+        lines.append(f"  skipped {path}: {reason}")
+    if len(result.skipped) > 10:
+        lines.append(f"  ... and {len(result.skipped) - 10} more (layertap inspect {result.store_path})")
+    return "\n".join(lines)
+
+
+def split_counts(store) -> str:
+    from collections import Counter
+
+    counts = Counter(store.rows.splits)
+    return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
+                     if counts.get(name))
+
+
+def store_summary(store) -> str:
+    """``layertap inspect``: a store's provenance, taps, classes and skipped files."""
+    from pipeline.store import virtual
+
+    m = store.manifest
+    lines = [f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})"]
+    fields = [("data", f"{m.data_name} at {m.data_root}"), ("backbone", m.backbone),
+              ("weights", f"{m.weights} (sha256 {m.weights_sha256[:16]}...)"),
+              ("image size", f"{m.image_size} px, {m.resize}, {m.interpolation}"
+                             f"{', JPEG draft' if m.draft else ''}, {m.decoder_name} decoder"),
+              ("preprocessing", m.preprocessing), ("pooling", m.pooling),
+              ("precision", f"{m.precision} compute, {store.dtype} stored"
+                            f"{', BatchNormalization folded' if m.batchnorm else ''}"),
+              ("keras", f"{m.keras_version} on {m.keras_backend}"),
+              ("versions", ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())))]
+    lines += [f"  {name:<14} {value}" for name, value in fields]
+    rows = []
+    for tap in store.taps:
+        shards = virtual.shard_files(store.path, tap)
+        where = (f"{len(shards)} shard file{'s' * (len(shards) > 1)} in <store>.shards/{shards[0].parent.name}/"
+                 if shards else "this file")
+        info = m.taps.get(tap, {})
+        rows.append([tap, "x".join(map(str, store.map_shapes[tap])), store.dims[tap], info.get("engine", "local"),
+                     info.get("images"), info.get("reused", 0), where])
+    lines += ["", format_table(["tap", "map", "dims", "engine", "computed", "reused", "features in"], rows,
+                               title="(computed: images the run that made the tap decoded; reused: rows it took "
+                                     "from earlier stores)")]
+    lines.append(f"\n{len(store):,} images, {len(store.class_names)} classes ({split_counts(store)})")
+    counts = dict.fromkeys(store.class_names, 0)
+    for label in store.rows.labels:
+        counts[store.class_names[label]] += 1
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if store.skipped:
+        lines.append(f"\n{len(store.skipped)} skipped:")
+        lines += [f"  {path}: {reason}" for path, reason in store.skipped]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(path, confusion, class_names, title: str) -> None:
+    plt = _pyplot()
+    matrix = np.asarray(confusion)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), value in np.ndenumerate(matrix):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def classification_table(report: dict, class_names) -> str:
+    rows = [[name, report[name]["precision"], report[name]["recall"], report[name]["f1-score"],
+             int(report[name]["support"])] for name in (*class_names, "macro avg", "weighted avg")]
+    return format_table(["class", "precision", "recall", "f1", "support"], rows)
+
+
+def _write_metrics(model_dir, metrics: dict, class_names, title: str) -> Path:
+    """``metrics.json`` and ``confusion.png``, which every model folder has."""
+    model_dir = Path(model_dir)
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion(model_dir / "confusion.png", metrics["confusion"], class_names, title)
+    return model_dir
+
+
+def write_model_report(model_dir, metrics: dict, class_names, title: str) -> None:
+    """``metrics.json``, ``report.md`` and ``confusion.png`` in a model folder."""
+    model_dir = _write_metrics(model_dir, metrics, class_names, title)
+    chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics["chosen"].items())
+    text = [f"# {title}", "",
+            f"val accuracy {metrics['val_accuracy']:.3f} "
+            f"(what choices between models use); test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
+            f"(train {metrics['n_train']}, val {metrics['n_val']}; split {metrics.get('split_source', '?')})", "",
+            f"fit time {metrics['fit_seconds']:.2f} s; trainable parameters {metrics['trainable_params']:,}"
+            + (f"; chosen: {chosen}" if chosen else ""), "", "```",
+            classification_table(metrics["report"], class_names), "```", "", "![confusion matrix](confusion.png)", ""]
+    (model_dir / "report.md").write_text("\n".join(text))
+
+
+COMPARISON_HEADERS = ["tap", "classifier", "val acc (chooses)", "test acc", "test macro F1", "fit s",
+                      "trainable params", "dims"]
+
+
+def comparison_table(rows) -> str:
+    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["val_accuracy"], r["accuracy"],
+                                              r["macro_f1"], r["fit_seconds"], r["trainable_params"], r["dims"]]
+                                             for r in rows])
+
+
+def write_comparison(run_dir, rows, store, split_source: str) -> None:
+    run_dir = Path(run_dir)
+    (run_dir / "comparison.json").write_text(json.dumps({"store": str(store.path), "store_key": store.key,
+                                                          "split": split_source, "chosen_by": "val accuracy",
+                                                          "rows": rows}, indent=2))
+    (run_dir / "comparison.md").write_text(
+        f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest.weights}; "
+        f"split: {split_source}. Each classifier is fit on the train rows; best first by **val** accuracy "
+        f"(ties: the order given); test accuracy is scored once, for this report.\n\n"
+        f"```\n{comparison_table(rows)}\n```\n")
+
+
+SWEEP_HEADERS = ["tap", "map", "dims", "val acc", "test acc", "C", "GFLOPs to tap", "% of net", "params to tap",
+                 "flatten dims", "Dense(256) params, flatten", "Dense(256) params, avg"]
+
+
+def sweep_table(rows) -> str:
+    return format_table(SWEEP_HEADERS, [[r["tap"], r["map"], r["dims"], r["val_accuracy"], r["accuracy"], r["C"],
+                                         r["gflops"],
+                                         100.0 * r["flops_share"], r["params_to_tap"], r["flatten_dims"],
+                                         r["dense_flatten"], r["dense_avg"]] for r in rows])
+
+
+def write_sweep(run_dir, rows, store, best: str) -> Path:
+    """``sweep.md``, ``sweep.json`` and ``sweep.png`` (val and test accuracy and cost against depth)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    m = store.manifest
+    (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "best_on_val": best, "rows": rows},
+                                                   indent=2))
+    (run_dir / "sweep.md").write_text(
+        f"# Layer sweep: {m.backbone} ({m.weights} weights), {m.image_size} px, {m.pooling} pooling\n\n"
+        "Linear probe (standardised logistic regression fit on the train rows, C by stratified 3-fold CV "
+        f"there) per tap, low to high. Best tap on **val**: {best} (test accuracy is shown, never chosen "
+        "on).\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(rows))
+    ax.plot(x, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
+    ax.plot(x, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_xticks(list(x), [f"{r['tap']}\n{r['dims']} dims" for r in rows], fontsize=8)
+    ax.set_ylabel("accuracy (linear probe)")
+    ax.set_ylim(0, 1)
+    cost = ax.twinx()
+    cost.bar(x, [r["gflops"] for r in rows], alpha=0.2, color="tab:gray", label="GFLOPs to reach the tap")
+    cost.set_ylabel("GFLOPs per image to reach the tap")
+    ax.set_zorder(cost.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_title(f"{m.backbone} ({m.weights}): which layer?")
+    fig.tight_layout()
+    fig.savefig(run_dir / "sweep.png", dpi=120)
+    plt.close(fig)
+    return run_dir / "sweep.png"
+
+
+def plot_learning_curves(path, history: list[dict], title: str) -> None:
+    """Train and validation accuracy and loss per epoch over both phases, the unfreeze point marked.
+
+    A phase-1 entry without training figures (the folded probe) is plotted as its val point alone.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [np.nan if e[metric] is None else e[metric] for e in history], "o-", ms=3,
+                label=f"train {metric}")
+        ax.plot(epochs, [e[f"val_{metric}"] for e in history], "o-", ms=3, label=f"validation {metric}")
+        phase2 = [i for i, e in enumerate(history) if e["phase"] == 2]
+        if phase2:
+            ax.axvline(phase2[0] + 0.5, color="gray", ls="--", lw=1, label="unfreeze (phase 2)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(0, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gain_text(gain: dict) -> str:
+    return (f"{gain['gain']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}; "
+            f"not better in {gain['p_not_better']:.1%} of {gain['resamples']:,} paired bootstrap resamples)")
+
+
+def stage_table(metrics: dict) -> str:
+    """Stage two against stage three on the same images: val (which chose) and test (scored once)."""
+    probe, best, phases = metrics["probe"], metrics["stage_two"], metrics["phases"]
+    folded = {"probe": "stage two's logreg, folded", "linsvm": "stage two's linsvm, folded"}
+    head = folded[phases[0]["head"]] if phases[0]["head"] in folded and not phases[0]["epochs_run"] else \
+        f"{phases[0]['head']} head, backbone frozen ({phases[0]['data']})"
+    rows = [["two: probe", f"logreg on stored {metrics['tap']} features", probe["val_accuracy"], probe["accuracy"],
+             probe["trainable_params"], probe["fit_seconds"]],
+            ["two: best on val", best["classifier"], best["val_accuracy"], best["accuracy"], best["trainable_params"],
+             best["fit_seconds"]],
+            ["three, phase 1", head + (" (kept)" if metrics["kept"] == "phase 1" else ""), phases[0]["val_accuracy"],
+             metrics["phase1_accuracy"], phases[0]["trainable"], phases[0]["seconds"]]]
+    if len(phases) > 1:
+        kept = metrics["kept"] == "phase 2"
+        rows.append(["three, phase 2", f"unfrozen from {phases[1]['unfrozen_from']}"
+                     + (" (kept)" if kept else " (not kept: not better than phase 1 on val)"),
+                     phases[1]["val_accuracy"], metrics["accuracy"] if kept else None, phases[1]["trainable"],
+                     phases[1]["seconds"]])
+    return format_table(["stage", "model", "val acc (chooses)", "test acc", "trainable params", "train s"], rows)
+
+
+def write_finetune_report(model_dir, metrics: dict, store) -> None:
+    """``metrics.json``, ``report.md``, ``learning_curves.png`` and ``confusion.png`` of a fine-tuned model."""
+    m = store.manifest
+    title = f"{m.backbone} fine-tuned at {metrics['tap']} ({m.weights} weights, {m.image_size} px)"
+    model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
+    plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
+    phase_rows = [[i + 1, p["head"], p["data"], p["unfrozen_from"] or "- (frozen)",
+                   f"{p['learning_rate']:g}" if p["learning_rate"] else "-", p.get("schedule", "-"),
+                   f"{p['epochs_run']}{' (time limit)' if p.get('time_limited') else ''}",
+                   p["val_accuracy"], p["val_loss"], p["trainable"], p["frozen"], p["seconds"]]
+                  for i, p in enumerate(metrics["phases"])]
+    text = [f"# {title}", "",
+            f"Test images: {metrics['n_test']}, the same as stage two's (split {metrics['split_source']}; "
+            f"test-row fingerprint {metrics['test_rows_sha256'][:16]}). Train {metrics['n_train']}, "
+            f"val {metrics['n_val']}. Tap: {metrics['tap']} ({metrics['tap_reason']}). Every choice (tap, "
+            "epoch, phase) was made on val; test was scored once, for this report.", "",
+            "```", stage_table(metrics), "```", "",
+            f"**Gain over stage two's best on val ({metrics['stage_two']['classifier']}): "
+            f"{gain_text(metrics['gain'])}.**", "",
+            f"Gain over stage two's linear probe on {metrics['tap']}: {gain_text(metrics['gain_over_probe'])}.", "",
+            f"Gain of what was kept ({metrics['kept']}) over phase 1: {gain_text(metrics['gain_over_phase1'])}.", "",
+            "```", format_table(["phase", "head", "data", "unfrozen from", "peak lr", "schedule", "epochs",
+                                 "best val acc", "its val loss", "trainable", "frozen", "seconds"], phase_rows),
+            "```", "",
+            f"Augmentation: {', '.join(f'{k}={v}' for k, v in metrics['augmentation'].items()) or 'none'}; "
+            f"precision {metrics['precision']}; BatchNorm layers frozen (inference mode); decoding took "
+            f"{metrics['decode_seconds']:.1f} s.", "",
+            "![learning curves](learning_curves.png)", "",
+            "Validation figures are on unaugmented images throughout; training figures come from each phase's own "
+            "data (augmented images in phase 2).", "", "```",
+            classification_table(metrics["report"], store.class_names), "```", "",
+            "![confusion matrix](confusion.png)", ""]
+    (model_dir / "report.md").write_text("\n".join(text))
