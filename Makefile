@@ -40,7 +40,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-all test-backends bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
@@ -56,7 +56,6 @@ help:
 	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
-	@echo "make test-all    the tests including slow ones"
 	@echo "make test-backends  the fast tests again on JAX (.venv-jax) and torch (.venv-torch): ~4 + 2 min on 2 cores"
 	@echo "make bench       extraction speed vs the Keras recipes (VGG16, ResNet50), cache, memory, accuracy"
 	@echo "                 (CPU, 16-18 min; needs ../shared/data/flowers17): tables printed and written to bench/results/"
@@ -130,17 +129,18 @@ sample: install
 flowers17: install
 	$(BIN)/layertap fetch flowers17 --dest data/flowers17
 
-test: install install-jax install-torch
-	$(BIN)/python -m pytest -m "not slow" -q
-
-test-all: install install-jax install-torch
+# Full-size runs live in bench/ (make bench), so every test is a fast one and make test runs them all.
+test: install install-jax install-torch lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
 
 # make test runs the backend matrix (tests/test_backends.py); this runs every fast test on the other backends,
 # each in its environment without TensorFlow (the TensorFlow-only tests skip there, and say why).
 test-backends: install-jax install-torch
-	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -m "not slow" -q
-	@if [ -x $(TORCH_VENV)/bin/python ]; then KERAS_BACKEND=torch $(TORCH_VENV)/bin/python -m pytest -m "not slow" -q; \
+	KERAS_BACKEND=jax $(JAX_VENV)/bin/python -m pytest -q
+	@if [ -x $(TORCH_VENV)/bin/python ]; then KERAS_BACKEND=torch $(TORCH_VENV)/bin/python -m pytest -q; \
 	else echo "no $(TORCH_VENV): torch skipped"; fi
 
 bench: install

@@ -30,8 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     set_backend_defaults()  # before Keras loads TensorFlow, as the layertap command does
 
-    from pipeline import ClassifySettings, ExtractSettings, FinetuneSettings, classify, extract_features, finetune, \
-        sweep
+    from pipeline import (
+        ClassifySettings,
+        ExtractSettings,
+        FinetuneSettings,
+        classify,
+        extract_features,
+        finetune,
+        sweep,
+    )
     from pipeline.core.evaluation import best_on_val
 
     work = Path(args.work)

@@ -44,7 +44,7 @@ def streamed(decoder, files: list, repeats: int) -> tuple[float, float]:
     batches = decoder.batches(paths, chunks, stats, jpegs)
     next(batches)
     wall, cpu = time.perf_counter(), time.thread_time()
-    for _, pixels, _ in batches:
+    for _, pixels, _ in batches:  # noqa: B007 - the last batch is read after the loop
         pass
     if hasattr(pixels, "block_until_ready"):
         pixels.block_until_ready()
@@ -104,7 +104,8 @@ def gpu_profile(data: Path) -> dict:
         @pipeline_def(batch_size=BATCH, num_threads=16, device_id=0)
         def native():
             jpegs, _ = fn.readers.file(files=[str(p) for p in files * 16])
-            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=load)
+            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
+                                        hw_decoder_load=load)  # noqa: B023 - built and run in this iteration
             return fn.resize(images, size=[224, 224], interp_type=types.INTERP_LINEAR, antialias=True,
                              dtype=types.UINT8)
 

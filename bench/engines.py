@@ -18,8 +18,21 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
-                          offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
+from bench.common import (
+    FLOWERS,
+    SYNTHETIC_MANIFEST,
+    class_folders,
+    emit,
+    fresh_work,
+    identical_stores,
+    machine,
+    offline_weights,
+    parse_or_run_child,
+    run_child,
+    subset,
+    synthetic_shards,
+    write_results,
+)
 from pipeline.runs.reports import format_table
 
 ENGINES = ("local", "ray")

@@ -42,10 +42,11 @@ def trained_like_batchnorm(model, seed: int = 0):
 
 
 def measure(backbone: str, tap: str, size: int, batch: int, precision: str, rounds: int) -> dict:
-    from pipeline.backbones.build import build_backbone, cut_trunk, get_backbone
     from pipeline.backbones.batchnorm import fold_batchnorm
-    from pipeline.core.runtime import keras_backend
+    from pipeline.backbones.build import build_backbone, cut_trunk
+    from pipeline.backbones.registry import get_backbone
     from pipeline.backbones.weights import resolve_weights
+    from pipeline.core.runtime import keras_backend
 
     entry = get_backbone(backbone)
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from pipeline.backbones.build import get_backbone
+    from pipeline.backbones.registry import get_backbone
 
     tap = args.tap or get_backbone(args.backbone).taps[-1]
     print(json.dumps(measure(args.backbone, tap, args.size, args.batch, args.precision, args.rounds)))

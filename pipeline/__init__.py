@@ -10,25 +10,24 @@ The public API, for notebooks and scripts (the ``layertap`` command calls the sa
     model_dir, metrics = finetune(FinetuneSettings(store=str(store)))
     predict(model_dir, ["new.jpg"])
 
-The stages stand side by side on shared ground (README, "Layout"): :mod:`pipeline.extraction.extract`,
-:mod:`pipeline.classification.classify`, :mod:`pipeline.finetuning.finetune` and :mod:`pipeline.prediction.predict` import
-:mod:`pipeline.backbones.build`, :mod:`pipeline.store.feature_store`, :mod:`pipeline.store.manifest`, :mod:`pipeline.store.splits`,
-:mod:`pipeline.runs.artifacts` and :mod:`pipeline.core.evaluation`, never each other. Names are imported on
-first use, so ``import pipeline`` loads neither Keras nor scikit-learn.
+One subpackage per concern (docs/architecture.md): the stages ``extraction``, ``classification``,
+``finetuning`` and ``prediction`` stand side by side on shared ground (``core``, ``backbones``, ``data``,
+``store``, ``heads``, ``runs``) and never import each other; ``tests/test_layout.py`` holds the rule.
+Names are imported on first use, so ``import pipeline`` loads neither Keras nor scikit-learn.
 """
 
 import importlib
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.runtime import __version__, import_keras, set_backend_defaults
-
+from pipeline.core.runtime import __version__ as __version__
+from pipeline.core.runtime import import_keras, set_backend_defaults
 
 # name -> module of the public API, imported when first asked for.
 _API = {
     "ExtractSettings": "pipeline.extraction.extract", "extract_features": "pipeline.extraction.extract",
     "ClassifySettings": "pipeline.classification.classify", "classify": "pipeline.classification.classify",
     "sweep": "pipeline.classification.classify",
-    "FinetuneSettings": "pipeline.finetuning.finetune", "finetune": "pipeline.finetuning.finetune",
+    "FinetuneSettings": "pipeline.finetuning.settings", "finetune": "pipeline.finetuning.finetune",
     "predict": "pipeline.prediction.predict",
     "FeatureStore": "pipeline.store.feature_store", "StoreManifest": "pipeline.store.manifest",
     "load_model": "pipeline.runs.artifacts",

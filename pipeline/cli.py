@@ -11,10 +11,27 @@ import sys
 import textwrap
 from pathlib import Path
 
+from pipeline.backbones.build import layer_rows
+from pipeline.backbones.pooling import dense_params, pooled_dims
+from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
-
 from pipeline.core.runtime import __version__, set_backend_defaults
 from pipeline.core.settings import add_settings_options, settings_from_args
+from pipeline.data.datasets import fetch_flowers17
+from pipeline.data.sample import ensure_sample
+from pipeline.extraction.engines import ENGINES, get_engine
+from pipeline.extraction.extract import ExtractSettings, extract_features
+from pipeline.prediction.predict import predict
+from pipeline.runs.reports import (
+    comparison_table,
+    extract_summary,
+    format_table,
+    gain_text,
+    stage_table,
+    store_summary,
+    sweep_table,
+)
+from pipeline.store.feature_store import DiskFullError, FeatureStore
 
 EXTRACT_EXAMPLES = """\
 examples:
@@ -64,15 +81,11 @@ pixels and returns probabilities: `layertap predict` runs it."""
 
 
 def _extract_settings(args):
-    from pipeline.extraction.extract import ExtractSettings
-
-    return settings_from_args(ExtractSettings, args)
+    options = settings_from_args(get_engine(args.engine).Options, args)
+    return settings_from_args(ExtractSettings, args, engine_options=options)
 
 
 def cmd_extract(args) -> int:
-    from pipeline.extraction.extract import extract_features
-    from pipeline.runs.reports import extract_summary
-
     settings = _extract_settings(args)
     result = extract_features(settings)
     print(extract_summary(result, settings))
@@ -83,8 +96,6 @@ def _store_for(args) -> str:
     """The store a stage-two command works on: --store, else the extraction its flags describe."""
     if args.store:
         return args.store
-    from pipeline.extraction.extract import extract_features
-    from pipeline.runs.reports import extract_summary
 
     settings = _extract_settings(args)
     result = extract_features(settings)
@@ -95,7 +106,6 @@ def _store_for(args) -> str:
 
 def cmd_classify(args) -> int:
     from pipeline.classification.classify import ClassifySettings, classify
-    from pipeline.runs.reports import comparison_table
 
     settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
     report = None if not args.progress else (lambda r: print(
@@ -110,7 +120,6 @@ def cmd_classify(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.classification.classify import sweep
-    from pipeline.runs.reports import sweep_table
 
     report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy']:.3f}"))
     run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
@@ -120,7 +129,6 @@ def cmd_sweep(args) -> int:
 
 def cmd_finetune(args) -> int:
     from pipeline.finetuning.finetune import FinetuneSettings, finetune
-    from pipeline.runs.reports import gain_text, stage_table
 
     model_dir, metrics = finetune(settings_from_args(FinetuneSettings, args, store=_store_for(args)))
     print(f"\nstage two vs stage three on the same {metrics['n_test']} test images "
@@ -135,7 +143,6 @@ def cmd_predict(args) -> int:
     import csv
     import json
 
-    from pipeline.prediction.predict import predict
 
     results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, trust=args.trust)
     bad = [r for r in results if "error" in r]
@@ -160,10 +167,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from pipeline.backbones.build import get_backbone, layer_rows
-    from pipeline.backbones.pooling import dense_params, pooled_dims
-    from pipeline.runs.reports import format_table
-
     backbone = get_backbone(args.backbone)
     model = backbone.build(args.size)
     rows = []
@@ -181,23 +184,16 @@ def cmd_layers(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.runs.reports import store_summary
-    from pipeline.store.feature_store import FeatureStore
-
     print(store_summary(FeatureStore(args.store)))
     return 0
 
 
 def cmd_sample(args) -> int:
-    from pipeline.data.sample import ensure_sample
-
     print(ensure_sample(args.dest))
     return 0
 
 
 def cmd_fetch(args) -> int:
-    from pipeline.data.datasets import fetch_flowers17
-
     dest = fetch_flowers17(args.dest, args.archive, progress=not args.quiet)
     print(f"flowers17: {sum(1 for _ in dest.glob('*/*.jpg')):,} images in {dest}")
     return 0
@@ -227,8 +223,6 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     def extraction(*stage_settings):
         """The extraction flags; for a stage on a store, --store first and the stage's own flags."""
         def add(p):
-            from pipeline.extraction.extract import ExtractSettings
-
             added = set()
             if stage_settings:
                 module, name = stage_settings
@@ -236,7 +230,7 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                     "--store", help="a feature store; without it, the store the extraction flags below describe "
                                     "is used (extracted first if missing: a cache hit decodes nothing)")
                 added = add_settings_options(p, getattr(importlib.import_module(f"pipeline.{module}"), name))
-            add_settings_options(p, ExtractSettings, added=added)
+            add_settings_options(p, ExtractSettings, *(e.Options for e in ENGINES.values()), added=added)
         return add
 
     def arguments(*specs):
@@ -251,18 +245,17 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     command("classify", cmd_classify, "stage two: train classifiers on a store's taps and compare them",
             extraction("classification.classify", "ClassifySettings"),
             description="Train each classifier on each tap of one feature store (no image is decoded) and report "
-                        "val accuracy (which chooses) and test accuracy, per-class precision/recall/F1, confusion matrices, "
-                        "fit time and trainable "
-                        "parameters.", epilog=CLASSIFY_EXAMPLES)
+                        "val accuracy (which chooses) and test accuracy, per-class precision/recall/F1, confusion "
+                        "matrices, fit time and trainable parameters.", epilog=CLASSIFY_EXAMPLES)
     command("sweep", cmd_sweep, "linear-probe accuracy of every tap, low to high, as a table and a plot",
             extraction("classification.classify", "ClassifySettings"),
-            description="Which layer should I use? For every tap of the store: val and test accuracy of the linear probe, "
-                        "feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
+            description="Which layer should I use? For every tap of the store: val and test accuracy of the linear "
+                        "probe, feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
                         "parameters flatten and avg pooling imply.",
             epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
                    "../shared/data/flowers17-split.csv --weights hed-bsds500")
     command("finetune", cmd_finetune, "stage three: fine-tune the backbone end to end and report the gain over "
-                                      "stage two", extraction("finetuning.finetune", "FinetuneSettings"),
+                                      "stage two", extraction("finetuning.settings", "FinetuneSettings"),
             description="LP-FT: phase 1 is stage two's linear probe folded into the network; phase 2 unfreezes "
                         "the backbone from a named layer and trains with a low learning rate, keeping the epoch "
                         "that is best on val. Tested on stage two's test images, with the gain over stage two's "
@@ -302,8 +295,6 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.store.feature_store import DiskFullError
-
     set_backend_defaults()
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their own bytes
         sys.stdout.reconfigure(errors="surrogateescape")

@@ -64,9 +64,9 @@ def changed_by_one_step(backbone: str) -> dict:
     """
     from pipeline import import_keras
     from pipeline.backbones.build import create_extractor, cut_trunk
-    from pipeline.heads.classifiers import build_dense_head
-    from pipeline.finetuning.compose import build_augmentation, build_finetune_model, set_trainable
     from pipeline.backbones.layers import crossentropy
+    from pipeline.finetuning.compose import build_augmentation, build_finetune_model, set_trainable
+    from pipeline.heads.classifiers import build_dense_head
 
     keras = import_keras()
     keras.utils.set_random_seed(0)
@@ -127,7 +127,8 @@ def dali_batch(folder: Path) -> dict:
     batch, reasons = decoder(paths)
     decoder.close()
     assert reasons == [None] * 3, reasons
-    return {"dali/pixels": np.asarray(batch), "dali/pillow": np.stack([decode_image(p, 24, draft=False) for p in paths]),
+    return {"dali/pixels": np.asarray(batch),
+            "dali/pillow": np.stack([decode_image(p, 24, draft=False) for p in paths]),
             "dali/type": np.array(type(batch).__module__)}
 
 

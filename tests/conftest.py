@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline.data.decoding import SEGMENT_PREFIX  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
@@ -123,11 +125,14 @@ def processes_marked(mark: str) -> list[int]:
     return found
 
 
-def leaked_segments(before: set[str]) -> set[str]:
-    """Shared-memory segments created since ``before`` (a listing of /dev/shm) and not freed."""
+def leaked_segments(pids) -> set[str]:
+    """The decoding segments in /dev/shm that processes ``pids`` made and did not free. Exact: a segment is
+    named after the process that made it (:data:`pipeline.data.decoding.SEGMENT_PREFIX`), so another test's or
+    another program's segments are never blamed on these processes."""
     if not os.path.isdir("/dev/shm"):
         return set()
-    return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
+    owners = {f"{SEGMENT_PREFIX}{pid}-" for pid in pids}
+    return {name for name in os.listdir("/dev/shm") if name.startswith(tuple(owners))} if owners else set()
 
 
 def interruptible() -> None:

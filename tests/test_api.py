@@ -9,8 +9,6 @@ import sys
 
 from conftest import ROOT, make_split_folder
 
-import pipeline
-
 
 def test_public_names_are_the_stage_functions_and_settings():
     import pipeline.classification.classify

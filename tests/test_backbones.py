@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import LayertapError
-from pipeline.backbones.build import build_backbone, build_extractor, get_backbone, load_weights_by_name
+from pipeline.backbones.build import build_backbone, build_extractor, load_weights_by_name
+from pipeline.backbones.registry import get_backbone
 from pipeline.backbones.weights import hed_weights_path, resolve_weights
 
 
@@ -125,7 +126,7 @@ def test_precision_auto_uses_bfloat16_only_where_the_hardware_has_it(monkeypatch
     monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: True)
     for backend, precision in (("jax", "float32"), ("torch", "bfloat16"), ("tensorflow", "bfloat16")):
         # XLA's CPU backend runs bfloat16 no faster than float32 (bench/NOTES.md); oneDNN's run it 2-6x faster
-        monkeypatch.setattr(runtime, "keras_backend", lambda: backend)
+        monkeypatch.setattr(runtime, "keras_backend", lambda backend=backend: backend)
         assert runtime.resolve_precision("auto") == precision, backend
     monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: False)
     monkeypatch.setattr(keras.distribution, "list_devices", lambda: ["cpu:0", "gpu:0"])

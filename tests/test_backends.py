@@ -14,8 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 from backend_probe import CASES
-from conftest import ROOT, backend_interpreter
 
+from conftest import ROOT, backend_interpreter
 from pipeline.core.runtime import keras_backend
 
 # float32 convolutions summed in another order (oneDNN vs XLA vs ATen): relative differences of about 1e-6.
@@ -30,7 +30,6 @@ def reference(tmp_path_factory):
     from backend_probe import features
 
     from bench.forward import trained_like_batchnorm
-
     from pipeline.backbones.build import create_extractor
 
     folder = tmp_path_factory.mktemp("backends")

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_settings
 
-import pipeline.backbones.batchnorm
+import pipeline.backbones.build
 from bench.forward import trained_like_batchnorm
+from conftest import tiny_settings
 from pipeline import import_keras
-from pipeline.backbones.build import build_backbone, cut_trunk, get_backbone
 from pipeline.backbones.batchnorm import FOLDED, fold_batchnorm, folds_batchnorm
-from pipeline.extraction.extract import extract_features
-from pipeline.runs.reports import store_summary
-from pipeline.extraction.reuse import find_donors
-from pipeline.core.runtime import keras_backend
-from pipeline.store.feature_store import FeatureStore
+from pipeline.backbones.build import build_backbone, cut_trunk
+from pipeline.backbones.registry import get_backbone
 from pipeline.backbones.weights import resolve_weights
+from pipeline.core.runtime import keras_backend
+from pipeline.extraction.extract import extract_features
+from pipeline.extraction.reuse import find_donors
+from pipeline.runs.reports import store_summary
+from pipeline.store.feature_store import FeatureStore
 
 
 def _batchnorms(model) -> list[str]:
@@ -60,8 +61,9 @@ def test_a_folded_store_says_so_and_prediction_folds_too(split_folder, tmp_path,
     """The key and manifest of a ResNet50 store record the folding (a VGG16 store's keys are as before), the
     engine and the manifest's extractor (prediction's) both fold, and only stores folded alike share rows."""
     calls = []
-    real = pipeline.backbones.batchnorm.fold_batchnorm
-    monkeypatch.setattr(pipeline.backbones.batchnorm, "fold_batchnorm", lambda model: calls.append(model.name) or real(model))
+    real = fold_batchnorm
+    monkeypatch.setattr(pipeline.backbones.build, "fold_batchnorm",
+                        lambda model: calls.append(model.name) or real(model))
     settings = tiny_settings(split_folder, tmp_path / "f", backbone="resnet50", layers=("conv2_block3_out",))
     store = FeatureStore(extract_features(settings).store_path)
     assert store.manifest.batchnorm == FOLDED == store.manifest.raw["batchnorm"] and len(calls) == 1

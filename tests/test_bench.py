@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_class_folder, photo
 
-from bench.recipes import RECIPES
 from bench.common import subset
+from bench.recipes import RECIPES
+from conftest import COLOURS, make_class_folder, photo
 from pipeline.core.runtime import keras_backend
 from pipeline.store.feature_store import FeatureStore
 
@@ -120,7 +120,8 @@ def test_cpu_bench_table_compares_each_row_with_the_faster_peer_on_its_own_backb
                                                                  "classify_4_s": 5.0},
                "memory": {"n": 1, "rows": {"1": {"seconds": 1.0, "peak_rss_mb": 1.0}}, "ratio": 1.0}}
     lines = tables(results).splitlines()
-    ratio = {(line.split()[-9], line.split()[-7]): line.split()[-2] for line in lines if line.startswith("layertap extract")}
+    ratio = {(line.split()[-9], line.split()[-7]): line.split()[-2]
+             for line in lines if line.startswith("layertap extract")}
     assert ratio == {("vgg16", "block5_pool"): "3.000", ("vgg16", "block3_pool"): "6.000",
                      ("resnet50", "conv5_block3_out"): "2.500"}
 

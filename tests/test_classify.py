@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_class_folder, make_split_folder, tiny_settings
 
 import pipeline.data.images
+from conftest import make_class_folder, make_split_folder, tiny_settings
 from pipeline import LayertapError
-from pipeline.runs.artifacts import load_model
 from pipeline.classification.classify import ClassifySettings, classify, sweep
 from pipeline.extraction.extract import extract_features
 from pipeline.prediction.predict import predict
-from pipeline.store.splits import resolve_splits
+from pipeline.runs.artifacts import load_model
 from pipeline.store.feature_store import FeatureStore
+from pipeline.store.splits import resolve_splits
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ def _store_where_val_and_test_disagree(path):
 
 
 def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_path):
-    from pipeline.heads.classifiers import train_one
     from pipeline.finetuning.finetune import choose_tap, stage_two_rows
+    from pipeline.heads.classifiers import train_one
 
     store = _store_where_val_and_test_disagree(tmp_path / "store.h5")
     result = classify(ClassifySettings(store=str(store.path), classifiers=("logreg",), out_dir=str(tmp_path / "m")))

@@ -10,8 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, backend_interpreter
 
+from conftest import ROOT, backend_interpreter
 from pipeline.cli import main
 from pipeline.core.runtime import keras_backend
 

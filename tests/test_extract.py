@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA, add_bad_files, leaked_segments, processes_marked, tiny_settings
 
+import pipeline.extraction.engines.local as local_engine
 import pipeline.extraction.shards as shards_module
+from conftest import ROOT, SHARED_DATA, add_bad_files, leaked_segments, processes_marked, tiny_settings
 from pipeline import LayertapError
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.store.feature_store import FeatureStore
@@ -42,7 +43,7 @@ def test_second_run_decodes_no_image(split_folder, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoding started on a cache hit")
 
-    monkeypatch.setattr(shards_module, "decoded_batches", no_decoding)
+    monkeypatch.setattr(local_engine, "decoded_batches", no_decoding)
     second = extract_features(tiny_settings(split_folder, tmp_path / "f", batch_size=2, workers=1))
     assert second.cache_hit and second.n_decoded == 0
     assert second.store_path == first.store_path
@@ -148,7 +149,7 @@ def test_short_batches_are_padded_only_where_a_new_shape_costs_a_compile(split_f
     unpadded = extract_features(tiny_settings(split_folder, tmp_path / "a", **settings))
     assert sizes == ([5, 5, 5, 3] if keras.backend.backend() == "tensorflow" else [5, 5, 5, 5])
     sizes.clear()
-    monkeypatch.setattr(shards_module, "pads_short_batches", lambda: True)
+    monkeypatch.setattr(local_engine, "pads_short_batches", lambda: True)
     padded = extract_features(tiny_settings(split_folder, tmp_path / "b", **settings))
     assert sizes == [5, 5, 5, 5]
     a, b = FeatureStore(unpadded.store_path), FeatureStore(padded.store_path)
@@ -178,7 +179,6 @@ def test_a_file_changed_after_the_scan_is_skipped_never_stored_under_its_old_has
                                                                                    monkeypatch):
     import pipeline.extraction.extract as extract_module
     from conftest import photo
-
     from pipeline.data.decoding import CHANGED
 
     if engine == "ray":
@@ -204,16 +204,16 @@ def test_killed_run_resumes_to_identical_features(split_folder, tmp_path):
             "block1_pool,block2_pool", "--batch-size", "2", "--shard-size", "4", "--workers", "2", "-q",
             "--out", str(out)]
     mark = f"layertap-test-{os.getpid()}-{time.time()}"
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LAYERTAP_TEST_MARK": mark}
-    run = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    run = subprocess.Popen([sys.executable, "-c", KILLER, *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == -signal.SIGKILL, stderr[-2000:]
     deadline = time.time() + 10
-    while (processes_marked(mark) or leaked_segments(shm_before)) and time.time() < deadline:
+    while (processes_marked(mark) or leaked_segments({run.pid})) and time.time() < deadline:
         time.sleep(0.2)
     assert not processes_marked(mark), "decoding workers must end with the killed extraction"
-    assert not leaked_segments(shm_before), "the killed extraction's shared memory must be freed"
+    assert not leaked_segments({run.pid}), "the killed extraction's shared memory must be freed"
     assert not list(out.glob("*.h5")), "a killed run must leave no store that later stages accept"
     committed = sorted(out.glob("*.parts/*/shard-*.h5"))
     leftovers = list(out.glob("*.parts/*/.shard-*.tmp-*"))
@@ -249,7 +249,8 @@ def test_extraction_refuses_a_store_another_process_writes(split_folder, tmp_pat
     orphan = store.with_name(f".{store.name}.tmp-99999")
     orphan.write_bytes(b"left by a writer killed during the merge")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store.feature_store import store_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+         "from pipeline.store.feature_store import store_lock\n"
          "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -13,8 +13,8 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, interruptible, leaked_segments, make_class_folder, processes_marked
 
+from conftest import ROOT, interruptible, leaked_segments, make_class_folder, processes_marked
 from pipeline.store.feature_store import FeatureStore
 
 TINY = ["--weights", "random", "--size", "32", "--layers", "block1_pool", "--batch-size", "4", "--workers", "2",
@@ -100,7 +100,6 @@ SLOW_DECODER = """
 def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=8)
     script, mark = _script(tmp_path, SLOW_DECODER), f"layertap-faults-{os.getpid()}-{time.time()}"
-    shm_before = set(os.listdir("/dev/shm"))
     process = subprocess.Popen([sys.executable, str(script), "extract", "--data", str(data), "--out",
                                 str(tmp_path / "f"), *TINY], env=_env(mark), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
@@ -108,13 +107,15 @@ def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path
     while len(processes_marked(mark)) < 4 and time.time() < deadline:  # the run, a forkserver, two workers
         time.sleep(0.1)
     time.sleep(2.0)  # decoding is under way
+    pids = {process.pid, *processes_marked(mark)}
+    assert leaked_segments(pids), "the run's decoding segment is named after it (else the last check proves nothing)"
     started = time.time()
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert time.time() - started < 1.0, "Ctrl-C must stop the run within a second"
     assert process.returncode == 130 and "interrupted" in stderr
     assert _gone(mark), "no decoding process may outlive the run"
-    assert not leaked_segments(shm_before)
+    assert not leaked_segments(pids)
     assert not list((tmp_path / "f").glob("*.h5"))
 
 
@@ -155,7 +156,6 @@ def test_a_store_damaged_inside_its_features_is_refused_in_one_line_and_extracte
 def model_folder(tmp_path_factory):
     """A stage-two model folder (logreg on a tiny store)."""
     from conftest import tiny_settings
-
     from pipeline.classification.classify import ClassifySettings, classify
     from pipeline.extraction.extract import extract_features
 
@@ -276,7 +276,6 @@ def test_links_that_lead_nowhere_and_empty_class_folders_are_accounted_for(tmp_p
 
 def test_a_class_whose_images_all_fail_to_decode_is_left_out_of_the_store_and_named(tmp_path):
     from conftest import tiny_settings
-
     from pipeline.extraction.extract import extract_features
 
     data = make_class_folder(tmp_path / "data", per_class=4)

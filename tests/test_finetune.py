@@ -8,16 +8,21 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import make_split_folder, tiny_settings
 
 import pipeline.data.decoding
 import pipeline.finetuning.finetune
+import pipeline.store.manifest
+from conftest import make_split_folder, tiny_settings
 from pipeline import LayertapError
-from pipeline.runs.artifacts import load_model
-from pipeline.backbones.build import build_backbone, get_backbone
-from pipeline.heads.classifiers import build_dense_head
+from pipeline.backbones.build import build_backbone
+from pipeline.backbones.layers import BackbonePreprocess, crossentropy
+from pipeline.backbones.registry import get_backbone
+from pipeline.backbones.weights import resolve_weights
 from pipeline.classification.classify import ClassifySettings, classify
 from pipeline.cli import main
+from pipeline.core.evaluation import bootstrap_gain, log_loss
+from pipeline.data.decoding import decode_image
+from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.compose import (
     build_augmentation,
     build_finetune_model,
@@ -26,14 +31,11 @@ from pipeline.finetuning.compose import (
     parse_augmentation,
     set_trainable,
 )
-from pipeline.extraction.extract import extract_features
-from pipeline.data.decoding import decode_image
-from pipeline.core.evaluation import bootstrap_gain, log_loss
 from pipeline.finetuning.finetune import FinetuneSettings, finetune
-from pipeline.backbones.layers import BackbonePreprocess, crossentropy
+from pipeline.heads.classifiers import build_dense_head
 from pipeline.prediction.predict import predict
+from pipeline.runs.artifacts import load_model
 from pipeline.store.feature_store import FeatureStore
-from pipeline.backbones.weights import resolve_weights
 
 QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_tune_epochs=2, batch_size=8,
              learning_rate=1e-2, fine_tune_learning_rate=1e-3, hidden_units=8, workers=2, progress=False)
@@ -119,7 +121,8 @@ def test_augmentation_specs():
 
 
 def test_training_loss_is_the_cross_entropy_keras_computes_and_log_loss_reports():
-    """``pipeline.backbones.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on val), on
+    """``pipeline.backbones.layers.crossentropy`` (training) against Keras's own loss and ``log_loss`` (choosing on
+    val), on
     probabilities none of them clips; where the true class's probability is below Keras's 1e-7, it keeps counting
     (tests/backend_probe.py checks that such an image still trains on JAX and torch)."""
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(np.random.default_rng(0).normal(size=(6, 4)) * 2))
@@ -198,10 +201,13 @@ def test_without_a_stage_two_run_the_probe_is_the_baseline(staged, tmp_path, hea
         return decode_image(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.data.decoding, "decode_image", counting_decode)
+    monkeypatch.setattr(pipeline.store.manifest, "decode_image", counting_decode)  # StoreManifest.decoder's
     fits = []
     real_train_one = pipeline.finetuning.finetune.train_one
-    monkeypatch.setattr(pipeline.finetuning.finetune, "train_one", lambda *a, **k: fits.append(a[2]) or real_train_one(*a, **k))
-    settings = {**QUICK, "fine_tune_epochs": 0, "layer": None, "unfreeze_from": None}  # the tap: the probes' best on val
+    monkeypatch.setattr(pipeline.finetuning.finetune, "train_one",
+                        lambda *a, **k: fits.append(a[2]) or real_train_one(*a, **k))
+    # the tap: the probes' best on val
+    settings = {**QUICK, "fine_tune_epochs": 0, "layer": None, "unfreeze_from": None}
     model_dir, metrics = finetune(FinetuneSettings(store=str(staged["store"]), out_dir=str(tmp_path), head=head,
                                                    phase1=phase1, **settings))
     assert metrics["tap_reason"].startswith("best linear probe on val")
@@ -261,7 +267,8 @@ def test_the_weights_kept_are_the_best_epochs_on_val_accuracy_then_loss():
     assert _epochs_through_best_on_val(scores, patience=2) == (2.0, 4, True)  # two epochs without a better one
     assert _epochs_through_best_on_val(scores, start=(0.9, 0.45)) == (2.0, None, True)
     assert _epochs_through_best_on_val(scores, start=(0.9, 0.4)) == (-1.0, 2, False)  # a tie does not beat it
-    assert _epochs_through_best_on_val(scores, start=(0.9, 0.3)) == (-1.0, 2, False)  # none beats the start: its weights
+    # none beats the start: its weights
+    assert _epochs_through_best_on_val(scores, start=(0.9, 0.3)) == (-1.0, 2, False)
 
 
 def test_phase_two_reports_its_best_epoch_on_val_not_its_last(staged, tmp_path, monkeypatch):

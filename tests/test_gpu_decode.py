@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import add_bad_files, make_class_folder, photo, tiny_settings
 from PIL import Image
 
+from conftest import add_bad_files, make_class_folder, photo, tiny_settings
 from pipeline import LayertapError
-from pipeline.data.gpu_decode import check_decoder
-from pipeline.data.decoding import CHANGED, decode_image
-from pipeline.data.images import gpu_jpeg, jpeg_header
 from pipeline.core.runtime import keras_backend
+from pipeline.data.decoding import CHANGED, decode_image
+from pipeline.data.gpu_decode import check_decoder
+from pipeline.data.images import gpu_jpeg, jpeg_header
 
 
 def jpeg_bytes(image: Image.Image, **save) -> bytes:
@@ -71,26 +71,28 @@ def test_decoder_choice(monkeypatch):
 def test_auto_decoder_is_dali_where_the_backend_has_a_gpu_and_dali_imports(monkeypatch, tmp_path, backend, gpu, dali,
                                                                            engine, expected):
     import pipeline.data.gpu_decode as gd
+    from pipeline.extraction.engines import get_engine
     from pipeline.extraction.extract import ExtractSettings
 
     monkeypatch.setattr(gd, "keras_backend", lambda: backend)
     monkeypatch.setattr(gd, "on_gpu", lambda: gpu)
     monkeypatch.setattr(gd, "dali_available", lambda device=None: dali)
-    assert gd.resolve_decoder("auto", engine) == expected
+    here = get_engine(engine).decodes_here
+    assert gd.resolve_decoder("auto", here) == expected
     for named in ("pillow", "nvjpeg", "dali"):
-        assert gd.resolve_decoder(named, engine) == named
+        assert gd.resolve_decoder(named, here) == named
     with pytest.raises(ValueError, match="auto, pillow, nvjpeg, dali"):
         gd.resolve_decoder("turbo")
     if engine == "local":  # the settings hold what auto resolved to: the cache key and manifest record it
-        monkeypatch.setattr(gd, "check_decoder", lambda decoder, device=None: decoder)
+        monkeypatch.setattr("pipeline.extraction.extract.check_decoder", lambda decoder, device=None: decoder)
         assert ExtractSettings(data=str(tmp_path), weights="random").decoder == expected
 
 
 def test_auto_decoder_here(tmp_path):
     """Unpatched: pillow without a GPU (CI); dali on a GPU host with DALI and JAX or torch (the GPU sessions)."""
     import pipeline.data.gpu_decode as gd
-    from pipeline.extraction.extract import ExtractSettings
     from pipeline.core.runtime import on_gpu
+    from pipeline.extraction.extract import ExtractSettings
 
     decoder = ExtractSettings(data=str(tmp_path), weights="random").decoder
     if keras_backend() in ("jax", "torch") and on_gpu() and gd.dali_available():
@@ -331,7 +333,6 @@ def test_fine_tuning_a_gpu_decoded_store_allows_for_the_decoders_difference(dali
     grey level added here stands in for it), which the composition check allows only for such a store."""
     import pipeline.finetuning.finetune as finetuning
     from conftest import make_split_folder
-
     from pipeline.extraction.extract import extract_features
     from pipeline.finetuning.finetune import FinetuneSettings, finetune
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import add_bad_files, make_class_folder, photo
 from PIL import Image
 
+from conftest import add_bad_files, make_class_folder, photo
 from pipeline import LayertapError
 from pipeline.data.decoding import decode_image, iter_decoded
 from pipeline.data.images import BadImageError, find_images, sniff_format

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, add_bad_files, interruptible, make_split_folder, processes_marked, tiny_settings
 
+from conftest import ROOT, add_bad_files, interruptible, make_split_folder, processes_marked, tiny_settings
 from pipeline import LayertapError
 from pipeline.backbones.batchnorm import FOLDED
-from pipeline.extraction.extract import extract_features
 from pipeline.core.runtime import keras_backend
+from pipeline.extraction.extract import extract_features
 from pipeline.store.feature_store import FeatureStore, StoreLockedError, store_lock
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
@@ -139,8 +139,8 @@ def test_a_killed_driver_leaves_shards_that_the_next_run_resumes_from(cluster, d
 
 
 def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(cluster, tmp_path, monkeypatch):
-    import pipeline.extraction.engines.ray as ray_engine
     import pipeline.data.scan as scan_module
+    import pipeline.extraction.engines.ray as ray_engine
     from pipeline.data.images import find_images
     from pipeline.data.scan import StatCache, scan_images
 

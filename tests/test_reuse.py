@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_class_folder, photo, tiny_settings
 
+from conftest import COLOURS, make_class_folder, photo, tiny_settings
 from pipeline.extraction.extract import cache_key, extract_features, load_images
 from pipeline.extraction.reuse import DATA_FIELDS, MODEL_FIELDS
 from pipeline.store.feature_store import FeatureStore
@@ -161,8 +161,8 @@ def test_an_earlier_store_found_damaged_while_mixing_rows_leaves_those_shards_to
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
 def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(backbone, tmp_path):
     """``batchnorm`` only where it is folded (ResNet50 on TensorFlow): the keys of other stores are as before."""
-    from pipeline.backbones.build import get_backbone
     from pipeline.backbones.batchnorm import folds_batchnorm
+    from pipeline.backbones.registry import get_backbone
     from pipeline.backbones.weights import resolve_weights
 
     taps = get_backbone(backbone).taps[:1]  # the settings refuse a layer the backbone has not
@@ -175,13 +175,13 @@ def test_the_cache_keys_material_is_the_model_fields_and_the_data_fields(backbon
 
 
 def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_committed(tmp_path, monkeypatch):
-    import pipeline.extraction.shards as shards
+    import pipeline.extraction.engines.local as local_engine
 
     data = make_class_folder(tmp_path / "data")
     extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
     for c, colour in enumerate(COLOURS):
         photo(COLOURS[colour], seed=900 + c).save(data / colour / "img_00.jpg")
-    run_shard, calls = shards.run_shard, []
+    run_shard, calls = local_engine.run_shard, []
 
     def stop_after_one(job, *args, **kwargs):
         if calls:
@@ -189,11 +189,11 @@ def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_commi
         calls.append(job.path)
         return run_shard(job, *args, **kwargs)
 
-    monkeypatch.setattr(shards, "run_shard", stop_after_one)
+    monkeypatch.setattr(local_engine, "run_shard", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
         extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
     assert calls[0].parent.name == "computed" and calls[0].exists()  # two of the three new images
-    monkeypatch.setattr(shards, "run_shard", run_shard)
+    monkeypatch.setattr(local_engine, "run_shard", run_shard)
     resumed = extract_features(tiny_settings(data, tmp_path / "f", shard_size=2))
     # The shards written from the earlier store were committed by the stopped run; this one reuses the old
     # image beside each new one, and computes the one new image left.

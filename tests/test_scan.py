@@ -6,14 +6,14 @@ import os
 import time
 
 import pytest
-from conftest import add_bad_files, make_split_folder, photo, tiny_settings
 
 import pipeline.data.scan as scan_module
-import pipeline.extraction.shards as shards_module
+import pipeline.extraction.engines.local as local_engine
+from conftest import add_bad_files, make_split_folder, photo, tiny_settings
 from pipeline import LayertapError
-from pipeline.extraction.extract import extract_features
 from pipeline.data.images import find_images
 from pipeline.data.scan import LEGACY_FILE_NAME, RACY_NS, VERSION, Probe, StatCache, file_stat, scan_images
+from pipeline.extraction.extract import extract_features
 
 AN_HOUR_AGO = time.time() - 3600
 
@@ -41,8 +41,8 @@ def test_a_rerun_reads_no_image_bytes_and_an_edited_image_is_caught(tmp_path, re
     assert len(reads) == 12 and StatCache(tmp_path / "f", data).path.is_file()
 
     reads.clear()
-    decoding = shards_module.decoded_batches
-    monkeypatch.setattr(shards_module, "decoded_batches", lambda *a, **k: pytest.fail("decoding started"))
+    decoding = local_engine.decoded_batches
+    monkeypatch.setattr(local_engine, "decoded_batches", lambda *a, **k: pytest.fail("decoding started"))
     again = extract_features(tiny_settings(data, tmp_path / "f"))
     assert again.cache_hit and again.store_path == first.store_path and reads == []
 
@@ -51,7 +51,7 @@ def test_a_rerun_reads_no_image_bytes_and_an_edited_image_is_caught(tmp_path, re
     assert extract_features(tiny_settings(data, tmp_path / "f")).cache_hit and reads == [touched]
 
     reads.clear()
-    monkeypatch.setattr(shards_module, "decoded_batches", decoding)
+    monkeypatch.setattr(local_engine, "decoded_batches", decoding)
     edited = data / "test" / "blue" / "img_0.jpg"
     photo((0, 0, 0), seed=7).save(edited, "JPEG")  # new bytes, dated back like the others
     os.utime(edited, (AN_HOUR_AGO + 120, AN_HOUR_AGO + 120))

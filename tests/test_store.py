@@ -85,7 +85,8 @@ def test_a_failed_write_leaves_no_file(tmp_path):
 def test_second_writer_gets_a_clear_error(tmp_path):
     store = tmp_path / "x.h5"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.store.feature_store import store_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+         "from pipeline.store.feature_store import store_lock\n"
          "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE, text=True)
     try:

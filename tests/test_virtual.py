@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_split_folder, tiny_settings
 
+from conftest import make_split_folder, tiny_settings
 from pipeline import LayertapError
 from pipeline.extraction.extract import extract_features
 from pipeline.store.feature_store import FeatureStore
@@ -89,5 +89,6 @@ def test_a_damaged_chunk_in_a_shard_is_one_line_naming_the_shard(data, tmp_path)
     with open(shard, "r+b") as fh:
         fh.seek(offset + 16)
         fh.write(os.urandom(64))
-    with pytest.raises(LayertapError, match=rf"block2_pool are damaged \(shard file {re.escape(str(shard))} cannot be read"):
+    damaged = rf"block2_pool are damaged \(shard file {re.escape(str(shard))} cannot be read"
+    with pytest.raises(LayertapError, match=damaged):
         FeatureStore(made.store_path).verify()

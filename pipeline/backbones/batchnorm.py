@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.core.runtime import import_keras
-from pipeline.core.runtime import keras_backend
+from pipeline.core.runtime import import_keras, keras_backend
 
 FOLDED = "folded"
 # Backends where a folded network measured faster (bench/NOTES.md, "BatchNormalization folded ...").

@@ -1,110 +1,28 @@
-"""Backbone registry and the one backbone factory: constructors, preprocessing, taps, weights, precision.
+"""The one backbone factory: networks built from the registry, with weights, precision and taps.
 
 :func:`create_extractor` is how every caller (extraction, prediction, fine-tuning, the benchmarks)
 gets a network, and :func:`cut_trunk` the one place a backbone is cut at its taps (timm's
 ``create_model(..., features_only=True)`` plays the same part there).
 
-Importing this module does not import Keras: the registry, weights and precision answers
-(what a cache hit needs) are plain Python; Keras is loaded by the functions that build networks.
+Importing this module does not import Keras; the functions that build networks load it.
 Everything uses the Keras 3 API (never TensorFlow directly), so it runs on the TensorFlow, JAX
 and PyTorch backends alike.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from pipeline.core.errors import LayertapError
-
-from pipeline.core.runtime import import_keras
-from pipeline.core.runtime import PRECISIONS, keras_backend
+from pipeline.backbones.batchnorm import fold_batchnorm
+from pipeline.backbones.pooling import parse_pooling
+from pipeline.backbones.registry import Backbone, get_backbone
 from pipeline.backbones.weights import ResolvedWeights, resolve_weights
-
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A registered backbone: how to build it, preprocess for it and where to tap it."""
-
-    name: str
-    constructor: str            # attribute of keras.applications
-    module: str                 # keras.applications submodule that has preprocess_input
-    preprocessing: str          # what preprocess_input does, for manifests
-    taps: tuple[str, ...]       # recommended taps, low to high
-    imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, md5
-    imagenet_url: str
-    imagenet_md5: str
-    batchnorm: bool = False     # BatchNormalization after its convolutions (pipeline.backbones.batchnorm folds it)
-
-    def build(self, image_size: int):
-        """The convolutional base (a ``keras.Model``) without weights, for ``image_size`` x ``image_size`` RGB."""
-        constructor = getattr(import_keras().applications, self.constructor)
-        return constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
-
-    def layer_names(self) -> tuple[str, ...] | None:
-        """Every layer name of the convolutional base but its input, without Keras (so that a wrong ``--layers``
-        is refused before the scan and the weights; a test holds the names to the built network), or None
-        for a backbone without such a list (its taps are checked when the network is built)."""
-        names = _LAYER_NAMES.get(self.name)
-        return names() if names else None
-
-    def preprocess(self, x):
-        import_keras()
-        module = importlib.import_module(f"keras.applications.{self.module}")
-        return module.preprocess_input(x)
-
-
-def _vgg16_names() -> tuple[str, ...]:
-    return tuple(name for block, convs in enumerate((2, 2, 3, 3, 3), start=1)
-                 for name in (*(f"block{block}_conv{i}" for i in range(1, convs + 1)), f"block{block}_pool"))
-
-
-def _resnet50_names() -> tuple[str, ...]:
-    names = ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu", "pool1_pad", "pool1_pool"]
-    for stage, blocks in enumerate((3, 4, 6, 3), start=2):
-        for block in range(1, blocks + 1):
-            prefix = f"conv{stage}_block{block}"
-            shortcut = ("0_conv", "0_bn") if block == 1 else ()
-            names += [f"{prefix}_{part}" for part in (*shortcut, "1_conv", "1_bn", "1_relu", "2_conv", "2_bn",
-                                                      "2_relu", "3_conv", "3_bn", "add", "out")]
-    return tuple(names)
-
-
-_LAYER_NAMES = {"vgg16": _vgg16_names, "resnet50": _resnet50_names}
-_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone(
-        name="vgg16", constructor="VGG16", module="vgg16",
-        preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras vgg16.preprocess_input)",
-        taps=("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
-        imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_url=_KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_md5="6d6bbae143d832006294945121d1f1fc"),
-    "resnet50": Backbone(
-        name="resnet50", constructor="ResNet50", module="resnet50",
-        preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras resnet50.preprocess_input)",
-        taps=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
-        imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_md5="4d473c1dd8becc155b73f8504c6f6626", batchnorm=True),
-}
-
-
-def get_backbone(name: str) -> Backbone:
-    """Look a backbone up by name.
-
-    Raises:
-        ValueError: the name is not registered; the message lists the registered ones.
-    """
-    try:
-        return BACKBONES[name.lower()]
-    except KeyError:
-        raise ValueError(f"backbone={name!r} is not known; use one of: {', '.join(BACKBONES)}") from None
+from pipeline.core.errors import LayertapError
+from pipeline.core.runtime import PRECISIONS, import_keras, keras_backend
 
 
 def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int, precision: str = "float32"):
@@ -238,7 +156,6 @@ def architecture_shapes(backbone: str | Backbone, taps, image_size: int) -> dict
 def build_extractor(base, backbone: Backbone, taps, pooling: str, fold: bool = False):
     """One ``keras.Model`` from uint8 pixels to ``{tap: pooled features}`` over :func:`cut_trunk`, its
     BatchNormalization folded into the convolutions if ``fold`` (:mod:`pipeline.backbones.batchnorm`)."""
-    from pipeline.backbones.batchnorm import fold_batchnorm
     from pipeline.backbones.layers import BackbonePreprocess, TapPooling
 
     keras = import_keras()
@@ -332,7 +249,6 @@ def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, t
         ValueError: an unknown backbone, layer, pooling or precision (the message lists valid ones).
         LayertapError: the weights cannot be had or do not fit.
     """
-    from pipeline.backbones.pooling import parse_pooling
 
     entry = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(entry, weights, seed)

@@ -6,9 +6,10 @@ loads in safe mode wherever this module has been imported (:func:`pipeline.runs.
 
 from __future__ import annotations
 
-from pipeline.core.runtime import import_keras
-from pipeline.core.evaluation import TINY
 from pipeline.backbones.pooling import parse_pooling, pool_tensor
+from pipeline.backbones.registry import get_backbone
+from pipeline.core.evaluation import TINY
+from pipeline.core.runtime import import_keras
 
 keras = import_keras()
 
@@ -23,8 +24,6 @@ class BackbonePreprocess(keras.layers.Layer):
         self.backbone = backbone
 
     def call(self, x):
-        from pipeline.backbones.build import get_backbone
-
         return get_backbone(self.backbone).preprocess(keras.ops.cast(x, "float32"))
 
     def get_config(self):
@@ -55,7 +54,8 @@ def crossentropy(y_true, y_pred):
     and torch it clips the probabilities to [1e-7, 1 - 1e-7], and a clipped probability passes no gradient:
     an image the network is sure is another class (its own class below 1e-7) teaches nothing, and a network
     that is sure about every image does not move at all. Here the probabilities are floored at
-    :data:`pipeline.core.evaluation.TINY` instead (as :func:`pipeline.core.evaluation.log_loss` floors them), and ``-log p``
+    :data:`pipeline.core.evaluation.TINY` instead (as :func:`pipeline.core.evaluation.log_loss` floors them), and
+    ``-log p``
     of the true class is computed from their logarithms.
     """
     log_p = keras.ops.log(keras.ops.maximum(keras.ops.cast(y_pred, "float32"), TINY))

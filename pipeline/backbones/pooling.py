@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+from pipeline.core.runtime import import_keras
+
 POOLING_MODES = ("avg", "max", "avgmax", "gridN", "flatten")
 # Above this many features per image, flatten gets a warning with the cost it implies.
 FLATTEN_WARN_FEATURES = 65_536
@@ -75,7 +77,6 @@ def flatten_warning(tap: str, shape: tuple[int, int, int], mode: str) -> str | N
 
 def pool_tensor(x, mode: str):
     """Pool a ``(B, H, W, C)`` tensor with Keras ops (any backend)."""
-    from pipeline.core.runtime import import_keras
 
     ops = import_keras().ops
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import LayertapError
-
-from pipeline.core.runtime import import_keras
-from pipeline.core.runtime import keras_home, keras_version
+from pipeline.core.runtime import import_keras, keras_home, keras_version
 
 WEIGHT_CHOICES = ("imagenet", "hed-bsds500", "random", "PATH to a .weights.h5 or .h5 file")
 

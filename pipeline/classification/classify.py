@@ -16,13 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backbones.build import tap_costs
+from pipeline.backbones.pooling import dense_params, pooled_dims
+from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
-from pipeline.runs.artifacts import model_manifest, run_folder, save_model
-from pipeline.heads.classifiers import BUILTIN, make_classifier, parse_spec, train_one
 from pipeline.core.evaluation import best_on_val, rank_on_val
 from pipeline.core.settings import option
-from pipeline.store.splits import resolve_splits, test_rows_sha256
+from pipeline.heads.classifiers import BUILTIN, make_classifier, parse_spec, train_one
+from pipeline.runs.artifacts import model_manifest, run_folder, save_model
+from pipeline.runs.reports import write_comparison, write_model_report, write_sweep
 from pipeline.store.feature_store import FeatureStore
+from pipeline.store.splits import resolve_splits, test_rows_sha256
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,6 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     Args:
         progress: Called with each table row as it is done.
     """
-    from pipeline.runs.reports import write_comparison, write_model_report
 
     store = FeatureStore(settings.store)
     taps = settings.layers or store.taps
@@ -138,9 +141,6 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     Returns:
         ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json`` and ``sweep.png`` are written there.
     """
-    from pipeline.backbones.build import get_backbone, tap_costs
-    from pipeline.backbones.pooling import dense_params, pooled_dims
-    from pipeline.runs.reports import write_sweep
 
     store = FeatureStore(store_path)
     model = get_backbone(store.manifest.backbone).build(store.manifest.image_size)

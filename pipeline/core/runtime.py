@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-
 __version__ = "0.1.0"  # layertap's; setup.cfg says the same
 
 # Compute precision of the backbone -> Keras dtype policy (variables stay float32).

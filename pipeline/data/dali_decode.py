@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.runtime import import_keras
 from pipeline.data import gpu_decode
 from pipeline.data.decoding import CHANGED
 from pipeline.data.gpu_decode import decode_on_host, takes, unchanged
-from pipeline.data.images import gpu_jpeg, or_reason, read_file
+from pipeline.data.images import DEFAULT_MAX_PIXELS, gpu_jpeg, or_reason, read_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class DaliDecoder:
         resize: ``squash`` or ``crop`` (see :func:`pipeline.data.decoding.decode_image`).
         max_pixels: Larger images are skipped as decompression bombs (by Pillow, which names them).
         batch_size: The most files one chunk has.
-        device: ``cuda`` (the default, :data:`pipeline.data.gpu_decode.DEVICE`) or ``cpu`` (DALI's CPU decoder; for tests).
+        device: ``cuda`` (the default, :data:`pipeline.data.gpu_decode.DEVICE`) or ``cpu`` (DALI's CPU decoder;
+            for tests).
         workers: DALI's CPU threads (which read the files), and the threads that run Pillow for the files DALI
             does not take.
         hw_decoder_load: The share of each batch DALI gives the hardware JPEG engines, the rest going to
@@ -70,7 +72,6 @@ class DaliDecoder:
 
     def __init__(self, size: int, resize: str = "squash", max_pixels: int | None = None, batch_size: int = 32,
                  device: str | None = None, workers: int = 4, hw_decoder_load: float | None = 1.0, ahead: int = 2):
-        from pipeline.data.images import DEFAULT_MAX_PIXELS
 
         self.size, self.resize, self.batch_size, self.ahead = size, resize, batch_size, ahead
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -201,7 +202,8 @@ class DaliDecoder:
             if isinstance(chunk.output, RuntimeError):  # one bad JPEG fails DALI's whole run
                 self._take_queued(later)  # the runs queued behind it, so the retries below are DALI's only work
                 # DALI calls its pipeline "no longer valid" after a failed run. Its CPU device runs on regardless; the
-                # GPU's was never seen failing. The retries get a fresh pipeline: milliseconds, and only after a failure.
+                # GPU's was never seen failing. The retries get a fresh pipeline: milliseconds, and only after a
+                # failure.
                 self._pipe = self._build()
                 decoded, failed = self._one_by_one(chunk, chunk.output)
                 pieces += decoded
@@ -314,5 +316,4 @@ def _in_order(pieces: list[tuple[object, list[int]]], reasons: list[str | None])
 
 
 def _backend() -> str:
-    from pipeline.core.runtime import import_keras
     return import_keras().config.backend()

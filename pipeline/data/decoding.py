@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -19,12 +20,23 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
-from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, bomb_reason, default_workers, fingerprint, or_reason, ordered_map, \
-    progress_bar, read_file
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    bomb_reason,
+    default_workers,
+    fingerprint,
+    or_reason,
+    ordered_map,
+    progress_bar,
+    read_file,
+)
 
 log = logging.getLogger(__name__)
 # Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.
 MAX_IMAGE_BYTES = 8 << 30
+# Shared-memory segments of the decoding workers: /dev/shm/layertap-<pid of the process that made it>-<random>.
+SEGMENT_PREFIX = "layertap-"
 
 
 def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", draft: bool = True,
@@ -141,7 +153,9 @@ class ProcessDecoder:
         from multiprocessing import shared_memory
 
         self.shape = (depth, batch_size, size, size, 3)
-        self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
+        # Named after this process, so that whoever looks at /dev/shm (a test, an operator) can tell whose it is.
+        self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)),
+                                               name=f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
         self._slots = np.ndarray(self.shape, np.uint8, self._shm.buf)
         self.workers = workers
         self._initargs = (self._shm.name, self.shape, {"size": size, **decode_kwargs}, os.getpid())
@@ -330,7 +344,8 @@ def _huge_budget(pixels: int):
 
 def decode_store_rows(store, rows: np.ndarray, data_root: Path, workers: int = 0,
                       progress: bool = False) -> np.ndarray:
-    """Decode the images of the given rows of a :class:`pipeline.store.feature_store.FeatureStore` exactly as stage one did,
+    """Decode the images of the given rows of a :class:`pipeline.store.feature_store.FeatureStore` exactly as stage one
+    did,
     as one uint8 array (what fine-tuning trains on).
 
     Each file must still have the content the store fingerprinted.

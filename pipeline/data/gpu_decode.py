@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.runtime import import_keras, keras_backend, on_gpu
 from pipeline.data.decoding import CHANGED, decode_image
-from pipeline.data.images import gpu_jpeg, or_reason, read_file
-from pipeline.core.runtime import keras_backend, on_gpu
+from pipeline.data.images import DEFAULT_MAX_PIXELS, gpu_jpeg, or_reason, read_file
 from pipeline.data.scan import file_stat
 
 DECODERS = ("pillow", "nvjpeg", "dali")
@@ -43,9 +43,9 @@ DALI_BACKENDS = ("jax", "torch")
 DEVICE = "cuda"  # where the GPU decoders decode by default (the tests set "cpu")
 
 
-def resolve_decoder(decoder: str, engine: str = "local") -> str:
-    """``auto`` -> ``dali`` where the local engine's Keras backend (JAX or torch) computes on a GPU that DALI
-    sees; else ``pillow``.
+def resolve_decoder(decoder: str, here: bool = True) -> str:
+    """``auto`` -> ``dali`` where decoding runs on this host (``here``: the engine decodes here) and the Keras
+    backend (JAX or torch) computes on a GPU that DALI sees; else ``pillow``.
 
     On an H100 with 16 host cores DALI extracted 1.65-2.2x as fast as 16 Pillow processes, VGG16 and ResNet50
     alike (bench/NOTES.md, "DALI reads the files itself, on an H100"). With ``--engine ray`` the GPUs are the
@@ -60,7 +60,7 @@ def resolve_decoder(decoder: str, engine: str = "local") -> str:
         raise ValueError(f"decoder={decoder!r} is not known; use one of: {', '.join(DECODER_CHOICES)}")
     if decoder != "auto":
         return decoder
-    if engine == "local" and keras_backend() in DALI_BACKENDS and on_gpu() and dali_available():
+    if here and keras_backend() in DALI_BACKENDS and on_gpu() and dali_available():
         return "dali"
     return "pillow"
 
@@ -171,7 +171,6 @@ class NvjpegDecoder:
                  workers: int = 4):
         import torch
 
-        from pipeline.data.images import DEFAULT_MAX_PIXELS
 
         self.size, self.resize, self.device = size, resize, torch.device(device or DEVICE)
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -268,7 +267,6 @@ def to_backend(batch, batch_size: int):
     """A device batch from :class:`NvjpegDecoder` (a torch tensor) or :class:`pipeline.data.dali_decode.DaliDecoder`
     (a JAX array or torch tensor), zero-padded to ``batch_size`` rows (one input shape, one compiled
     function), as an input the Keras backend takes without a host copy."""
-    from pipeline.core.runtime import import_keras
 
     backend = import_keras().config.backend()
     if type(batch).__module__.startswith("jax"):

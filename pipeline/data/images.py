@@ -347,7 +347,8 @@ def _exif_orientation(data: bytes, tiff: int, end: int) -> int:
 
 def bomb_reason(width: int, height: int, limit: int) -> str:
     """The one reason given for an image over the pixel limit, wherever it is found."""
-    return f"decompression bomb: {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} (--max-pixels)"
+    return (f"decompression bomb: {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
+            "(--max-pixels)")
 
 
 EMPTY_CLASS = "class left without images: none of its images could be used; the class is left out"

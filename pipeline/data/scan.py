@@ -32,10 +32,24 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.errors import LayertapError
-from pipeline.data.images import (DEFAULT_MAX_PIXELS, ImageList, ImageRecord, Skipped, bomb_reason, default_workers,
-                             drop_empty_classes, fingerprint, gpu_jpeg, jpeg_header, or_reason, ordered_map,
-                             progress_bar, read_file, sniff_format)
 from pipeline.core.runtime import collector_paused
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageList,
+    ImageRecord,
+    Skipped,
+    bomb_reason,
+    default_workers,
+    drop_empty_classes,
+    fingerprint,
+    gpu_jpeg,
+    jpeg_header,
+    or_reason,
+    ordered_map,
+    progress_bar,
+    read_file,
+    sniff_format,
+)
 
 log = logging.getLogger(__name__)
 FOLDER_NAME = ".layertap-stat-cache"  # in the --out folder: one snapshot file per data root
@@ -298,7 +312,8 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
     if not kept:
-        detail = f"; {len(skipped)} files were skipped, first: {skipped[0].path} ({skipped[0].reason})" if skipped else ""
+        detail = (f"; {len(skipped)} files were skipped, first: {skipped[0].path} ({skipped[0].reason})"
+                  if skipped else "")
         if records and all(stat is None for stat in stats):
             detail += (f". No listed file is in {images.root}: a CSV's paths are relative to --root (default: the "
                        "CSV's folder), a --split-file's to --data")

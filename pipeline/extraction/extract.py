@@ -22,25 +22,29 @@ import logging
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.errors import LayertapError
-
-from pipeline.store import virtual
-from pipeline.backbones.build import BACKBONES
-from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS
-from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
+from pipeline.backbones.batchnorm import FOLDED, folds_batchnorm
+from pipeline.backbones.build import check_taps
 from pipeline.backbones.pooling import flatten_warning, parse_pooling
+from pipeline.backbones.registry import BACKBONES, get_backbone
+from pipeline.backbones.weights import resolve_weights
+from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
-from pipeline.data.scan import StatCache, scan_images
 from pipeline.core.settings import check_choice, check_int, option
+from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS, check_decoder, resolve_decoder
+from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
+from pipeline.data.sample import ensure_sample
+from pipeline.data.scan import StatCache, scan_images
+from pipeline.extraction.engines import ENGINES, get_engine
+from pipeline.extraction.reuse import Reuse, plan
+from pipeline.extraction.shards import is_committed, parts_dir, plan_shards
+from pipeline.store import virtual
 from pipeline.store.feature_store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, merge_shards, store_lock
 
 log = logging.getLogger(__name__)
 SAMPLE = "sample"
-ENGINE_NAMES = ("local", "ray")
 MERGES = ("copy", "virtual")
 
 
@@ -101,12 +105,10 @@ class ExtractSettings:
                              group="speed (not part of the cache key)")
     engine: str = option("local", "local: decode in --workers processes and run the model in this one; ray: decode "
                                   "in Ray tasks and run the model in a Ray actor pool, one actor per GPU (needs "
-                                  "pip install 'layertap[ray]'; README: Scaling out)", choices=ENGINE_NAMES,
+                                  "pip install 'layertap[ray]'; docs/scaling.md)", choices=ENGINES,
                          group="speed (not part of the cache key)")
-    ray_address: str | None = option(None, "with --engine ray: the cluster to join (head:6379, "
-                                           "auto, ray://head:10001); default: $RAY_ADDRESS, else a local "
-                                           "Ray for this run",
-                                     metavar="ADDRESS", group="speed (not part of the cache key)")
+    engine_options: object = option(None, "the engine's own settings (its Options dataclass; default: its "
+                                          "defaults); on the command line, flags such as --ray-address", cli=False)
     verify: bool = option(False, "read and hash every image again instead of trusting the stat cache for files "
                                  "whose size, times and inode are unchanged", group="data")
     reuse: bool = option(True, "take the features of images that an earlier store in --out computed with the "
@@ -118,9 +120,6 @@ class ExtractSettings:
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
 
     def __post_init__(self):
-        from pipeline.backbones.build import check_taps, get_backbone
-        from pipeline.data.gpu_decode import check_decoder, resolve_decoder
-
         backbone = get_backbone(self.backbone)
         object.__setattr__(self, "backbone", backbone.name)
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
@@ -129,13 +128,18 @@ class ExtractSettings:
         check_taps(None, backbone, self.layers)  # before the scan and the weights, which take minutes at scale
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))
-        object.__setattr__(self, "decoder", resolve_decoder(self.decoder, self.engine))
-        if self.engine == "ray":  # the GPUs that decode are the cluster's: each model actor checks its own
-            check_choice("decoder", self.decoder, DECODERS)
-        else:
+        engine = get_engine(self.engine)
+        options = engine.Options() if self.engine_options is None else self.engine_options
+        if not isinstance(options, engine.Options):
+            raise ValueError(f"engine_options={options!r} is not for engine={self.engine!r}; give a "
+                             f"{engine.Options.__module__}.{engine.Options.__name__}")
+        object.__setattr__(self, "engine_options", options)
+        object.__setattr__(self, "decoder", resolve_decoder(self.decoder, engine.decodes_here))
+        if engine.decodes_here:
             check_decoder(self.decoder)
+        else:  # the GPUs that decode are the workers': each checks its own
+            check_choice("decoder", self.decoder, DECODERS)
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
-        check_choice("engine", self.engine, ENGINE_NAMES)
         check_choice("merge", self.merge, MERGES)
         check_choice("compression", self.compression, COMPRESSIONS)
         check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
@@ -160,6 +164,7 @@ class ExtractResult:
     timings: dict[str, float] = field(default_factory=dict)
     store: FeatureStore | None = None  # the store, already open
     n_reused: int = 0  # images whose features came from an earlier store (pipeline.extraction.reuse)
+    where: str = ""  # where the images were computed, in words for the summary ("" on this host)
 
     @property
     def cache_hit(self) -> bool:
@@ -174,23 +179,20 @@ def load_images(settings: ExtractSettings, session=None) -> ImageList:
     """Find and scan the images the settings name (building the sample set if asked).
 
     Args:
-        session: An ``--engine ray`` command's :class:`pipeline.extraction.engines.ray.RaySession`: many files to hash
-            are hashed on the cluster.
+        session: The engine's session for this command (:mod:`pipeline.extraction.engines`); one with a
+            ``probe`` method hashes a first scan's files remotely (Ray: on the cluster).
     """
     data = settings.data
     if data == SAMPLE:
-        from pipeline.data.sample import ensure_sample
         data = str(ensure_sample())
     found = find_images(data, settings.split_file, settings.root)
     cache = None if settings.verify else StatCache(settings.out_dir, found.root)
     return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache,
-                       remote=session.probe if session else None)
+                       remote=getattr(session, "probe", None))
 
 
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
     """The store's key and the material it hashes (which goes into the manifest)."""
-    from pipeline.backbones.build import get_backbone
-    from pipeline.backbones.batchnorm import FOLDED, folds_batchnorm
 
     backbone = get_backbone(settings.backbone)
     listing = hashlib.sha256()
@@ -230,22 +232,11 @@ def extract_features(settings: ExtractSettings) -> ExtractResult:
         LayertapError: unusable data or weights, or a store another process is writing.
         ValueError: a layer the backbone does not have (the message lists valid names).
     """
-    with _session(settings) as session:
+    with get_engine(settings.engine).session(settings.engine_options) as session:
         return _extract(settings, session)
 
 
-def _session(settings: ExtractSettings):
-    """The Ray session of an ``--engine ray`` command (connected when first needed), else nothing."""
-    if settings.engine != "ray":
-        return nullcontext(None)
-    from pipeline.extraction.engines.ray import RaySession
-    return RaySession(settings.ray_address)
-
-
 def _extract(settings: ExtractSettings, session) -> ExtractResult:
-    from pipeline.backbones.build import get_backbone
-    from pipeline.backbones.weights import resolve_weights
-
     started = time.perf_counter()
     images = load_images(settings, session)
     scanned = time.perf_counter()
@@ -267,7 +258,8 @@ def _extract(settings: ExtractSettings, session) -> ExtractResult:
         store, n_decoded, reused, timings = _compute_taps(images, settings, weights, missing, store_path,
                                                           manifest, existing, timings, session)
     return ExtractResult(store_path, len(store), store.skipped, dict(store.dims), missing, n_decoded,
-                         time.perf_counter() - started, timings["extract"], timings, store, reused)
+                         time.perf_counter() - started, timings["extract"], timings, store, reused,
+                         get_engine(settings.engine).summary)
 
 
 def _open_existing(store_path: Path, key: str, taps) -> FeatureStore | None:
@@ -301,7 +293,6 @@ def _manifest(key: str, material: dict, images: ImageList, settings: ExtractSett
 
 def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: tuple[str, ...],
                   store_path: Path, manifest: dict, existing: FeatureStore | None, timings: dict, session=None):
-    from pipeline.extraction.shards import parts_dir, plan_shards
 
     t0 = time.perf_counter()
     shards, todo = plan_shards(images, store_path, taps, manifest["key"], settings.shard_size)
@@ -320,7 +311,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         nonlocal shapes, run
         if run is None:
             t0 = time.perf_counter()
-            shapes, run = ENGINES[settings.engine](settings, weights, taps, manifest, session)
+            shapes, run = get_engine(settings.engine).start(settings, weights, taps, manifest, session)
             # The key was computed without loading Keras; the backend it named must be the one now running.
             assert manifest["keras_backend"] == keras_backend(), (manifest["keras_backend"], keras_backend())
             for tap in taps:
@@ -364,8 +355,6 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
                 n_images: int):
     """:func:`pipeline.extraction.reuse.plan`: the shards earlier stores of the same model settings cover are written;
     what is left to run, and what to write after it."""
-    from pipeline.extraction.reuse import Reuse, plan
-    from pipeline.extraction.shards import is_committed
 
     if not (todo and settings.reuse):
         return Reuse(run=todo)
@@ -376,33 +365,3 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
                  ", ".join(store.path.name for store in reuse.donors.stores),
                  sum(len(job.records) for job in reuse.run))
     return reuse
-
-
-def _local_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], manifest: dict, session=None):
-    """This process runs the model; worker processes on this host decode (:func:`pipeline.extraction.shards.run_local`)."""
-    from pipeline.backbones.build import create_extractor
-    from pipeline.backbones.batchnorm import folded
-    from pipeline.extraction.shards import run_local
-
-    extractor = create_extractor(settings.backbone, weights, taps, settings.pooling, settings.image_size,
-                                 settings.precision, fold=folded(manifest))
-
-    def run(jobs, manifest, class_names, done):
-        return run_local(jobs, settings, extractor, manifest, class_names, done)
-    return extractor.map_shapes, run
-
-
-def _ray_engine(settings: ExtractSettings, weights, taps: tuple[str, ...], manifest: dict, session):
-    """Ray tasks decode and an actor pool runs the model (:mod:`pipeline.extraction.engines.ray`); this process only
-    checks the taps (on the architecture, without weights) and merges."""
-    from pipeline.backbones.build import architecture_shapes
-    from pipeline.extraction.engines.ray import run_ray
-
-    shapes = architecture_shapes(settings.backbone, taps, settings.image_size)
-
-    def run(jobs, manifest, class_names, done):
-        return run_ray(jobs, settings, weights, taps, manifest, class_names, done, session)
-    return shapes, run
-
-
-ENGINES = {"local": _local_engine, "ray": _ray_engine}

@@ -5,8 +5,8 @@ committed; :func:`run_shard` computes one shard from its decoded batches and com
 atomically, a pure function of (image slice, settings); :func:`pipeline.store.feature_store.merge_shards`
 joins the shards into the store. An engine is a short driver of these three:
 
-- the local engine (:func:`run_local`, below) decodes in worker processes on this host, ahead
-  of the forward passes in this process;
+- the local engine (:mod:`pipeline.extraction.engines.local`) decodes in worker processes on this
+  host, ahead of the forward passes in this process;
 - the Ray engine (:mod:`pipeline.extraction.engines.ray`) decodes in Ray tasks and runs the model in an
   actor pool, on one machine or a cluster.
 
@@ -15,12 +15,12 @@ already hold (by content hash), so an engine gets only images no store has compu
 
 Both chunk a shard into the same batches and pad them the same way, so they write identical
 shards; a shard committed by either is reused by both, which is what makes a killed run
-resumable whatever engine it ran on. A third engine (Spark, Dask) would be a third driver.
+resumable whatever engine it ran on. A third engine (Spark, Dask) would be a third driver
+(:mod:`pipeline.extraction.engines`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,8 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import LayertapError
-from pipeline.data.images import ImageList, ImageRecord, default_workers, ordered_map
 from pipeline.core.runtime import keras_backend, on_gpu
+from pipeline.data.dali_decode import DaliDecoder
+from pipeline.data.decoding import ProcessDecoder
+from pipeline.data.gpu_decode import NvjpegDecoder, to_backend
+from pipeline.data.images import ImageList, ImageRecord, default_workers, ordered_map
 from pipeline.store.feature_store import FeatureStore, Rows, write_shard
 
 # Forward passes started and not yet collected while the next batch is fetched (on JAX they run asynchronously).
@@ -156,7 +159,6 @@ def forward(extractor, pixels, pad_to: int | None):
         if pad_to and n < pad_to:
             x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], x.dtype)])
     else:
-        from pipeline.data.gpu_decode import to_backend
         x = to_backend(pixels, pad_to or len(pixels))
     return n, extractor.dispatch(x)
 
@@ -167,25 +169,6 @@ def collect(extractor, started, outputs: dict) -> None:
     for tap, values in extractor.collect(handle).items():
         if tap in outputs:
             outputs[tap].append(values[:n])
-
-
-def run_local(jobs: list[ShardJob], settings, extractor, manifest: dict, class_names, done: int = 0) -> int:
-    """The local engine: one decoding stream across all the jobs, ahead of the forward passes in this process.
-
-    Returns:
-        The number of images decoded.
-    """
-    chunks = [job.chunks(settings.batch_size) for job in jobs]
-    bar = extraction_bar(jobs, done, settings.progress)
-    batches = decoded_batches(*decoding_inputs(jobs), [c for job_chunks in chunks for c in job_chunks], settings)
-    pad_to = settings.batch_size if pads_short_batches() else None
-    try:
-        return sum(run_shard(job, itertools.islice(batches, len(job_chunks)), extractor, manifest, class_names,
-                             settings.store_dtype, pad_to, bar.update)
-                   for job, job_chunks in zip(jobs, chunks))
-    finally:
-        batches.close()
-        bar.close()
 
 
 def decoding_inputs(jobs: list[ShardJob]) -> tuple[dict, dict, dict]:
@@ -203,7 +186,6 @@ def open_decoder(settings, device: str | None = None, workers: int | None = None
     ``workers`` processes or threads (default: ``settings.workers``, else one per core, at most 16)."""
     workers = workers or settings.workers or default_workers()
     if settings.decoder == "dali":
-        from pipeline.data.dali_decode import DaliDecoder
         try:
             return DaliDecoder(settings.image_size, settings.resize, settings.max_pixels, settings.batch_size,
                                device=device, workers=workers)
@@ -213,9 +195,7 @@ def open_decoder(settings, device: str | None = None, workers: int | None = None
                                 "--decoder pillow to decode on the CPU cores (--decoder auto, the default, takes "
                                 "DALI wherever it imports and sees a GPU)") from exc
     if settings.decoder == "nvjpeg":
-        from pipeline.data.gpu_decode import NvjpegDecoder
         return NvjpegDecoder(settings.image_size, settings.resize, settings.max_pixels, device=device, workers=workers)
-    from pipeline.data.decoding import ProcessDecoder
     return ProcessDecoder(settings.image_size, settings.batch_size, workers, resize=settings.resize,
                           draft=settings.draft, max_pixels=settings.max_pixels)
 

@@ -12,9 +12,8 @@ import time
 import numpy as np
 
 from pipeline.core.errors import LayertapError
-
-from pipeline.core.runtime import import_keras
 from pipeline.core.evaluation import epoch_rank
+from pipeline.core.runtime import import_keras
 from pipeline.core.settings import check_choice
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,8 @@ def keep_best_on_val(patience: int, start: tuple | None):
     keras = import_keras()
 
     class BestOnVal(keras.callbacks.Callback):
-        """Keep the weights of the epoch best by :func:`pipeline.core.evaluation.epoch_rank`; restore them at the end."""
+        """Keep the weights of the epoch best by :func:`pipeline.core.evaluation.epoch_rank`; restore them at the
+        end."""
 
         def __init__(self, patience: int, start: tuple | None):
             super().__init__()

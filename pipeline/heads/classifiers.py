@@ -24,9 +24,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.core.errors import LayertapError
-
-from pipeline.core.runtime import import_keras
 from pipeline.core.evaluation import log_loss, score_predictions
+from pipeline.core.runtime import import_keras
 
 BUILTIN = ("logreg", "linsvm", "knn", "dense")
 # C grids searched by cross-validation. A linear SVM past C=0.1 takes minutes to converge on
@@ -119,7 +118,8 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
         missing = [store.class_names[i] for i in np.flatnonzero(counts == 0)]
         raise LayertapError(f"class {', '.join(missing)} has no training image in {store.path.name}")
     if not val.any():  # pipeline.store.splits.resolve_splits always gives val rows
-        raise LayertapError(f"{store.path.name}: no val rows to choose on; split it with pipeline.store.splits.resolve_splits")
+        raise LayertapError(f"{store.path.name}: no val rows to choose on; split it with "
+                            "pipeline.store.splits.resolve_splits")
     estimator = make_classifier(spec, cv_splits=int(min(3, counts.min())), seed=seed)
     started = time.perf_counter()
     if takes_validation_data(estimator):

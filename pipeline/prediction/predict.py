@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runs.artifacts import load_model
 from pipeline.data.decoding import iter_decoded
 from pipeline.data.images import default_workers
+from pipeline.runs.artifacts import load_model
 from pipeline.store.manifest import StoreManifest
 
 

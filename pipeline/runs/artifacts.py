@@ -32,11 +32,9 @@ import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from pipeline.core.errors import LayertapError
-
-from pipeline.core.runtime import import_keras
-from pipeline.core.runtime import versions
 from pipeline.backbones.weights import sha256_file
+from pipeline.core.errors import LayertapError
+from pipeline.core.runtime import import_keras, versions
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -170,7 +168,8 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
         raise LayertapError(f"{model_dir / MANIFEST} is not valid JSON ({exc}); retrain the model") from None
     fmt = manifest.get("format")
     if fmt not in MODEL_FILES:
-        raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: {', '.join(MODEL_FILES)}")
+        raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: "
+                            f"{', '.join(MODEL_FILES)}")
     name = MODEL_FILES[fmt]
     if name not in manifest.get("files", {}):
         raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "

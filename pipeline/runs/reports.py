@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.store import virtual
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     """A plain-text table; numbers are right-aligned, floats shown with 3 decimals."""
@@ -45,8 +47,7 @@ def extract_summary(result, settings) -> str:
     elif not result.n_decoded:
         lines.append(f"no image decoded; {result.seconds:.1f} s")
     else:
-        where = " on Ray (its start and the actors' model builds included)" if settings.engine == "ray" else ""
-        lines.append(f"decoded {result.n_decoded:,} images{where} in {result.extract_seconds:.1f} s "
+        lines.append(f"decoded {result.n_decoded:,} images{result.where} in {result.extract_seconds:.1f} s "
                      f"({result.images_per_s or 0:.1f} images/s); total {result.seconds:.1f} s "
                      f"with scan {result.timings.get('scan', 0):.1f} s, model build "
                      f"{result.timings.get('build_model', 0):.1f} s, merge {result.timings.get('merge', 0):.1f} s")
@@ -67,7 +68,6 @@ def split_counts(store) -> str:
 
 def store_summary(store) -> str:
     """``layertap inspect``: a store's provenance, taps, classes and skipped files."""
-    from pipeline.store import virtual
 
     m = store.manifest
     lines = [f"{store.path}  ({store.path.stat().st_size / 1e6:.1f} MB, key {store.key[:12]})"]
@@ -161,7 +161,8 @@ def write_model_report(model_dir, metrics: dict, class_names, title: str) -> Non
     chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics["chosen"].items())
     text = [f"# {title}", "",
             f"val accuracy {metrics['val_accuracy']:.3f} "
-            f"(what choices between models use); test accuracy **{metrics['accuracy']:.3f}** on {metrics['n_test']} images "
+            f"(what choices between models use); test accuracy **{metrics['accuracy']:.3f}** "
+            f"on {metrics['n_test']} images "
             f"(train {metrics['n_train']}, val {metrics['n_val']}; split {metrics.get('split_source', '?')})", "",
             f"fit time {metrics['fit_seconds']:.2f} s; trainable parameters {metrics['trainable_params']:,}"
             + (f"; chosen: {chosen}" if chosen else ""), "", "```",

@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import LayertapError
-from pipeline.store import virtual as virtual_store
 from pipeline.data.images import EMPTY_CLASS
+from pipeline.store import virtual as virtual_store
 from pipeline.store.manifest import StoreManifest
 
 FORMAT = "layertap-feature-store"

@@ -13,7 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
+from pipeline.backbones.batchnorm import FOLDED
+from pipeline.backbones.build import create_extractor
+from pipeline.backbones.registry import get_backbone
+from pipeline.backbones.weights import resolve_weights
 from pipeline.core.errors import LayertapError
+from pipeline.data.decoding import decode_image
 from pipeline.data.images import DEFAULT_MAX_PIXELS
 
 # The fields a model folder needs to turn new images into this store's features.
@@ -97,7 +102,8 @@ class StoreManifest:
                 decoder_name=d.get("decoder", "pillow"),
                 max_pixels=int(d.get("max_pixels") or settings.get("max_pixels") or DEFAULT_MAX_PIXELS),
                 preprocessing=d.get("preprocessing", ""), pooling=d["pooling"],
-                precision=d.get("precision", "float32"), batchnorm=d.get("batchnorm", ""), store_dtype=d.get("store_dtype", "float32"),
+                precision=d.get("precision", "float32"), batchnorm=d.get("batchnorm", ""),
+                store_dtype=d.get("store_dtype", "float32"),
                 keras_backend=d.get("keras_backend", ""), keras_version=d.get("keras_version", ""),
                 class_names=tuple(d.get("class_names", ())), data_name=data.get("name", ""),
                 data_root=data.get("root", ""), split_file=data.get("split_file"),
@@ -117,7 +123,6 @@ class StoreManifest:
         new images are decoded with Pillow on the CPU and the difference is the decoders' (about one
         grey level, bench/NOTES.md).
         """
-        from pipeline.data.decoding import decode_image
 
         return partial(decode_image, size=self.image_size, resize=self.resize,
                        draft=self.draft, max_pixels=self.max_pixels)
@@ -128,8 +133,6 @@ class StoreManifest:
         Raises:
             LayertapError: the weights here are not the same file.
         """
-        from pipeline.backbones.build import get_backbone
-        from pipeline.backbones.weights import resolve_weights
 
         weights = resolve_weights(get_backbone(self.backbone), self.weights_arg, seed=self.seed)
         if weights.sha256 != self.weights_sha256:
@@ -144,8 +147,6 @@ class StoreManifest:
         Args:
             taps: Taps to compute (default: every tap of the store).
         """
-        from pipeline.backbones.build import create_extractor
-        from pipeline.backbones.batchnorm import FOLDED
 
         return create_extractor(self.backbone, self.resolve_weights(), taps or tuple(self.taps),
                                 self.pooling, self.image_size, self.precision, fold=self.batchnorm == FOLDED)

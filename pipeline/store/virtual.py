@@ -66,7 +66,10 @@ class TapReader:
             return self._dataset[()] if wanted is None else self._dataset[wanted]
         dataset = self._dataset
         out = np.empty((dataset.shape[0] if wanted is None else len(wanted),) + dataset.shape[1:], dataset.dtype)
-        first = 0 if wanted is None or not len(wanted) else max(0, np.searchsorted(self._starts, wanted[0], "right") - 1)
+        if wanted is None or not len(wanted):
+            first = 0
+        else:
+            first = max(0, np.searchsorted(self._starts, wanted[0], "right") - 1)
         for start, stop, name, dset in self._map[first:]:
             a, b = (start, stop) if wanted is None else np.searchsorted(wanted, [start, stop])
             if wanted is not None and a == len(wanted):

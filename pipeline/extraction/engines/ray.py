@@ -22,18 +22,32 @@ import json
 import logging
 import os
 import pickle
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
+from pipeline.backbones.batchnorm import folded
+from pipeline.backbones.build import architecture_shapes, create_extractor
+from pipeline.backbones.registry import get_backbone
+from pipeline.backbones.weights import resolve_weights
 from pipeline.core.errors import LayertapError
-
+from pipeline.core.runtime import keras_backend, set_backend_defaults
+from pipeline.core.settings import option
 from pipeline.data import gpu_decode
-from pipeline.data.decoding import decode_image
+from pipeline.data.decoding import available_memory, decode_image
 from pipeline.data.images import or_reason
-from pipeline.core.runtime import keras_backend
-from pipeline.extraction.shards import (ShardJob, decoded_batches, decoding_inputs, extraction_bar, open_decoder,
-                             pads_short_batches, run_shard)
+from pipeline.data.scan import probe_file
+from pipeline.extraction.engines.base import Engine
+from pipeline.extraction.shards import (
+    ShardJob,
+    decoded_batches,
+    decoding_inputs,
+    extraction_bar,
+    open_decoder,
+    pads_short_batches,
+    run_shard,
+)
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'layertap[ray]'"
@@ -46,6 +60,35 @@ ACTOR_MEMORY = 2 << 30
 # Below this many files to hash, the scan's threads here are quicker than starting Ray for them.
 RAY_SCAN_MIN_FILES = 20_000
 PROBE_CHUNK = 2048  # files a scan task hashes
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The Ray engine's settings."""
+
+    address: str | None = option(None, "with --engine ray: the cluster to join (head:6379, auto, ray://head:10001); "
+                                       "default: $RAY_ADDRESS, else a local Ray for this run",
+                                 flag="--ray-address", metavar="ADDRESS", group="speed (not part of the cache key)")
+
+
+class RayEngine(Engine):
+    """Ray tasks decode and an actor pool runs the model; this process only checks the taps (on the
+    architecture, without weights) and merges. The GPUs that decode are the cluster's, not this host's."""
+
+    name = "ray"
+    Options = RayOptions
+    decodes_here = False
+    summary = " on Ray (its start and the actors' model builds included)"
+
+    def session(self, options: RayOptions) -> RaySession:
+        return RaySession(options.address)
+
+    def start(self, settings, weights, taps: tuple[str, ...], manifest: dict, session: RaySession):
+        shapes = architecture_shapes(settings.backbone, taps, settings.image_size)
+
+        def run(jobs, manifest, class_names, done):
+            return run_ray(jobs, settings, weights, taps, manifest, class_names, done, session)
+        return shapes, run
 
 
 class RaySession:
@@ -108,7 +151,6 @@ class RaySession:
 
 def probe_chunk(batch: dict) -> dict:
     """A Ray task: the scan's :func:`pipeline.data.scan.probe_file` for a chunk of files (``(probe, lasting)`` each)."""
-    from pipeline.data.scan import probe_file
 
     root, paths = pickle.loads(batch["job"][0])
     probes = pickle.dumps([probe_file(os.path.join(root, p)) for p in paths])
@@ -157,8 +199,6 @@ def _connect(ray, address: str | None) -> bool:
 
 
 def _local_object_store() -> int:
-    from pipeline.data.decoding import available_memory
-
     available = available_memory()
     return max(256 << 20, min(LOCAL_OBJECT_STORE, available // 4)) if available else LOCAL_OBJECT_STORE
 
@@ -250,12 +290,8 @@ class ShardWriter:
 
     def __init__(self, settings, weights, taps, manifest: dict, class_names, decode_device: str | None = None,
                  decode_workers: int | None = None):
-        from pipeline.core.runtime import set_backend_defaults
-        from pipeline.backbones.build import create_extractor, get_backbone
-        from pipeline.backbones.batchnorm import folded
 
         set_backend_defaults()
-        from pipeline.backbones.weights import resolve_weights
 
         # Resolved again here: the weights' path on this node may differ, their bytes may not.
         local = resolve_weights(get_backbone(settings.backbone), str(weights.path) if weights.kind == "file"
