@@ -13,6 +13,7 @@ Shared ground below, the four stages side by side above it, the command line on 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,19 @@ def _assert_acyclic(graph: dict[str, set[str]]) -> None:
 def test_the_circle_check_finds_a_circle():
     with pytest.raises(pytest.fail.Exception, match="a -> b -> a"):
         _assert_acyclic({"a": {"b"}, "b": {"a"}})
+
+
+FIGURE = re.compile(r"\d[\d,.]*\s?(images/s|GB/s|ms\b)|\d(\.\d+)?-\d(\.\d+)?x\b|\d(\.\d+)?x (as fast|faster|as long)")
+
+
+def test_measured_figures_live_in_documents_not_in_code():
+    """Docstrings and --help say what a thing does; speeds are measured on a machine, and go stale in code
+    (bench/README.md and bench/NOTES.md hold them, with the machine)."""
+    found = {f"{name}:{n}": line.strip() for name, path in MODULES.items()
+             for n, line in enumerate(path.read_text().splitlines(), 1) if FIGURE.search(line)}
+    assert not found, found
+
+
+def test_the_figure_check_sees_a_figure():
+    assert FIGURE.search("1.65-2.2x pillow's speed") and FIGURE.search("about 600 images/s")
+    assert not FIGURE.search("a 3x3 grid") and not FIGURE.search("block4_pool")

@@ -4,10 +4,9 @@ In inference mode a BatchNormalization after a convolution is an affine map per 
 live in the convolution's kernel and bias: kernel times ``gamma / sqrt(var + eps)``, bias ``(bias -
 mean)`` times that plus ``beta``. The network computes the same function (float32: the features
 agree to ~1e-6 relative) with one elementwise pass over the activations fewer per BatchNormalization,
-53 in ResNet50, none in VGG16. On TensorFlow, the CPU default, that runs ResNet50 1.14-1.20x faster in
-float32 and 1.38-1.43x in bfloat16, on torch (CPU) 1.26-1.27x and 1.17-1.22x; XLA (the JAX backend) fuses
-the pass already on the CPU, 0.95-1.06x (bench/NOTES.md, ``python -m bench.forward``). So extraction folds
-where it measured faster: :func:`folds_batchnorm`. Fine-tuning never folds: it composes the backbone as built.
+53 in ResNet50, none in VGG16. That runs ResNet50 faster on TensorFlow and torch; XLA (the JAX backend)
+fuses the pass already (bench/README.md, ``python -m bench.forward``). So extraction folds where it
+measured faster: :func:`folds_batchnorm`. Fine-tuning never folds: it composes the backbone as built.
 
 A store records the folding in its key and manifest (``"batchnorm": "folded"``), since its numbers
 differ in their last bits; prediction follows the manifest, on any backend.

@@ -64,9 +64,9 @@ def resolve_precision(precision: str) -> str:
     """``auto`` -> ``bfloat16`` on a GPU, or on a CPU with bfloat16 matrix units where the Keras backend uses
     them (:data:`CPU_BFLOAT16_BACKENDS`); else ``float32``.
 
-    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 about 6x faster than float32 on TensorFlow (2x on a
-    Zen 4; torch 2x on ResNet50; measured: bench/NOTES.md) and gives the same linear-probe accuracy within one
-    test image on flowers17. On JAX's CPU backend it is no faster, so ``auto`` keeps float32 there.
+    bfloat16 on a CPU with AMX or AVX512-BF16 runs VGG16 several times faster than float32 on TensorFlow and
+    torch and gives the same linear-probe accuracy within one test image on flowers17 (bench/README.md).
+    On JAX's CPU backend it is no faster, so ``auto`` keeps float32 there.
 
     Raises:
         ValueError: an unknown precision.
@@ -126,9 +126,8 @@ def versions() -> dict[str, str]:
 @contextmanager
 def collector_paused():
     """Python's cycle collector off for the block (a decorator too): for listing and a cache hit's scan, which
-    make objects a file and no reference cycles. Its passes over the growing heap made a cache-hit scan of
-    131,072 files take 1.3x as long (1.55-1.59 s against 1.21-1.22 s; 16,384 files: 1.08x), the more so the
-    more files (bench/NOTES.md)."""
+    make objects a file and no reference cycles. Its passes over the growing heap made a cache-hit scan
+    slower, the more so the more files (bench/NOTES.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -145,8 +144,8 @@ def set_backend_defaults() -> None:
 
     - TensorFlow's C++ start-up messages are hidden (they bury our summary; real failures still raise).
     - TensorFlow turns its oneDNN kernels on by default only on x86 CPUs with AVX-512 VNNI, BF16 or AMX.
-      On an AVX2-only CPU (a 2-core AMD EPYC) they run VGG16 in float32 about 1.2x faster than the Eigen
-      kernels TensorFlow otherwise uses (bench/NOTES.md), so they are on for every x86-64 CPU.
+      On an AVX2-only CPU (a 2-core AMD EPYC) they ran VGG16 in float32 faster than the Eigen kernels
+      TensorFlow otherwise uses (bench/NOTES.md), so they are on for every x86-64 CPU.
     - On a GPU, TensorFlow takes its memory as it needs it instead of nearly all of it at the first op,
       which would leave none to a GPU decoder in the same process (``--decoder dali`` or ``nvjpeg``).
     """

@@ -63,9 +63,8 @@ class DaliDecoder:
             does not take.
         hw_decoder_load: The share of each batch DALI gives the hardware JPEG engines, the rest going to
             nvJPEG's CUDA decoder. 1.0 (all) by default: which decoder takes an image then depends on the
-            image alone, never on the other images of its batch. DALI alone ran faster so on an H100 (its
-            own file reader: 20,300 against 17,400 images/s at DALI's default, 0.65; batches fed as here,
-            16,000 against 12,900), the same within noise in the pipeline (bench/NOTES.md). ``None``: DALI's
+            image alone, never on the other images of its batch. DALI alone ran faster so on an H100 than at
+            its default, and the same within noise in the pipeline (bench/NOTES.md). ``None``: DALI's
             default; ``make bench-gpu --dali-hw-loads`` measures others.
         ahead: Chunks DALI reads and decodes while the one before them is handed over (:meth:`batches`).
     """
@@ -171,7 +170,7 @@ class DaliDecoder:
         width = max(map(len, names))
         # One dense (n, width) array of NUL-padded paths (DALI's file reader stops at the first NUL; a one-path run,
         # the fallback below, has no padding), and dense regions: a list of per-file arrays costs DALI a
-        # conversion each (1.1 ms of this thread per 256 paths against 0.2 ms dense, DALI's CPU device, 2-core Zen 4).
+        # conversion each, several times the dense array's cost on this thread (bench/NOTES.md).
         paths = np.frombuffer(b"".join(name.ljust(width, b"\0") for name in names), np.uint8).reshape(-1, width)
         regions = np.array([self._region(jpeg) for jpeg in facts], np.float32)  # (n, 2, 2)
         self._pipe.feed_input("paths", paths)

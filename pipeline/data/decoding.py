@@ -130,8 +130,7 @@ class ProcessDecoder:
     """Decode images in worker processes straight into shared-memory batches, surviving dead workers.
 
     Pillow holds Python's GIL for part of every image (header parsing, EXIF, mode conversion), so
-    decoding threads stop scaling at a few cores: measured on a 16-core host, 16 threads decoded
-    about 600 images/s where 16 processes decode several thousand (bench/NOTES.md). Each batch
+    decoding threads stop scaling at a few cores, where processes go on (bench/NOTES.md). Each batch
     is decoded into one of ``depth`` slots of a shared buffer, so no pixels are pickled.
 
     A worker that dies (the kernel's OOM killer on a huge image, a crash in a codec) breaks the

@@ -2,15 +2,14 @@
 
 Both decoders move decoding and resizing onto the GPU and hand the batch to the Keras backend
 without a trip through host memory (DLPack). ``nvjpeg`` (torchvision) is for hosts with few cores
-per GPU: on an H100 with 16 host cores, its decoder (one lock, Huffman decoding on one thread) ran
-at about 3,000 images/s, slower than 16 Pillow worker processes (bench/NOTES.md), so it is not the
-default. ``dali`` (``fn.decoders.image`` on the ``mixed`` device) decodes on the GPU's hardware
+per GPU: its decoder (one lock, Huffman decoding on one thread) was slower than 16 Pillow worker
+processes on an H100 host (bench/README.md), so it is not the default. ``dali`` (``fn.decoders.image`` on
+the ``mixed`` device) decodes on the GPU's hardware
 JPEG engines where it has them (an H100 has seven) and with nvJPEG's CUDA decoder otherwise. DALI
 reads the files itself, routed by what the scan found in each (:attr:`pipeline.data.images.ImageRecord.jpeg`),
-with two batches queued ahead. On an H100 with 16 host cores it decoded 19,000-28,000 images/s against
-4,800-6,300 for 16 Pillow processes, and extracted VGG16 and ResNet50 features 1.65-2.2x as fast as ``pillow``
-(bench/NOTES.md, "DALI reads the files itself, on an H100"), so ``--decoder auto`` (the default) is
-``dali`` where it can be (:func:`resolve_decoder`).
+with two batches queued ahead. On an H100 host it extracted VGG16 and ResNet50 features faster than
+``pillow`` (bench/README.md, "GPU"), so ``--decoder auto`` (the default) is ``dali`` where it can be
+(:func:`resolve_decoder`).
 
 What they decode matches :func:`pipeline.data.decoding.decode_image` in meaning (EXIF orientation
 applied, RGB, squash or centre-crop resize with antialiased bilinear interpolation) but not bit for
@@ -47,8 +46,8 @@ def resolve_decoder(decoder: str, here: bool = True) -> str:
     """``auto`` -> ``dali`` where decoding runs on this host (``here``: the engine decodes here) and the Keras
     backend (JAX or torch) computes on a GPU that DALI sees; else ``pillow``.
 
-    On an H100 with 16 host cores DALI extracted 1.65-2.2x as fast as 16 Pillow processes, VGG16 and ResNet50
-    alike (bench/NOTES.md, "DALI reads the files itself, on an H100"). With ``--engine ray`` the GPUs are the
+    DALI extracted faster than 16 Pillow processes on an H100 host (bench/README.md, "GPU"). Where the engine
+    does not decode here (``--engine ray``) the GPUs are the
     cluster's, not this host's, so ``auto`` is ``pillow`` there (a cache key must not depend on which host
     started the run); name ``--decoder dali`` to decode in the GPU actors. Checked without importing Keras
     or DALI on a machine without an accelerator.
@@ -108,9 +107,7 @@ def read_and_route(paths: list, stats, max_pixels: int):
     """Read ``paths`` and sort them for the ``nvjpeg`` decoder (DALI reads the files itself).
 
     The files are read in the calling thread, one after another: from the page cache that was faster
-    than handing them to threads (an H100 host with 16 cores, 256 flowers17 JPEGs: 5.9 ms read in
-    one thread, 21 ms as one task each on 16 threads; bench/NOTES.md), since each read is mostly
-    Python holding the GIL.
+    than handing them to threads (bench/NOTES.md), since each read is mostly Python holding the GIL.
 
     Returns:
         ``(blobs, reasons, jpegs, host)``: the files' bytes (``None`` where unreadable or changed since the

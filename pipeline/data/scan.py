@@ -90,8 +90,8 @@ def file_stat(path: Path) -> tuple[int, int, int, int] | None:
 def stat_files(paths: list[str], workers: int) -> list[tuple | None]:
     """:func:`file_stat` of each path, in order.
 
-    From the page cache a stat takes ~2 us, most of it Python holding the GIL, so threads only contend:
-    16 threads took 1.9-2.9x as long as one on 16,384 files (2-core Zen 4; bench/NOTES.md). Where the first
+    From the page cache a stat is microseconds, most of it Python holding the GIL, so threads only contend
+    and take longer than one (bench/NOTES.md). Where the first
     :data:`STAT_CHUNK` files took over :data:`SLOW_STAT_S` each (a cold disk, a network filesystem),
     the rest are stat'ed on ``workers`` threads, which wait on the filesystem in parallel.
     """

@@ -81,7 +81,7 @@ class ExtractSettings:
                          flag_help="decode JPEGs at full resolution (default: at the smallest DCT scale that "
                                    "still covers --size)")
     decoder: str = option("auto", "JPEG decoding: pillow (--workers processes on the CPU cores), dali (NVIDIA "
-                                  "DALI on the GPU's hardware JPEG engines, 1.65-2.2x pillow's speed on an H100 host; "
+                                  "DALI on the GPU's hardware JPEG engines, faster than pillow on a GPU host; "
                                   "pip install 'layertap[dali]') or nvjpeg (torchvision; slower than 16 cores); "
                                   "auto is dali where the JAX or torch backend has a GPU and DALI imports, else "
                                   "pillow (always pillow with --engine ray, whose GPU actors decode only with a "

@@ -1,7 +1,7 @@
 """Virtual stores (``--merge virtual``): a store whose features stay in its shard files.
 
 A merge copies every feature into the store; at 10^8 images that is hundreds of GB written through
-one process with HDF5's Fletcher-32 (0.43 GB/s here, bench/NOTES.md). A virtual store writes the
+one process with HDF5's Fletcher-32 (its rate: bench/NOTES.md). A virtual store writes the
 per-image columns as usual and, for each tap, an HDF5 virtual dataset that maps the shard files
 kept in ``<store>.shards/`` (by paths relative to the store, so the store and that folder move
 together). External HDF5 tools read it as one dataset.
