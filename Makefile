@@ -47,7 +47,7 @@ help:
 	@echo "                 of torch is at hand), then run the fast tests (5 min on 2 cores), the backend matrix included"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
-	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (README: Scaling out)"
+	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (docs/scaling.md)"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
 	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 3 ...'"
 	@echo "                 fine-tunes end to end and reports the gain over stage two on the same test images"

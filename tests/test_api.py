@@ -1,4 +1,4 @@
-"""The public API: what `from pipeline import ...` gives, and the README's "From Python" snippet, run as written."""
+"""The public API: what `from pipeline import ...` gives, and docs/stages.md's "From Python" snippet, run as written."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def test_public_names_are_the_stage_functions_and_settings():
 
 
 def readme_snippet() -> str:
-    """The first ```python block of the README's "From Python" section."""
-    text = (ROOT / "README.md").read_text()
+    """The first ```python block of docs/stages.md's "From Python" section."""
+    text = (ROOT / "docs" / "stages.md").read_text()
     section = text[text.index("## From Python"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 

@@ -1,6 +1,6 @@
 """Faults, each a real case: killed processes, bad inputs, damaged files, tampered models, a full disk.
 
-Crash-safety guarantees that these tests pin are listed in the README's "Crash safety" section.
+Crash-safety guarantees that these tests pin are listed in docs/crash-safety.md.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class ExtractSettings:
                               group="store")
     merge: str = option("copy", "copy: the store is one self-contained .h5 file; virtual: its features stay in "
                                 "the shard files (<store>.shards/, moved with it) and the .h5 maps them, for stores "
-                                "too large to copy (10^7+ images; README: Scaling out)", choices=MERGES,
+                                "too large to copy (10^7+ images; docs/scaling.md)", choices=MERGES,
                         group="store")
     out_dir: str = option("features", "folder of the stores", flag="--out", group="store")
     batch_size: int = option(32, "images per forward pass", group="speed (not part of the cache key)")

@@ -14,7 +14,7 @@ folding, stored type, Keras backend and version) in ``--out``:
   written from the earlier rows and the computed ones.
 
 A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
-batch-composition tolerance (README: Measured here). ``--no-reuse`` computes everything.
+batch-composition tolerance (bench/README.md). ``--no-reuse`` computes everything.
 """
 
 from __future__ import annotations
