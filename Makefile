@@ -45,7 +45,7 @@ help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
 	@echo "                 of torch is at hand), then run the fast tests (5 min on 2 cores), the backend matrix included"
-	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50 LAYERS=a,b POOL=avg"
+	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50|convnext_tiny|efficientnetv2_b0 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (docs/scaling.md)"
 	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.backbones.build import layer_rows
 from pipeline.backbones.pooling import dense_params, pooled_dims
-from pipeline.backbones.registry import get_backbone
+from pipeline.backbones.registry import BACKBONES, get_backbone
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import __version__, set_backend_defaults
 from pipeline.core.settings import add_settings_options, settings_from_args
@@ -274,7 +274,7 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                     "each image. Unreadable images are reported, not fatal.",
         epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ --output predictions.csv")
     command("layers", cmd_layers, "list a backbone's layers, shapes, parameters and recommended taps", arguments(
-        (["backbone"], dict(help="vgg16 or resnet50")),
+        (["backbone"], dict(help=f"a registered backbone: {', '.join(BACKBONES)}")),
         (["--size"], dict(type=int, default=224, help="image side in pixels (default: %(default)s)"))),
         description="Every layer of the backbone at the given image size, with the features avg and flatten "
                     "pooling would give and the Dense(256) head flatten implies.")

@@ -48,6 +48,23 @@ def test_the_folded_network_computes_the_same_taps_under_the_same_names(resnet):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
+def test_batchnorm_after_a_depthwise_convolution_folds_too():
+    """EfficientNetV2's MBConv blocks put a BatchNormalization after a DepthwiseConv2D (kernel (kh, kw, in, 1)):
+    its scale goes to the kernel's input axis. Every BatchNormalization of the trunk folds, features unchanged."""
+    keras = import_keras()
+    entry = get_backbone("efficientnetv2_b0")
+    base = trained_like_batchnorm(build_backbone(entry, resolve_weights(entry, "random"), 32))
+    trunk = cut_trunk(base, ["block4a_project_bn"])  # a tap on a BatchNormalization's output folds it too
+    depthwise_bns = [layer for layer in trunk.layers if isinstance(layer, keras.layers.BatchNormalization)
+                     and isinstance(trunk.get_layer(layer.input._keras_history[0].name),
+                                    keras.layers.DepthwiseConv2D)]
+    folded, n = fold_batchnorm(trunk)
+    assert depthwise_bns and n == len(_batchnorms(trunk)) and not _batchnorms(folded)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    want, got = trunk.predict_on_batch(x), folded.predict_on_batch(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
 def test_extraction_folds_where_it_measured_faster():
     resnet50, vgg16 = get_backbone("resnet50"), get_backbone("vgg16")
     assert folds_batchnorm(resnet50, "tensorflow") and folds_batchnorm(resnet50, "torch")

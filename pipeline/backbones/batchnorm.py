@@ -40,8 +40,9 @@ def folded(manifest: dict) -> bool:
 def fold_batchnorm(model):
     """A copy of ``model`` with each foldable BatchNormalization folded into its convolution.
 
-    Foldable: over the channels, with both a scale and an offset, after a ``Conv2D`` whose output feeds
-    nothing else and is not one of the model's outputs (a tap there keeps the convolution's own output).
+    Foldable: over the channels, with both a scale and an offset, after a convolution (``Conv1D/2D/3D``,
+    grouped or not, or ``DepthwiseConv1D/2D``) whose output feeds nothing else and is not one of the
+    model's outputs (a tap there keeps the convolution's own output). A ``SeparableConv2D`` is not folded.
     The folded convolution gets a bias; the BatchNormalization becomes a pass-through of the same name,
     so every layer name (and tap) is kept. The rest is copied as it is.
 
@@ -63,7 +64,7 @@ def fold_batchnorm(model):
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization) and layer.axis in (-1, 3) and layer.scale and layer.center:
             source = producer.get(id(layer.input))
-            if (isinstance(source, layers.Conv2D) and users[source.name] == 1
+            if (isinstance(source, _foldable(layers)) and users[source.name] == 1
                     and id(source.output) not in outputs):
                 convs[source.name] = layer
     folded_away = {bn.name for bn in convs.values()}
@@ -92,10 +93,17 @@ def fold_batchnorm(model):
     return copy, len(convs)
 
 
+def _foldable(layers) -> tuple[type, ...]:
+    """The convolutions whose output channels are the last axis of their kernel (depthwise: after a reshape)."""
+    return (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.DepthwiseConv1D, layers.DepthwiseConv2D)
+
+
 def _folded(conv, bn) -> list[np.ndarray]:
     """The kernel and bias of ``conv`` followed by ``bn`` in inference mode (computed in float64)."""
     gamma, beta, mean, variance = (np.asarray(w, np.float64) for w in bn.get_weights())
     scale = gamma / np.sqrt(variance + bn.epsilon)
     kernel, *bias = (np.asarray(w, np.float64) for w in conv.get_weights())
     shift = (bias[0] if bias else 0.0) - mean
-    return [(kernel * scale).astype(np.float32), (shift * scale + beta).astype(np.float32)]
+    # A depthwise kernel is (*window, in, multiplier): output channel c * multiplier + m scales kernel[..., c, m].
+    per_kernel = scale.reshape(kernel.shape[-2:]) if "Depthwise" in type(conv).__name__ else scale
+    return [(kernel * per_kernel).astype(np.float32), (shift * scale + beta).astype(np.float32)]

@@ -269,21 +269,3 @@ def layer_rows(model, backbone: Backbone) -> list[dict]:
                      "params": int(layer.count_params()) if layer.built else 0,
                      "tap": layer.name in backbone.taps})
     return rows
-
-
-def tap_costs(model, taps) -> dict[str, dict[str, float]]:
-    """Forward-pass cost of reaching each tap: GFLOPs (multiply-adds x 2) and parameters used."""
-    keras = import_keras()
-    costs = {}
-    for tap in taps:
-        trunk = cut_trunk(model, tap)
-        flops = 0
-        for layer in trunk.layers:
-            if isinstance(layer, keras.layers.Conv2D):
-                height, width, out_channels = layer.output.shape[1:]
-                kh, kw, in_channels, _ = layer.kernel.shape
-                flops += 2 * height * width * kh * kw * in_channels * out_channels
-            elif isinstance(layer, keras.layers.Dense):
-                flops += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-        costs[tap] = {"gflops": flops / 1e9, "params": int(trunk.count_params())}
-    return costs

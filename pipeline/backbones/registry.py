@@ -14,17 +14,24 @@ from pipeline.core.runtime import import_keras
 
 @dataclass(frozen=True)
 class Backbone:
-    """A registered backbone: how to build it, preprocess for it and where to tap it."""
+    """A registered backbone: everything layertap asks of a network, in the manner of timm's ``feature_info``.
+
+    A new ``keras.applications`` network is one entry in :data:`BACKBONES`; what is derived from the built
+    network (layer names when not listed, output shapes, tap costs for every layer type, which
+    BatchNormalizations fold, the default unfreeze point) is computed by :mod:`pipeline.backbones.build`,
+    :mod:`pipeline.backbones.costs` and :mod:`pipeline.backbones.batchnorm`, never declared here.
+    """
 
     name: str
     constructor: str            # attribute of keras.applications
     module: str                 # keras.applications submodule that has preprocess_input
-    preprocessing: str          # what preprocess_input does, for manifests
-    taps: tuple[str, ...]       # recommended taps, low to high
-    imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, md5
-    imagenet_url: str
-    imagenet_md5: str
+    preprocessing: str          # what preprocess_input (and the network's own first layers) do, for manifests
+    taps: tuple[str, ...]       # recommended taps, low to high: the end of each stage
+    imagenet_file: str          # Keras's no-top ImageNet weights: file name, URL, hash (md5 or sha256, as Keras
+    imagenet_url: str           # gives it; its get_file tells them apart by length)
+    imagenet_hash: str
     batchnorm: bool = False     # BatchNormalization after its convolutions (pipeline.backbones.batchnorm folds it)
+    kind: str = "maps"          # what its layers output: maps (B, H, W, C), pooled by pipeline.backbones.pooling
 
     def build(self, image_size: int):
         """The convolutional base (a ``keras.Model``) without weights, for ``image_size`` x ``image_size`` RGB."""
@@ -69,14 +76,32 @@ BACKBONES: dict[str, Backbone] = {
         taps=("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
         imagenet_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_url=_KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_md5="6d6bbae143d832006294945121d1f1fc"),
+        imagenet_hash="6d6bbae143d832006294945121d1f1fc"),
     "resnet50": Backbone(
         name="resnet50", constructor="ResNet50", module="resnet50",
         preprocessing="caffe: RGB to BGR, minus the ImageNet channel means (keras resnet50.preprocess_input)",
         taps=("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
         imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         imagenet_url=_KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        imagenet_md5="4d473c1dd8becc155b73f8504c6f6626", batchnorm=True),
+        imagenet_hash="4d473c1dd8becc155b73f8504c6f6626", batchnorm=True),
+    # Modern backbones: normalisation is inside the network (include_preprocessing), so preprocess_input is the
+    # identity and the network takes 0-255 RGB. ConvNeXt uses LayerNormalization (nothing to fold) and
+    # depthwise convolutions written as grouped Conv2D; EfficientNetV2 BatchNormalization after Conv2D and
+    # DepthwiseConv2D, and squeeze-and-excitation blocks.
+    "convnext_tiny": Backbone(
+        name="convnext_tiny", constructor="ConvNeXtTiny", module="convnext",
+        preprocessing="in the network: 0-255 RGB, normalised by the ImageNet mean and std (keras convnext)",
+        taps=("convnext_tiny_stage_0_block_2_identity", "convnext_tiny_stage_1_block_2_identity",
+              "convnext_tiny_stage_2_block_8_identity", "convnext_tiny_stage_3_block_2_identity"),
+        imagenet_file="convnext_tiny_notop.h5", imagenet_url=_KERAS_WEIGHTS + "convnext/convnext_tiny_notop.h5",
+        imagenet_hash="d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
+    "efficientnetv2_b0": Backbone(
+        name="efficientnetv2_b0", constructor="EfficientNetV2B0", module="efficientnet_v2",
+        preprocessing="in the network: 0-255 RGB rescaled to [-1, 1] (keras efficientnet_v2)",
+        taps=("block2b_add", "block3b_add", "block5e_add", "block6h_add", "top_activation"),
+        imagenet_file="efficientnetv2-b0_notop.h5",
+        imagenet_url=_KERAS_WEIGHTS + "efficientnet_v2/efficientnetv2-b0_notop.h5",
+        imagenet_hash="893217f2bb855e2983157299931e43ff", batchnorm=True),
 }
 
 

@@ -99,16 +99,18 @@ def resolve_weights(backbone, weights: str, seed: int = 0) -> ResolvedWeights:
 
 
 def _imagenet_file(backbone) -> tuple[Path, str]:
-    """Keras's no-top ImageNet file (md5-checked, downloaded if missing) and its sha256."""
+    """Keras's no-top ImageNet file (hash-checked, downloaded if missing) and its sha256."""
     cached = keras_home() / "models" / backbone.imagenet_file
     if cached.is_file():  # what keras.utils.get_file would return, without loading Keras; one read, two hashes
-        md5, sha256 = _digests(cached, "md5", "sha256")
-        if md5 == backbone.imagenet_md5:
+        # Keras gives an md5 for older files and a sha256 for newer ones (its get_file tells them by length)
+        algorithm = "sha256" if len(backbone.imagenet_hash) == 64 else "md5"
+        expected, sha256 = _digests(cached, algorithm, "sha256")
+        if expected == backbone.imagenet_hash:
             return cached, sha256
     keras = import_keras()
     try:
         path = Path(keras.utils.get_file(backbone.imagenet_file, backbone.imagenet_url,
-                                         cache_subdir="models", file_hash=backbone.imagenet_md5))
+                                         cache_subdir="models", file_hash=backbone.imagenet_hash))
         return path, sha256_file(path)
     except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on fetch failure
         cache = keras_home() / "models"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones.build import tap_costs
+from pipeline.backbones.costs import tap_costs
 from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError

@@ -98,15 +98,16 @@ def build_finetune_model(trunk, backbone: str, tap: str, pooling: str, head, aug
 
 
 def default_unfreeze_from(trunk) -> str:
-    """The tap's last layer with weights that is not BatchNorm: phase 2 trains only the top convolution.
+    """The tap's last layer with a kernel (a convolution or Dense): phase 2 trains from the top convolution up.
+
+    Layers after it with weights train too (ConvNeXt's LayerScale after its last pointwise Dense); BatchNorm
+    never does (:func:`set_trainable`).
 
     Chosen on val on flowers17 (bench/NOTES.md, "Stage three: the schedule search"): unfreezing only
     block4_conv3 did at least as well on val as the whole of block 4, at 40% of the trainable
     parameters and about 60% of the time an epoch ("surgical" fine-tuning, Lee et al., ICLR 2023).
     """
-    keras = import_keras()
-    return next(layer.name for layer in reversed(trunk.layers)
-                if layer.weights and not isinstance(layer, keras.layers.BatchNormalization))
+    return next(layer.name for layer in reversed(trunk.layers) if getattr(layer, "kernel", None) is not None)
 
 
 def check_unfreeze_from(trunk, unfreeze_from: str) -> int:
