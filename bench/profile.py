@@ -51,8 +51,8 @@ def main() -> None:
     import keras
 
     from pipeline.backbones.build import create_extractor
+    from pipeline.core.parallel import default_workers
     from pipeline.data.decoding import decode_image, iter_decoded
-    from pipeline.data.images import default_workers
 
     paths = sorted(FLOWERS.rglob("*.jpg"))[: args.n]
     rows = {}

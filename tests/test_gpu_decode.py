@@ -21,7 +21,7 @@ from pipeline import LayertapError
 from pipeline.core.runtime import keras_backend
 from pipeline.data.decoding import CHANGED, decode_image
 from pipeline.data.gpu_decode import check_decoder
-from pipeline.data.images import gpu_jpeg, jpeg_header
+from pipeline.data.headers import gpu_jpeg, jpeg_header
 
 
 def jpeg_bytes(image: Image.Image, **save) -> bytes:

@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import add_bad_files, make_class_folder, photo
 from pipeline import LayertapError
 from pipeline.data.decoding import decode_image, iter_decoded
-from pipeline.data.images import BadImageError, find_images, sniff_format
+from pipeline.data.headers import sniff_format
+from pipeline.data.images import BadImageError, find_images
 from pipeline.data.scan import scan_images
 
 

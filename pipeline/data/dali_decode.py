@@ -19,7 +19,8 @@ from pipeline.core.runtime import import_keras
 from pipeline.data import gpu_decode
 from pipeline.data.decoding import CHANGED
 from pipeline.data.gpu_decode import decode_on_host, takes, unchanged
-from pipeline.data.images import DEFAULT_MAX_PIXELS, gpu_jpeg, or_reason, read_file
+from pipeline.data.headers import gpu_jpeg
+from pipeline.data.images import DEFAULT_MAX_PIXELS, or_reason, read_file
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class DaliDecoder:
         Args:
             paths, stats, jpegs: By list position (lists, or dicts of the chunks' positions). ``stats``: the
                 ``(size, mtime_ns)`` each file must still have after it is read (else it is skipped as
-                changed). ``jpegs``: each file's :func:`pipeline.data.images.gpu_jpeg` facts from the scan
+                changed). ``jpegs``: each file's :func:`pipeline.data.headers.gpu_jpeg` facts from the scan
                 (``ImageRecord.jpeg``), ``None`` for what Pillow decodes; without them each file is read
                 here to find them out.
         """
@@ -283,7 +284,7 @@ class DaliDecoder:
 
 
 def _facts_of(path) -> tuple[tuple[int, int, int] | None, str | None]:
-    """A file's :func:`pipeline.data.images.gpu_jpeg` facts, or why it cannot be read, read here (without a scan)."""
+    """A file's :func:`pipeline.data.headers.gpu_jpeg` facts, or why it cannot be read, read here (without a scan)."""
     blob, reason = or_reason(read_file, path)
     return (None, reason) if blob is None else (gpu_jpeg(blob), None)
 

@@ -20,17 +20,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
-from pipeline.data.images import (
-    DEFAULT_MAX_PIXELS,
-    BadImageError,
-    bomb_reason,
-    default_workers,
-    fingerprint,
-    or_reason,
-    ordered_map,
-    progress_bar,
-    read_file,
-)
+from pipeline.core.parallel import default_workers, ordered_map, progress_bar
+from pipeline.data.headers import bomb_reason
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, fingerprint, or_reason, read_file
 
 log = logging.getLogger(__name__)
 # Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.

@@ -32,7 +32,8 @@ from functools import partial
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import import_keras, keras_backend, on_gpu
 from pipeline.data.decoding import CHANGED, decode_image
-from pipeline.data.images import DEFAULT_MAX_PIXELS, gpu_jpeg, or_reason, read_file
+from pipeline.data.headers import gpu_jpeg
+from pipeline.data.images import DEFAULT_MAX_PIXELS, or_reason, read_file
 from pipeline.data.scan import file_stat
 
 DECODERS = ("pillow", "nvjpeg", "dali")
@@ -112,7 +113,7 @@ def read_and_route(paths: list, stats, max_pixels: int):
     Returns:
         ``(blobs, reasons, jpegs, host)``: the files' bytes (``None`` where unreadable or changed since the
         scan, with the reason), ``(position, (width, height, orientation))`` of the JPEGs a GPU decoder takes
-        (:func:`pipeline.data.images.gpu_jpeg`), and the positions Pillow decodes on the host (other formats,
+        (:func:`pipeline.data.headers.gpu_jpeg`), and the positions Pillow decodes on the host (other formats,
         CMYK, cut-off JPEGs, over ``max_pixels``: Pillow gives the reason).
     """
     blobs, reasons, jpegs, host = [], [], [], []
@@ -133,7 +134,7 @@ def read_and_route(paths: list, stats, max_pixels: int):
 
 
 def takes(jpeg: tuple | None, max_pixels: int) -> bool:
-    """Whether a GPU decoder takes a file with these :func:`pipeline.data.images.gpu_jpeg` facts."""
+    """Whether a GPU decoder takes a file with these :func:`pipeline.data.headers.gpu_jpeg` facts."""
     return jpeg is not None and jpeg[0] * jpeg[1] <= max_pixels
 
 

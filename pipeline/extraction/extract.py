@@ -31,10 +31,11 @@ from pipeline.backbones.pooling import flatten_warning, parse_pooling
 from pipeline.backbones.registry import BACKBONES, get_backbone
 from pipeline.backbones.weights import resolve_weights
 from pipeline.core.errors import LayertapError
+from pipeline.core.parallel import default_workers
 from pipeline.core.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
 from pipeline.core.settings import check_choice, check_int, option
 from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS, check_decoder, resolve_decoder
-from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, default_workers, find_images
+from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, find_images
 from pipeline.data.sample import ensure_sample
 from pipeline.data.scan import StatCache, scan_images
 from pipeline.extraction.engines import ENGINES, get_engine

@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.parallel import default_workers, ordered_map
 from pipeline.core.runtime import keras_backend, on_gpu
 from pipeline.data.dali_decode import DaliDecoder
 from pipeline.data.decoding import ProcessDecoder
 from pipeline.data.gpu_decode import NvjpegDecoder, to_backend
-from pipeline.data.images import ImageList, ImageRecord, default_workers, ordered_map
+from pipeline.data.images import ImageList, ImageRecord
 from pipeline.store.feature_store import FeatureStore, Rows, write_shard
 
 # Forward passes started and not yet collected while the next batch is fetched (on JAX they run asynchronously).
@@ -240,7 +241,7 @@ def decoded_batches(paths, stats, jpegs, chunks: list[tuple[int, int]], settings
 
 def extraction_bar(jobs: list[ShardJob], done: int, enabled: bool):
     """The bar of images extracted, updated by hand (per batch here, per shard on Ray); it stays on screen,
-    unlike the transient per-step bars of :func:`pipeline.data.images.progress_bar`."""
+    unlike the transient per-step bars of :func:`pipeline.core.parallel.progress_bar`."""
     from tqdm.auto import tqdm
     return tqdm(total=done + sum(job.stop - job.start for job in jobs), initial=done, desc="extract", unit="img",
                 disable=not enabled, dynamic_ncols=True, smoothing=0.1)

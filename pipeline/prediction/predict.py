@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.parallel import default_workers
 from pipeline.data.decoding import iter_decoded
-from pipeline.data.images import default_workers
 from pipeline.runs.artifacts import load_model
 from pipeline.store.manifest import StoreManifest
 

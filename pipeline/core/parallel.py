@@ -1,0 +1,38 @@
+"""Helpers for work in threads and for progress: the worker count, an ordered bounded map, a bar."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+
+def default_workers() -> int:
+    """Decoding workers: one per core, at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def ordered_map(fn, items, workers: int, prefetch: int | None = None):
+    """``map(fn, items)`` in a thread pool with at most ``prefetch`` items in flight."""
+    prefetch = prefetch or 4 * workers
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layertap") as pool:
+        window = deque(pool.submit(fn, item) for _, item in zip(range(prefetch), items))
+        try:
+            while window:
+                result = window.popleft().result()
+                for item in items:
+                    window.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:
+            for future in window:
+                future.cancel()
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool, unit: str = "img"):
+    """``iterable`` wrapped in a tqdm bar when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
