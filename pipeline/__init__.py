@@ -25,7 +25,7 @@ from pipeline.core.runtime import import_keras, set_backend_defaults
 # name -> module of the public API, imported when first asked for.
 _API = {
     "ExtractSettings": "pipeline.extraction.extract", "extract_features": "pipeline.extraction.extract",
-    "ClassifySettings": "pipeline.classification.classify", "classify": "pipeline.classification.classify",
+    "ClassifySettings": "pipeline.classification.settings", "classify": "pipeline.classification.classify",
     "sweep": "pipeline.classification.classify",
     "FinetuneSettings": "pipeline.finetuning.settings", "finetune": "pipeline.finetuning.finetune",
     "predict": "pipeline.prediction.predict",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from pipeline.backbones.build import layer_rows
 from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import BACKBONES, get_backbone
+from pipeline.classification.settings import ClassifySettings
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import __version__, set_backend_defaults
 from pipeline.core.settings import add_settings_options, settings_from_args
@@ -21,6 +21,7 @@ from pipeline.data.datasets import fetch_flowers17
 from pipeline.data.sample import ensure_sample
 from pipeline.extraction.engines import ENGINES, get_engine
 from pipeline.extraction.extract import ExtractSettings, extract_features
+from pipeline.finetuning.settings import FinetuneSettings
 from pipeline.prediction.predict import predict
 from pipeline.runs.reports import (
     comparison_table,
@@ -105,7 +106,7 @@ def _store_for(args) -> str:
 
 
 def cmd_classify(args) -> int:
-    from pipeline.classification.classify import ClassifySettings, classify
+    from pipeline.classification.classify import classify
 
     settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
     report = None if not args.progress else (lambda r: print(
@@ -128,7 +129,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from pipeline.finetuning.finetune import FinetuneSettings, finetune
+    from pipeline.finetuning.finetune import finetune
 
     model_dir, metrics = finetune(settings_from_args(FinetuneSettings, args, store=_store_for(args)))
     print(f"\nstage two vs stage three on the same {metrics['n_test']} test images "
@@ -225,11 +226,10 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
         def add(p):
             added = set()
             if stage_settings:
-                module, name = stage_settings
                 p.add_argument_group("stage two").add_argument(
                     "--store", help="a feature store; without it, the store the extraction flags below describe "
                                     "is used (extracted first if missing: a cache hit decodes nothing)")
-                added = add_settings_options(p, getattr(importlib.import_module(f"pipeline.{module}"), name))
+                added = add_settings_options(p, *stage_settings)
             add_settings_options(p, ExtractSettings, *(e.Options for e in ENGINES.values()), added=added)
         return add
 
@@ -243,19 +243,19 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
             extraction(), description="Run a frozen backbone over images and store the pooled activations of the "
                                       "layers you name.", epilog=EXTRACT_EXAMPLES)
     command("classify", cmd_classify, "stage two: train classifiers on a store's taps and compare them",
-            extraction("classification.classify", "ClassifySettings"),
+            extraction(ClassifySettings),
             description="Train each classifier on each tap of one feature store (no image is decoded) and report "
                         "val accuracy (which chooses) and test accuracy, per-class precision/recall/F1, confusion "
                         "matrices, fit time and trainable parameters.", epilog=CLASSIFY_EXAMPLES)
     command("sweep", cmd_sweep, "linear-probe accuracy of every tap, low to high, as a table and a plot",
-            extraction("classification.classify", "ClassifySettings"),
+            extraction(ClassifySettings),
             description="Which layer should I use? For every tap of the store: val and test accuracy of the linear "
                         "probe, feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
                         "parameters flatten and avg pooling imply.",
             epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
                    "../shared/data/flowers17-split.csv --weights hed-bsds500")
     command("finetune", cmd_finetune, "stage three: fine-tune the backbone end to end and report the gain over "
-                                      "stage two", extraction("finetuning.settings", "FinetuneSettings"),
+                                      "stage two", extraction(FinetuneSettings),
             description="LP-FT: phase 1 is stage two's linear probe folded into the network; phase 2 unfreezes "
                         "the backbone from a named layer and trains with a low learning rate, keeping the epoch "
                         "that is best on val. Tested on stage two's test images, with the gain over stage two's "

@@ -27,6 +27,17 @@ def test_module_help_runs_in_a_subprocess():
         assert text in run.stdout
 
 
+def test_help_loads_no_framework_and_lists_each_section_once():
+    """``layertap --help`` and a stage's help build every flag from the settings classes without importing
+    scikit-learn or Keras (they are imported when a stage runs), and --store joins the stage's own section."""
+    code = ("import sys, contextlib, io\nfrom pipeline.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n    main(['classify', '--help'])\n"
+            "print(out.getvalue().count('stage two:'), [m for m in ('sklearn', 'keras') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.split("\n")[-2] == "1 []", run.stdout[-500:] + run.stderr[-2000:]
+
+
 def test_extract_prints_a_summary_then_a_cache_hit(split_folder, tmp_path, capsys):
     out = str(tmp_path / "f")
     assert main(["extract", "--data", str(split_folder), "--out", out, *TINY]) == 0

@@ -19,50 +19,14 @@ import numpy as np
 from pipeline.backbones.costs import tap_costs
 from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import get_backbone
+from pipeline.classification.settings import ClassifySettings
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, rank_on_val
-from pipeline.core.settings import option
-from pipeline.heads.classifiers import BUILTIN, make_classifier, parse_spec, train_one
+from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
 from pipeline.runs.artifacts import model_manifest, run_folder, save_model
 from pipeline.runs.reports import write_comparison, write_model_report, write_sweep
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
-
-
-@dataclass(frozen=True)
-class ClassifySettings:
-    """What stage two trains and where it writes; validated when built. Each field's ``help`` says what it does.
-
-    ``classifiers`` are specs: ``logreg``, ``linsvm``, ``knn``, ``dense`` or an import path, each
-    optionally ``:{json params}`` (:func:`pipeline.heads.classifiers.make_classifier`).
-    """
-
-    store: str = option("", "the feature store", cli=False)
-    classifiers: tuple[str, ...] = option(("logreg",), "comma-separated: logreg, linsvm, knn, dense, or an import "
-                                                       "path, each optionally with :{json params}", metavar="SPECS",
-                                          group="stage two")
-    layers: tuple[str, ...] = option((), "taps to train on (default: every tap of the store)", cli=False)
-    out_dir: str = option("models", "folder of the runs", flag="--models", group="stage two")
-    run: str | None = option(None, "run folder name (default: the store's name)", group="stage two")
-    seed: int = option(0, "seed of every random choice (splits, cross-validation folds, the Dense head)")
-    test_fraction: float = option(0.25, "share of test images where the store records no split")
-    val_fraction: float = option(0.15, "share of validation images where the store records no split")
-
-    def __post_init__(self):
-        if not self.store:
-            raise ValueError("store is required: the feature store to train on")
-        object.__setattr__(self, "classifiers", _names(self.classifiers) or ("logreg",))
-        object.__setattr__(self, "layers", _names(self.layers))
-        for spec in self.classifiers:
-            make_classifier(spec)  # validates names and parameters now, not after an hour of training
-        for name in ("test_fraction", "val_fraction"):
-            if not 0 < getattr(self, name) < 0.5:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be between 0 and 0.5")
-
-
-def _names(value) -> tuple[str, ...]:
-    """A tuple of names; one string is one name (comma lists are the command line's to split)."""
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @dataclass

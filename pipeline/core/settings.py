@@ -80,7 +80,8 @@ def add_settings_options(parser: argparse.ArgumentParser, *classes, added: set |
     again: ``--seed`` of extraction and fine-tuning is one flag.
     """
     added = set() if added is None else added
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    # sections the parser already has (--store's "stage two") are added to, not repeated
+    groups: dict[str, argparse._ArgumentGroup] = {group.title: group for group in parser._action_groups}
     for cls in classes:
         for f in dataclasses.fields(cls):
             meta = f.metadata
