@@ -35,9 +35,11 @@ from pathlib import Path
 from pipeline.backbones.weights import sha256_file
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import import_keras, versions
+from pipeline.runs.atomic import folder_lock, replace_folder, restore_aside, temporary_beside
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+READ_ATTEMPTS = 5  # a model folder replaced while it is read (by another run's save) is read again
 # The model file of each format: the Dense head, a fine-tuned model (pixels in), a scikit-learn estimator,
 # a pickle (only with trust).
 MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "skops": "model.skops", "joblib": "model.joblib"}
@@ -77,12 +79,11 @@ class KerasImageModel:
 def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
     """Write a fitted estimator (or a :class:`KerasImageModel`) and its manifest into ``model_dir``.
 
-    The folder is replaced as a whole.
+    The folder is replaced as a whole (:mod:`pipeline.runs.atomic`): a reader, or a process killed at any
+    moment, finds the old folder or the new one; two writers of one folder take turns.
     """
     model_dir = Path(model_dir)
-    tmp = model_dir.with_name(model_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_beside(model_dir)
     try:
         if hasattr(estimator, "save_artifact"):
             fmt, name, extra = estimator.save_artifact(tmp)
@@ -90,12 +91,11 @@ def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
             fmt, name, extra = _save_estimator(estimator, tmp)
         manifest = {**manifest, **extra, "format": fmt, "files": {name: sha256_file(tmp / name)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        with folder_lock(model_dir):
+            replace_folder(tmp, model_dir)
     except BaseException:  # a full disk, an interrupt: no half-written folder is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
     return model_dir
 
 
@@ -160,21 +160,20 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
             not listed), the format is unknown, or loading it would need trust that was not given.
     """
     model_dir = Path(model_dir)
-    if not (model_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); {_models_in(model_dir)}")
-    try:
-        manifest = json.loads((model_dir / MANIFEST).read_text())
-    except ValueError as exc:
-        raise LayertapError(f"{model_dir / MANIFEST} is not valid JSON ({exc}); retrain the model") from None
-    fmt = manifest.get("format")
-    if fmt not in MODEL_FILES:
-        raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: "
-                            f"{', '.join(MODEL_FILES)}")
-    name = MODEL_FILES[fmt]
-    if name not in manifest.get("files", {}):
-        raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "
-                            "refusing to load a file without a checksum: retrain the model")
-    data = _verified_bytes(model_dir / name, manifest["files"][name])
+    restore_aside(model_dir)  # a writer killed mid-swap (where the system cannot exchange folders)
+    for _ in range(READ_ATTEMPTS):  # a folder replaced while it was read is read again, whole
+        before = _identity(model_dir)
+        try:
+            manifest, fmt, name, data = _read_folder(model_dir)
+        except (OSError, LayertapError):
+            if _identity(model_dir) in (before, None):
+                raise
+            continue
+        if _identity(model_dir) == before:
+            break
+    else:
+        raise LayertapError(f"{model_dir} was replaced {READ_ATTEMPTS} times while it was read (another run is "
+                            "saving it); load it again when that run is done")
     if fmt == "joblib":
         if not trust:
             raise LayertapError(f"{model_dir / name} is a pickle: loading it runs any code its author put in it. "
@@ -199,9 +198,38 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
     return model, manifest
 
 
+def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
+    """The manifest, format, model file name and the model file's checked bytes of a model folder."""
+    if not (model_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); {_models_in(model_dir)}")
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+    except ValueError as exc:
+        raise LayertapError(f"{model_dir / MANIFEST} is not valid JSON ({exc}); retrain the model") from None
+    fmt = manifest.get("format")
+    if fmt not in MODEL_FILES:
+        raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: "
+                            f"{', '.join(MODEL_FILES)}")
+    name = MODEL_FILES[fmt]
+    if name not in manifest.get("files", {}):
+        raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "
+                            "refusing to load a file without a checksum: retrain the model")
+    return manifest, fmt, name, _verified_bytes(model_dir / name, manifest["files"][name])
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """Which folder is at ``folder`` now (device and inode): a replaced folder is another one."""
+    try:
+        stat = folder.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _models_in(folder: Path) -> str:
     """What to give instead of ``folder``: one of its model folders if it is a run folder (the best on val first)."""
-    models = sorted(p.parent.name for p in folder.glob(f"*/{MANIFEST}"))
+    models = sorted(p.parent.name for p in folder.glob(f"*/{MANIFEST}")
+                    if not p.parent.name.startswith(".") and ".tmp-" not in p.parent.name)  # writers' leftovers
     if not models:
         return "train one with `layertap classify`"
     try:
