@@ -378,3 +378,72 @@ def test_a_full_disk_while_saving_a_model_is_one_line_and_leaves_no_half_folder(
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "no space left on the disk writing" in error and "model.skops" in error
     assert not list(models.rglob("*.tmp-*")), "no half-written model folder is left"
+
+
+def test_a_named_pipe_in_a_class_folder_a_csv_or_predict_is_skipped_with_its_reason_never_read(model_folder,
+                                                                                                tmp_path):
+    """A FIFO with no writer blocks whoever opens it for good, and /dev/zero never ends: both are named and
+    skipped, in a folder, in a CSV and given to predict (real processes, under a timeout)."""
+    model = model_folder[2]
+    data = make_class_folder(tmp_path / "data", per_class=4)
+    os.mkfifo(data / "red" / "pipe.jpg")
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nred/img_0.jpg,red\nred/pipe.jpg,red\n/dev/zero,green\ngreen/img_0.jpg,green\n"
+                   "blue/img_0.jpg,blue\n")
+    for source in (["--data", str(data)], ["--data", str(csv), "--root", str(data), "--allow-outside-root"]):
+        run = subprocess.run([sys.executable, "-m", "pipeline", "extract", *source, "--out", str(tmp_path / "f"),
+                              *TINY], env=_env(""), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "red/pipe.jpg: not a regular file (a named pipe); only files are read" in run.stdout, run.stdout
+    assert "/dev/zero: not a regular file (a character device)" in run.stdout
+    printed = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(model), str(data / "red")],
+                             env=_env(""), capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "pipe.jpg: ERROR not a regular file (a named pipe)" in printed.stdout, printed.stdout
+
+
+def test_a_huge_file_is_refused_by_its_size_and_a_big_non_image_by_its_first_bytes(tmp_path):
+    """Neither is read whole: a sparse 3 GB file is refused from its size, a 300 MB file that does not start
+    like an image after its first 16 bytes (memory traced: the probe allocates kilobytes, not the file)."""
+    import tracemalloc
+
+    from pipeline.data.scan import probe_file
+
+    huge = tmp_path / "disk.img"
+    with open(huge, "wb") as fh:
+        fh.truncate(3 << 30)
+    big = tmp_path / "video.mkv"
+    with open(big, "wb") as fh:
+        fh.write(b"\x1aE\xdf\xa3 matroska")
+        fh.truncate(300 << 20)
+    tracemalloc.start()
+    (huge_probe, _), (big_probe, _) = probe_file(huge), probe_file(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert huge_probe.reason == "3,221,225,472 bytes: over the 1,073,741,824-byte limit of one image file"
+    assert big_probe.reason.startswith("not an image (first bytes b'\\x1aE\\xdf\\xa3 mat")
+    assert peak < 1 << 20, f"{peak:,} bytes allocated"
+
+
+def test_csv_paths_are_one_image_each_however_written_and_stay_under_the_root(tmp_path):
+    """``./red/img_0.jpg`` and ``red//img_0.jpg`` are the same image (one label, one split, or an error); a path
+    outside the root (absolute, or up through ``..``) is skipped unread, its bytes never in the skip list; a
+    byte-order mark before the header (as Excel writes it) is no part of the first column's name."""
+    from pipeline.core.errors import LayertapError
+    from pipeline.data.images import find_images
+
+    data = make_class_folder(tmp_path / "data", per_class=2)
+    (tmp_path / "secret.txt").write_text("password=hunter2")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("path,label,split\n./red/img_0.jpg,red,train\nred//img_0.jpg,red,test\n")
+    with pytest.raises(LayertapError, match=r"twice.csv:3: red//img_0.jpg is listed twice \(as red/img_0.jpg\)"):
+        find_images(twice, root=data)
+    outside = tmp_path / "outside.csv"
+    outside.write_bytes("\ufeffpath,label\nred/img_0.jpg,red\n../secret.txt,red\n/etc/hostname,blue\n"
+                        "green/../blue/img_1.jpg,blue\n".encode())
+    found = find_images(outside, root=data)
+    assert [r.path for r in found.records] == ["blue/img_1.jpg", "red/img_0.jpg"]
+    assert {s.path: s.reason.split(";")[0] for s in found.skipped} == {
+        "../secret.txt": f"outside the root folder {data}", "/etc/hostname": f"outside the root folder {data}"}
+    allowed = find_images(outside, root=data, allow_outside_root=True)
+    assert "../secret.txt" in [r.path for r in allowed.records]

@@ -247,6 +247,7 @@ def dali(gpu_decoder):
 @pytest.mark.timeout(120, method="thread")  # a queue of DALI runs out of step would hang
 def test_dali_reads_the_scanned_jpegs_itself_and_decodes_chunks_ahead(dali, tmp_path, monkeypatch):
     import builtins
+    import os
 
     folder = make_class_folder(tmp_path / "d", per_class=8)
     photo((1, 200, 3)).save(folder / "green" / "img_9.png")  # Pillow's, in its place among DALI's
@@ -260,6 +261,8 @@ def test_dali_reads_the_scanned_jpegs_itself_and_decodes_chunks_ahead(dali, tmp_
     runs, schedule, opened, real_open = [], decoder._schedule, [], builtins.open
     decoder._schedule = lambda files, facts: runs.append(len(files)) or schedule(files, facts)
     monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(file) or real_open(file, *a, **k))
+    real_os_open = os.open  # how image files are opened (pipeline.data.images.open_regular)
+    monkeypatch.setattr(os, "open", lambda file, *a, **k: opened.append(file) or real_os_open(file, *a, **k))
     span, first, _ = next(batches)
     queued_at_first = len(runs)
     streamed = [(span, dali.numpy(first))] + [(span, dali.numpy(pixels)) for span, pixels, _ in batches]

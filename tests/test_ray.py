@@ -149,7 +149,7 @@ def test_a_large_scan_reads_and_hashes_on_the_cluster_with_the_local_results(clu
     here = scan_images(find_images(folder))
     monkeypatch.setattr(ray_engine, "RAY_SCAN_MIN_FILES", 1)
     monkeypatch.setattr(ray_engine, "PROBE_CHUNK", 5)  # 16 files: four tasks
-    monkeypatch.setattr(scan_module, "read_file", lambda path: pytest.fail(f"read here: {path}"))
+    monkeypatch.setattr(scan_module, "read_file", lambda path, **kw: pytest.fail(f"read here: {path}"))
     cache = StatCache(tmp_path / "out", folder)
     with ray_engine.RaySession() as session:
         on_ray = scan_images(find_images(folder), cache=cache, remote=session.probe)

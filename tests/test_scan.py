@@ -30,7 +30,7 @@ def age(folder, seconds_ago: float = 3600) -> None:
 def reads(monkeypatch) -> list:
     """Every file the scan reads, in this process (the scan's threads read; decoding has its own test)."""
     seen, read = [], scan_module.read_file
-    monkeypatch.setattr(scan_module, "read_file", lambda path: seen.append(path) or read(path))
+    monkeypatch.setattr(scan_module, "read_file", lambda path, **kw: seen.append(path) or read(path, **kw))
     return seen
 
 
@@ -267,7 +267,8 @@ def test_the_listing_and_the_scan_pause_the_cycle_collector_and_restore_it(tmp_p
     monkeypatch.setattr(images_module, "_from_folder",
                         lambda root: seen["list"].append(gc.isenabled()) or listing(root))
     monkeypatch.setattr(scan_module, "file_stat", lambda path: seen["stat"].append(gc.isenabled()) or stat(path))
-    monkeypatch.setattr(scan_module, "read_file", lambda path: seen["read"].append(gc.isenabled()) or read(path))
+    monkeypatch.setattr(scan_module, "read_file",
+                        lambda path, **kw: seen["read"].append(gc.isenabled()) or read(path, **kw))
     scan_images(find_images(data), cache=StatCache(tmp_path, data))
     scan_images(find_images(data), cache=StatCache(tmp_path, data))
     assert seen == {"list": [False, False], "stat": [False] * 6, "read": [True] * 3} and gc.isenabled()

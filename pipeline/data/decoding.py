@@ -22,7 +22,14 @@ from PIL import Image, ImageOps
 from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers, ordered_map, progress_bar
 from pipeline.data.headers import bomb_reason
-from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, fingerprint, or_reason, read_file
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    fingerprint,
+    open_regular,
+    or_reason,
+    read_file,
+)
 
 log = logging.getLogger(__name__)
 # Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.
@@ -75,13 +82,14 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
 
 @contextmanager
 def _opened(path, expected: tuple[int, int] | None):
-    """The path itself, or, to check it against ``expected``, the open file whose stat was checked."""
-    if expected is None:
+    """The open file (a regular file only: :func:`pipeline.data.images.open_regular`), its stat checked against
+    ``expected`` where given; bytes already read (a file object) as they are."""
+    if hasattr(path, "read"):
         yield path
         return
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         st = os.fstat(fh.fileno())
-        if (st.st_size, st.st_mtime_ns) != tuple(expected):
+        if expected is not None and (st.st_size, st.st_mtime_ns) != tuple(expected):
             raise BadImageError(CHANGED)
         yield fh
 

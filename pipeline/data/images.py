@@ -13,6 +13,8 @@ import csv
 import hashlib
 import logging
 import os
+import posixpath
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,9 @@ from pipeline.data.headers import sniff_format
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The largest file read as one image: far above any photo (an 89-megapixel 16-bit PNG is under 600 MB), and a
+# bound on what one bad file (a disk image, a video) can take before it is refused.
+MAX_FILE_BYTES = 1 << 30
 RESIZE_MODES = ("squash", "crop")
 # Pillow's own limit (about 89 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -84,7 +89,7 @@ class BadImageError(Exception):
 
 @collector_paused()
 def find_images(data: str | os.PathLike, split_file: str | os.PathLike | None = None,
-                root: str | os.PathLike | None = None) -> ImageList:
+                root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> ImageList:
     """List the images of a data set without opening them.
 
     Args:
@@ -93,6 +98,8 @@ def find_images(data: str | os.PathLike, split_file: str | os.PathLike | None = 
         split_file: A CSV with the same header listing the images of ``data`` (a folder)
             with their labels and splits, such as ``flowers17-split.csv``.
         root: The folder that a CSV's paths are relative to (default: the CSV's folder).
+        allow_outside_root: Read CSV paths that lead outside the root (absolute, or up through ``..``); without
+            it they are listed as skipped and never opened.
 
     Returns:
         The image list; files that are not in a class folder are listed as skipped.
@@ -108,9 +115,9 @@ def find_images(data: str | os.PathLike, split_file: str | os.PathLike | None = 
     if split_file is not None:
         if not data.is_dir():
             raise LayertapError(f"--split-file needs --data to be the image folder, got file {data}")
-        return _from_csv(Path(split_file), data, name=data.name)
+        return _from_csv(Path(split_file), data, data.name, allow_outside_root)
     if data.is_file():
-        return _from_csv(data, Path(root) if root else data.parent, name=data.stem)
+        return _from_csv(data, Path(root) if root else data.parent, data.stem, allow_outside_root)
     return _from_folder(data)
 
 
@@ -155,7 +162,7 @@ def _from_folder(root: Path) -> ImageList:
     return ImageList(root, records, tuple(sorted({r.label for r in records})), tuple(skipped), root.name)
 
 
-def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
+def _from_csv(csv_path: Path, root: Path, name: str, allow_outside_root: bool = False) -> ImageList:
     if not csv_path.is_file():
         raise FileNotFoundError(f"split file {str(csv_path)!r} does not exist")
     with open(csv_path, "rb") as fh:
@@ -163,13 +170,15 @@ def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
     if fmt:
         raise LayertapError(f"{csv_path} is a {fmt} image, not a CSV of path,label[,split]; --data takes a folder "
                             "of class folders, a folder of train/val/test folders, or such a CSV")
-    with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         if "path" not in fields or "label" not in fields:
             raise LayertapError(f"{csv_path}: header is {','.join(fields) or '(empty)'}; "
                                 "it must be path,label or path,label,split")
         records: dict[str, ImageRecord] = {}
+        skipped: list[Skipped] = []
         for line, row in enumerate(reader, start=2):
             path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
             split = (row.get("split") or "").strip().lower()
@@ -177,15 +186,21 @@ def _from_csv(csv_path: Path, root: Path, name: str) -> ImageList:
                 raise LayertapError(f"{csv_path}:{line}: empty path or label")
             if split and split not in SPLITS:
                 raise LayertapError(f"{csv_path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
-            if path in records:
-                raise LayertapError(f"{csv_path}:{line}: {path} is listed twice")
-            records[path] = ImageRecord(Path(path).as_posix(), label, split)
+            normal = posixpath.normpath(path.replace(os.sep, "/"))  # ./a/b.jpg, a//b.jpg, a/x/../b.jpg: a/b.jpg
+            if normal in records:
+                raise LayertapError(f"{csv_path}:{line}: {path} is listed twice (as {records[normal].path}); "
+                                    "one image must have one label and one split")
+            if not allow_outside_root and (posixpath.isabs(normal) or normal.split("/")[0] == ".."):
+                skipped.append(Skipped(path, f"outside the root folder {root}; --allow-outside-root reads it"))
+                continue
+            records[normal] = ImageRecord(normal, label, split)
     ordered = tuple(sorted(records.values(), key=lambda r: r.path))
-    return ImageList(root, ordered, tuple(sorted({r.label for r in ordered})), (), name)
+    return ImageList(root, ordered, tuple(sorted({r.label for r in ordered})), tuple(skipped), name)
 
 
 def _files_under(folder: str):
-    """``(path, True)`` for each file below ``folder`` and ``(path, False)`` for each link that gives none.
+    """``(path, True)`` for each file below ``folder``, ``(path, False)`` for each link that gives none and for
+    each named pipe, device or socket (they are skipped with a reason, never read).
 
     Hidden names are left out at any depth; links to folders are followed (as ``Path.rglob`` does).
     ``os.scandir`` reads the entry types with the listing, so a file costs no stat of its own.
@@ -204,21 +219,22 @@ def _files_under(folder: str):
                     stack.append(entry.path)
                 elif kind == "file":
                     yield entry.path, True
-                elif entry.is_symlink():
+                else:
                     yield entry.path, False
 
 
 def _link_problem(path: Path) -> str:
-    """Why a symbolic link gives no file: it loops, or its target is missing."""
+    """Why an entry gives no file: a link that loops or leads nowhere, or a named pipe, device or socket."""
     import errno
 
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return "symbolic link loop"
         return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
-    return "not a file"
+    kind = _KINDS.get(stat.S_IFMT(mode), "special file")
+    return f"not a regular file ({kind}); only files are read"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -230,19 +246,56 @@ def fingerprint(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def read_file(path: os.PathLike) -> bytes:
-    """A file's bytes.
+def open_regular(path: os.PathLike):
+    """``path`` opened for reading if it is a regular file: a named pipe, device or socket is refused before
+    any read (a pipe with no writer would block the run for good; ``/dev/zero`` would fill the memory).
+
+    Opened without blocking, then checked on the open file (``fstat``), so a path swapped for a pipe after a
+    ``stat`` is caught too.
 
     Raises:
-        BadImageError: it cannot be read, or it is empty.
+        BadImageError: it cannot be opened, or it is not a regular file.
     """
     try:
-        with open(path, "rb") as file:  # not Path(path).read_bytes(): building the Path cost a third of a small read
-            data = file.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadImageError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')}); only "
+                            "files are read")
+    return os.fdopen(fd, "rb")
+
+
+_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_file(path: os.PathLike, head_reason: Callable[[bytes], str | None] | None = None) -> bytes:
+    """A regular file's bytes, at most :data:`MAX_FILE_BYTES` of them.
+
+    Args:
+        head_reason: Given the first 16 bytes, why the file is not wanted (then the rest is not read), or None.
+
+    Raises:
+        BadImageError: it cannot be read, is not a regular file, is empty or too large, or ``head_reason`` says.
+    """
+    with open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise BadImageError(f"{size:,} bytes: over the {MAX_FILE_BYTES:,}-byte limit of one image file")
+        try:
+            head = file.read(16)
+            if head and head_reason and (reason := head_reason(head)):
+                raise BadImageError(reason)
+            data = head + file.read(MAX_FILE_BYTES + 1 - len(head))
+        except OSError as exc:
+            raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
     if not data:
         raise BadImageError("empty file")
+    if len(data) > MAX_FILE_BYTES:  # it grew while read
+        raise BadImageError(f"over the {MAX_FILE_BYTES:,}-byte limit of one image file")
     return data
 
 

@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -325,6 +326,12 @@ def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | N
                        stat[:2] if stat else None, probe.jpeg)
 
 
+def _not_an_image(head: bytes) -> str | None:
+    if sniff_format(head) is None:
+        return f"not an image (first bytes {head[:8]!r}; JPEG, PNG, BMP, GIF, WebP and TIFF are read)"
+    return None
+
+
 def probe_file(path: Path):
     """Read a file once: its content hash, format and size in pixels, or why it is not an image.
 
@@ -332,13 +339,10 @@ def probe_file(path: Path):
         The :class:`Probe` and whether it lasts as long as the bytes do (a file that could not be
         read is probed again next time).
     """
-    data, reason = or_reason(read_file, path)
-    if reason:
-        return Probe(reason=reason), reason == "empty file"
+    data, reason = or_reason(partial(read_file, head_reason=_not_an_image), path)
+    if reason:  # what the bytes or the kind of file say lasts; a failed read (permissions, I/O) is tried again
+        return Probe(reason=reason), not reason.startswith("cannot read")
     fmt = sniff_format(data[:16])
-    if fmt is None:
-        return Probe(reason=f"not an image (first bytes {data[:8]!r}; JPEG, PNG, BMP, GIF, WebP and TIFF are "
-                            "read)"), True
     header = jpeg_header(data) if fmt == "JPEG" else None
     try:
         if header:  # the common case, without Pillow's header parser (which holds the GIL)

@@ -116,6 +116,9 @@ class ExtractSettings:
                                "same model settings (by content hash) instead of computing them again",
                          group="store", flag_help="compute every image of a new store, even those an earlier "
                                                   "store in --out has (default: reuse them, by content hash)")
+    allow_outside_root: bool = option(False, "read the paths of a --data CSV that lead outside its root "
+                                             "(absolute, or up through ..); without it they are skipped, unread",
+                                      group="data")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
                                                  "Pillow's limit)", group="data")
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
@@ -186,7 +189,7 @@ def load_images(settings: ExtractSettings, session=None) -> ImageList:
     data = settings.data
     if data == SAMPLE:
         data = str(ensure_sample())
-    found = find_images(data, settings.split_file, settings.root)
+    found = find_images(data, settings.split_file, settings.root, settings.allow_outside_root)
     cache = None if settings.verify else StatCache(settings.out_dir, found.root)
     return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache,
                        remote=getattr(session, "probe", None))

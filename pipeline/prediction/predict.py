@@ -18,11 +18,12 @@ from pipeline.store.manifest import StoreManifest
 
 
 def list_image_files(inputs) -> list[Path]:
-    """Files as given, and every non-hidden file under the given folders (sorted)."""
+    """Files as given, and every non-hidden entry but folders under the given folders (sorted): a named pipe or
+    device among them is reported with its reason when it is read, never read."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += sorted(p for p in item.rglob("*") if not p.is_dir() and not p.name.startswith("."))
         elif item.exists():
             files.append(item)
         else:
