@@ -28,6 +28,7 @@ from pipeline.runs.reports import (
     extract_summary,
     format_table,
     gain_text,
+    spreadsheet_safe,
     stage_table,
     store_summary,
     sweep_table,
@@ -157,14 +158,25 @@ def cmd_predict(args) -> int:
                 writer.writerow(["path", "error"] + [f"{k}{i + 1}" for i in range(args.top_k)
                                                      for k in ("class", "prob")])
                 for r in results:
-                    writer.writerow([r["path"], r.get("error", "")] +
-                                    [v for c, p in r.get("top", []) for v in (c, f"{p:.4f}")])
+                    writer.writerow(map(spreadsheet_safe, [r["path"], r.get("error", "")] +
+                                        [v for c, p in r.get("top", []) for v in (c, f"{p:.4f}")]))
         print(f"{len(results) - len(bad)} images classified, {len(bad)} not readable; written to {out}")
     else:
         for r in results:
             top = "  ".join(f"{c} {p:.3f}" for c, p in r.get("top", []))
             print(f"{r['path']}: {top or 'ERROR ' + r['error']}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid; it must be an integer >= 1")
+    return value
 
 
 def cmd_layers(args) -> int:
@@ -264,8 +276,9 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     command("predict", cmd_predict, "classify images with a trained model folder", arguments(
         (["model"], dict(help="a model folder written by `layertap classify` or `layertap finetune`")),
         (["images"], dict(nargs="+", help="image files or folders")),
-        (["--top-k"], dict(type=int, default=3, help="classes shown per image (default: %(default)s)")),
-        (["--batch-size"], dict(type=int, default=32, help="images per forward pass (default: %(default)s)")),
+        (["--top-k"], dict(type=_positive_int, default=3, help="classes shown per image (default: %(default)s)")),
+        (["--batch-size"], dict(type=_positive_int, default=32,
+                                help="images per forward pass (default: %(default)s)")),
         (["--output"], dict(help="write .csv or .json instead of printing")),
         (["--trust"], dict(action="store_true", help="also load a pickled model (model.joblib) or scikit-learn "
                                                     "types outside layertap's trusted list: that runs code from the "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -447,3 +448,92 @@ def test_csv_paths_are_one_image_each_however_written_and_stay_under_the_root(tm
         "../secret.txt": f"outside the root folder {data}", "/etc/hostname": f"outside the root folder {data}"}
     allowed = find_images(outside, root=data, allow_outside_root=True)
     assert "../secret.txt" in [r.path for r in allowed.records]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: [m], "a JSON list, not an object"),
+    (lambda m: {**m, "files": list(m["files"])}, "'files' is not an object of file names to sha256 digests"),
+    (lambda m: {**m, "class_names": m["class_names"][:2]}, "the model has 3 classes and the manifest names 2"),
+    (lambda m: {**m, "class_names": ["red", "red", "blue"]}, "'class_names' names a class twice"),
+])
+def test_a_damaged_model_manifest_is_one_line_before_anything_in_it_is_used(model_folder, tmp_path, capsys,
+                                                                             damage, message):
+    import json
+    import shutil
+
+    from pipeline.cli import main
+
+    _, data, folder = model_folder
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    (damaged / "manifest.json").write_text(json.dumps(damage(manifest)))
+    assert main(["predict", str(damaged), str(data / "red" / "img_0.jpg")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "retrain the model" in error and len(error.splitlines()) == 1, error
+
+
+def test_a_huge_wrong_model_file_is_refused_without_being_read_whole(model_folder, tmp_path):
+    """The sha256 is computed in blocks before the file is read: a 3 GB stranger in the model's place costs
+    a hash pass over it, not 3 GB of memory (memory traced)."""
+    import shutil
+    import tracemalloc
+
+    from pipeline.core.errors import LayertapError
+    from pipeline.runs.artifacts import load_model
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_folder[2], damaged)
+    with open(damaged / "model.skops", "wb") as fh:
+        fh.truncate(3 << 30)
+    tracemalloc.start()
+    with pytest.raises(LayertapError, match="model.skops does not match its manifest"):
+        load_model(damaged)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak:,} bytes allocated"
+
+
+def test_predict_writes_cells_a_spreadsheet_shows_as_text(model_folder, tmp_path, monkeypatch):
+    """File names (and labels, errors) that start like a formula (=, +, -, @) are prefixed with ' in predict's
+    CSV, as OWASP recommends against CSV injection; the rest are written as they are."""
+    import csv
+
+    from pipeline.cli import main
+
+    _, data, folder = model_folder
+    monkeypatch.chdir(tmp_path)
+    Path("=HYPERLINK(evil).jpg").write_bytes((data / "red" / "img_0.jpg").read_bytes())
+    Path("@bad.jpg").write_text("not an image")
+    Path("plain.jpg").write_bytes((data / "red" / "img_0.jpg").read_bytes())
+    assert main(["predict", str(folder), "=HYPERLINK(evil).jpg", "@bad.jpg", "plain.jpg", "--output", "p.csv"]) == 0
+    rows = list(csv.reader(open("p.csv", newline="")))
+    assert [row[0] for row in rows[1:]] == ["'=HYPERLINK(evil).jpg", "'@bad.jpg", "plain.jpg"]
+    assert rows[2][1] and not rows[2][2:]  # the unreadable file: its error, no classes
+    assert rows[1][2] == "red" and float(rows[1][3]) > 0
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--top-k", "0", "argument --top-k: 0 is not valid; it must be an integer >= 1"),
+    ("--batch-size", "-4", "argument --batch-size: -4 is not valid; it must be an integer >= 1"),
+    ("--top-k", "three", "argument --top-k: 'three' is not an integer"),
+])
+def test_predict_ranges_are_checked_by_the_flag(model_folder, capsys, flag, value, message):
+    from pipeline.cli import main
+
+    _, data, folder = model_folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(folder), str(data / "red" / "img_0.jpg"), flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_limits_known_up_front_are_checked_up_front(tmp_path, caplog):
+    """--size whose decoding slots cannot fit in memory is refused when the settings are made (it died with
+    ENOMEM allocating shared memory after the scan); --workers far beyond the cores is capped, with a warning."""
+    from conftest import tiny_settings
+
+    with pytest.raises(ValueError, match=r"image_size=20000 with batch_size=32 needs 214.6 GiB .* use a smaller "
+                                         r"--size or --batch-size"):
+        tiny_settings(tmp_path, tmp_path / "f", image_size=20000, batch_size=32)
+    settings = tiny_settings(tmp_path, tmp_path / "f", workers=64 * (os.cpu_count() or 1))
+    assert settings.workers == 2 * (os.cpu_count() or 1) and "decoding processes would only take turns" in caplog.text

@@ -34,6 +34,8 @@ from pipeline.data.images import (
 log = logging.getLogger(__name__)
 # Decoded uint8 images held in memory at once (fine-tuning); past this, ask for a smaller size or fewer images.
 MAX_IMAGE_BYTES = 8 << 30
+# Batches the decoding workers fill ahead of the forward passes (bench/NOTES.md: six kept the model busy).
+SLOTS = 6
 # Shared-memory segments of the decoding workers: /dev/shm/layertap-<pid of the process that made it>-<random>.
 SEGMENT_PREFIX = "layertap-"
 
@@ -148,7 +150,7 @@ class ProcessDecoder:
         **decode_kwargs: Passed to :func:`decode_image` (``resize``, ``draft``, ``max_pixels``).
     """
 
-    def __init__(self, size: int, batch_size: int, workers: int, depth: int = 6, **decode_kwargs):
+    def __init__(self, size: int, batch_size: int, workers: int, depth: int = SLOTS, **decode_kwargs):
         from multiprocessing import shared_memory
 
         self.shape = (depth, batch_size, size, size, 3)
@@ -268,6 +270,20 @@ def huge_decode_slots(max_pixels: int, workers: int) -> int:
     if available is None:
         return workers
     return max(1, min(workers, int(available // 2 // (max_pixels * DECODE_BYTES_PER_PIXEL))))
+
+
+def check_slots_fit(size: int, batch_size: int) -> None:
+    """Refuse, before anything runs, a ``size`` and ``batch_size`` whose decoding slots (:class:`ProcessDecoder`:
+    :data:`SLOTS` batches of ``size`` x ``size`` x 3 bytes in shared memory) need more memory than is available.
+
+    Raises:
+        ValueError: naming both settings, the memory needed and the memory available.
+    """
+    needed, available = SLOTS * batch_size * size * size * 3, available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"image_size={size} with batch_size={batch_size} needs {needed / 2**30:,.1f} GiB of "
+                         f"shared memory to decode {SLOTS} batches ahead, and {available / 2**30:,.1f} GiB is "
+                         "available; use a smaller --size or --batch-size")
 
 
 def available_memory() -> int | None:

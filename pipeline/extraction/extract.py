@@ -34,6 +34,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
 from pipeline.core.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
 from pipeline.core.settings import check_choice, check_int, option
+from pipeline.data.decoding import check_slots_fit
 from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS, check_decoder, resolve_decoder
 from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, find_images
 from pipeline.data.sample import ensure_sample
@@ -148,6 +149,13 @@ class ExtractSettings:
         check_choice("compression", self.compression, COMPRESSIONS)
         check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
                          ("max_pixels", 1)))
+        if engine.decodes_here:
+            check_slots_fit(self.image_size, self.batch_size)  # before the scan, not as ENOMEM after it
+        cores = os.cpu_count() or 1
+        if self.workers > 2 * cores:
+            log.warning("--workers %d on %d cores: decoding processes would only take turns on them; using %d",
+                        self.workers, cores, 2 * cores)
+            object.__setattr__(self, "workers", 2 * cores)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -181,9 +181,13 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
                                 "retrain it with `layertap classify` (models are now saved with skops)")
         import joblib
 
-        return joblib.load(io.BytesIO(data)), manifest
+        model = joblib.load(io.BytesIO(data))
+        _check_classes(model, manifest, model_dir / MANIFEST)
+        return model, manifest
     if fmt == "skops":
-        return _load_skops(model_dir / name, data, trust), manifest
+        model = _load_skops(model_dir / name, data, trust)
+        _check_classes(model, manifest, model_dir / MANIFEST)
+        return model, manifest
     keras = import_keras()
     import pipeline.backbones.layers  # noqa: F401 - registers the custom layers a fine-tuned model uses
 
@@ -191,6 +195,7 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
         checked = Path(tmp) / name
         checked.write_bytes(data)
         model = keras.saving.load_model(checked, safe_mode=True, compile=False)
+    _check_classes(model, manifest, model_dir / MANIFEST)
     if fmt == "keras":
         from pipeline.heads.classifiers import DenseHeadClassifier
 
@@ -206,6 +211,7 @@ def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
         manifest = json.loads((model_dir / MANIFEST).read_text())
     except ValueError as exc:
         raise LayertapError(f"{model_dir / MANIFEST} is not valid JSON ({exc}); retrain the model") from None
+    _check_manifest(manifest, model_dir / MANIFEST)
     fmt = manifest.get("format")
     if fmt not in MODEL_FILES:
         raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: "
@@ -215,6 +221,36 @@ def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
         raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "
                             "refusing to load a file without a checksum: retrain the model")
     return manifest, fmt, name, _verified_bytes(model_dir / name, manifest["files"][name])
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """Refuse a model manifest whose shape is not what layertap writes, before anything in it is used."""
+    def wrong(what: str):
+        raise LayertapError(f"{path}: {what}; it is damaged or was edited by hand: retrain the model")
+
+    if not isinstance(manifest, dict):
+        wrong(f"a JSON {type(manifest).__name__}, not an object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        wrong("'files' is not an object of file names to sha256 digests")
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        wrong("'class_names' is not a list of two or more class names")
+    if len(set(names)) != len(names):
+        wrong("'class_names' names a class twice")
+
+
+def _check_classes(model, manifest: dict, path: Path) -> None:
+    """The model's number of classes must be the manifest's, or predictions would be named after other classes."""
+    if hasattr(model, "classes_"):
+        n = len(model.classes_)
+    elif getattr(model, "output_shape", None) is not None:
+        n = int(model.output_shape[-1])
+    else:
+        return
+    if n != len(manifest["class_names"]):
+        raise LayertapError(f"{path}: the model has {n} classes and the manifest names {len(manifest['class_names'])}"
+                            "; it is damaged or was edited by hand: retrain the model")
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -242,10 +278,14 @@ def _models_in(folder: Path) -> str:
 
 
 def _verified_bytes(path: Path, expected: str) -> bytes:
+    """The file's bytes if their sha256 is ``expected``. Hashed in blocks first, so a wrong file (a 3 GB
+    stranger) is refused without being read into memory whole."""
     import hashlib
 
-    data = path.read_bytes() if path.is_file() else None
-    actual = hashlib.sha256(data).hexdigest() if data is not None else "missing"
+    actual = sha256_file(path) if path.is_file() else "missing"
+    data = path.read_bytes() if actual == expected else None
+    if data is not None:
+        actual = hashlib.sha256(data).hexdigest()  # what is loaded is what was checked
     if actual != expected:
         raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
                             f"{expected[:16]}); it was changed after training. Refusing to load it: "

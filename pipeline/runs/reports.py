@@ -11,6 +11,14 @@ import numpy as np
 from pipeline.store import virtual
 
 
+def spreadsheet_safe(cell) -> str:
+    """A CSV cell a spreadsheet shows as text: one that starts like a formula (``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return) gets a leading ``'``, as OWASP recommends against CSV injection. Numbers pass as
+    they are (a probability is never negative)."""
+    text = str(cell)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     """A plain-text table; numbers are right-aligned, floats shown with 3 decimals."""
     cells = [[_cell(v) for v in row] for row in rows]
