@@ -135,7 +135,8 @@ def synthetic_shards(folder: Path, shards: int, rows: int, dims: int) -> list[Pa
     written as an extraction writes them, without a model."""
     import numpy as np
 
-    from pipeline.store.feature_store import Rows, write_shard
+    from pipeline.store.feature_store import Rows
+    from pipeline.store.writing import write_shard
 
     rng = np.random.default_rng(0)
     return [write_shard(folder / f"shard-{i:06d}.h5",

@@ -97,7 +97,7 @@ def main() -> None:
 def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:
     """The merge alone: ``shards`` synthetic shards of ``rows`` x ``dims`` float32 into one store, copied and
     virtual (the costs the scale projection in bench/NOTES.md extrapolates)."""
-    from pipeline.store.feature_store import merge_shards
+    from pipeline.store.writing import merge_shards
 
     paths = synthetic_shards(work / "merge", shards, rows, dims)
     seconds = {}

@@ -109,8 +109,8 @@ def main() -> None:
 def reader_reads(work: Path, shards: int, rows: int = 16, dims: int = 64) -> dict:
     """Seconds to read each of ``shards`` shards' rows from a virtual store, through one open reader and through
     a reader opened for each read."""
-    from pipeline.store.feature_store import merge_shards
     from pipeline.store.virtual import TapReader
+    from pipeline.store.writing import merge_shards
 
     paths = synthetic_shards(work / "store.shards" / "t", shards, rows, dims)
     store = work / "store.h5"

@@ -33,7 +33,8 @@ from pipeline.runs.reports import (
     store_summary,
     sweep_table,
 )
-from pipeline.store.feature_store import DiskFullError, FeatureStore
+from pipeline.store.feature_store import FeatureStore
+from pipeline.store.writing import DiskFullError
 
 EXTRACT_EXAMPLES = """\
 examples:

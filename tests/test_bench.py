@@ -149,7 +149,7 @@ def test_engines_bench_merges_synthetic_shards_both_ways_into_identical_stores(t
     """``make bench-ray``'s merge lines, and the store comparison every engine bench prints."""
     from bench.common import SYNTHETIC_MANIFEST, identical_stores, synthetic_shards
     from bench.engines import merge_rate
-    from pipeline.store.feature_store import merge_shards
+    from pipeline.store.writing import merge_shards
 
     result = merge_rate(tmp_path, shards=3, rows=4, dims=8)
     assert result["rows"] == 12 and result["seconds"] > 0 and result["virtual_seconds"] > 0

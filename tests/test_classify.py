@@ -118,7 +118,8 @@ def test_predict_on_a_folder_with_a_corrupt_image(stores, tmp_path):
 
 def _store_where_val_and_test_disagree(path):
     """Two taps: ``a`` carries the label on train and val rows only, ``b`` on train and test rows only."""
-    from pipeline.store.feature_store import Rows, merge_shards, write_shard
+    from pipeline.store.feature_store import Rows
+    from pipeline.store.writing import merge_shards, write_shard
 
     rng = np.random.default_rng(0)
     splits = ["train"] * 40 + ["val"] * 20 + ["test"] * 20

@@ -119,7 +119,7 @@ def test_no_usable_images_fails_before_any_model_is_built(class_folder, tmp_path
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.store.feature_store as store
+    import pipeline.store.writing as store
     from pipeline.cli import main
     commits = []
     real_replace = os.replace
@@ -250,7 +250,7 @@ def test_extraction_refuses_a_store_another_process_writes(split_folder, tmp_pat
     orphan.write_bytes(b"left by a writer killed during the merge")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from pipeline.store.feature_store import store_lock\n"
+         "from pipeline.store.writing import store_lock\n"
          "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

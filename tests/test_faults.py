@@ -336,7 +336,7 @@ def test_a_full_disk_during_a_shard_write_is_one_line(tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=4)
     script = _script(tmp_path, """
         import errno, sys
-        import pipeline.store.feature_store as store
+        import pipeline.store.writing as store
 
         calls = []
 
@@ -537,3 +537,57 @@ def test_limits_known_up_front_are_checked_up_front(tmp_path, caplog):
         tiny_settings(tmp_path, tmp_path / "f", image_size=20000, batch_size=32)
     settings = tiny_settings(tmp_path, tmp_path / "f", workers=64 * (os.cpu_count() or 1))
     assert settings.workers == 2 * (os.cpu_count() or 1) and "decoding processes would only take turns" in caplog.text
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("version", "has format_version 99; this layertap reads 1 to 1: upgrade layertap, or extract the store again"),
+    ("rows", "24 labels but features/block1_pool 19 rows; the store is damaged"),
+    ("labels", "its labels run from 0 to 7 and it names 3 classes; the store is damaged"),
+])
+def test_a_store_whose_schema_is_broken_is_one_line_naming_it(tmp_path, capsys, damage, message):
+    """A store from a newer layertap, one whose tap has fewer rows than its labels, or whose labels point past
+    its class names: refused on open (or when its labels are read), never an IndexError or a silent fit."""
+    import h5py
+    import numpy as np
+
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]) == 0
+    store = next((tmp_path / "f").glob("*.h5"))
+    with h5py.File(store, "r+") as fh:
+        if damage == "version":
+            fh.attrs["format_version"] = 99
+        elif damage == "rows":
+            values = fh["features"]["block1_pool"][:19]
+            del fh["features"]["block1_pool"]
+            fh["features"].create_dataset("block1_pool", data=values).attrs["map_shape"] = [16, 16, 64]
+        else:
+            fh["labels"][:5] = np.arange(3, 8)
+    capsys.readouterr()
+    assert main(["classify", "--store", str(store), "--models", str(tmp_path / "m"), "-q"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+
+
+def test_no_usable_image_after_decoding_or_a_single_class_is_an_error(tmp_path, capsys):
+    """Images whose headers are fine but whose pixels do not decode left a store of 0 images (exit 0); a data
+    set of one class trained nothing useful. Both are one line and exit 2, as every input the user can fix is
+    (a full disk is 1), before a store is written."""
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=4)
+    for path in data.rglob("*.jpg"):  # cut after the headers: the scan accepts them, decoding cannot
+        path.write_bytes(path.read_bytes()[:400])
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "(after decoding): no class has usable images, and a classifier needs two classes or more" in error
+    assert len(error.splitlines()) == 1 and not list((tmp_path / "f").glob("*.h5"))
+    one = make_class_folder(tmp_path / "one", per_class=4)
+    for extra in ("green", "blue"):
+        for path in (one / extra).iterdir():
+            path.unlink()
+        (one / extra).rmdir()
+    assert main(["extract", "--data", str(one), "--out", str(tmp_path / "f"), *TINY]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "only class 'red' has usable images, and a classifier needs two classes or more" in error, error

@@ -18,7 +18,8 @@ from pipeline import LayertapError
 from pipeline.backbones.batchnorm import FOLDED
 from pipeline.core.runtime import keras_backend
 from pipeline.extraction.extract import extract_features
-from pipeline.store.feature_store import FeatureStore, StoreLockedError, store_lock
+from pipeline.store.feature_store import FeatureStore
+from pipeline.store.writing import StoreLockedError, store_lock
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'layertap[ray]'")
 ACTOR_TITLE = "ray::MapWorker(MapBatches(ShardWriter))"

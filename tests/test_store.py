@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline import LayertapError
-from pipeline.store.feature_store import FeatureStore, Rows, StoreLockedError, merge_shards, store_lock, write_shard
+from pipeline.store.feature_store import FeatureStore, Rows
+from pipeline.store.writing import StoreLockedError, merge_shards, store_lock, write_shard
 
 MANIFEST = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16",
             "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
@@ -86,7 +87,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
     store = tmp_path / "x.h5"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from pipeline.store.feature_store import store_lock\n"
+         "from pipeline.store.writing import store_lock\n"
          "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE, text=True)
     try:

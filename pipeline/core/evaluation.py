@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.errors import LayertapError
+
 
 def best_on_val(rows: list[dict]) -> dict:
     """The row with the highest ``val_accuracy``; of equals, the first (the order given: taps low to high)."""
@@ -75,3 +77,18 @@ def bootstrap_gain(correct_new: np.ndarray, correct_old: np.ndarray, resamples: 
     return {"gain": float(diff.mean()), "low": float(np.quantile(gains, tail)),
             "high": float(np.quantile(gains, 1 - tail)), "p_not_better": float((gains <= 0).mean()),
             "resamples": resamples, "level": level}
+
+
+def check_two_classes(class_names, where: str, skipped=()) -> None:
+    """A classifier tells classes apart: fewer than two with usable images is an error (one line, the first
+    skip reasons), at extraction and at classification.
+
+    Raises:
+        LayertapError: naming ``where`` and what was found.
+    """
+    if len(class_names) >= 2:
+        return
+    first = (f"; {len(skipped):,} files were skipped, first: {skipped[0][0]} ({skipped[0][1]})"
+             if len(skipped) else "")
+    found = f"only class {class_names[0]!r} has" if class_names else "no class has"
+    raise LayertapError(f"{where}: {found} usable images, and a classifier needs two classes or more{first}")

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.evaluation import check_two_classes
 from pipeline.core.parallel import default_workers, ordered_map, progress_bar
 from pipeline.core.runtime import collector_paused
 from pipeline.data.headers import bomb_reason, gpu_jpeg, jpeg_header, sniff_format
@@ -314,7 +315,9 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
             detail += (f". No listed file is in {images.root}: a CSV's paths are relative to --root (default: the "
                        "CSV's folder), a --split-file's to --data")
         raise LayertapError(f"no usable images in {images.root}{detail}")
-    return drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
+    found = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
+    check_two_classes(found.class_names, str(images.root), [(s.path, s.reason) for s in found.skipped])
+    return found
 
 
 def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | None) -> ImageRecord | Skipped:

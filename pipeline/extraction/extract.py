@@ -43,7 +43,8 @@ from pipeline.extraction.engines import ENGINES, get_engine
 from pipeline.extraction.reuse import Reuse, plan
 from pipeline.extraction.shards import is_committed, parts_dir, plan_shards
 from pipeline.store import virtual
-from pipeline.store.feature_store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore, merge_shards, store_lock
+from pipeline.store.feature_store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore
+from pipeline.store.writing import merge_shards, store_lock
 
 log = logging.getLogger(__name__)
 SAMPLE = "sample"

@@ -29,8 +29,9 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.extraction.shards import ShardJob, rows_of
-from pipeline.store.feature_store import FeatureStore, write_shard
+from pipeline.store.feature_store import FeatureStore
 from pipeline.store.virtual import TapReader
+from pipeline.store.writing import write_shard
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`plan_shards` cuts the image list into fixed slices (shards) and says which are not yet
 committed; :func:`run_shard` computes one shard from its decoded batches and commits it
-atomically, a pure function of (image slice, settings); :func:`pipeline.store.feature_store.merge_shards`
+atomically, a pure function of (image slice, settings); :func:`pipeline.store.writing.merge_shards`
 joins the shards into the store. An engine is a short driver of these three:
 
 - the local engine (:mod:`pipeline.extraction.engines.local`) decodes in worker processes on this
@@ -35,7 +35,8 @@ from pipeline.data.dali_decode import DaliDecoder
 from pipeline.data.decoding import ProcessDecoder
 from pipeline.data.gpu_decode import NvjpegDecoder, to_backend
 from pipeline.data.images import ImageList, ImageRecord
-from pipeline.store.feature_store import FeatureStore, Rows, write_shard
+from pipeline.store.feature_store import FeatureStore, Rows
+from pipeline.store.writing import write_shard
 
 # Forward passes started and not yet collected while the next batch is fetched (on JAX they run asynchronously).
 # One: on a CPU a forward pass already takes every core. ``make bench-gpu``'s ``-ahead2`` rows measure two on a GPU

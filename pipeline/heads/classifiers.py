@@ -24,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.evaluation import log_loss, score_predictions
+from pipeline.core.evaluation import check_two_classes, log_loss, score_predictions
 from pipeline.core.runtime import import_keras
 
 BUILTIN = ("logreg", "linsvm", "knn", "dense")
@@ -111,6 +111,7 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
     Returns:
         ``(estimator, metrics)``.
     """
+    check_two_classes(store.class_names, str(store.path))
     y = store.labels
     train, val, test = (splits == "train"), (splits == "val"), (splits == "test")
     counts = np.bincount(y[train], minlength=len(store.class_names))

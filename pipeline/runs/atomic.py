@@ -36,7 +36,7 @@ def temporary_beside(target: Path) -> Path:
 
 @contextmanager
 def folder_lock(target: Path, timeout: float = 600):
-    """Writers of ``target`` take turns (the lock file stays: see :func:`pipeline.store.feature_store.store_lock`)."""
+    """Writers of ``target`` take turns (the lock file stays: see :func:`pipeline.store.writing.store_lock`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.with_name(f".{target.name}.lock")), timeout=timeout):
         yield
