@@ -6,8 +6,11 @@ import argparse
 import errno
 import logging
 import os
+import shlex
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from pipeline.backbones.build import layer_rows
@@ -321,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    terminated = _stop_on_sigterm()
     try:
         return args.func(args)
     except DiskFullError as exc:
@@ -338,15 +342,41 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"layertap: error: no space left on the disk writing {exc.filename or 'a file'}; free some "
+                  "space and run the same command again", file=sys.stderr)
+        elif args.verbose:
             raise
-        print(f"layertap: error: no space left on the disk writing {exc.filename or 'a file'}; free some space "
-              "and run the same command again", file=sys.stderr)
+        else:  # a path that is not what it should be (a file where a folder goes, no permission): one line
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"layertap: error: `layertap {args.command}` could not use{where}: {exc.strerror or exc}; "
+                  "-v shows where", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("layertap: interrupted; committed extraction shards are kept (rerun the same command to resume); "
-              "model folders are written only when their training completes", file=sys.stderr)
-        return 130
+        how = "terminated" if terminated() else "interrupted"
+        print(f"layertap: {how}; committed extraction shards are kept, and the same command resumes from them: "
+              f"layertap {shlex.join(argv)}; model folders are written only when their training completes",
+              file=sys.stderr)
+        return 143 if terminated() else 130
+
+
+def _stop_on_sigterm():
+    """SIGTERM (``kill``, a scheduler's stop) stops the command as Ctrl-C does: the same clean-up, committed work
+    kept. Installed only where SIGTERM has its default action (a host program's own handler is left alone).
+
+    Returns:
+        A function that says whether SIGTERM was received.
+    """
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+    return lambda: bool(received)
 
 
 def _stdout_closed() -> bool:
@@ -362,13 +392,14 @@ def _stdout_closed() -> bool:
 
 
 def entry() -> None:
-    """The ``layertap`` command: :func:`main`, and after Ctrl-C an exit that skips the slow interpreter teardown.
+    """The ``layertap`` command: :func:`main`, and after Ctrl-C or SIGTERM an exit that skips the slow interpreter
+    teardown.
 
     Everything that must be cleaned up (decoding processes, shared memory, the store lock, temporary files)
     is by then; tearing down a loaded TensorFlow would add about a second before the prompt returns.
     """
     code = main()
-    if code == 130:
+    if code in (130, 143):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

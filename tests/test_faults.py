@@ -98,7 +98,11 @@ SLOW_DECODER = """
 """
 
 
-def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path, signum, code, word):
+    """Ctrl-C, and SIGTERM (``kill``, a scheduler's stop) the same way: committed work kept, no process or
+    shared memory left, and the command that resumes printed."""
     data = make_class_folder(tmp_path / "data", per_class=8)
     script, mark = _script(tmp_path, SLOW_DECODER), f"layertap-faults-{os.getpid()}-{time.time()}"
     process = subprocess.Popen([sys.executable, str(script), "extract", "--data", str(data), "--out",
@@ -111,10 +115,11 @@ def test_ctrl_c_stops_the_run_within_a_second_and_leaves_nothing_behind(tmp_path
     pids = {process.pid, *processes_marked(mark)}
     assert leaked_segments(pids), "the run's decoding segment is named after it (else the last check proves nothing)"
     started = time.time()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=30)
     assert time.time() - started < 1.0, "Ctrl-C must stop the run within a second"
-    assert process.returncode == 130 and "interrupted" in stderr
+    assert process.returncode == code and word in stderr, stderr[-2000:]
+    assert f"the same command resumes from them: layertap extract --data {data} --out" in stderr
     assert _gone(mark), "no decoding process may outlive the run"
     assert not leaked_segments(pids)
     assert not list((tmp_path / "f").glob("*.h5"))
@@ -591,3 +596,16 @@ def test_no_usable_image_after_decoding_or_a_single_class_is_an_error(tmp_path, 
     assert main(["extract", "--data", str(one), "--out", str(tmp_path / "f"), *TINY]) == 2
     error = capsys.readouterr().err.strip()
     assert "only class 'red' has usable images, and a classifier needs two classes or more" in error, error
+
+
+def test_a_path_that_is_not_what_it_should_be_is_one_line_naming_it(tmp_path, capsys):
+    """--out naming a file (a folder goes there): one line with the path, exit 1, no traceback."""
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=2)
+    taken = tmp_path / "features"
+    taken.write_text("a file")
+    assert main(["extract", "--data", str(data), "--out", str(taken), *TINY]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("layertap: error: `layertap extract` could not use ") and str(taken) in error, error
+    assert len(error.splitlines()) == 1
