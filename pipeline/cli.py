@@ -7,10 +7,8 @@ import errno
 import logging
 import os
 import shlex
-import signal
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 from pipeline.backbones.build import layer_rows
@@ -18,20 +16,19 @@ from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import BACKBONES, get_backbone
 from pipeline.classification.settings import ClassifySettings
 from pipeline.core.errors import LayertapError
-from pipeline.core.runtime import __version__, set_backend_defaults
+from pipeline.core.runtime import __version__, set_backend_defaults, stop_on_sigterm
 from pipeline.core.settings import add_settings_options, settings_from_args
 from pipeline.data.datasets import fetch_flowers17
 from pipeline.data.sample import ensure_sample
 from pipeline.extraction.engines import ENGINES, get_engine
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.finetuning.settings import FinetuneSettings
-from pipeline.prediction.predict import predict
+from pipeline.prediction.predict import predict, write_csv
 from pipeline.runs.reports import (
     comparison_table,
     extract_summary,
     format_table,
     gain_text,
-    spreadsheet_safe,
     stage_table,
     store_summary,
     sweep_table,
@@ -146,7 +143,6 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import csv
     import json
 
 
@@ -156,14 +152,8 @@ def cmd_predict(args) -> int:
         out = Path(args.output)
         if out.suffix == ".json":
             out.write_text(json.dumps(results, indent=2))
-        else:  # surrogateescape: a file name that is not UTF-8 is written as its own bytes
-            with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["path", "error"] + [f"{k}{i + 1}" for i in range(args.top_k)
-                                                     for k in ("class", "prob")])
-                for r in results:
-                    writer.writerow(map(spreadsheet_safe, [r["path"], r.get("error", "")] +
-                                        [v for c, p in r.get("top", []) for v in (c, f"{p:.4f}")]))
+        else:
+            write_csv(results, out, args.top_k)
         print(f"{len(results) - len(bad)} images classified, {len(bad)} not readable; written to {out}")
     else:
         for r in results:
@@ -324,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="layertap: %(levelname)s: %(message)s" if args.verbose else "layertap: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    terminated = _stop_on_sigterm()
+    terminated = stop_on_sigterm()
     try:
         return args.func(args)
     except DiskFullError as exc:
@@ -358,25 +348,6 @@ def main(argv: list[str] | None = None) -> int:
               f"layertap {shlex.join(argv)}; model folders are written only when their training completes",
               file=sys.stderr)
         return 143 if terminated() else 130
-
-
-def _stop_on_sigterm():
-    """SIGTERM (``kill``, a scheduler's stop) stops the command as Ctrl-C does: the same clean-up, committed work
-    kept. Installed only where SIGTERM has its default action (a host program's own handler is left alone).
-
-    Returns:
-        A function that says whether SIGTERM was received.
-    """
-    received = []
-
-    def stop(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, stop)
-    return lambda: bool(received)
 
 
 def _stdout_closed() -> bool:

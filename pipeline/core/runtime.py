@@ -13,8 +13,10 @@ import glob
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -201,3 +203,22 @@ def _stderr_captured():
             if captured.replay:
                 sink.seek(0)
                 sys.stderr.write(sink.read().decode(errors="replace"))
+
+
+def stop_on_sigterm():
+    """SIGTERM (``kill``, a scheduler's stop) stops the command as Ctrl-C does: the same clean-up, committed work
+    kept. Installed only where SIGTERM has its default action (a host program's own handler is left alone).
+
+    Returns:
+        A function that says whether SIGTERM was received.
+    """
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+    return lambda: bool(received)
