@@ -89,8 +89,8 @@ def _opened(path, expected: tuple[int, int] | None):
     if hasattr(path, "read"):
         yield path
         return
-    with open_regular(path) as fh:
-        st = os.fstat(fh.fileno())
+    fh, st = open_regular(path)
+    with fh:
         if expected is not None and (st.st_size, st.st_mtime_ns) != tuple(expected):
             raise BadImageError(CHANGED)
         yield fh

@@ -32,6 +32,8 @@ SPLITS = ("train", "val", "test")
 # The largest file read as one image: far above any photo (an 89-megapixel 16-bit PNG is under 600 MB), and a
 # bound on what one bad file (a disk image, a video) can take before it is refused.
 MAX_FILE_BYTES = 1 << 30
+# What read_file takes in its first read: most photos whole; of a large file, enough to see what it is.
+FIRST_READ = 1 << 18
 RESIZE_MODES = ("squash", "crop")
 # Pillow's own limit (about 89 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -233,8 +235,7 @@ def _link_problem(path: Path) -> str:
         if exc.errno == errno.ELOOP:
             return "symbolic link loop"
         return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
-    kind = _KINDS.get(stat.S_IFMT(mode), "special file")
-    return f"not a regular file ({kind}); only files are read"
+    return _not_regular(mode)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -246,12 +247,13 @@ def fingerprint(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def open_regular(path: os.PathLike):
-    """``path`` opened for reading if it is a regular file: a named pipe, device or socket is refused before
-    any read (a pipe with no writer would block the run for good; ``/dev/zero`` would fill the memory).
+def open_regular(path: os.PathLike, buffered: bool = True):
+    """``path`` opened for reading if it is a regular file, with its ``os.stat_result``: a named pipe, device or
+    socket is refused before any read (a pipe with no writer would block the run for good; ``/dev/zero``
+    would fill the memory).
 
     Opened without blocking, then checked on the open file (``fstat``), so a path swapped for a pipe after a
-    ``stat`` is caught too.
+    ``stat`` is caught too. ``buffered=False`` gives the raw file (one system call a read).
 
     Raises:
         BadImageError: it cannot be opened, or it is not a regular file.
@@ -260,20 +262,25 @@ def open_regular(path: os.PathLike):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise BadImageError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')}); only "
-                            "files are read")
-    return os.fdopen(fd, "rb")
+        raise BadImageError(_not_regular(st.st_mode))
+    return os.fdopen(fd, "rb", buffering=-1 if buffered else 0), st
 
 
-_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+def _not_regular(mode: int) -> str:
+    """Why a named pipe, device, socket or folder is not read as an image."""
+    kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+    return f"not a regular file ({kinds.get(stat.S_IFMT(mode), 'special file')}); only files are read"
 
 
 def read_file(path: os.PathLike, head_reason: Callable[[bytes], str | None] | None = None) -> bytes:
     """A regular file's bytes, at most :data:`MAX_FILE_BYTES` of them.
+
+    Read in one system call where the file is small (the scan's hot path: one per image), else its first
+    :data:`FIRST_READ` bytes and then the rest, so that ``head_reason`` can refuse a large file unread.
 
     Args:
         head_reason: Given the first 16 bytes, why the file is not wanted (then the rest is not read), or None.
@@ -281,20 +288,21 @@ def read_file(path: os.PathLike, head_reason: Callable[[bytes], str | None] | No
     Raises:
         BadImageError: it cannot be read, is not a regular file, is empty or too large, or ``head_reason`` says.
     """
-    with open_regular(path) as file:
-        size = os.fstat(file.fileno()).st_size
-        if size > MAX_FILE_BYTES:
-            raise BadImageError(f"{size:,} bytes: over the {MAX_FILE_BYTES:,}-byte limit of one image file")
+    file, st = open_regular(path, buffered=False)
+    with file:
+        if st.st_size > MAX_FILE_BYTES:
+            raise BadImageError(f"{st.st_size:,} bytes: over the {MAX_FILE_BYTES:,}-byte limit of one image file")
         try:
-            head = file.read(16)
-            if head and head_reason and (reason := head_reason(head)):
+            data = file.read(min(st.st_size, FIRST_READ) + 1)  # a small file whole, its end seen in the same call
+            if data and head_reason and (reason := head_reason(data[:16])):
                 raise BadImageError(reason)
-            data = head + file.read(MAX_FILE_BYTES + 1 - len(head))
+            if len(data) != st.st_size:  # a larger file, a short read, or one that grew since the stat
+                data += file.readall()
         except OSError as exc:
             raise BadImageError(f"cannot read: {exc.strerror or exc}") from None
     if not data:
         raise BadImageError("empty file")
-    if len(data) > MAX_FILE_BYTES:  # it grew while read
+    if len(data) > MAX_FILE_BYTES:  # it grew past the limit while it was read
         raise BadImageError(f"over the {MAX_FILE_BYTES:,}-byte limit of one image file")
     return data
 
