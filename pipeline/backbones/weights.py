@@ -6,9 +6,9 @@ so a cache hit decides its store key without loading a framework.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +29,15 @@ class ResolvedWeights:
     kind: str = "file"  # imagenet, hed-bsds500, random or file
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    return _digests(path, "sha256")[0]
+def sha256_file(source) -> str:
+    """The sha256 of a file: a path, or a binary file open at its start (read in blocks)."""
+    return _digests(source, "sha256")[0]
 
 
-def _digests(path: str | os.PathLike, *algorithms: str, block: int = 1 << 20) -> list[str]:
-    """The hex digests of a file, every algorithm in one read."""
+def _digests(source, *algorithms: str, block: int = 1 << 20) -> list[str]:
+    """The hex digests of a file (a path, or a binary file open at its start), every algorithm in one read."""
     digests = [hashlib.new(name, usedforsecurity=False) for name in algorithms]
-    with open(path, "rb") as fh:
+    with open(source, "rb") if not hasattr(source, "read") else contextlib.nullcontext(source) as fh:
         while chunk := fh.read(block):
             for digest in digests:
                 digest.update(chunk)

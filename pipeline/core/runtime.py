@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.core.settings import check_choice
+
 __version__ = "0.1.0"  # layertap's; setup.cfg says the same
 
 # Compute precision of the backbone -> Keras dtype policy (variables stay float32).
@@ -73,8 +75,7 @@ def resolve_precision(precision: str) -> str:
     Raises:
         ValueError: an unknown precision.
     """
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision={precision!r} is not known; use one of: {', '.join(PRECISION_CHOICES)}")
+    check_choice("precision", precision, PRECISION_CHOICES)
     if precision != "auto":
         return precision
     cpu_bfloat16 = keras_backend() in CPU_BFLOAT16_BACKENDS and _cpu_has_bf16()

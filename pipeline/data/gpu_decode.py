@@ -31,6 +31,7 @@ from functools import partial
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import import_keras, keras_backend, on_gpu
+from pipeline.core.settings import check_choice
 from pipeline.data.decoding import CHANGED, decode_image
 from pipeline.data.headers import gpu_jpeg
 from pipeline.data.images import DEFAULT_MAX_PIXELS, or_reason, read_file
@@ -48,16 +49,15 @@ def resolve_decoder(decoder: str, here: bool = True) -> str:
     backend (JAX or torch) computes on a GPU that DALI sees; else ``pillow``.
 
     DALI extracted faster than 16 Pillow processes on an H100 host (bench/README.md, "GPU"). Where the engine
-    does not decode here (``--engine ray``) the GPUs are the
-    cluster's, not this host's, so ``auto`` is ``pillow`` there (a cache key must not depend on which host
-    started the run); name ``--decoder dali`` to decode in the GPU actors. Checked without importing Keras
+    does not decode here (``--engine ray``) the GPUs are the cluster's, not this host's, so ``auto`` is
+    ``pillow`` there (a cache key must not depend on which host started the run); name ``--decoder dali``
+    to decode in the GPU actors. Checked without importing Keras
     or DALI on a machine without an accelerator.
 
     Raises:
         ValueError: an unknown decoder.
     """
-    if decoder not in DECODER_CHOICES:
-        raise ValueError(f"decoder={decoder!r} is not known; use one of: {', '.join(DECODER_CHOICES)}")
+    check_choice("decoder", decoder, DECODER_CHOICES)
     if decoder != "auto":
         return decoder
     if here and keras_backend() in DALI_BACKENDS and on_gpu() and dali_available():

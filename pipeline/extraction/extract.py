@@ -150,7 +150,7 @@ class ExtractSettings:
         check_choice("compression", self.compression, COMPRESSIONS)
         check_int(self, (("image_size", 32), ("batch_size", 1), ("shard_size", 1), ("workers", 0),
                          ("max_pixels", 1)))
-        if engine.decodes_here:
+        if engine.decodes_here and self.decoder == "pillow":  # its worker processes' shared slots
             check_slots_fit(self.image_size, self.batch_size)  # before the scan, not as ENOMEM after it
         cores = os.cpu_count() or 1
         if self.workers > 2 * cores:

@@ -182,25 +182,27 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
         import joblib
 
         model = joblib.load(io.BytesIO(data))
-        _check_classes(model, manifest, model_dir / MANIFEST)
-        return model, manifest
-    if fmt == "skops":
+    elif fmt == "skops":
         model = _load_skops(model_dir / name, data, trust)
-        _check_classes(model, manifest, model_dir / MANIFEST)
-        return model, manifest
-    keras = import_keras()
-    import pipeline.backbones.layers  # noqa: F401 - registers the custom layers a fine-tuned model uses
-
-    with tempfile.TemporaryDirectory() as tmp:  # load the bytes that were checked, not the file again
-        checked = Path(tmp) / name
-        checked.write_bytes(data)
-        model = keras.saving.load_model(checked, safe_mode=True, compile=False)
+    else:
+        model = _load_keras(name, data)
     _check_classes(model, manifest, model_dir / MANIFEST)
     if fmt == "keras":
         from pipeline.heads.classifiers import DenseHeadClassifier
 
         model = DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))), manifest["params"])
     return model, manifest
+
+
+def _load_keras(name: str, data: bytes):
+    """A ``.keras`` file's model from its checked bytes, in safe mode, with layertap's layers registered."""
+    keras = import_keras()
+    import pipeline.backbones.layers  # noqa: F401 - registers the custom layers a fine-tuned model uses
+
+    with tempfile.TemporaryDirectory() as tmp:  # load the bytes that were checked, not the file again
+        checked = Path(tmp) / name
+        checked.write_bytes(data)
+        return keras.saving.load_model(checked, safe_mode=True, compile=False)
 
 
 def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
@@ -217,7 +219,7 @@ def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
         raise LayertapError(f"{model_dir / MANIFEST}: format {fmt!r} is not known; use one of: "
                             f"{', '.join(MODEL_FILES)}")
     name = MODEL_FILES[fmt]
-    if name not in manifest.get("files", {}):
+    if name not in manifest["files"]:
         raise LayertapError(f"{model_dir / MANIFEST} does not list {name}, the file its format {fmt!r} loads; "
                             "refusing to load a file without a checksum: retrain the model")
     return manifest, fmt, name, _verified_bytes(model_dir / name, manifest["files"][name])
@@ -279,13 +281,15 @@ def _models_in(folder: Path) -> str:
 
 def _verified_bytes(path: Path, expected: str) -> bytes:
     """The file's bytes if their sha256 is ``expected``. Hashed in blocks first, so a wrong file (a 3 GB
-    stranger) is refused without being read into memory whole."""
-    import hashlib
-
-    actual = sha256_file(path) if path.is_file() else "missing"
-    data = path.read_bytes() if actual == expected else None
-    if data is not None:
-        actual = hashlib.sha256(data).hexdigest()  # what is loaded is what was checked
+    stranger) is refused without being read into memory whole; the bytes are then read from the same open
+    file, so what is loaded is what was hashed."""
+    actual, data = "missing", None
+    if path.is_file():
+        with open(path, "rb") as fh:
+            actual = sha256_file(fh)
+            if actual == expected:
+                fh.seek(0)
+                data = fh.read()
     if actual != expected:
         raise LayertapError(f"{path} does not match its manifest (sha256 {actual[:16]}, expected "
                             f"{expected[:16]}); it was changed after training. Refusing to load it: "
