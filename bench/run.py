@@ -157,12 +157,12 @@ def tables(results: dict) -> str:
 
 def accuracy_tables(a: dict) -> str:
     out = [format_table(["tap", "dims", "val acc (chooses)", "test acc", "C", "GFLOPs to tap"],
-                        [[r["tap"], r["dims"], r["val_accuracy"], r["accuracy"], r["C"], r["gflops"]]
+                        [[r["tap"], r["dims"], r["val_accuracy"], r["test_accuracy"], r["C"], r["gflops"]]
                          for r in a["sweep"]],
                         title=f"\nAccuracy, flowers17 split (816/204/340), {a['weights']} weights, 224 px, avg "
                               f"pooling, {a['precision']}. Sweep: logistic regression per tap (fit on train)")]
     out.append(format_table(["classifier", "val acc (chooses)", "test acc", "macro F1", "fit s"],
-                            [[r["classifier"], r["val_accuracy"], r["accuracy"], r["macro_f1"], r["fit_seconds"]]
+                            [[r["classifier"], r["val_accuracy"], r["test_accuracy"], r["macro_f1"], r["fit_seconds"]]
                              for r in a["classifiers_224"]],
                             title=f"\nStage two on the best tap on val ({a['best_tap']}, 224 px)"))
     f = a["finetune"]

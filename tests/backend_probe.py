@@ -63,9 +63,9 @@ def changed_by_one_step(backbone: str) -> dict:
     gradient would reach it whatever the backend does.
     """
     from pipeline import import_keras
-    from pipeline.backbones.build import create_extractor, cut_trunk
+    from pipeline.backbones.build import compose_classifier, create_extractor, cut_trunk
     from pipeline.backbones.layers import crossentropy
-    from pipeline.finetuning.compose import build_augmentation, build_finetune_model, set_trainable
+    from pipeline.finetuning.compose import build_augmentation, set_trainable
     from pipeline.heads.classifiers import build_dense_head
 
     keras = import_keras()
@@ -75,7 +75,7 @@ def changed_by_one_step(backbone: str) -> dict:
     set_trainable(trunk, unfreeze_from)
     dims = trunk.output.shape[-1]
     head = build_dense_head(dims, 3, np.zeros(dims), np.ones(dims), hidden_units=0)
-    model, _ = build_finetune_model(trunk, backbone, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
+    model, _ = compose_classifier(trunk, backbone, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
     before = [keras.ops.convert_to_numpy(w).copy() for w in trunk.weights]
     # Adam moves every weight with a non-zero gradient by about its learning rate, however small the gradient.
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=crossentropy)  # fine-tuning's loss

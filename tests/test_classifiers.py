@@ -75,8 +75,11 @@ def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
         probe_weights(make_classifier("knn").fit(X, y))
     # a linear SVM folds with a temperature: the same predictions, probabilities fitted on the train rows
     svm = make_classifier("linsvm").fit(X, y)
-    with pytest.raises(ValueError, match="give X, y"):
-        probe_weights(svm)
+    # without the train rows it folds as it is: the softmax of its scores, what predict (class_scores) gives
+    from pipeline.heads.classifiers import class_scores
+
+    np.testing.assert_allclose(build_probe_head(*probe_weights(svm)).predict_on_batch(X), class_scores(svm, X),
+                               atol=2e-6)
     svm_probabilities = build_probe_head(*probe_weights(svm, X, y)).predict_on_batch(X)
     assert (svm_probabilities.argmax(axis=1) == svm.predict(X)).all()
     np.testing.assert_allclose(svm_probabilities.sum(axis=1), 1, atol=1e-5)
@@ -84,7 +87,7 @@ def test_probe_folds_into_one_softmax_layer_exactly(n_classes):
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_scores_of_a_classifier_without_probabilities_rank_its_own_prediction_first(n_classes):
-    from pipeline.prediction.predict import class_scores
+    from pipeline.heads.classifiers import class_scores
 
     rng = np.random.default_rng(0)
     y = np.arange(60) % n_classes
@@ -97,7 +100,7 @@ def test_scores_of_a_classifier_without_probabilities_rank_its_own_prediction_fi
 
 
 def test_scores_of_large_decisions_are_a_softmax_without_overflow():
-    from pipeline.prediction.predict import class_scores
+    from pipeline.heads.classifiers import class_scores
 
     class Decisive:
         def decision_function(self, X):

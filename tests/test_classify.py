@@ -146,7 +146,7 @@ def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_pa
     result = classify(ClassifySettings(store=str(store.path), classifiers=("logreg",), out_dir=str(tmp_path / "m")))
     by_tap = {r["tap"]: r for r in result.rows}
     assert by_tap["a"]["val_accuracy"] > by_tap["b"]["val_accuracy"]
-    assert by_tap["b"]["accuracy"] > by_tap["a"]["accuracy"]  # b would win on test
+    assert by_tap["b"]["test_accuracy"] > by_tap["a"]["test_accuracy"]  # b would win on test
     assert result.best["tap"] == "a"
     splits, _ = resolve_splits(store)
 

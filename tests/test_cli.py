@@ -109,7 +109,8 @@ def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
     assert main(["classify", "--data", str(split_folder), "--out", str(tmp_path / "f"), "--models", str(models),
                  "--classifiers", "logreg,knn", *TINY]) == 0
     shown = capsys.readouterr().out
-    assert "val acc (chooses)" in shown and "test acc" in shown and "best on val: " in shown
+    assert "val acc (chooses)" in shown and "test acc" in shown and "recommended: " in shown
+    assert f"{models}/" in shown and "index.html" in shown
     model = next(models.glob("*/block2_pool-logreg"))
     best = json.loads((model.parent / "comparison.json").read_text())["rows"][0]["model_dir"]
     assert main(["predict", str(model.parent), str(split_folder / "test")]) != 0
@@ -196,11 +197,11 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
 
 
 def test_a_broken_pipe_that_is_not_our_output_is_still_an_error(monkeypatch):
-    import pipeline.cli
+    import pipeline.cli.commands
 
     def worker_gone(args):
         raise BrokenPipeError(32, "Broken pipe")  # as from a pipe to a process that died
 
-    monkeypatch.setattr(pipeline.cli, "cmd_layers", worker_gone)
+    monkeypatch.setattr(pipeline.cli.commands, "cmd_layers", worker_gone)
     with pytest.raises(BrokenPipeError):
         main(["layers", "vgg16"])

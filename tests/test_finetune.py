@@ -14,7 +14,7 @@ import pipeline.finetuning.finetune
 import pipeline.store.manifest
 from conftest import make_split_folder, tiny_settings
 from pipeline import LayertapError
-from pipeline.backbones.build import build_backbone
+from pipeline.backbones.build import build_backbone, compose_classifier
 from pipeline.backbones.layers import BackbonePreprocess, crossentropy
 from pipeline.backbones.registry import get_backbone
 from pipeline.backbones.weights import resolve_weights
@@ -25,7 +25,6 @@ from pipeline.data.decoding import decode_image
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.compose import (
     build_augmentation,
-    build_finetune_model,
     default_unfreeze_from,
     keep_best_on_val,
     parse_augmentation,
@@ -81,7 +80,7 @@ def test_phase_two_changes_only_unfrozen_weights_and_batchnorm_stays_in_inferenc
     assert all(not layer.trainable for layer in bn)
     dims = trunk.output.shape[-1]
     head = build_dense_head(dims, 3, np.zeros(dims), np.ones(dims), hidden_units=0)
-    model, _ = build_finetune_model(trunk, backbone.name, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
+    model, _ = compose_classifier(trunk, backbone.name, tap, "avg", head, build_augmentation({"flip": "horizontal"}))
     before = {w.path: keras.ops.convert_to_numpy(w) for w in trunk.weights}
     # Keras's own loss would pass no gradient on JAX and torch from an image the random network is sure about.
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=crossentropy)
@@ -166,7 +165,7 @@ def test_report_compares_with_stage_two_on_the_same_test_images(staged, finetune
     best_row = json.loads((run_dir / "comparison.json").read_text())["rows"][0]  # best on val
     assert metrics["stage_two"]["classifier"] == f"{best_row['tap']} + {best_row['classifier']}"
     assert metrics["stage_two"]["val_accuracy"] == best_row["val_accuracy"]
-    assert metrics["gain"]["gain"] == pytest.approx(metrics["accuracy"] - best_row["accuracy"])
+    assert metrics["gain"]["gain"] == pytest.approx(metrics["accuracy"] - best_row["test_accuracy"])
     assert metrics["gain_over_probe"]["gain"] == pytest.approx(metrics["accuracy"] - logreg["accuracy"])
     assert metrics["gain"]["low"] <= metrics["gain"]["gain"] <= metrics["gain"]["high"]
     assert [p["unfrozen_from"] for p in metrics["phases"]] == [None, "block2_conv2"]

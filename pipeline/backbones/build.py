@@ -259,6 +259,33 @@ def create_extractor(backbone: str | Backbone, weights: str | ResolvedWeights, t
     return Extractor(model, base, taps, tap_shapes(base, taps))
 
 
+def compose_classifier(trunk, backbone: str, tap: str, pooling: str, head, augment=None):
+    """pixels -> augment -> preprocess -> trunk (inference mode) -> pooling -> head: what stage three trains and
+    ``layertap export`` writes.
+
+    Args:
+        trunk: ``keras.Model`` from the backbone's input to the tap's output.
+        head: ``keras.Model`` from pooled features to class probabilities.
+
+    Returns:
+        ``(model, features)``: the classifier, and the model up to the pooled features that
+        shares its layers (what stage one stored for this tap).
+    """
+    from pipeline.backbones.layers import BackbonePreprocess, TapPooling
+
+    keras = import_keras()
+
+    # float32 input: uint8 arrays are converted per batch, and the Random* layers need floats.
+    pixels = keras.Input(shape=trunk.input_shape[1:], name="pixels")
+    x = augment(pixels) if augment is not None else pixels
+    x = BackbonePreprocess(backbone, name="preprocess")(x)
+    # training=False documents the intent; what keeps BatchNorm in inference mode under fit()
+    # is that its layers stay frozen (Keras 3 runs a non-trainable BatchNorm in inference mode).
+    maps = trunk(x, training=False)
+    pooled = TapPooling(pooling, name=f"{tap}_{pooling}")(maps)
+    return keras.Model(pixels, head(pooled), name=f"{trunk.name}_finetune"), keras.Model(pixels, pooled)
+
+
 def layer_rows(model, backbone: Backbone) -> list[dict]:
     """One row per layer: index, name, type, output shape, parameters, recommended tap."""
     rows = []

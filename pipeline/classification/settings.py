@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from pipeline.core.settings import option
 
+# The one default set, of the CLI and the Makefile alike: the linear probe, a linear SVM, cosine kNN and the
+# tutorials' Dense head.
+DEFAULT_CLASSIFIERS = ("logreg", "linsvm", "knn", "dense")
+
 
 @dataclass(frozen=True)
 class ClassifySettings:
@@ -16,8 +20,8 @@ class ClassifySettings:
     """
 
     store: str = option("", "the feature store", cli=False)
-    classifiers: tuple[str, ...] = option(("logreg",), "comma-separated: logreg, linsvm, knn, dense, or an import "
-                                                       "path, each optionally with :{json params}", metavar="SPECS",
+    classifiers: tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated: logreg, linsvm, knn, dense, or an "
+                                          "import path, each optionally with :{json params}", metavar="SPECS",
                                           group="stage two")
     layers: tuple[str, ...] = option((), "taps to train on (default: every tap of the store)", cli=False)
     out_dir: str = option("models", "folder of the runs", flag="--models", group="stage two")
@@ -29,7 +33,7 @@ class ClassifySettings:
     def __post_init__(self):
         if not self.store:
             raise ValueError("store is required: the feature store to train on")
-        object.__setattr__(self, "classifiers", _names(self.classifiers) or ("logreg",))
+        object.__setattr__(self, "classifiers", _names(self.classifiers) or DEFAULT_CLASSIFIERS)
         object.__setattr__(self, "layers", _names(self.layers))
         from pipeline.heads.classifiers import make_classifier  # scikit-learn: only when settings are made
 

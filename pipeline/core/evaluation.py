@@ -6,6 +6,8 @@ are scored once, for the report (:func:`score_predictions`, :func:`bootstrap_gai
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.core.errors import LayertapError
@@ -38,8 +40,14 @@ def log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], TINY, 1.0))))
 
 
-def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names) -> dict:
-    """Accuracy, per-class precision/recall/F1, the confusion matrix and the predictions, as JSON values."""
+def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names, probabilities=None) -> dict:
+    """Accuracy, per-class precision/recall/F1, the confusion matrix and the predictions, as JSON values.
+
+    Args:
+        probabilities: ``(n, classes)`` class probabilities (column j: class j); then each image's
+            ``confidence`` (the probability of its predicted class) and ``true_probability`` (of its true
+            class) are kept too, rounded to 4 decimals: the report's gallery of the images it gets most wrong.
+    """
     from sklearn.metrics import classification_report, confusion_matrix
 
     y_true, predicted = np.asarray(y_true), np.asarray(predicted)
@@ -50,7 +58,23 @@ def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names) ->
                                         output_dict=True, zero_division=0),
         "confusion": confusion_matrix(y_true, predicted, labels=labels).tolist(),
         "predictions": predicted.tolist(),
-    }
+    } | ({} if probabilities is None else {
+        "confidence": np.round(np.asarray(probabilities)[np.arange(len(predicted)), predicted], 4).tolist(),
+        "true_probability": np.round(np.asarray(probabilities)[np.arange(len(y_true)), y_true], 4).tolist()})
+
+
+def accuracy_interval(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of ``correct`` out of ``n`` test images (exact enough at the
+    ends, where the normal approximation leaves [0, 1]); ``(0, 1)`` for no images."""
+    if n <= 0:
+        return 0.0, 1.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap_gain(correct_new: np.ndarray, correct_old: np.ndarray, resamples: int = 10_000,

@@ -1,5 +1,5 @@
-"""Composing a backbone for fine-tuning (augmentation, the trunk up to a tap, pooling, a head), freezing by name,
-and training one phase.
+"""Fine-tuning's parts: augmentation, freezing by name, the learning-rate schedule and training one phase (the
+network itself is :func:`pipeline.backbones.build.compose_classifier`).
 
 Everything uses the Keras 3 API, so the model trains unchanged on the TensorFlow, JAX and PyTorch backends.
 """
@@ -69,32 +69,6 @@ def build_augmentation(spec: dict, seed: int = 0):
     if "contrast" in spec:
         layers.append(keras.layers.RandomContrast(spec["contrast"], seed=seed + 3, name="contrast"))
     return keras.Sequential(layers, name="augment") if layers else None
-
-
-def build_finetune_model(trunk, backbone: str, tap: str, pooling: str, head, augment=None):
-    """pixels -> augment -> preprocess -> trunk (inference mode) -> pooling -> head.
-
-    Args:
-        trunk: ``keras.Model`` from the backbone's input to the tap's output.
-        head: ``keras.Model`` from pooled features to class probabilities.
-
-    Returns:
-        ``(model, features)``: the classifier, and the model up to the pooled features that
-        shares its layers (what stage one stored for this tap).
-    """
-    from pipeline.backbones.layers import BackbonePreprocess, TapPooling
-
-    keras = import_keras()
-
-    # float32 input: uint8 arrays are converted per batch, and the Random* layers need floats.
-    pixels = keras.Input(shape=trunk.input_shape[1:], name="pixels")
-    x = augment(pixels) if augment is not None else pixels
-    x = BackbonePreprocess(backbone, name="preprocess")(x)
-    # training=False documents the intent; what keeps BatchNorm in inference mode under fit()
-    # is that its layers stay frozen (Keras 3 runs a non-trainable BatchNorm in inference mode).
-    maps = trunk(x, training=False)
-    pooled = TapPooling(pooling, name=f"{tap}_{pooling}")(maps)
-    return keras.Model(pixels, head(pooled), name=f"{trunk.name}_finetune"), keras.Model(pixels, pooled)
 
 
 def default_unfreeze_from(trunk) -> str:

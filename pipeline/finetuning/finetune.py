@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones.build import build_backbone, cut_trunk
+from pipeline.backbones.build import build_backbone, compose_classifier, cut_trunk
 from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, bootstrap_gain, epoch_rank, log_loss, score_predictions
@@ -38,7 +38,6 @@ from pipeline.core.runtime import import_keras
 from pipeline.data.decoding import decode_store_rows
 from pipeline.finetuning.compose import (
     build_augmentation,
-    build_finetune_model,
     check_composition,
     check_unfreeze_from,
     default_unfreeze_from,
@@ -52,6 +51,7 @@ from pipeline.finetuning.compose import (
 from pipeline.finetuning.settings import FinetuneSettings
 from pipeline.heads.classifiers import build_dense_head, build_probe_head, probe_weights, train_one
 from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_model
+from pipeline.runs.page import write_run_page
 from pipeline.runs.reports import write_finetune_report
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
@@ -59,7 +59,8 @@ from pipeline.store.splits import resolve_splits, test_rows_sha256
 log = logging.getLogger(__name__)
 def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> list[dict]:
     """Stage two's table rows for this store, best on val first, each with its ``metrics``; only models
-    tested on exactly these test images, and only tables ranked on val (older ones ranked on test)."""
+    tested on exactly these test images, and only tables ranked on val (older ones ranked on test). Stage
+    three's rows of the table (an earlier fine-tuning) are not a baseline."""
     path = run_dir / "comparison.json"
     if not path.is_file():
         return []
@@ -68,6 +69,8 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> li
         return []
     test_sha, rows = test_rows_sha256(store, splits), []
     for row in comparison["rows"]:
+        if row.get("stage", "two") != "two":
+            continue
         metrics_path = run_dir / Path(row["model_dir"]).name / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         if metrics.get("test_rows_sha256") != test_sha:
@@ -135,6 +138,7 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     model_dir = run_dir / f"{job.tap}-finetune"
     save_model(KerasImageModel(job.model), model_dir, model_manifest(store, job.tap, "finetune", settings))
     write_finetune_report(model_dir, metrics, store)
+    write_run_page(run_dir, store.key, metrics["test_rows_sha256"])
     return model_dir, metrics
 
 
@@ -207,7 +211,7 @@ class _Job:
             self.head = build_dense_head(self.X.shape[1], len(store.class_names), X_train.mean(axis=0),
                                          X_train.var(axis=0), s.hidden_units, s.dropout)
         self.augmentation = parse_augmentation(s.augment)
-        self.model, self.features_model = build_finetune_model(
+        self.model, self.features_model = compose_classifier(
             self.trunk, store.manifest.backbone, self.tap, store.manifest.pooling, self.head,
             build_augmentation(self.augmentation, s.seed))
         self.runs_phase2 = s.fine_tune_epochs > 0 and s.fine_tune_minutes != 0
@@ -305,7 +309,7 @@ class _Job:
 
         kept = self.phases[-1] if self.kept == "phase 2" else self.phases[0]
         return {
-            **score_predictions(y_test, probs.argmax(axis=1), self.store.class_names),
+            **score_predictions(y_test, probs.argmax(axis=1), self.store.class_names, probs),
             "val_accuracy": kept["val_accuracy"], "phase1_accuracy": float(phase1_correct.mean()),
             "probe": {k: v for k, v in self.probe_baseline.items() if k != "predictions"},
             "stage_two": {k: v for k, v in self.best_baseline.items() if k != "predictions"},
@@ -316,6 +320,7 @@ class _Job:
             "augmentation": self.augmentation, "precision": self.precision, **extra,
             "n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test),
             "split_source": self.split_source, "test_rows_sha256": test_rows_sha256(self.store, self.splits),
+            "store_key": self.store.key,
             "fit_seconds": sum(p["seconds"] for p in self.phases), "trainable_params": self.phases[-1]["trainable"],
             "chosen": {"kept": self.kept, "tap": self.tap, "unfreeze_from": self.unfreeze_from},
         }

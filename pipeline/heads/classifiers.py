@@ -129,8 +129,9 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
         estimator.fit(X[train], y[train])
     fit_seconds = time.perf_counter() - started
     val_predicted = estimator.predict(X[val])
+    probabilities = class_scores(estimator, X[test])
     metrics = {
-        **score_predictions(y[test], estimator.predict(X[test]), store.class_names),
+        **score_predictions(y[test], estimator.predict(X[test]), store.class_names, probabilities),
         "val_accuracy": float((val_predicted == y[val]).mean()),
         "val_predictions": val_predicted.tolist(),
         "n_train": int(train.sum()), "n_val": int(val.sum()), "n_test": int(test.sum()),
@@ -138,6 +139,17 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
         "chosen": describe(estimator),
     }
     return estimator, metrics
+
+
+def class_scores(estimator, X) -> np.ndarray:
+    """Class probabilities, or a softmax of decision scores for classifiers without them."""
+    if hasattr(estimator, "predict_proba"):  # GridSearchCV and Pipeline hide it when the model lacks it
+        return np.asarray(estimator.predict_proba(X))
+    scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    if scores.ndim == 1:  # a binary classifier's one score z: softmax([-z/2, z/2]) = sigmoid(z)
+        scores = np.stack([-scores / 2, scores / 2], axis=1)
+    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return scores / scores.sum(axis=1, keepdims=True)
 
 
 def trainable_params(estimator) -> int:
@@ -339,12 +351,13 @@ def probe_weights(estimator, X: np.ndarray | None = None, y: np.ndarray | None =
     The probe is ``StandardScaler`` + ``LogisticRegression`` (stage two's ``logreg``) or + ``LinearSVC``
     (``linsvm``), possibly inside its ``GridSearchCV``. Standardisation folds into the layer:
     ``W' = W / sigma`` and ``b' = b - W' mu``; a binary probe's single score ``z`` becomes
-    ``[-z/2, +z/2]``, whose softmax is the same sigmoid. A linear SVM's scores are not log-odds: they
-    are divided by the temperature that fits them best to ``X, y`` (the train rows), which keeps
-    every prediction and gives phase 2 calibrated probabilities to start from.
+    ``[-z/2, +z/2]``, whose softmax is the same sigmoid. A linear SVM's scores are not log-odds: given
+    ``X, y`` (the train rows), they are divided by the temperature that fits them best, which keeps
+    every prediction and gives phase 2 calibrated probabilities to start from; without them the layer is
+    the softmax of its scores, as :func:`class_scores` (``layertap predict``) computes them.
 
     Raises:
-        ValueError: the estimator is not such a probe, or an SVM comes without ``X, y``.
+        ValueError: the estimator is not such a probe.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -360,9 +373,7 @@ def probe_weights(estimator, X: np.ndarray | None = None, y: np.ndarray | None =
     bias = clf.intercept_ - kernel @ mean
     if len(clf.classes_) == 2:
         kernel, bias = np.vstack([-kernel / 2, kernel / 2]), np.concatenate([-bias / 2, bias / 2])
-    if isinstance(clf, LinearSVC):
-        if X is None or y is None:
-            raise ValueError("a LinearSVC probe folds with a temperature fitted on its training rows: give X, y")
+    if isinstance(clf, LinearSVC) and X is not None and y is not None:
         temperature = _fit_temperature(np.asarray(X, np.float64) @ kernel.T + bias, np.searchsorted(clf.classes_, y))
         kernel, bias = kernel / temperature, bias / temperature
     return kernel.T.astype(np.float32), bias.astype(np.float32)

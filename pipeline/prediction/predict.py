@@ -33,17 +33,6 @@ def list_image_files(inputs) -> list[Path]:
     return files
 
 
-def class_scores(estimator, X) -> np.ndarray:
-    """Class probabilities, or a softmax of decision scores for classifiers without them."""
-    if hasattr(estimator, "predict_proba"):  # GridSearchCV and Pipeline hide it when the model lacks it
-        return np.asarray(estimator.predict_proba(X))
-    scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
-    if scores.ndim == 1:
-        scores = np.stack([-scores, scores], axis=1)
-    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return scores / scores.sum(axis=1, keepdims=True)
-
-
 def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: int = 32,
             workers: int = 0, trust: bool = False) -> list[dict]:
     """Top-k classes for each image; a bad image gets an ``error`` instead.
@@ -65,6 +54,8 @@ def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: in
         def scores(x):
             return np.asarray(estimator.predict_on_batch(x), dtype=np.float64)
     else:
+        from pipeline.heads.classifiers import class_scores  # scikit-learn
+
         extractor = recipe.create_extractor([m["tap"]])
 
         def scores(x):

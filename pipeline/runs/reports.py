@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +20,26 @@ def spreadsheet_safe(cell) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
+def rounded(value, digits: int = 6):
+    """``value`` with every float rounded to ``digits`` significant digits (JSON that reads 0.018025, not
+    0.018024999999999635); non-finite floats become None, which JSON can hold."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def write_json(path: Path, value) -> None:
+    """``value`` as indented JSON with rounded floats (:func:`rounded`)."""
+    Path(path).write_text(json.dumps(rounded(value), indent=2) + "\n")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     """A plain-text table; numbers are right-aligned, floats shown with 3 decimals."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    cells = [[cell_text(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     numeric = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
                                   for r in rows if r[i] is not None) for i in range(len(headers))]
@@ -111,7 +129,7 @@ def store_summary(store) -> str:
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def cell_text(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -158,7 +176,7 @@ def classification_table(report: dict, class_names) -> str:
 def _write_metrics(model_dir, metrics: dict, class_names, title: str) -> Path:
     """``metrics.json`` and ``confusion.png``, which every model folder has."""
     model_dir = Path(model_dir)
-    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(model_dir / "metrics.json", metrics)
     plot_confusion(model_dir / "confusion.png", metrics["confusion"], class_names, title)
     return model_dir
 
@@ -183,32 +201,23 @@ COMPARISON_HEADERS = ["tap", "classifier", "val acc (chooses)", "test acc", "tes
 
 
 def comparison_table(rows) -> str:
-    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["val_accuracy"], r["accuracy"],
+    """Stage two's rows of one ``classify`` call (:mod:`pipeline.runs.page` tables a whole run folder)."""
+    return format_table(COMPARISON_HEADERS, [[r["tap"], r["classifier"], r["val_accuracy"], r["test_accuracy"],
                                               r["macro_f1"], r["fit_seconds"], r["trainable_params"], r["dims"]]
                                              for r in rows])
-
-
-def write_comparison(run_dir, rows, store, split_source: str) -> None:
-    run_dir = Path(run_dir)
-    (run_dir / "comparison.json").write_text(json.dumps({"store": str(store.path), "store_key": store.key,
-                                                          "split": split_source, "chosen_by": "val accuracy",
-                                                          "rows": rows}, indent=2))
-    (run_dir / "comparison.md").write_text(
-        f"# Classifiers x taps on {store.path.name}\n\nweights: {store.manifest.weights}; "
-        f"split: {split_source}. Each classifier is fit on the train rows; best first by **val** accuracy "
-        f"(ties: the order given); test accuracy is scored once, for this report.\n\n"
-        f"```\n{comparison_table(rows)}\n```\n")
 
 
 SWEEP_HEADERS = ["tap", "map", "dims", "val acc", "test acc", "C", "GFLOPs to tap", "% of net", "params to tap",
                  "flatten dims", "Dense(256) params, flatten", "Dense(256) params, avg"]
 
 
+def sweep_cells(r) -> list:
+    return [r["tap"], r["map"], r["dims"], r["val_accuracy"], r["test_accuracy"], r["C"], r["gflops"],
+            100.0 * r["flops_share"], r["params_to_tap"], r["flatten_dims"], r["dense_flatten"], r["dense_avg"]]
+
+
 def sweep_table(rows) -> str:
-    return format_table(SWEEP_HEADERS, [[r["tap"], r["map"], r["dims"], r["val_accuracy"], r["accuracy"], r["C"],
-                                         r["gflops"],
-                                         100.0 * r["flops_share"], r["params_to_tap"], r["flatten_dims"],
-                                         r["dense_flatten"], r["dense_avg"]] for r in rows])
+    return format_table(SWEEP_HEADERS, [sweep_cells(r) for r in rows])
 
 
 def write_sweep(run_dir, rows, store, best: str) -> Path:
@@ -216,8 +225,8 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     m = store.manifest
-    (run_dir / "sweep.json").write_text(json.dumps({"store": str(store.path), "best_on_val": best, "rows": rows},
-                                                   indent=2))
+    write_json(run_dir / "sweep.json", {"store": str(store.path), "store_key": store.key, "best_on_val": best,
+                                        "rows": rows})
     (run_dir / "sweep.md").write_text(
         f"# Layer sweep: {m.backbone} ({m.weights} weights), {m.image_size} px, {m.pooling} pooling\n\n"
         "Linear probe (standardised logistic regression fit on the train rows, C by stratified 3-fold CV "
@@ -227,7 +236,7 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     x = range(len(rows))
     ax.plot(x, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
-    ax.plot(x, [r["accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    ax.plot(x, [r["test_accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
     ax.legend(fontsize=8, loc="lower left")
     ax.set_xticks(list(x), [f"{r['tap']}\n{r['dims']} dims" for r in rows], fontsize=8)
     ax.set_ylabel("accuracy (linear probe)")

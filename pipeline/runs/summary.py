@@ -1,0 +1,115 @@
+"""A run folder's answer: every model folder as one comparison row (stage two and three), and the recommended one.
+
+A run folder (``models/<run>/``) gathers what stages two and three trained on one store. Its model folders are
+the record: :func:`collect_rows` reads their ``manifest.json`` and ``metrics.json``, so a table written after
+``classify``, ``sweep``, ``finetune`` or ``layertap report`` says the same thing however the folder grew.
+
+The recommendation is the row best on **val**, across stages; equal val accuracies go to the simpler model
+(stage two before stage three; then logreg, linsvm, dense, knn, others). Test accuracy is shown beside it with
+a 95% interval, never chosen on. Only models tested on the same images are compared: rows tested on others
+(another seed or store) are set aside and named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.evaluation import accuracy_interval
+from pipeline.runs.artifacts import MANIFEST
+
+log = logging.getLogger(__name__)
+SIMPLER_FIRST = ("logreg", "linsvm", "dense", "knn")
+
+
+@dataclass
+class RunSummary:
+    """What a run folder holds, compared: ``rows`` best on val first (``rows[0]`` is recommended), the rows
+    ``set_aside`` (tested on other images), the sweep's rows and the fine-tuning metrics where they exist."""
+
+    run_dir: Path
+    rows: list[dict]
+    set_aside: list[dict] = field(default_factory=list)
+    sweep: dict | None = None
+    finetune: dict | None = None
+
+    @property
+    def recommended(self) -> dict | None:
+        return self.rows[0] if self.rows else None
+
+    def finetune_verdict(self) -> str | None:
+        """What fine-tuning bought, in words, from the test gain over stage two's val-chosen best."""
+        if not self.finetune:
+            return None
+        gain, two = self.finetune["gain"], self.finetune["stage_two"]["classifier"]
+        interval = f"{gain['gain']:+.3f} on test (95% CI {gain['low']:+.3f} to {gain['high']:+.3f})"
+        rec = self.recommended
+        three_chosen = rec is not None and rec["stage"] == "three"
+        if gain["low"] > 0:
+            return f"fine-tuning gained {interval} over stage two's best on val ({two})."
+        if gain["high"] < 0:
+            return f"fine-tuning lost {interval} against stage two's best on val ({two}); use the stage-two model."
+        if three_chosen:
+            return (f"no measurable gain: {interval} over stage two's best on val ({two}). Val chose the fine-tuned "
+                    f"model; within the test's noise {two} is as good and cheaper to run and to retrain.")
+        return f"no measurable gain: {interval} over stage two's best on val ({two}); use the stage-two model."
+
+
+def _row(folder: Path, manifest: dict, metrics: dict) -> dict:
+    stage = "three" if manifest.get("classifier") == "finetune" else "two"
+    correct = round(metrics["accuracy"] * metrics["n_test"])
+    low, high = accuracy_interval(correct, metrics["n_test"])
+    report = metrics.get("report", {}).get("macro avg", {})
+    return {"stage": stage, "tap": manifest["tap"], "classifier": folder.name.removeprefix(manifest["tap"] + "-"),
+            "spec": manifest.get("classifier"), "val_accuracy": metrics["val_accuracy"],
+            "test_accuracy": metrics["accuracy"], "test_low": low, "test_high": high,
+            "macro_f1": report.get("f1-score"), "fit_seconds": metrics.get("fit_seconds"),
+            "trainable_params": metrics.get("trainable_params"), "n_test": metrics["n_test"],
+            "test_rows_sha256": metrics.get("test_rows_sha256"), "store_key": manifest.get("store_key"),
+            "model_dir": str(folder)}
+
+
+def _simplicity(row: dict) -> tuple:
+    name = row["classifier"].split("-")[0]
+    return (row["stage"] != "two", SIMPLER_FIRST.index(name) if name in SIMPLER_FIRST else len(SIMPLER_FIRST),
+            row["trainable_params"] or 0, row["tap"])
+
+
+def rank_rows(rows: list[dict]) -> list[dict]:
+    """Best on val first; equal val accuracies: the simpler model first (see the module docstring)."""
+    return sorted(rows, key=lambda r: (-r["val_accuracy"], *_simplicity(r)))
+
+
+def collect_rows(run_dir: Path, store_key: str | None = None, test_sha: str | None = None) -> RunSummary:
+    """Every model folder of ``run_dir`` as a row, ranked (:func:`rank_rows`).
+
+    Args:
+        store_key, test_sha: Compare only models of this store, tested on these test rows; by default those of
+            the most models in the folder.
+    """
+    run_dir = Path(run_dir)
+    rows, finetunes = [], {}
+    for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            metrics = json.loads((folder / "metrics.json").read_text())
+            rows.append(_row(folder, manifest, metrics))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # not a model folder, or one being written
+            log.debug("%s is not compared: %s", folder, exc)
+            continue
+        if rows[-1]["stage"] == "three":
+            finetunes[str(folder)] = metrics
+    if rows and (store_key is None or test_sha is None):
+        store_key, test_sha = Counter((r["store_key"], r["test_rows_sha256"]) for r in rows).most_common(1)[0][0]
+    same = [r for r in rows if (r["store_key"], r["test_rows_sha256"]) == (store_key, test_sha)]
+    ranked = rank_rows(same)
+    kept_three = next((r for r in ranked if r["stage"] == "three"), None)
+    sweep_path = run_dir / "sweep.json"
+    sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else None
+    if sweep and sweep.get("store_key", store_key) != store_key:
+        sweep = None
+    return RunSummary(run_dir, ranked, [r for r in rows if r not in same], sweep,
+                      finetunes.get(kept_three["model_dir"]) if kept_three else None)
