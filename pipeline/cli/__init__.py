@@ -19,11 +19,14 @@ __all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
 def main(argv: list[str] | None = None) -> int:
     set_backend_defaults()
-    if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their own bytes
-        sys.stdout.reconfigure(errors="surrogateescape")
+    if hasattr(sys.stdout, "reconfigure"):
+        # File names that are not UTF-8 print as their own bytes; each line goes out when it is printed, also
+        # into a pipe or a log (block-buffered, a run's lines would arrive minutes late, after its log lines).
+        sys.stdout.reconfigure(errors="surrogateescape", line_buffering=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     named = [a for a in argv if a in COMMANDS][:1]  # build only that command's options: no stage imports another
     args = build_parser(named or COMMANDS).parse_args(argv)
+    args.argv = argv  # which flags were given, not defaulted (pipeline.cli.commands.STORE_FLAGS)
     if args.verbose:
         os.environ["LAYERTAP_VERBOSE"] = "1"
     # Our own progress lines at INFO; other libraries only from WARNING up (JAX logs its absent TPU at INFO).

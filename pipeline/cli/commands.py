@@ -11,6 +11,7 @@ from pipeline.backbones.registry import get_backbone
 from pipeline.classification.settings import ClassifySettings
 from pipeline.core.errors import LayertapError
 from pipeline.core.settings import settings_from_args
+from pipeline.core.text import plural
 from pipeline.data.datasets import fetch_flowers17
 from pipeline.data.sample import ensure_sample
 from pipeline.extraction.engines import get_engine
@@ -44,9 +45,16 @@ def cmd_extract(args) -> int:
     return 0
 
 
+# Extraction flags that describe a store: given with --store, each must agree with the store's manifest.
+STORE_FLAGS = (("--backbone", "backbone", ("backbone",)), ("--size", "size", ("image_size",)),
+               ("--pool", "pool", ("pooling",)), ("--weights", "weights", ("weights_arg", "weights")),
+               ("--resize", "resize", ("resize",)))
+
+
 def _store_for(args) -> str:
     """The store a stage-two command works on: --store, else the extraction its flags describe."""
     if args.store:
+        _check_store_flags(args, args.store)
         return args.store
 
     settings = _extract_settings(args)
@@ -54,6 +62,22 @@ def _store_for(args) -> str:
     if not result.cache_hit:
         print(extract_summary(result, settings))
     return str(result.store_path)
+
+
+def _check_store_flags(args, store: str) -> None:
+    """A flag given with --store that contradicts the store (a vgg16 store with --backbone resnet50) is refused:
+    training would silently use the store's features, not the ones the flag asks for."""
+    given = [(flag, dest, fields) for flag, dest, fields in STORE_FLAGS
+             if any(a == flag or a.startswith(flag + "=") for a in getattr(args, "argv", ()))]
+    if not given:
+        return
+    manifest = FeatureStore(store).manifest
+    for flag, dest, fields in given:
+        asked, made = str(getattr(args, dest)), [str(getattr(manifest, field)) for field in fields]
+        if asked not in made:
+            raise LayertapError(f"{flag} {asked} contradicts --store {store}, which was made with {flag} {made[0]}; "
+                                f"drop {flag} to train on that store, or drop --store to use (or extract) the store "
+                                "the flags describe")
 
 
 def cmd_classify(args) -> int:
@@ -134,7 +158,7 @@ def cmd_predict(args) -> int:
             out.write_text(json.dumps(results, indent=2))
         else:
             write_csv(results, out, args.top_k)
-        print(f"{len(results) - len(bad)} images classified, {len(bad)} not readable; written to {out}")
+        print(f"{plural(len(results) - len(bad), 'image')} classified, {len(bad)} not readable; written to {out}")
     else:
         for r in results:
             top = "  ".join(f"{c} {p:.3f}" for c, p in r.get("top", []))

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.text import plural
 
 
 def best_on_val(rows: list[dict]) -> dict:
@@ -112,7 +113,7 @@ def check_two_classes(class_names, where: str, skipped=()) -> None:
     """
     if len(class_names) >= 2:
         return
-    first = (f"; {len(skipped):,} files were skipped, first: {skipped[0][0]} ({skipped[0][1]})"
+    first = (f"; {plural(len(skipped), 'file')} skipped, first: {skipped[0][0]} ({skipped[0][1]})"
              if len(skipped) else "")
     found = f"only class {class_names[0]!r} has" if class_names else "no class has"
     raise LayertapError(f"{where}: {found} usable images, and a classifier needs two classes or more{first}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,9 +31,15 @@ def ordered_map(fn, items, workers: int, prefetch: int | None = None):
                 future.cancel()
 
 
+def on_terminal() -> bool:
+    """Whether progress bars can be drawn: standard error is a terminal. Where it is a pipe or a log file, a bar
+    would leave its carriage-return remnants glued to the lines around it."""
+    return sys.stderr.isatty()
+
+
 def progress_bar(iterable, total: int, desc: str, enabled: bool, unit: str = "img"):
-    """``iterable`` wrapped in a tqdm bar when ``enabled``."""
-    if not enabled:
+    """``iterable`` wrapped in a tqdm bar when ``enabled``, there is something to count and a terminal to draw on."""
+    if not (enabled and total and on_terminal()):
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)

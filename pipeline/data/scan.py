@@ -36,6 +36,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import check_two_classes
 from pipeline.core.parallel import default_workers, ordered_map, progress_bar
 from pipeline.core.runtime import collector_paused
+from pipeline.core.text import plural
 from pipeline.data.headers import bomb_reason, gpu_jpeg, jpeg_header, sniff_format
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -309,7 +310,7 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
     kept = tuple(r for r in results if isinstance(r, ImageRecord))
     skipped = images.skipped + tuple(r for r in results if isinstance(r, Skipped))
     if not kept:
-        detail = (f"; {len(skipped)} files were skipped, first: {skipped[0].path} ({skipped[0].reason})"
+        detail = (f"; {plural(len(skipped), 'file')} skipped, first: {skipped[0].path} ({skipped[0].reason})"
                   if skipped else "")
         if records and all(stat is None for stat in stats):
             detail += (f". No listed file is in {images.root}: a CSV's paths are relative to --root (default: the "

@@ -34,6 +34,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
 from pipeline.core.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
 from pipeline.core.settings import check_choice, check_int, option
+from pipeline.core.text import plural
 from pipeline.data.decoding import check_slots_fit
 from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS, check_decoder, resolve_decoder
 from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, find_images
@@ -310,8 +311,8 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
     t0 = time.perf_counter()
     shards, todo = plan_shards(images, store_path, taps, manifest["key"], settings.shard_size)
     if len(todo) < len(shards):
-        log.info("resuming %s: %d of %d shards already committed", store_path.name, len(shards) - len(todo),
-                 len(shards))
+        log.info("resuming %s: %d of %s already committed", store_path.name, len(shards) - len(todo),
+                 plural(len(shards), "shard"))
     reuse = _reuse_plan(todo, settings, store_path, manifest, images.class_names, taps, len(images))
     timings["reuse"] = time.perf_counter() - t0
     todo = reuse.run
@@ -374,7 +375,7 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
     reuse = plan(todo, settings.out_dir, store_path, manifest, class_names, taps, settings.store_dtype, n_images,
                  settings.shard_size, lambda path: is_committed(path, manifest["key"], taps))
     if reuse.planned:
-        log.info("reusing the features of %d images from %s; %d to compute", reuse.planned,
+        log.info("reusing the features of %s from %s; %d to compute", plural(reuse.planned, "image"),
                  ", ".join(store.path.name for store in reuse.donors.stores),
                  sum(len(job.records) for job in reuse.run))
     return reuse

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.parallel import default_workers, ordered_map
+from pipeline.core.parallel import default_workers, on_terminal, ordered_map
 from pipeline.core.runtime import keras_backend, on_gpu
 from pipeline.data.dali_decode import DaliDecoder
 from pipeline.data.decoding import ProcessDecoder
@@ -245,4 +245,4 @@ def extraction_bar(jobs: list[ShardJob], done: int, enabled: bool):
     unlike the transient per-step bars of :func:`pipeline.core.parallel.progress_bar`."""
     from tqdm.auto import tqdm
     return tqdm(total=done + sum(job.stop - job.start for job in jobs), initial=done, desc="extract", unit="img",
-                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+                disable=not (enabled and on_terminal()), dynamic_ncols=True, smoothing=0.1)

@@ -35,6 +35,7 @@ from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, bootstrap_gain, epoch_rank, log_loss, score_predictions
 from pipeline.core.runtime import import_keras
+from pipeline.core.text import plural
 from pipeline.data.decoding import decode_store_rows
 from pipeline.finetuning.compose import (
     build_augmentation,
@@ -275,8 +276,8 @@ class _Job:
             return
         unfrozen = set_trainable(self.trunk, self.unfreeze_from)
         counts = param_counts(self.model)
-        log.info("phase 2: unfrozen from %s (%d layers with weights; BatchNorm stays frozen); "
-                 "%s trainable, %s frozen parameters", self.unfreeze_from, len(unfrozen),
+        log.info("phase 2: unfrozen from %s (%s with weights; BatchNorm stays frozen); "
+                 "%s trainable, %s frozen parameters", self.unfreeze_from, plural(len(unfrozen), "layer"),
                  f"{counts['trainable']:,}", f"{counts['frozen']:,}")
         import_keras().utils.set_random_seed(s.seed + 1)
         steps_per_epoch = math.ceil(len(self.train) / s.batch_size)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.text import plural
 from pipeline.data.images import BadImageError, open_regular
 from pipeline.runs.artifacts import MANIFEST
 from pipeline.runs.reports import COMPARISON_HEADERS, SWEEP_HEADERS, cell_text, format_table, sweep_cells, write_json
@@ -76,9 +77,9 @@ def _comparison_cells(r) -> list:
 def recommendation_line(summary: RunSummary) -> str:
     """The answer in one line, for the console."""
     r = summary.recommended
-    return (f"recommended: {r['tap']} + {r['classifier']} (stage {r['stage']}), best on val of {len(summary.rows)} "
-            f"model{'s' * (len(summary.rows) != 1)} ({r['val_accuracy']:.3f}); test accuracy {r['test_accuracy']:.3f} "
-            f"(95% CI {r['test_low']:.3f}-{r['test_high']:.3f}, {r['n_test']} images)")
+    return (f"recommended: {r['tap']} + {r['classifier']} (stage {r['stage']}), best on val of "
+            f"{plural(len(summary.rows), 'model')} ({r['val_accuracy']:.3f}); test accuracy {r['test_accuracy']:.3f} "
+            f"(95% CI {r['test_low']:.3f}-{r['test_high']:.3f}, {plural(r['n_test'], 'image')})")
 
 
 def _table(headers, rows, highlight=None) -> str:

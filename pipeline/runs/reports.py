@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.text import plural
 from pipeline.store import virtual
 
 
@@ -63,11 +65,11 @@ def extract_summary(result, settings) -> str:
     lines = [format_table(["tap", "map", "pooling", "dims", "this run"], rows,
                           title=f"\nfeature store {result.store_path}")]
     counts = split_counts(store)
-    lines.append(f"images: {len(store):,} in {len(store.class_names)} classes ({counts}); "
+    lines.append(f"images: {len(store):,} in {plural(len(store.class_names), 'class', 'classes')} ({counts}); "
                  f"skipped: {len(result.skipped)}")
     if result.n_reused:
-        lines.append(f"reused the features of {result.n_reused:,} images from earlier stores in {settings.out_dir} "
-                     f"(same model settings, same file contents; --no-reuse computes them)")
+        lines.append(f"reused the features of {plural(result.n_reused, 'image')} from earlier stores in "
+                     f"{settings.out_dir} (same model settings, same file contents; --no-reuse computes them)")
     if result.cache_hit:
         lines.append(f"cache hit: no image decoded; {result.seconds:.1f} s")
     elif not result.n_decoded:
@@ -118,7 +120,8 @@ def store_summary(store) -> str:
     lines += ["", format_table(["tap", "map", "dims", "engine", "computed", "reused", "features in"], rows,
                                title="(computed: images the run that made the tap decoded; reused: rows it took "
                                      "from earlier stores)")]
-    lines.append(f"\n{len(store):,} images, {len(store.class_names)} classes ({split_counts(store)})")
+    lines.append(f"\n{plural(len(store), 'image')}, {plural(len(store.class_names), 'class', 'classes')} "
+                 f"({split_counts(store)})")
     counts = dict.fromkeys(store.class_names, 0)
     for label in store.rows.labels:
         counts[store.class_names[label]] += 1
@@ -157,7 +160,7 @@ def plot_confusion(path, confusion, class_names, title: str) -> None:
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=max(30, int(size * 9))), fontsize=10)  # whole, however long
     for (i, j), value in np.ndenumerate(matrix):
         if value:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
@@ -233,45 +236,64 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
         f"there) per tap, low to high. Best tap on **val**: {best} (test accuracy is shown, never chosen "
         "on).\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = range(len(rows))
-    ax.plot(x, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
-    ax.plot(x, [r["test_accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_xticks(list(x), [f"{r['tap']}\n{r['dims']} dims" for r in rows], fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gflops = [r["gflops"] for r in rows]
+    ax.plot(gflops, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
+    ax.plot(gflops, [r["test_accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    for r in rows:
+        ax.annotate(f"{r['tap']}\n{r['dims']} dims", (r["gflops"], r["val_accuracy"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=7, fontweight="bold" if r["tap"] == best else "normal")
+    chosen = next(r for r in rows if r["tap"] == best)
+    ax.plot(chosen["gflops"], chosen["val_accuracy"], "*", ms=14, color="tab:red", label=f"best on val: {best}")
+    accuracies = [r[k] for r in rows for k in ("val_accuracy", "test_accuracy")]
+    ax.set_ylim(max(0.0, min(accuracies) - 0.08), min(1.05, max(accuracies) + 0.08))
+    ax.set_xlabel("GFLOPs per image to reach the tap (the forward pass it needs)")
     ax.set_ylabel("accuracy (linear probe)")
-    ax.set_ylim(0, 1)
-    cost = ax.twinx()
-    cost.bar(x, [r["gflops"] for r in rows], alpha=0.2, color="tab:gray", label="GFLOPs to reach the tap")
-    cost.set_ylabel("GFLOPs per image to reach the tap")
-    ax.set_zorder(cost.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    ax.set_title(f"{m.backbone} ({m.weights}): which layer?")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{m.backbone} ({m.weights}): which layer? accuracy against cost")
     fig.tight_layout()
     fig.savefig(run_dir / "sweep.png", dpi=120)
     plt.close(fig)
     return run_dir / "sweep.png"
 
 
-def plot_learning_curves(path, history: list[dict], title: str) -> None:
-    """Train and validation accuracy and loss per epoch over both phases, the unfreeze point marked.
+def plot_learning_curves(path, history: list[dict], title: str, kept: str = "phase 2") -> None:
+    """Train and validation accuracy and loss per epoch over both phases: the probe's start, the unfreeze point
+    and the kept epoch (best on val in the kept phase) marked; whole-number epochs; accuracy on its own range.
 
-    A phase-1 entry without training figures (the folded probe) is plotted as its val point alone.
+    A phase-1 entry without training figures (the folded probe) is the start, epoch 0; trained epochs count
+    from 1 across both phases.
     """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = np.arange(1, len(history) + 1)
+    start = 0 if history and history[0]["accuracy"] is None else 1
+    epochs = np.arange(start, start + len(history))
+    kept_phase = 2 if kept == "phase 2" else 1
+    in_kept = [i for i, e in enumerate(history) if e["phase"] == kept_phase]
+    best = max(in_kept, key=lambda i: (history[i]["val_accuracy"], -history[i]["val_loss"])) if in_kept else None
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        ax.plot(epochs, [np.nan if e[metric] is None else e[metric] for e in history], "o-", ms=3,
-                label=f"train {metric}")
-        ax.plot(epochs, [e[f"val_{metric}"] for e in history], "o-", ms=3, label=f"validation {metric}")
+        train = [np.nan if e[metric] is None else e[metric] for e in history]
+        val = [e[f"val_{metric}"] for e in history]
+        ax.plot(epochs, train, "o-", ms=3, label=f"train {metric}")
+        ax.plot(epochs, val, "o-", ms=3, label=f"validation {metric}")
+        if start == 0:
+            ax.annotate("probe (start)", (0, val[0]), textcoords="offset points", xytext=(4, 6), fontsize=8)
         phase2 = [i for i, e in enumerate(history) if e["phase"] == 2]
         if phase2:
-            ax.axvline(phase2[0] + 0.5, color="gray", ls="--", lw=1, label="unfreeze (phase 2)")
+            ax.axvline(epochs[phase2[0]] - 0.5, color="gray", ls="--", lw=1, label="unfreeze (phase 2)")
+        if best is not None:
+            ax.plot(epochs[best], val[best], "*", ms=14, color="tab:red", label=f"kept ({kept}, best on val)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
-    axes[0].set_ylim(0, 1.02)
+    values = [v for e in history for v in (e["accuracy"], e["val_accuracy"]) if v is not None]
+    if values:
+        low, high = min(values), max(values)
+        pad = max(0.02, 0.1 * (high - low))
+        axes[0].set_ylim(max(0.0, low - pad), min(1.005, high + pad))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -309,7 +331,7 @@ def write_finetune_report(model_dir, metrics: dict, store) -> None:
     m = store.manifest
     title = f"{m.backbone} fine-tuned at {metrics['tap']} ({m.weights} weights, {m.image_size} px)"
     model_dir = _write_metrics(model_dir, metrics, store.class_names, title)
-    plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title)
+    plot_learning_curves(model_dir / "learning_curves.png", metrics["history"], title, metrics["kept"])
     phase_rows = [[i + 1, p["head"], p["data"], p["unfrozen_from"] or "- (frozen)",
                    f"{p['learning_rate']:g}" if p["learning_rate"] else "-", p.get("schedule", "-"),
                    f"{p['epochs_run']}{' (time limit)' if p.get('time_limited') else ''}",
