@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_split_folder, tiny_settings
 
+from conftest import ROOT, make_split_folder, tiny_settings
 from pipeline.classification.settings import DEFAULT_CLASSIFIERS, ClassifySettings
 from pipeline.cli import main
 from pipeline.core.parallel import progress_bar
