@@ -146,3 +146,20 @@ def test_the_page_opens_in_a_browser_with_every_image_and_no_error(run, tmp_path
     assert images and all(width > 0 for _, width in images), images
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+
+
+def test_results_show_themselves_in_a_notebook(run):
+    from pipeline.store.feature_store import FeatureStore
+
+    rec = run.summary.recommended
+    assert repr(run.summary).endswith(f"recommended {rec['tap']} + {rec['classifier']} (stage two: val "
+                                      f"{rec['val_accuracy']:.3f}, test {rec['test_accuracy']:.3f})>")
+    assert run.best["val_accuracy"] >= max(r["val_accuracy"] for r in run.rows) and "test_accuracy" in run.best
+    html = run._repr_html_()
+    assert html.count("<tr") == len(run.summary.rows) + 1 and "data:image/png;base64," in html
+    store = FeatureStore(json.loads((Path(rec["model_dir"]) / "manifest.json").read_text())["store"])
+    assert repr(store).endswith("taps block1_pool (64), block2_pool (128); 27 rows in 3 classes "
+                                "(test 9, train 12, val 6)>") and "vgg16 (random" in repr(store)
+    pytest.importorskip("pandas")
+    frame = run.summary.to_frame()
+    assert list(frame["model_dir"]) == [r["model_dir"] for r in run.summary.rows]

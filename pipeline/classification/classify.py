@@ -53,6 +53,20 @@ class ClassifyResult:
         """This call's best row on val: ``best["val_accuracy"]`` chose it, ``best["test_accuracy"]`` reports it."""
         return self.rows[0]
 
+    def __repr__(self) -> str:
+        b = self.best
+        return (f"<ClassifyResult {self.run_dir}: {len(self.rows)} models trained; best on val {b['tap']} + "
+                f"{b['classifier']} (val {b['val_accuracy']:.3f}, test {b['test_accuracy']:.3f})>")
+
+    def _repr_html_(self) -> str:
+        return self.summary._repr_html_() if self.summary else repr(self)
+
+    def to_frame(self):
+        """This call's rows as a pandas DataFrame (pandas is not a dependency of layertap)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
 
 def classifier_name(spec: str) -> str:
     name, params = parse_spec(spec)

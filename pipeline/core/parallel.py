@@ -43,3 +43,25 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool, unit: str = "im
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+def forkserver_deaf_to_ctrl_c() -> None:
+    """Start multiprocessing's forkserver with SIGINT ignored, so that its workers ignore it too.
+
+    Ctrl-C reaches the whole process group. The main process turns it into one line and stops the workers;
+    a worker that got it as well would print its own KeyboardInterrupt traceback (while starting, 14 lines).
+    Workers fork from the forkserver and take its SIGINT disposition, and a process started with a signal
+    ignored keeps it ignored (Python installs its Ctrl-C handler only where SIGINT is at its default).
+    """
+    import signal
+    import threading
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.parallel import default_workers, ordered_map, progress_bar
+from pipeline.core.parallel import default_workers, forkserver_deaf_to_ctrl_c, ordered_map, progress_bar
 from pipeline.data.headers import bomb_reason
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -128,28 +128,6 @@ CHANGED = ("changed since the scan (new size or modification time: the store's k
 WORKER_DIED = "the decoding process died on it (killed; probably out of memory)"
 
 
-def _forkserver_deaf_to_ctrl_c() -> None:
-    """Start multiprocessing's forkserver with SIGINT ignored, so that its workers ignore it too.
-
-    Ctrl-C reaches the whole process group. The main process turns it into one line and stops the workers;
-    a worker that got it as well would print its own KeyboardInterrupt traceback (while starting, 14 lines).
-    Workers fork from the forkserver and take its SIGINT disposition, and a process started with a signal
-    ignored keeps it ignored (Python installs its Ctrl-C handler only where SIGINT is at its default).
-    """
-    import signal
-    import threading
-    from multiprocessing import forkserver
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        forkserver.ensure_running()
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class ProcessDecoder:
     """Decode images in worker processes straight into shared-memory batches, surviving dead workers.
 
@@ -192,7 +170,7 @@ class ProcessDecoder:
         # forkserver: never fork a process that runs a framework's threads.
         context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
         if os.name == "posix":
-            _forkserver_deaf_to_ctrl_c()
+            forkserver_deaf_to_ctrl_c()
         # A fresh semaphore with every pool: a worker killed while holding it must not take a slot with it.
         huge = context.BoundedSemaphore(self._huge_slots)
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_attach_slots,

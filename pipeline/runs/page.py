@@ -21,8 +21,8 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.text import plural
 from pipeline.data.images import BadImageError, open_regular
 from pipeline.runs.artifacts import MANIFEST
-from pipeline.runs.reports import COMPARISON_HEADERS, SWEEP_HEADERS, cell_text, format_table, sweep_cells, write_json
-from pipeline.runs.summary import RunSummary, collect_rows
+from pipeline.runs.reports import SWEEP_HEADERS, format_table, html_table, sweep_cells, write_json
+from pipeline.runs.summary import RUN_HEADERS, RunSummary, collect_rows, run_cells
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
 
@@ -66,12 +66,7 @@ def write_run_page(run_dir, store_key: str | None = None, test_sha: str | None =
 
 
 def comparison_text(rows) -> str:
-    return format_table(["stage", *COMPARISON_HEADERS], [_comparison_cells(r) for r in rows])
-
-
-def _comparison_cells(r) -> list:
-    return [r["stage"], r["tap"], r["classifier"], r["val_accuracy"], r["test_accuracy"],
-            f"{r['test_low']:.3f}-{r['test_high']:.3f}", r["macro_f1"], r["fit_seconds"], r["trainable_params"]]
+    return format_table(RUN_HEADERS, [run_cells(r) for r in rows])
 
 
 def recommendation_line(summary: RunSummary) -> str:
@@ -80,15 +75,6 @@ def recommendation_line(summary: RunSummary) -> str:
     return (f"recommended: {r['tap']} + {r['classifier']} (stage {r['stage']}), best on val of "
             f"{plural(len(summary.rows), 'model')} ({r['val_accuracy']:.3f}); test accuracy {r['test_accuracy']:.3f} "
             f"(95% CI {r['test_low']:.3f}-{r['test_high']:.3f}, {plural(r['n_test'], 'image')})")
-
-
-def _table(headers, rows, highlight=None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cells = "".join(f"<td{' class=l' if isinstance(v, str) else ''}>{html.escape(cell_text(v))}</td>" for v in row)
-        body.append(f"<tr{' class=rec' if i == highlight else ''}>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _img(src: str, alt: str) -> str:
@@ -124,17 +110,16 @@ def _page(summary: RunSummary, gallery: list[dict]) -> str:
     parts.append(f"<p>Run it: <code>layertap predict {e(rec['model_dir'])} IMAGES...</code>; take it away as one "
                  f"file: <code>layertap export {e(rec['model_dir'])}</code>.</p></div>")
     parts += ["<h2>All models</h2><p>Val accuracy chooses; test accuracy is shown beside it with its 95% interval.</p>",
-              _table(["stage", *COMPARISON_HEADERS[:4], "test 95% CI", *COMPARISON_HEADERS[4:-1]],
-                     [_comparison_cells(r) for r in summary.rows], highlight=0)]
+              html_table(RUN_HEADERS, [run_cells(r) for r in summary.rows], highlight=0)]
     if summary.set_aside:
         parts.append(f"<p class=muted>Not compared (tested on other images: another seed or store): "
                      f"{e(', '.join(Path(r['model_dir']).name for r in summary.set_aside))}</p>")
     if sweep:
         parts += ["<h2>Which layer</h2>", _img("sweep.png", "accuracy per tap against its cost"),
-                  _table(SWEEP_HEADERS, [sweep_cells(r) for r in sweep["rows"]])]
+                  html_table(SWEEP_HEADERS, [sweep_cells(r) for r in sweep["rows"]])]
     parts += [f"<h2>{e(rec['tap'])} + {e(rec['classifier'])}: per class</h2>",
               _img(f"{folder}/confusion.png", "confusion matrix"),
-              _table(["class", "precision", "recall", "f1", "support"],
+              html_table(["class", "precision", "recall", "f1", "support"],
                      [[name, v["precision"], v["recall"], v["f1-score"], int(v["support"])]
                       for name, v in metrics["report"].items() if isinstance(v, dict)])]
     if summary.finetune:

@@ -142,6 +142,19 @@ def cell_text(value) -> str:
     return str(value)
 
 
+def html_table(headers, rows, highlight: int | None = None) -> str:
+    """An HTML table (escaped; text left-aligned, numbers as :func:`cell_text` shows them), row ``highlight``
+    marked with ``class=rec``."""
+    import html
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f"<td{' class=l' if isinstance(v, str) else ''}>{html.escape(cell_text(v))}</td>" for v in row)
+        body.append(f"<tr{' class=rec' if i == highlight else ''}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
 def _pyplot():
     import matplotlib
 

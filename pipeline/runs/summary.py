@@ -20,9 +20,17 @@ from pathlib import Path
 
 from pipeline.core.evaluation import accuracy_interval
 from pipeline.runs.artifacts import MANIFEST
+from pipeline.runs.reports import COMPARISON_HEADERS, html_table
 
 log = logging.getLogger(__name__)
 SIMPLER_FIRST = ("logreg", "linsvm", "dense", "knn")
+RUN_HEADERS = ["stage", *COMPARISON_HEADERS[:4], "test 95% CI", *COMPARISON_HEADERS[4:-1]]
+
+
+def run_cells(r: dict) -> list:
+    """A comparison row as the cells of :data:`RUN_HEADERS`."""
+    return [r["stage"], r["tap"], r["classifier"], r["val_accuracy"], r["test_accuracy"],
+            f"{r['test_low']:.3f}-{r['test_high']:.3f}", r["macro_f1"], r["fit_seconds"], r["trainable_params"]]
 
 
 @dataclass
@@ -39,6 +47,36 @@ class RunSummary:
     @property
     def recommended(self) -> dict | None:
         return self.rows[0] if self.rows else None
+
+    def __repr__(self) -> str:
+        r = self.recommended
+        best = (f"recommended {r['tap']} + {r['classifier']} (stage {r['stage']}: val {r['val_accuracy']:.3f}, "
+                f"test {r['test_accuracy']:.3f})" if r else "no models")
+        return f"<RunSummary {self.run_dir}: {len(self.rows)} models compared; {best}>"
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the answer, the comparison table, and the sweep and confusion plots inline."""
+        import base64
+        import html
+
+        r = self.recommended
+        if not r:
+            return f"<p>{html.escape(repr(self))}</p>"
+        verdict = self.finetune_verdict()
+        images = [p for p in (self.run_dir / "sweep.png", Path(r["model_dir"]) / "confusion.png") if p.is_file()]
+        inline = "".join(f'<img style="max-width:48%" src="data:image/png;base64,'
+                         f'{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
+        return (f"<p><b>{html.escape(r['tap'])} + {html.escape(r['classifier'])}</b> (stage {r['stage']}): best on "
+                f"val ({r['val_accuracy']:.3f}); test {r['test_accuracy']:.3f} (95% CI {r['test_low']:.3f} to "
+                f"{r['test_high']:.3f}). {html.escape(verdict or '')} The page: "
+                f"<code>{html.escape(str(self.run_dir / 'index.html'))}</code></p>"
+                + html_table(RUN_HEADERS, [run_cells(row) for row in self.rows], highlight=0) + inline)
+
+    def to_frame(self):
+        """The comparison rows as a pandas DataFrame (pandas is not a dependency of layertap)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
     def finetune_verdict(self) -> str | None:
         """What fine-tuning bought, in words, from the test gain over stage two's val-chosen best."""

@@ -164,6 +164,15 @@ class FeatureStore:
     def __len__(self) -> int:
         return self._n
 
+    def __repr__(self) -> str:
+        m = self.manifest
+        split, counts = np.unique(self.columns(("split",))["split"], return_counts=True)
+        splits = ", ".join(f"{(s.decode() if isinstance(s, bytes) else s) or 'no split'} {n:,}"
+                           for s, n in zip(split, counts))
+        taps = ", ".join(f"{tap} ({self.dims[tap]})" for tap in self.taps)
+        return (f"<FeatureStore {self.path.name}: {m.backbone} ({m.weights}), {m.image_size} px, {m.pooling} pooling; "
+                f"taps {taps}; {len(self):,} rows in {len(self.class_names)} classes ({splits})>")
+
     def features(self, tap: str, rows: np.ndarray | None = None) -> np.ndarray:
         """The ``(n, dims)`` features of one tap: all rows, or those at the increasing indices ``rows``.
 
