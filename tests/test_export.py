@@ -100,3 +100,19 @@ def test_a_run_folder_exports_its_recommended_model_and_keras_files_load(trained
     assert network.predict_on_batch(pixels).shape == (1, 3)
     assert main(["export", str(tmp_path), "--models", str(tmp_path)]) == 2
     assert "neither a model folder nor a run folder" in capsys.readouterr().err
+
+
+def test_the_readmes_ten_lines_run_the_file_with_pillow_and_onnxruntime(trained, tmp_path):
+    from conftest import ROOT
+
+    run_dir, images = trained
+    out = export_model(run_dir / "block2_pool-logreg", "onnx", tmp_path / "model.onnx")
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(block for block in readme.split("```python")[1:] if "onnxruntime" in block).split("```")[0]
+    assert len(snippet.strip().splitlines()) <= 10
+    script = snippet.replace("models/<run>/block3_pool-dense.onnx", str(out)).replace("photo.jpg", str(images[0]))
+    script += "\nimport sys\nassert not {'tensorflow', 'keras'} & set(sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, probability = done.stdout.split()
+    assert name in ("red", "green", "blue") and 1 / 3 <= float(probability) <= 1
