@@ -47,7 +47,7 @@ def test_csv_layout_and_split_file(class_folder, tmp_path):
         ("blue/img_1.jpg", "blue", "test"), ("red/img_0.jpg", "red", "train")]
     direct = find_images(csv, root=class_folder)
     assert direct.records == images.records
-    with pytest.raises(LayertapError, match=r"2 files were skipped, .*No listed file is in .*relative to --root"):
+    with pytest.raises(LayertapError, match=r"2 files skipped, .*No listed file is in .*relative to --root"):
         scan_images(find_images(csv))  # relative to the CSV's folder, where the images are not
     (tmp_path / "red").mkdir()
     (tmp_path / "red" / "img_0.jpg").write_bytes(b"")
