@@ -27,6 +27,18 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 
 
+def write_text(path, text: str) -> None:
+    """``path`` replaced whole by ``text``: written beside it under a hidden temporary name, then renamed over
+    it, so a reader (a browser, a run writing the same page) sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def temporary_beside(target: Path) -> Path:
     """A new empty hidden folder beside ``target`` to write its replacement into."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

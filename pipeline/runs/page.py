@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from pipeline.core.errors import LayertapError
 from pipeline.core.text import plural
 from pipeline.data.images import BadImageError, open_regular
+from pipeline.runs import atomic
 from pipeline.runs.artifacts import MANIFEST
 from pipeline.runs.reports import SWEEP_HEADERS, format_table, html_table, sweep_cells, write_json
 from pipeline.runs.summary import RUN_HEADERS, RunSummary, collect_rows, run_cells
@@ -55,13 +56,13 @@ def write_run_page(run_dir, store_key: str | None = None, test_sha: str | None =
     write_json(run_dir / "comparison.json", {
         "chosen_by": "val accuracy", "store_key": rec["store_key"], "test_rows_sha256": rec["test_rows_sha256"],
         "recommended": rec["model_dir"], "rows": summary.rows, "set_aside": summary.set_aside})
-    (run_dir / "comparison.md").write_text(
+    atomic.write_text(run_dir / "comparison.md",
         f"# Models in {run_dir.name}\n\nEach model was fit on the train rows; best first by **val** accuracy (equal: "
         f"the simpler first); test accuracy (95% Wilson interval) is scored once, for this report.\n\n"
         f"```\n{comparison_text(summary.rows)}\n```\n\nRecommended: {rec['tap']} + {rec['classifier']} "
         f"({rec['model_dir']}). The page: index.html\n")
     gallery = _gallery(run_dir, rec)
-    (run_dir / "index.html").write_text(_page(summary, gallery))
+    atomic.write_text(run_dir / "index.html", _page(summary, gallery))
     return summary
 
 

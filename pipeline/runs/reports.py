@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.text import plural
+from pipeline.runs import atomic
 from pipeline.store import virtual
 
 
@@ -36,7 +37,7 @@ def rounded(value, digits: int = 6):
 
 def write_json(path: Path, value) -> None:
     """``value`` as indented JSON with rounded floats (:func:`rounded`)."""
-    Path(path).write_text(json.dumps(rounded(value), indent=2) + "\n")
+    atomic.write_text(path, json.dumps(rounded(value), indent=2) + "\n")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
