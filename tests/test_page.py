@@ -146,6 +146,10 @@ def test_the_page_opens_in_a_browser_with_every_image_and_no_error(run, tmp_path
     assert images and all(width > 0 for _, width in images), images
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+    rows = json.loads((run.run_dir / "comparison.json").read_text())["rows"]
+    best = max(rows, key=lambda r: r["val_accuracy"])  # as rendered, not as written
+    shown = re.search(r'<p id="recommended">Use <b>(\S+) \+ (\S+)</b>', done.stdout)
+    assert shown and shown.groups() == (best["tap"], best["classifier"]) and best is rows[0]
 
 
 def test_results_show_themselves_in_a_notebook(run):
