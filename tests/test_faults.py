@@ -547,11 +547,16 @@ def test_limits_known_up_front_are_checked_up_front(tmp_path, caplog):
 @pytest.mark.parametrize("damage, message", [
     ("version", "has format_version 99; this layertap reads 1 to 1: upgrade layertap, or extract the store again"),
     ("rows", "24 labels but features/block1_pool 19 rows; the store is damaged"),
-    ("labels", "its labels run from 0 to 7 and it names 3 classes; the store is damaged"),
+    ("labels", "its labels column is not what was written (its sha256 differs from the store's record"),
+    ("shift", "its labels column is not what was written (its sha256 differs from the store's record"),
+    ("paths", "its paths column is not what was written"),
+    ("old-labels", "its labels run from 0 to 7 and it names 3 classes; the store is damaged"),
 ])
 def test_a_store_whose_schema_is_broken_is_one_line_naming_it(tmp_path, capsys, damage, message):
-    """A store from a newer layertap, one whose tap has fewer rows than its labels, or whose labels point past
-    its class names: refused on open (or when its labels are read), never an IndexError or a silent fit."""
+    """A store from a newer layertap, one whose tap has fewer rows than its labels, whose per-image columns were
+    changed after writing (labels shifted by five rows, paths rewritten: each column's sha256 is recorded), or
+    (an older store, without those sums) whose labels point past its class names: refused on open (or when its
+    columns are read), never an IndexError or a silent fit."""
     import h5py
     import numpy as np
 
@@ -567,8 +572,14 @@ def test_a_store_whose_schema_is_broken_is_one_line_naming_it(tmp_path, capsys, 
             values = fh["features"]["block1_pool"][:19]
             del fh["features"]["block1_pool"]
             fh["features"].create_dataset("block1_pool", data=values).attrs["map_shape"] = [16, 16, 64]
+        elif damage == "shift":
+            fh["labels"][...] = np.roll(fh["labels"][()], 5)
+        elif damage == "paths":
+            fh["paths"][0] = b"somewhere/else.jpg"
         else:
             fh["labels"][:5] = np.arange(3, 8)
+            if damage == "old-labels":
+                del fh.attrs["columns_sha256"]
     capsys.readouterr()
     assert main(["classify", "--store", str(store), "--models", str(tmp_path / "m"), "-q"]) != 0
     error = capsys.readouterr().err.strip()
@@ -598,8 +609,27 @@ def test_no_usable_image_after_decoding_or_a_single_class_is_an_error(tmp_path, 
     assert "only class 'red' has usable images, and a classifier needs two classes or more" in error, error
 
 
+def test_a_store_with_shifted_labels_is_extracted_again_not_trained_on(tmp_path, caplog):
+    import h5py
+    import numpy as np
+
+    from pipeline.cli import main
+
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    args = ["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]
+    assert main(args) == 0
+    store = next((tmp_path / "f").glob("*.h5"))
+    labels = FeatureStore(store).labels
+    with h5py.File(store, "r+") as fh:
+        fh["labels"][...] = np.roll(fh["labels"][()], 5)
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert "its labels column is not what was written" in caplog.text and "extracting it again" in caplog.text
+    np.testing.assert_array_equal(FeatureStore(store).labels, labels)
+
+
 def test_a_path_that_is_not_what_it_should_be_is_one_line_naming_it(tmp_path, capsys):
-    """--out naming a file (a folder goes there): one line with the path, exit 1, no traceback."""
+    """--out or --models naming a file (a folder goes there): one line with the path, exit 1, no traceback."""
     from pipeline.cli import main
 
     data = make_class_folder(tmp_path / "data", per_class=2)
@@ -608,4 +638,9 @@ def test_a_path_that_is_not_what_it_should_be_is_one_line_naming_it(tmp_path, ca
     assert main(["extract", "--data", str(data), "--out", str(taken), *TINY]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("layertap: error: `layertap extract` could not use ") and str(taken) in error, error
+    assert len(error.splitlines()) == 1
+    assert main(["classify", "--data", str(make_class_folder(tmp_path / "more", per_class=8)), "--out",
+                 str(tmp_path / "f"), "--models", str(taken), "--classifiers", "logreg", *TINY]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("layertap: error: `layertap classify` could not use ") and str(taken) in error, error
     assert len(error.splitlines()) == 1

@@ -91,7 +91,7 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
                             "Extract it first: layertap extract ... --layers " + ",".join(unknown))
     splits, source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
-    run_dir = run_folder(settings.out_dir, settings.run, store)
+    run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
     rows, estimators = [], {}
     for tap in taps:
         X = store.features(tap).astype(np.float32)  # one HDF5 read per tap, shared by every classifier
@@ -142,7 +142,7 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     settings = ClassifySettings(store=str(store_path), classifiers=("logreg",), out_dir=out_dir, run=run, seed=seed)
     splits, source = resolve_splits(store, seed, settings.test_fraction, settings.val_fraction)
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
-    run_dir = run_folder(out_dir, run, store)
+    run_dir = run_folder(out_dir, run, store, create=True)
     rows = []
     for tap in taps:
         X = store.features(tap).astype(np.float32)

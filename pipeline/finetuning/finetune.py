@@ -122,7 +122,7 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     """
 
     store = FeatureStore(settings.store)
-    run_dir = run_folder(settings.out_dir, settings.run, store)
+    run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
     job = _Job(settings, store, run_dir)
     job.choose_rows_and_tap()
     job.fit_baselines()

@@ -50,9 +50,16 @@ TRUSTED_TYPES = ("sklearn.metrics._scorer._PassthroughScorer", "sklearn.model_se
                  "sklearn.neighbors._ball_tree.BallTree", "sklearn.tree._tree.Tree")
 
 
-def run_folder(out_dir: str | os.PathLike, run: str | None, store) -> Path:
-    """``<out_dir>/<run>``; the run defaults to the store's name, so stages two and three share a folder."""
-    return Path(out_dir) / (run or store.path.stem)
+def run_folder(out_dir: str | os.PathLike, run: str | None, store, create: bool = False) -> Path:
+    """``<out_dir>/<run>``; the run defaults to the store's name, so stages two and three share a folder.
+
+    ``create``: made now, before any training, so that an ``--models`` that cannot hold it (a file, no
+    permission) fails in the first second, not after the training it would have kept.
+    """
+    folder = Path(out_dir) / (run or store.path.stem)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def model_manifest(store, tap: str, classifier: str, settings) -> dict:

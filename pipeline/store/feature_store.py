@@ -120,6 +120,7 @@ class FeatureStore:
                 self.dtype = str(fh["features"][self.taps[0]].dtype) if self.taps else "float32"
                 self.class_names: tuple[str, ...] = tuple(_decoded(fh["class_names"][()]))
                 self._n = int(fh["labels"].shape[0])
+                self._column_sums = json.loads(attrs.get("columns_sha256", "{}"))  # none in older stores
                 self.skipped = list(zip(_decoded(fh["skipped/path"][()]), _decoded(fh["skipped/reason"][()])))
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
@@ -142,6 +143,12 @@ class FeatureStore:
                 columns = {name: fh[name][()] for name in names}
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
+        for name, values in columns.items():
+            expected = self._column_sums.get(name)
+            if expected and column_sha256(values) != expected:
+                raise LayertapError(f"{self.path}: its {name} column is not what was written (its sha256 differs "
+                                    f"from the store's record: changed or shifted since); the store is damaged: "
+                                    f"{REPLACE}")
         labels = columns.get("labels")
         if labels is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(
                 self.class_names):
@@ -189,16 +196,31 @@ class FeatureStore:
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 
     def verify(self, taps=None) -> None:
-        """Read every feature chunk of ``taps`` (default: all), so that HDF5 checks each one's Fletcher-32 checksum.
+        """Read the per-image columns (each checked against its sha256) and every feature chunk of ``taps``
+        (default: all), so that HDF5 checks each one's Fletcher-32 checksum.
 
         Stores written before checksums were added have none; they are read, which still finds
         truncation and unreadable chunks.
 
         Raises:
-            LayertapError: a chunk is damaged; the message names the store and what to do.
+            LayertapError: a column or chunk is damaged; the message names the store and what to do.
         """
+        self.columns()
         for tap in self.taps if taps is None else taps:
             self.features(tap)
+
+
+def column_sha256(values: np.ndarray) -> str:
+    """The sha256 of a per-image column's content (its rows' bytes; strings NUL-separated), as stored in the
+    store's ``columns_sha256`` attribute and checked on every read of the column."""
+    import hashlib
+
+    values = np.asarray(values)
+    if values.dtype == object:
+        data = b"\0".join(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogateescape") for v in values)
+    else:
+        data = np.ascontiguousarray(values, dtype="<i4").tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def _decoded(values) -> list[str]:

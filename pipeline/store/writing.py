@@ -30,6 +30,7 @@ from pipeline.store.feature_store import (
     FeatureStore,
     Rows,
     _encoded,
+    column_sha256,
 )
 
 
@@ -66,6 +67,8 @@ def _write_columns(fh: h5py.File, columns: dict[str, np.ndarray], class_names: S
                    skipped: Sequence[tuple[str, str]]) -> None:
     for name in _COLUMNS:
         fh.create_dataset(name, data=columns[name], dtype=np.int32 if name == "labels" else _STR)
+    # Checked on every read (FeatureStore.columns): a labels column shifted by a few rows would otherwise train.
+    fh.attrs["columns_sha256"] = json.dumps({name: column_sha256(columns[name]) for name in _COLUMNS})
     fh.create_dataset("class_names", data=_encoded(class_names), dtype=_STR)
     group = fh.create_group("skipped")
     group.create_dataset("path", data=_encoded([p for p, _ in skipped]), dtype=_STR)
