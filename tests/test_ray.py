@@ -308,3 +308,42 @@ def test_new_images_among_reused_ones_are_computed_on_ray_like_on_the_local_engi
     local = extract_features(tiny_settings(data, tmp_path / "local"))
     assert on_ray.n_decoded == local.n_decoded == 3 and on_ray.n_reused == local.n_reused == 12
     assert_same_store(on_ray.store, local.store)
+
+
+@pytest.fixture
+def silent_port():
+    """A port on this machine that takes no connection and never refuses one: a listening socket whose
+    backlog is full, so the kernel drops every further SYN (as a firewall or an unroutable host does)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+    time.sleep(0.2)
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    for sock in (*fillers, server):
+        sock.close()
+
+
+@pytest.mark.parametrize("address, reason", [("127.0.0.1:1", "(connection refused)"),
+                                             ("SILENT", "(no answer within 0.5 s)"),
+                                             ("head-without-port", "is not host:port")])
+def test_a_ray_address_that_does_not_answer_is_one_line_in_seconds(tmp_path, capsys, monkeypatch, silent_port,
+                                                                   address, reason):
+    """Ray retries an address that does not answer for good (127.0.0.1:1), or for 33 s and then a traceback."""
+    from pipeline.cli import main
+    from pipeline.extraction.engines import ray as ray_engine
+
+    monkeypatch.setattr(ray_engine, "CONNECT_SECONDS", 0.5)
+    address = silent_port if address == "SILENT" else address
+    data = make_split_folder(tmp_path / "data", train=2, val=1, test=1)
+    started = time.monotonic()
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), "--engine", "ray", "--ray-address",
+                 address, "--weights", "random", "--size", "32", "--layers", "block1_pool", "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"--ray-address {address}" in error and reason in error and len(error.splitlines()) == 1, error
+    assert time.monotonic() - started < 60 and not ray.is_initialized()

@@ -180,6 +180,29 @@ def run_ray(jobs: list[ShardJob], settings, weights, taps: tuple[str, ...], mani
                             f"resumes from them: {_first_line(exc)}") from exc
 
 
+CONNECT_SECONDS = 10.0  # Ray itself retries an address that does not answer for good
+JOIN_HINT = ("start one there (`ray start --head` on that machine), fix the address (host:port of the head's "
+             "GCS, ray://host:10001, or auto), or leave --ray-address out to run Ray on this machine")
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connection to the head within :data:`CONNECT_SECONDS`, else one line naming the address and the
+    fix. ``auto`` (the cluster this machine belongs to) and ``local`` are Ray's to find."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise LayertapError(f"--ray-address {address} is not host:port (e.g. head:6379, ray://head:10001 or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        reason = (f"no answer within {CONNECT_SECONDS:g} s" if isinstance(exc, TimeoutError)
+                  else (exc.strerror or str(exc)).lower())
+        raise LayertapError(f"cannot reach a Ray cluster at --ray-address {address} ({reason}); {JOIN_HINT}") from None
+
+
 def _connect(ray, address: str | None) -> bool:
     """Start or join Ray; whether this call did (and so must shut it down)."""
     if ray.is_initialized():
@@ -191,7 +214,12 @@ def _connect(ray, address: str | None) -> bool:
                  log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`ray job submit`)
     if address:
-        ray.init(address=address, **quiet)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise LayertapError(f"no Ray cluster answered at --ray-address {address} ({_first_line(exc)}); "
+                                f"{JOIN_HINT}") from None
     else:
         cpus = os.cpu_count() or 1
         ray.init(address="local", num_cpus=cpus, object_store_memory=_local_object_store(), **quiet)
