@@ -283,3 +283,27 @@ def test_the_listing_and_the_scan_pause_the_cycle_collector_and_restore_it(tmp_p
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_two_listings_of_one_root_alternating_are_both_cache_hits(tmp_path, reads):
+    """Two CSVs over one --root into one --out: each scan kept only its own listing, so the other's files were
+    read and hashed again every time. Files of other listings are kept while unchanged on disk."""
+    data = make_split_folder(tmp_path / "images", train=2, val=1, test=1)
+    age(data)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
+    listings = {}
+    for name, part in (("a", files[:7]), ("b", files[5:])):  # overlapping
+        listings[name] = tmp_path / f"{name}.csv"
+        listings[name].write_text("path,label\n" + "".join(f"{f},{f.split('/')[1]}\n" for f in part))
+
+    def scan(name):
+        return scan_images(find_images(listings[name], root=data), cache=StatCache(tmp_path, data))
+
+    first = {name: scan(name) for name in ("a", "b")}
+    reads.clear()
+    assert scan("a") == first["a"] and scan("b") == first["b"] and scan("a") == first["a"] and reads == []
+    assert len(StatCache(tmp_path, data)) == len(files)
+    (data / files[-1]).unlink()  # gone from the disk: forgotten at the next snapshot written
+    scan("b")
+    reads.clear()
+    assert scan("a") == first["a"] and reads == [] and len(StatCache(tmp_path, data)) == len(files) - 1

@@ -147,7 +147,7 @@ class StatCache:
         this found, so ``rels`` is the whole listing."""
         old, n = self._old, len(rels)
         paths = _join(rels)
-        if np.array_equal(paths, old["paths"]):  # the listing of the snapshot: file i is row i
+        if np.array_equal(paths, old["paths"][:len(paths)]):  # the snapshot's listing (first): file i is row i
             rows = np.arange(n)
         else:
             index = {rel: row for row, rel in enumerate(_split(old["paths"]))}
@@ -176,18 +176,24 @@ class StatCache:
 
     def save(self) -> None:
         """Write the snapshot: the files of the listing last looked up, in that order, that were found unchanged
-        or remembered since (files gone from the listing are forgotten). Nothing is written when that is the
-        snapshot already; a failure costs only the next run's reads."""
+        or remembered since; then the files of the root's other listings (another CSV over the same root) that
+        are unchanged on disk, so alternating listings stay cache hits (a file gone from the disk is left out).
+        Nothing is written when the listing leads the snapshot already (a gone file's row then waits for the
+        next write; its stat no longer matches, so it is never used); a failure costs only the next run's
+        reads."""
         if self._broken:
             return
         if self._looked is None:
             raise RuntimeError("StatCache.save() writes what lookup() found: look the listing up first")
         old, new, (rels, rows) = self._old, self._new, self._looked
-        if not new and len(rows) == len(old["numbers"]) and (rows == np.arange(len(rows))).all():
+        if not new and len(rows) <= len(old["numbers"]) and (rows == np.arange(len(rows))).all():
             return
         fresh = np.fromiter((rel in new for rel in rels), bool, len(rels))
         keep = fresh | (rows >= 0)
-        rels, rows, fresh = [rel for rel, k in zip(rels, keep) if k], rows[keep], fresh[keep]
+        others = self._other_listings(set(rels))
+        rels = [rel for rel, k in zip(rels, keep) if k] + [rel for rel, _ in others]
+        rows = np.concatenate([rows[keep], np.array([row for _, row in others], np.int64)])
+        fresh = np.concatenate([fresh[keep], np.zeros(len(others), bool)])
         added = [new[rel] for rel, f in zip(rels, fresh) if f]
         names = sorted(set(_split(old["format_names"])) | {probe.format for _, probe in added})
         recode = np.array([names.index(name) for name in _split(old["format_names"])] or [0], np.uint8)
@@ -225,6 +231,16 @@ class StatCache:
             self._unusable(exc)
             return
         self._old, self._new, self._looked = columns, {}, (rels, np.arange(len(rels)))  # the listing is the snapshot
+
+    def _other_listings(self, listed: set[str]) -> list[tuple[str, int]]:
+        """``(path, row)`` of the snapshot's files outside ``listed`` whose stat is still the recorded one."""
+        old = self._old
+        if not len(old["numbers"]):
+            return []
+        others = [(rel, row) for row, rel in enumerate(_split(old["paths"])) if rel not in listed]
+        root = Path(self.root)
+        return [(rel, row) for rel, row in others
+                if file_stat(root / rel) == tuple(old["numbers"][row, :4].tolist())]
 
     def _unusable(self, exc: Exception) -> None:
         if not self._broken:
