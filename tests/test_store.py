@@ -100,3 +100,70 @@ def test_second_writer_gets_a_clear_error(tmp_path):
         holder.wait()
     with store_lock(store):  # the lock dies with its holder, even when killed
         pass
+
+
+@pytest.mark.parametrize("merge", ["copy", "virtual"])
+def test_batches_stream_a_tap_in_store_order_all_rows_or_some(tmp_path, merge):
+    import numpy as np
+
+    from conftest import make_class_folder, tiny_settings
+    from pipeline.extraction.extract import extract_features
+    from pipeline.store.feature_store import FeatureStore
+
+    data = make_class_folder(tmp_path / "data", per_class=6)
+    store = FeatureStore(extract_features(tiny_settings(data, tmp_path / "f", merge=merge)).store_path)
+    whole = store.features("block2_pool")
+    batches = list(store.iter_batches("block2_pool", batch_size=5, read_ahead=1))
+    assert [len(rows) for rows, _ in batches] == [5, 5, 5, 3]
+    np.testing.assert_array_equal(np.concatenate([v for _, v in batches]), whole)
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in batches]), np.arange(18))
+    some = np.array([0, 3, 4, 11, 17])
+    rows, values = zip(*store.iter_batches("block2_pool", rows=some, batch_size=2))
+    np.testing.assert_array_equal(np.concatenate(values), whole[some])
+    np.testing.assert_array_equal(np.concatenate(rows), some)
+    first = next(iter(store.iter_batches("block2_pool", batch_size=4)))  # left early: the reader stops
+    assert len(first[0]) == 4
+    count, mean, variance = store.moments("block2_pool", batch_size=4)
+    assert count == 18
+    np.testing.assert_allclose(mean, whole.astype(np.float64).mean(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(variance, whole.astype(np.float64).var(axis=0), rtol=1e-9, atol=1e-12)
+
+
+def test_streamed_moments_stay_exact_where_the_mean_dwarfs_the_spread(tmp_path, monkeypatch):
+    """A running sum of squares loses the variance of features near 1e6 with a spread of 1e-2 entirely."""
+    import numpy as np
+
+    from pipeline.store.feature_store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    values = (1e6 + rng.normal(0, 1e-2, size=(10_000, 3))).astype(np.float64)
+
+    class Fake(FeatureStore):
+        def __init__(self):
+            self.dims, self.taps = {"t": 3}, ("t",)
+
+        def iter_batches(self, tap, rows=None, batch_size=65_536, read_ahead=2):
+            for start in range(0, len(values), batch_size):
+                yield np.arange(start, start + batch_size), values[start:start + batch_size]
+
+    count, mean, variance = Fake().moments("t", batch_size=333)
+    np.testing.assert_allclose(variance, values.var(axis=0), rtol=1e-6)
+    naive = (values ** 2).mean(axis=0) - values.mean(axis=0) ** 2
+    assert not np.allclose(naive, values.var(axis=0), rtol=0.5, atol=0)  # what the pairwise update avoids
+
+
+def test_streaming_a_tap_holds_a_few_batches_not_the_tap(tmp_path):
+    import tracemalloc
+
+    n, dims = 20_000, 256  # 20 MB of float32
+    rows = Rows([f"img{i}.jpg" for i in range(n)], [i % 2 for i in range(n)], ["train"] * n, ["f"] * n)
+    shard = write_shard(tmp_path / "s.h5", rows=rows, features={"t": np.ones((n, dims), np.float32)},
+                        class_names=["a", "b"], skipped=[], manifest=MANIFEST, map_shapes={"t": (1, 1, dims)},
+                        dtype="float32")
+    store = merge_shards([shard], tmp_path / "store.h5", manifest=MANIFEST, skipped=[], dtype="float32")
+    tracemalloc.start()
+    total = sum(float(values.sum()) for _, values in store.iter_batches("t", batch_size=1_000, read_ahead=2))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert total == n * dims
+    assert peak < 6 * 1_000 * dims * 4, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"

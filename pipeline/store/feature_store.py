@@ -195,6 +195,75 @@ class FeatureStore:
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 
+    def iter_batches(self, tap: str, rows: np.ndarray | None = None, batch_size: int = 65_536,
+                     read_ahead: int = 2):
+        """Yield ``(row indices, features)`` of one tap, ``batch_size`` rows at a time, in store order: all rows,
+        or those at the increasing indices ``rows``. Copied and virtual stores alike.
+
+        Memory stays bounded whatever the store's size: a thread reads at most ``read_ahead`` batches ahead
+        of the consumer (so reading overlaps the consumer's work), and each batch of all rows is one slice.
+
+        Raises:
+            KeyError: no such tap. LayertapError: its data is damaged (as :meth:`features`).
+        """
+        import queue
+        import threading
+
+        if tap not in self.taps:
+            raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
+        if batch_size < 1 or read_ahead < 1:
+            raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
+        wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
+        n = len(self) if wanted is None else len(wanted)
+        ready: queue.Queue = queue.Queue(read_ahead)
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                with virtual_store.TapReader(self.path, tap) as reader:
+                    for start in range(0, n, batch_size):
+                        end = min(start + batch_size, n)
+                        index = np.arange(start, end) if wanted is None else wanted[start:end]
+                        values = reader.range(start, end) if wanted is None else reader(index)
+                        while not stop.is_set():
+                            try:
+                                ready.put((index, values), timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+            except OSError as exc:
+                ready.put(LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}"))
+                return
+            ready.put(None)
+
+        reader = threading.Thread(target=read, name=f"layertap-read-{tap}", daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            reader.join()
+
+    def moments(self, tap: str, rows: np.ndarray | None = None, batch_size: int = 65_536):
+        """``(count, mean, variance)`` of each feature of a tap over ``rows`` (default: all), in one streamed pass
+        in float64; batches are merged by Chan et al.'s pairwise update, which stays exact where the mean is
+        large against the spread (a running sum of squares would lose it)."""
+        count, mean, m2 = 0, np.zeros(self.dims[tap]), np.zeros(self.dims[tap])
+        for _, values in self.iter_batches(tap, rows, batch_size):
+            values = values.astype(np.float64)
+            k, batch_mean = len(values), values.mean(axis=0)
+            batch_m2 = ((values - batch_mean) ** 2).sum(axis=0)
+            delta, total = batch_mean - mean, count + k
+            mean = mean + delta * (k / total)
+            m2 = m2 + batch_m2 + delta ** 2 * (count * k / total)
+            count = total
+        return count, mean, m2 / max(count, 1)
+
     def verify(self, taps=None) -> None:
         """Read the per-image columns (each checked against its sha256) and every feature chunk of ``taps``
         (default: all), so that HDF5 checks each one's Fletcher-32 checksum.

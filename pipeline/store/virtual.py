@@ -60,6 +60,30 @@ class TapReader:
             self._map = sorted((first, last + 1, name, dset) for ((first, _), (last, _)), name, dset in bounds)
             self._starts = np.array([first for first, *_ in self._map])
 
+    def __len__(self) -> int:
+        return int(self._dataset.shape[0])
+
+    def range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as one slice of each file that holds them (no index list: a slice is what HDF5
+        reads fastest)."""
+        if self._map is None:
+            return self._dataset[start:stop]
+        out = np.empty((stop - start,) + self._dataset.shape[1:], self._dataset.dtype)
+        for first, last, name, dset in self._map:
+            a, b = max(first, start), min(last, stop)
+            if a < b:
+                out[a - start:b - start] = self._read_shard(name, dset, slice(a - first, b - first))
+        return out
+
+    def _read_shard(self, name: str, dset: str, where):
+        path = self.path.parent / name
+        try:
+            with h5py.File(path, "r") as fh:
+                return fh[dset][where]
+        except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
+            raise OSError(f"shard file {path} is missing" if not path.exists() else
+                          f"shard file {path} cannot be read: {exc}") from None
+
     def __call__(self, rows: np.ndarray | None = None) -> np.ndarray:
         wanted = None if rows is None else np.asarray(rows)
         if self._map is None:
@@ -76,13 +100,7 @@ class TapReader:
                 break
             if a == b:
                 continue
-            path = self.path.parent / name
-            try:
-                with h5py.File(path, "r") as fh:
-                    out[a:b] = fh[dset][()] if wanted is None else fh[dset][wanted[a:b] - start]
-            except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
-                raise OSError(f"shard file {path} is missing" if not path.exists() else
-                              f"shard file {path} cannot be read: {exc}") from None
+            out[a:b] = self._read_shard(name, dset, () if wanted is None else wanted[a:b] - start)
         return out
 
     def close(self) -> None:
