@@ -66,7 +66,7 @@ def changed_by_one_step(backbone: str) -> dict:
     from pipeline.backbones.build import compose_classifier, create_extractor, cut_trunk
     from pipeline.backbones.layers import crossentropy
     from pipeline.finetuning.compose import build_augmentation, set_trainable
-    from pipeline.heads.classifiers import build_dense_head
+    from pipeline.heads.dense import build_dense_head
 
     keras = import_keras()
     keras.utils.set_random_seed(0)

@@ -8,7 +8,8 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.core.settings import split_list
-from pipeline.heads.classifiers import DenseHeadClassifier, make_classifier, trainable_params
+from pipeline.heads.classifiers import make_classifier, trainable_params
+from pipeline.heads.dense import DenseHeadClassifier
 
 
 def _float32_network(estimator) -> dict[str, str]:

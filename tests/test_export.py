@@ -46,7 +46,8 @@ def trained(tmp_path_factory):
     data = make_split_folder(root / "data", train=5, val=2, test=2)
     store = extract_features(tiny_settings(data, root / "f", precision="float32")).store_path
     result = classify(ClassifySettings(store=str(store), classifiers=("logreg", "linsvm", "knn", "dense:"
-                                       '{"hidden_units": 8, "epochs": 5}'), layers=("block2_pool",),
+                                       '{"hidden_units": 8, "epochs": 5}', 'probe:{"epochs": 5}'),
+                                       layers=("block2_pool",),
                                        out_dir=str(root / "m")))
     finetune(FinetuneSettings(store=str(store), out_dir=str(root / "m"), layer="block2_pool", epochs=1,
                               fine_tune_epochs=1, batch_size=8, workers=2, progress=False))
@@ -55,7 +56,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["block2_pool-logreg", "block2_pool-linsvm", "block2_pool-dense-*",
-                                   "block2_pool-finetune"])
+                                   "block2_pool-probe-*", "block2_pool-finetune"])
 def test_the_onnx_file_gives_predicts_probabilities_without_tensorflow(trained, tmp_path, model):
     run_dir, images = trained
     model_dir = next(run_dir.glob(model))

@@ -31,7 +31,7 @@ from pipeline.finetuning.compose import (
     set_trainable,
 )
 from pipeline.finetuning.finetune import FinetuneSettings, finetune
-from pipeline.heads.classifiers import build_dense_head
+from pipeline.heads.dense import build_dense_head
 from pipeline.prediction.predict import predict
 from pipeline.runs.artifacts import load_model
 from pipeline.store.feature_store import FeatureStore

@@ -43,6 +43,8 @@ MAY_IMPORT = {
 HEAVY = {
     "pipeline.backbones.layers": "Keras (its custom layers are Keras classes)",
     "pipeline.heads.classifiers": "scikit-learn",
+    "pipeline.heads.probe": "scikit-learn (its estimator is one)",
+    "pipeline.heads.dense": "scikit-learn (its estimator is one)",
 }
 MAX_LINES = 400
 

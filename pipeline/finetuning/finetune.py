@@ -50,7 +50,8 @@ from pipeline.finetuning.compose import (
     train_phase,
 )
 from pipeline.finetuning.settings import FinetuneSettings
-from pipeline.heads.classifiers import build_dense_head, build_probe_head, probe_weights, train_one
+from pipeline.heads.classifiers import build_probe_head, probe_weights, train_one
+from pipeline.heads.dense import build_dense_head
 from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_model
 from pipeline.runs.page import write_run_page
 from pipeline.runs.reports import write_finetune_report

@@ -90,7 +90,8 @@ def _all_layers(model):
 
 
 def _head(estimator, manifest: dict):
-    from pipeline.heads.classifiers import DenseHeadClassifier, build_probe_head, probe_weights  # scikit-learn
+    from pipeline.heads.classifiers import build_probe_head, probe_weights  # scikit-learn
+    from pipeline.heads.dense import DenseHeadClassifier
 
     if isinstance(estimator, DenseHeadClassifier):
         return estimator.model_

@@ -42,7 +42,8 @@ MANIFEST = "manifest.json"
 READ_ATTEMPTS = 5  # a model folder replaced while it is read (by another run's save) is read again
 # The model file of each format: the Dense head, a fine-tuned model (pixels in), a scikit-learn estimator,
 # a pickle (only with trust).
-MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "skops": "model.skops", "joblib": "model.joblib"}
+MODEL_FILES = {"keras": "head.keras", "keras-images": "model.keras", "skops": "model.skops", "joblib": "model.joblib",
+               "probe": "probe.npz"}
 # scikit-learn internals that the built-in classifiers (and common scikit-learn ones) carry, beyond what skops
 # trusts by default: data, not code.
 TRUSTED_TYPES = ("sklearn.metrics._scorer._PassthroughScorer", "sklearn.model_selection._split.StratifiedKFold",
@@ -191,11 +192,15 @@ def load_model(model_dir: str | os.PathLike, trust: bool = False):
         model = joblib.load(io.BytesIO(data))
     elif fmt == "skops":
         model = _load_skops(model_dir / name, data, trust)
+    elif fmt == "probe":  # arrays only, read without pickles
+        from pipeline.heads.probe import StreamedProbe
+
+        model = StreamedProbe.load_artifact(data)
     else:
         model = _load_keras(name, data)
     _check_classes(model, manifest, model_dir / MANIFEST)
     if fmt == "keras":
-        from pipeline.heads.classifiers import DenseHeadClassifier
+        from pipeline.heads.dense import DenseHeadClassifier
 
         model = DenseHeadClassifier.from_keras(model, list(range(len(manifest["class_names"]))), manifest["params"])
     return model, manifest

@@ -23,7 +23,7 @@ from pipeline.runs.artifacts import MANIFEST
 from pipeline.runs.reports import COMPARISON_HEADERS, html_table
 
 log = logging.getLogger(__name__)
-SIMPLER_FIRST = ("logreg", "linsvm", "dense", "knn")
+SIMPLER_FIRST = ("logreg", "probe", "linsvm", "dense", "knn")
 RUN_HEADERS = ["stage", *COMPARISON_HEADERS[:4], "test 95% CI", *COMPARISON_HEADERS[4:-1]]
 
 

@@ -1,0 +1,141 @@
+"""``probe``: the linear probe for every C at once, trained in minibatches on the Keras backend (a GPU where
+there is one), features streamed rather than held.
+
+Softmax regression on standardised features, the objective scikit-learn's ``LogisticRegression`` minimises
+divided by the number of rows: mean cross-entropy + ``||W||^2 / (2 C n)``. All the Cs of the grid train
+together: one ``(K, D, classes)`` weight tensor, so an epoch reads the data once for all of them. Adam with a
+cosine decay over the epochs, gradients written out (the problem is convex and its gradient is two matrix
+products), seeded shuffles. C is chosen on the val rows (best accuracy, then lower val loss); the chosen
+probe is kept folded into one ``(D, classes)`` kernel, standardisation included, so ``predict``, ``export`` and
+stage three's fold use it as they use ``logreg``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from pipeline.core.runtime import import_keras
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))  # 8 log-spaced, as the sweep's grids
+MODEL_FILE = "probe.npz"
+
+
+class StreamedProbe(ClassifierMixin, BaseEstimator):
+    """A scikit-learn classifier: the linear probe of every C in ``Cs`` trained at once, C chosen on val.
+
+    Args:
+        Cs: Inverse regularisation strengths, as scikit-learn's ``C``.
+        epochs: Passes over the training rows.
+        batch_size: Rows per step.
+        learning_rate: Adam's peak step (cosine decay to zero over the epochs).
+        random_state: Seed of the shuffles.
+    """
+
+    def __init__(self, Cs=DEFAULT_CS, epochs=30, batch_size=1024, learning_rate=0.01, random_state=0):
+        self.Cs = Cs
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.random_state = random_state
+
+    def fit(self, X, y, validation_data=None):
+        """Fit every C on ``X, y``; choose C on ``validation_data`` (else on the training rows)."""
+        X, y = np.asarray(X, np.float32), np.asarray(y)
+        self.classes_, index = np.unique(y, return_inverse=True)
+        mean, variance = X.mean(axis=0, dtype=np.float64), X.var(axis=0, dtype=np.float64)
+        rng = np.random.default_rng(self.random_state)
+
+        def batches():
+            order = rng.permutation(len(X))
+            for start in range(0, len(X), self.batch_size):
+                rows = np.sort(order[start:start + self.batch_size])
+                yield X[rows], index[rows]
+
+        weights = train_all_cs(batches, -(-len(X) // self.batch_size) * self.epochs, len(X), mean, variance,
+                               len(self.classes_), self.Cs, self.learning_rate)
+        X_val, y_val = validation_data if validation_data is not None else (X, y)
+        y_val = np.searchsorted(self.classes_, np.asarray(y_val))
+        scores = [_accuracy_and_loss(kernel, bias, np.asarray(X_val, np.float32), y_val) for kernel, bias in weights]
+        best = max(range(len(scores)), key=lambda k: (scores[k][0], -scores[k][1]))
+        self.kernel_, self.bias_ = weights[best]
+        self.fit_summary_ = {"C": float(self.Cs[best]), "val_accuracy_by_C": [round(s[0], 4) for s in scores]}
+        self.trainable_params_ = int(self.kernel_.size + self.bias_.size)
+        return self
+
+    def predict_proba(self, X):
+        return _softmax(np.asarray(X, np.float32) @ self.kernel_ + self.bias_)
+
+    def predict(self, X):
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def save_artifact(self, folder: Path) -> tuple[str, str, dict]:
+        """Arrays only (``np.load`` without pickles reads them back): no code in the model file."""
+        buffer = io.BytesIO()
+        np.savez(buffer, kernel=self.kernel_, bias=self.bias_, classes=self.classes_,
+                 Cs=np.asarray(self.Cs, np.float64), chosen_C=np.float64(self.fit_summary_["C"]))
+        (folder / MODEL_FILE).write_bytes(buffer.getvalue())
+        return "probe", MODEL_FILE, {}
+
+    @classmethod
+    def load_artifact(cls, data: bytes) -> StreamedProbe:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            probe = cls(Cs=tuple(arrays["Cs"].tolist()))
+            probe.kernel_, probe.bias_, probe.classes_ = arrays["kernel"], arrays["bias"], arrays["classes"]
+            probe.fit_summary_ = {"C": float(arrays["chosen_C"])}
+        probe.trainable_params_ = int(probe.kernel_.size + probe.bias_.size)
+        return probe
+
+
+def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs,
+                 learning_rate: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Train the probe of each C on standardised features, all together, for ``steps`` Adam steps; each call
+    of ``batches()`` yields one epoch of ``(features, class indices)`` over the ``n`` training rows (from
+    memory or streamed from a store: :meth:`pipeline.store.feature_store.FeatureStore.iter_batches`).
+
+    Returns:
+        Each C's ``(kernel (D, classes), bias (classes,))``, folded back to raw features.
+    """
+    keras = import_keras()
+    ops = keras.ops
+    scale = np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
+    mean_t, scale_t = ops.convert_to_tensor(mean, "float32"), ops.convert_to_tensor(scale, "float32")
+    k, dims = len(Cs), len(scale)
+    decay = ops.convert_to_tensor(1.0 / (np.asarray(Cs, np.float64) * n), "float32")[:, None, None]
+    params = [ops.zeros((k, dims, n_classes)), ops.zeros((k, 1, n_classes))]
+    moments = [[ops.zeros_like(p), ops.zeros_like(p)] for p in params]
+    step, beta1, beta2, eps = 0, 0.9, 0.999, 1e-8
+    while step < steps:
+        for features, labels in batches():
+            if step == steps:
+                break
+            x = (ops.convert_to_tensor(features, "float32") - mean_t) / scale_t
+            onehot = ops.one_hot(ops.convert_to_tensor(labels, "int32"), n_classes)
+            probabilities = ops.softmax(ops.einsum("nd,kdc->knc", x, params[0]) + params[1], axis=-1)
+            error = (probabilities - onehot[None]) / len(features)
+            grads = [ops.einsum("nd,knc->kdc", x, error) + decay * params[0], ops.sum(error, axis=1, keepdims=True)]
+            step += 1
+            rate = learning_rate * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))
+            for p, g, m in zip(range(2), grads, moments):
+                m[0] = beta1 * m[0] + (1 - beta1) * g
+                m[1] = beta2 * m[1] + (1 - beta2) * g * g
+                update = (m[0] / (1 - beta1 ** step)) / (ops.sqrt(m[1] / (1 - beta2 ** step)) + eps)
+                params[p] = params[p] - rate * update
+    kernels = np.asarray(ops.convert_to_numpy(params[0]), np.float64) / scale[None, :, None]
+    biases = np.asarray(ops.convert_to_numpy(params[1]), np.float64)[:, 0] - np.einsum("d,kdc->kc", mean, kernels)
+    return [(kernels[i].astype(np.float32), biases[i].astype(np.float32)) for i in range(k)]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _accuracy_and_loss(kernel, bias, X, y) -> tuple[float, float]:
+    probabilities = _softmax(X @ kernel + bias)
+    loss = -np.log(np.maximum(probabilities[np.arange(len(y)), y], 1e-300)).mean()
+    return float((probabilities.argmax(axis=1) == y).mean()), float(loss)

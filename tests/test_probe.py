@@ -1,0 +1,82 @@
+"""`probe`: the linear probe of every C at once, C chosen on val, saved as arrays, run by predict and export."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.heads import probe as probe_module
+from pipeline.heads.classifiers import make_classifier
+from pipeline.heads.probe import StreamedProbe
+
+GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _blobs(seed=0, n=1500, d=64, classes=4):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    X = (centers[y] * 0.3 + rng.normal(size=(n, d)) * rng.uniform(0.5, 20, d) + 50).astype(np.float32)
+    return X, y
+
+
+def test_the_probe_scores_as_scikit_learns_logistic_regression_and_chooses_c_on_val():
+    X, y = _blobs()
+    train, val, test = slice(0, 1000), slice(1000, 1250), slice(1250, None)
+    probe = make_classifier("probe:{\"epochs\": 20}").fit(X[train], y[train], validation_data=(X[val], y[val]))
+    logreg = make_classifier('logreg:{"Cs": %s}' % list(GRID)).fit(X[train], y[train])
+    ours, theirs = (probe.predict(X[test]) == y[test]).mean(), (logreg.predict(X[test]) == y[test]).mean()
+    assert abs(ours - theirs) <= 0.03, (ours, theirs)
+    by_c = probe.fit_summary_["val_accuracy_by_C"]
+    assert len(by_c) == 8 and by_c[GRID.index(probe.fit_summary_["C"])] == max(by_c)
+    np.testing.assert_allclose(probe.predict_proba(X[:5]).sum(axis=1), 1, atol=1e-6)
+
+
+def test_every_c_trains_in_one_read_of_the_data_per_epoch(monkeypatch):
+    X, y = _blobs(n=300)
+    epochs = []
+    original = probe_module.train_all_cs
+
+    def counting(batches, *args, **kwargs):
+        def counted():
+            epochs.append(1)
+            return batches()
+        return original(counted, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "train_all_cs", counting)
+    StreamedProbe(epochs=3, batch_size=128).fit(X, y, validation_data=(X, y))
+    assert len(epochs) == 3  # eight Cs, three passes
+
+
+def test_the_probe_is_seeded_and_saved_as_arrays_only(tmp_path):
+    X, y = _blobs(n=400)
+    first = StreamedProbe(epochs=3).fit(X, y)
+    second = StreamedProbe(epochs=3).fit(X, y)
+    np.testing.assert_array_equal(first.kernel_, second.kernel_)
+    fmt, name, _ = first.save_artifact(tmp_path)
+    assert (fmt, name) == ("probe", "probe.npz")
+    with np.load(tmp_path / name, allow_pickle=False) as arrays:  # no object arrays: nothing to unpickle
+        assert {k: arrays[k].dtype.kind for k in arrays.files}.keys() >= {"kernel", "bias", "classes"}
+    loaded = StreamedProbe.load_artifact((tmp_path / name).read_bytes())
+    np.testing.assert_array_equal(loaded.predict_proba(X), first.predict_proba(X))
+
+
+def test_classify_trains_it_and_predict_runs_it(tmp_path):
+    from conftest import make_split_folder, tiny_settings
+    from pipeline.classification.classify import classify
+    from pipeline.classification.settings import ClassifySettings
+    from pipeline.extraction.extract import extract_features
+    from pipeline.heads.classifiers import probe_weights
+    from pipeline.prediction.predict import predict
+    from pipeline.runs.artifacts import load_model
+
+    data = make_split_folder(tmp_path / "data", train=4, val=2, test=2)
+    store = extract_features(tiny_settings(data, tmp_path / "f")).store_path
+    result = classify(ClassifySettings(store=str(store), classifiers=('probe:{"epochs": 5}',),
+                                       layers=("block2_pool",), out_dir=str(tmp_path / "m")))
+    model_dir = next(result.run_dir.glob("block2_pool-probe*"))
+    assert (model_dir / "probe.npz").is_file() and "C" in result.best["chosen"]
+    estimator, _ = load_model(model_dir)
+    kernel, bias = probe_weights(estimator)  # what stage three and export fold
+    assert kernel.shape == (128, 3) and bias.shape == (3,)
+    rows = predict(model_dir, sorted((data / "test").rglob("*.jpg")), top_k=1)
+    assert all(row["top"][0][0] in ("red", "green", "blue") for row in rows)
