@@ -21,6 +21,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from pipeline.core.runtime import import_keras
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))  # 8 log-spaced, as the sweep's grids
+# Adam steps at least (epochs grow on small data): on flowers17 (816 train rows, bs 128, lr 0.01) 30 steps left
+# the probe 5 points behind scikit-learn's LogisticRegression, 1,400 steps put it within 0.3 points on each tap.
+MIN_STEPS = 1500
+MIN_EPOCHS = 5
 MODEL_FILE = "probe.npz"
 
 
@@ -29,13 +33,14 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
 
     Args:
         Cs: Inverse regularisation strengths, as scikit-learn's ``C``.
-        epochs: Passes over the training rows.
+        epochs: Passes over the training rows; None: enough for :data:`MIN_STEPS` steps, at least
+            :data:`MIN_EPOCHS`.
         batch_size: Rows per step.
         learning_rate: Adam's peak step (cosine decay to zero over the epochs).
         random_state: Seed of the shuffles.
     """
 
-    def __init__(self, Cs=DEFAULT_CS, epochs=30, batch_size=1024, learning_rate=0.01, random_state=0):
+    def __init__(self, Cs=DEFAULT_CS, epochs=None, batch_size=128, learning_rate=0.01, random_state=0):
         self.Cs = Cs
         self.epochs = epochs
         self.batch_size = batch_size
@@ -55,14 +60,17 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
                 rows = np.sort(order[start:start + self.batch_size])
                 yield X[rows], index[rows]
 
-        weights = train_all_cs(batches, -(-len(X) // self.batch_size) * self.epochs, len(X), mean, variance,
-                               len(self.classes_), self.Cs, self.learning_rate)
+        per_epoch = -(-len(X) // self.batch_size)
+        epochs = self.epochs or max(MIN_EPOCHS, -(-MIN_STEPS // per_epoch))
+        weights = train_all_cs(batches, per_epoch * epochs, len(X), mean, variance, len(self.classes_), self.Cs,
+                               self.learning_rate)
         X_val, y_val = validation_data if validation_data is not None else (X, y)
         y_val = np.searchsorted(self.classes_, np.asarray(y_val))
         scores = [_accuracy_and_loss(kernel, bias, np.asarray(X_val, np.float32), y_val) for kernel, bias in weights]
         best = max(range(len(scores)), key=lambda k: (scores[k][0], -scores[k][1]))
         self.kernel_, self.bias_ = weights[best]
-        self.fit_summary_ = {"C": float(self.Cs[best]), "val_accuracy_by_C": [round(s[0], 4) for s in scores]}
+        self.fit_summary_ = {"C": float(self.Cs[best]), "epochs": epochs,
+                             "val_accuracy_by_C": [round(s[0], 4) for s in scores]}
         self.trainable_params_ = int(self.kernel_.size + self.bias_.size)
         return self
 
