@@ -80,3 +80,57 @@ def test_classify_trains_it_and_predict_runs_it(tmp_path):
     assert kernel.shape == (128, 3) and bias.shape == (3,)
     rows = predict(model_dir, sorted((data / "test").rglob("*.jpg")), top_k=1)
     assert all(row["top"][0][0] in ("red", "green", "blue") for row in rows)
+
+
+def test_a_tap_over_the_memory_budget_trains_the_streamed_probe_alone(tmp_path, caplog):
+    from conftest import make_split_folder, tiny_settings
+    from pipeline.classification.classify import classify
+    from pipeline.classification.settings import ClassifySettings
+    from pipeline.extraction.extract import extract_features
+
+    data = make_split_folder(tmp_path / "data", train=4, val=2, test=2)
+    store = extract_features(tiny_settings(data, tmp_path / "f")).store_path
+    with caplog.at_level("WARNING"):
+        result = classify(ClassifySettings(store=str(store), classifiers=("logreg", "knn"), layers=("block2_pool",),
+                                           memory_budget=1e-6, out_dir=str(tmp_path / "m")))
+    assert "block2_pool: its features take 0.0 GiB, more than the memory budget" in caplog.text
+    assert "logreg, knn need them whole and are skipped for it" in caplog.text
+    assert [r["classifier"] for r in result.rows] == ["probe"] and result.rows[0]["chosen"]["C"] > 0
+    import json
+
+    metrics = json.loads((result.run_dir / "block2_pool-probe" / "metrics.json").read_text())
+    assert metrics["streamed"] and metrics["n_test"] == len(metrics["true_probability"]) == 6
+
+
+def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch):
+    """Training, choosing C and testing read the tap in chunks: traced memory stays a fraction of the tap."""
+    import tracemalloc
+
+    from pipeline.classification import streamed
+    from pipeline.store.feature_store import FeatureStore, Rows
+    from pipeline.store.writing import merge_shards, write_shard
+
+    n, dims = 40_000, 256  # 41 MB of float32
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    features = (rng.normal(size=(n, dims)) + labels[:, None]).astype(np.float32)
+    splits = np.array(["train", "val", "test"])[rng.integers(0, 3, n)]
+    rows = Rows([f"img{i}.jpg" for i in range(n)], labels.tolist(), splits.tolist(), ["f"] * n)
+    manifest = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16",
+                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
+                "image_size": 32}
+    shard = write_shard(tmp_path / "s.h5", rows=rows, features={"t": features}, class_names=["a", "b"], skipped=[],
+                        manifest=manifest, map_shapes={"t": (1, 1, dims)}, dtype="float32")
+    store = merge_shards([shard], tmp_path / "store.h5", manifest=manifest, skipped=[], dtype="float32")
+    del features, shard
+    monkeypatch.setattr(streamed, "CHUNK_BYTES", 2 << 20)
+    from pipeline.core.runtime import import_keras
+
+    import_keras().ops.zeros((1,))  # the framework's import is no part of what is measured
+    store = FeatureStore(store.path)  # its per-image columns not read yet
+    tracemalloc.start()
+    probe, metrics = streamed.fit_streamed_probe(store, "t", splits, params={"epochs": 1, "batch_size": 512})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert metrics["accuracy"] > 0.9 and metrics["streamed"]
+    assert peak < (n * dims * 4) / 3, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from pipeline.backbones.costs import tap_costs
 from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import get_backbone
 from pipeline.classification.settings import ClassifySettings
+from pipeline.classification.streamed import fit_streamed_probe, tap_bytes
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, rank_on_val
+from pipeline.data.decoding import available_memory
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
 from pipeline.runs.artifacts import model_manifest, run_folder, save_model
 from pipeline.runs.page import write_run_page
@@ -29,6 +32,8 @@ from pipeline.runs.reports import write_model_report, write_sweep
 from pipeline.runs.summary import RunSummary
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,9 +98,10 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
     rows, estimators = [], {}
+    budget = settings.memory_budget * 2**30 if settings.memory_budget else (available_memory() or 8 << 30) // 2
     for tap in taps:
-        X = store.features(tap).astype(np.float32)  # one HDF5 read per tap, shared by every classifier
-        for spec in settings.classifiers:
+        X = _TapInMemory(store, tap)  # one HDF5 read per tap, shared by the classifiers that need it whole
+        for spec in _fitting(settings.classifiers, store, tap, budget):
             estimator, metrics, model_dir = _train_and_save(store, X, tap, spec, splits, split_info, run_dir, settings)
             estimators[model_dir.name] = estimator
             rows.append({"tap": tap, "classifier": model_dir.name.removeprefix(tap + "-"), "spec": spec,
@@ -110,9 +116,41 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     return ClassifyResult(run_dir, rows, estimators, summary)
 
 
+class _TapInMemory:
+    """A tap's features as float32, read on first use (the streamed probe never asks)."""
+
+    def __init__(self, store, tap: str):
+        self.store, self.tap, self.values = store, tap, None
+
+    def __call__(self) -> np.ndarray:
+        if self.values is None:
+            self.values = self.store.features(self.tap).astype(np.float32)
+        return self.values
+
+
+def _fitting(specs, store, tap: str, budget: int) -> list[str]:
+    """The classifiers to fit on ``tap``: all of them, or where the tap is larger than ``budget`` bytes, only the
+    streamed ``probe`` (the others hold the tap in memory), with a warning that names what is skipped."""
+    size = tap_bytes(store, tap)
+    if size <= budget:
+        return list(specs)
+    whole = [spec for spec in specs if parse_spec(spec)[0] != "probe"]
+    streamed = [spec for spec in specs if parse_spec(spec)[0] == "probe"] or ["probe"]
+    if whole:
+        log.warning("%s: its features take %.1f GiB, more than the memory budget of %.1f GiB (--memory-budget); "
+                    "%s need them whole and are skipped for it; the streamed probe trains instead", tap,
+                    size / 2**30, budget / 2**30, ", ".join(whole))
+    return streamed
+
+
 def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run_dir: Path, settings):
-    """Fit one classifier on one tap and write its model folder ``<run>/<tap>-<classifier>``."""
-    estimator, metrics = train_one(store, X, spec, splits, settings.seed)
+    """Fit one classifier on one tap (``X()``: its features in memory; the probe streams them instead) and write
+    its model folder ``<run>/<tap>-<classifier>``."""
+    name, params = parse_spec(spec)
+    if name == "probe":
+        estimator, metrics = fit_streamed_probe(store, tap, splits, settings.seed, params)
+    else:
+        estimator, metrics = train_one(store, X() if callable(X) else X, spec, splits, settings.seed)
     metrics |= split_info
     model_dir = run_dir / f"{tap}-{classifier_name(spec)}"
     save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))

@@ -20,12 +20,15 @@ class ClassifySettings:
     """
 
     store: str = option("", "the feature store", cli=False)
-    classifiers: tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated: logreg, linsvm, knn, dense, or an "
-                                          "import path, each optionally with :{json params}", metavar="SPECS",
+    classifiers: tuple[str, ...] = option(DEFAULT_CLASSIFIERS, "comma-separated: logreg, linsvm, knn, dense, probe, "
+                                          "or an import path, each optionally with :{json params}", metavar="SPECS",
                                           group="stage two")
     layers: tuple[str, ...] = option((), "taps to train on (default: every tap of the store)", cli=False)
     out_dir: str = option("models", "folder of the runs", flag="--models", group="stage two")
     run: str | None = option(None, "run folder name (default: the store's name)", group="stage two")
+    memory_budget: float = option(0.0, "GiB a tap's features may take in memory for the classifiers that need them "
+                                       "whole (0: half the memory available); a larger tap trains only the "
+                                       "streamed probe", metavar="GIB", group="stage two")
     seed: int = option(0, "seed of every random choice (splits, cross-validation folds, the Dense head)")
     test_fraction: float = option(0.25, "share of test images where the store records no split")
     val_fraction: float = option(0.15, "share of validation images where the store records no split")

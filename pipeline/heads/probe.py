@@ -60,16 +60,24 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
                 rows = np.sort(order[start:start + self.batch_size])
                 yield X[rows], index[rows]
 
-        per_epoch = -(-len(X) // self.batch_size)
-        epochs = self.epochs or max(MIN_EPOCHS, -(-MIN_STEPS // per_epoch))
-        weights = train_all_cs(batches, per_epoch * epochs, len(X), mean, variance, len(self.classes_), self.Cs,
+        weights = train_all_cs(batches, self.steps(len(X)), len(X), mean, variance, len(self.classes_), self.Cs,
                                self.learning_rate)
         X_val, y_val = validation_data if validation_data is not None else (X, y)
         y_val = np.searchsorted(self.classes_, np.asarray(y_val))
-        scores = [_accuracy_and_loss(kernel, bias, np.asarray(X_val, np.float32), y_val) for kernel, bias in weights]
+        scores = val_scores(weights, [(np.asarray(X_val, np.float32), y_val)])
+        return self.keep_best(weights, scores, len(X))
+
+    def steps(self, n: int) -> int:
+        """Adam steps for ``n`` training rows: ``epochs`` passes, or enough for :data:`MIN_STEPS`."""
+        per_epoch = -(-n // self.batch_size)
+        return per_epoch * (self.epochs or max(MIN_EPOCHS, -(-MIN_STEPS // per_epoch)))
+
+    def keep_best(self, weights, scores, n: int) -> StreamedProbe:
+        """Keep the C best on val (accuracy, then loss): ``weights`` and ``scores`` by C, as :func:`train_all_cs`
+        and :func:`val_scores` give them."""
         best = max(range(len(scores)), key=lambda k: (scores[k][0], -scores[k][1]))
         self.kernel_, self.bias_ = weights[best]
-        self.fit_summary_ = {"C": float(self.Cs[best]), "epochs": epochs,
+        self.fit_summary_ = {"C": float(self.Cs[best]), "steps": self.steps(n),
                              "val_accuracy_by_C": [round(s[0], 4) for s in scores]}
         self.trainable_params_ = int(self.kernel_.size + self.bias_.size)
         return self
@@ -143,7 +151,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _accuracy_and_loss(kernel, bias, X, y) -> tuple[float, float]:
-    probabilities = _softmax(X @ kernel + bias)
-    loss = -np.log(np.maximum(probabilities[np.arange(len(y)), y], 1e-300)).mean()
-    return float((probabilities.argmax(axis=1) == y).mean()), float(loss)
+def val_scores(weights, batches) -> list[tuple[float, float]]:
+    """Each C's ``(accuracy, mean cross-entropy)`` over ``batches`` of ``(features, class indices)``, read once."""
+    correct, loss, n = np.zeros(len(weights)), np.zeros(len(weights)), 0
+    for X, y in batches:
+        for k, (kernel, bias) in enumerate(weights):
+            probabilities = _softmax(X @ kernel + bias)
+            correct[k] += (probabilities.argmax(axis=1) == y).sum()
+            loss[k] -= np.log(np.maximum(probabilities[np.arange(len(y)), y], 1e-300)).sum()
+        n += len(y)
+    return [(float(c / max(n, 1)), float(v / max(n, 1))) for c, v in zip(correct, loss)]

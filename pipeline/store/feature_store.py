@@ -41,6 +41,7 @@ _FLAT_ATTRS = ("key", "backbone", "weights", "weights_sha256", "image_size", "po
 _STR = h5py.string_dtype()
 _COLUMNS = ("paths", "labels", "split", "fingerprints")
 REPLACE = "run the same `layertap extract` again to replace it"
+BATCH_BYTES = 16 << 20  # of features a streamed batch holds by default (FeatureStore.iter_batches)
 
 
 @dataclass
@@ -195,10 +196,11 @@ class FeatureStore:
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
 
-    def iter_batches(self, tap: str, rows: np.ndarray | None = None, batch_size: int = 65_536,
+    def iter_batches(self, tap: str, rows: np.ndarray | None = None, batch_size: int | None = None,
                      read_ahead: int = 2):
-        """Yield ``(row indices, features)`` of one tap, ``batch_size`` rows at a time, in store order: all rows,
-        or those at the increasing indices ``rows``. Copied and virtual stores alike.
+        """Yield ``(row indices, features)`` of one tap, ``batch_size`` rows at a time (default: about
+        :data:`BATCH_BYTES` of features), in store order: all rows, or those at the increasing indices ``rows``.
+        Copied and virtual stores alike.
 
         Memory stays bounded whatever the store's size: a thread reads at most ``read_ahead`` batches ahead
         of the consumer (so reading overlaps the consumer's work), and each batch of all rows is one slice.
@@ -211,6 +213,7 @@ class FeatureStore:
 
         if tap not in self.taps:
             raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
+        batch_size = batch_size or self.batch_rows(tap)
         if batch_size < 1 or read_ahead < 1:
             raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
         wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
@@ -249,7 +252,12 @@ class FeatureStore:
             stop.set()
             reader.join()
 
-    def moments(self, tap: str, rows: np.ndarray | None = None, batch_size: int = 65_536):
+    def batch_rows(self, tap: str, size: int = 0) -> int:
+        """Rows of ``tap`` in about ``size`` bytes of stored features (default :data:`BATCH_BYTES`)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return max(1, (size or BATCH_BYTES) // (self.dims[tap] * itemsize))
+
+    def moments(self, tap: str, rows: np.ndarray | None = None, batch_size: int | None = None):
         """``(count, mean, variance)`` of each feature of a tap over ``rows`` (default: all), in one streamed pass
         in float64; batches are merged by Chan et al.'s pairwise update, which stays exact where the mean is
         large against the spread (a running sum of squares would lose it)."""
