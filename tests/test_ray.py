@@ -329,9 +329,16 @@ def silent_port():
         sock.close()
 
 
+def test_a_malformed_ray_address_is_refused_with_the_settings():
+    from pipeline.extraction.engines.ray import RayOptions
+
+    with pytest.raises(ValueError, match=r"--ray-address head-without-port is not host:port \(e.g. head:6379"):
+        RayOptions(address="head-without-port")
+    assert RayOptions(address="ray://head:10001").address and RayOptions(address="auto").address
+
+
 @pytest.mark.parametrize("address, reason", [("127.0.0.1:1", "(connection refused)"),
-                                             ("SILENT", "(no answer within 0.5 s)"),
-                                             ("head-without-port", "is not host:port")])
+                                             ("SILENT", "(no answer within 0.5 s)")])
 def test_a_ray_address_that_does_not_answer_is_one_line_in_seconds(tmp_path, silent_port, address, reason):
     """Ray retries an address that does not answer for good (127.0.0.1:1), or for 33 s and then a traceback.
     In a process of its own: one that has Ray running already (this module's cluster) uses that one."""

@@ -70,6 +70,10 @@ class RayOptions:
                                        "default: $RAY_ADDRESS, else a local Ray for this run",
                                  flag="--ray-address", metavar="ADDRESS", group="speed (not part of the cache key)")
 
+    def __post_init__(self):
+        if self.address and self.address not in ("auto", "local"):
+            _host_port(self.address)  # a malformed address is refused now, not after the scan
+
 
 class RayEngine(Engine):
     """Ray tasks decode and an actor pool runs the model; this process only checks the taps (on the
@@ -192,15 +196,19 @@ def _check_reachable(address: str) -> None:
 
     if address in ("auto", "local"):
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise LayertapError(f"--ray-address {address} is not host:port (e.g. head:6379, ray://head:10001 or auto)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+        socket.create_connection(_host_port(address), timeout=CONNECT_SECONDS).close()
     except OSError as exc:
         reason = (f"no answer within {CONNECT_SECONDS:g} s" if isinstance(exc, TimeoutError)
                   else (exc.strerror or str(exc)).lower())
         raise LayertapError(f"cannot reach a Ray cluster at --ray-address {address} ({reason}); {JOIN_HINT}") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address {address} is not host:port (e.g. head:6379, ray://head:10001 or auto)")
+    return host.strip("[]"), int(port)
 
 
 def _connect(ray, address: str | None) -> bool:
