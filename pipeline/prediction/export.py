@@ -47,7 +47,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
                         "recommended model) or models/<run>/<tap>-<classifier>")
 
 
-def pixels_model(estimator, manifest: dict):
+def pixels_model(estimator, manifest: dict, model_dir: Path | None = None):
     """The Keras model from uint8 pixels ``(n, size, size, 3)`` to class probabilities (see the module docstring).
 
     Raises:
@@ -58,7 +58,7 @@ def pixels_model(estimator, manifest: dict):
         network = estimator
     else:
         recipe = StoreManifest.from_dict(manifest)
-        head = _head(estimator, manifest)
+        head = _head(estimator, manifest, model_dir)
         base = build_backbone(get_backbone(recipe.backbone), recipe.resolve_weights(), recipe.image_size, "float32")
         network, _ = compose_classifier(cut_trunk(base, manifest["tap"]), recipe.backbone, manifest["tap"],
                                           recipe.pooling, head)
@@ -89,7 +89,7 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _head(estimator, manifest: dict):
+def _head(estimator, manifest: dict, model_dir: Path | None):
     from pipeline.heads.classifiers import build_probe_head, probe_weights  # scikit-learn
     from pipeline.heads.dense import DenseHeadClassifier
 
@@ -98,10 +98,10 @@ def _head(estimator, manifest: dict):
     try:
         return build_probe_head(*probe_weights(estimator))
     except ValueError:
-        run = Path(manifest.get("store", "<store>")).stem
+        run = model_dir.parent if model_dir else Path("models") / Path(manifest.get("store", "<store>")).stem
         raise LayertapError(
             f"a {manifest['classifier']} model is not one network and cannot be exported; export the run's logreg, "
-            f"linsvm or dense model instead (layertap export models/{run}/{manifest['tap']}-logreg), or run this "
+            f"linsvm or dense model instead (layertap export {run / (manifest['tap'] + '-logreg')}), or run this "
             "one with layertap predict") from None
 
 
@@ -123,7 +123,7 @@ def export_model(model: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         raise LayertapError("--format saved_model needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
                             "--format onnx runs anywhere")
     out = Path(out) if out else model_dir.parent / f"{model_dir.name}{FORMATS[fmt]}"
-    network = pixels_model(estimator, manifest)
+    network = pixels_model(estimator, manifest, model_dir)
     size = int(manifest["image_size"])
     network.predict_on_batch(np.zeros((1, size, size, 3), np.uint8))  # the exporters need a model that has run
     info = {"class_names": manifest["class_names"], "image_size": size, "resize": manifest.get("resize", "squash"),
