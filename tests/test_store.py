@@ -167,3 +167,25 @@ def test_streaming_a_tap_holds_a_few_batches_not_the_tap(tmp_path):
     tracemalloc.stop()
     assert total == n * dims
     assert peak < 6 * 1_000 * dims * 4, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"
+
+
+def test_splits_labels_and_the_test_fingerprint_come_from_columns_not_rows(tmp_path):
+    """At 10^8 rows, Rows is a Python string per row and column: the split, the labels and the fingerprint of
+    the test images are read as columns, and the fingerprint is the one older model folders carry."""
+    import hashlib
+
+    from pipeline.store.splits import resolve_splits, test_rows_sha256
+
+    shards = [_shard(tmp_path / "s0.h5", 0, 6), _shard(tmp_path / "s1.h5", 6, 6)]
+    store = merge_shards(shards, tmp_path / "store.h5", manifest=MANIFEST, skipped=[], dtype="float32")
+    with h5py.File(store.path, "r+") as fh:  # a recorded split, train and test only: val is carved
+        del fh.attrs["columns_sha256"]
+        fh["split"][...] = np.array([b"train", b"test"] * 6, dtype=object)
+    store = FeatureStore(store.path)
+    splits, source = resolve_splits(store, seed=0, val_fraction=0.3)
+    fingerprint, labels = test_rows_sha256(store, splits), store.labels
+    assert store._rows is None, "no Rows were built"
+    assert sorted(set(splits)) == ["test", "train", "val"] and "val carved from train" in source
+    old = hashlib.sha256("\n".join(p for p, s in zip(store.rows.paths, splits) if s == "test")
+                         .encode("utf-8", "surrogateescape")).hexdigest()
+    assert fingerprint == old and labels.tolist() == store.rows.labels

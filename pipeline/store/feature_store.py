@@ -163,7 +163,10 @@ class FeatureStore:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.asarray(self.rows.labels, dtype=np.int32)
+        """Each row's class index, as the column (a store of 10^8 rows needs no Python object per row for it)."""
+        if self._rows is not None:
+            return np.asarray(self._rows.labels, dtype=np.int32)
+        return self.columns(("labels",))["labels"].astype(np.int32, copy=False)
 
     @property
     def splits(self) -> np.ndarray:

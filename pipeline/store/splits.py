@@ -33,10 +33,10 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     """
     from sklearn.model_selection import train_test_split
 
-    recorded, labels = store.splits, store.labels
-    has = np.isin(recorded, SPLITS)
+    recorded, labels = _split_column(store), store.labels  # columns, not a Python string per row
+    has = recorded != ""
     if has.all():
-        splits = recorded.astype(str)
+        splits = recorded
         if not (splits == "test").any() or not (splits == "train").any():
             raise LayertapError(f"{store.path.name}: the recorded split needs train and test rows")
         if (splits == "val").any():
@@ -68,6 +68,20 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
 
 
 def test_rows_sha256(store, splits: np.ndarray) -> str:
-    """A fingerprint of which images are the test images, to check two stages used the same."""
-    paths = [p for p, s in zip(store.rows.paths, splits) if s == "test"]
-    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+    """A fingerprint of which images are the test images, to check two stages used the same: the sha256 of their
+    paths (UTF-8, as stored), one a line."""
+    paths = store.columns(("paths",))["paths"][np.asarray(splits) == "test"]
+    return hashlib.sha256(b"\n".join(_as_bytes(p) for p in paths)).hexdigest()
+
+
+def _as_bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+
+
+def _split_column(store) -> np.ndarray:
+    """The recorded split of each row as ``train``/``val``/``test``, or ``""`` where a row has none."""
+    column = store.columns(("split",))["split"]
+    splits = np.full(len(column), "", dtype="<U5")
+    for name in SPLITS:
+        splits[(column == name.encode()) | (column == name)] = name
+    return splits
