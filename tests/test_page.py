@@ -59,6 +59,8 @@ def test_equal_val_accuracy_goes_to_the_simpler_model(tmp_path):
     (-0.03, 0.04, True, "Val chose the fine-tuned model; within the test's noise b4 + logreg is as good"),
     (0.01, 0.04, True, "fine-tuning gained +0.005 on test"),
     (-0.09, -0.01, False, "fine-tuning lost +0.005 on test"),
+    (-0.09, -0.01, True, "Val chose the fine-tuned model all the same (test does not choose)"),
+    (0.01, 0.04, False, "use the stage-two model (val chose it; test does not choose)."),
 ])
 def test_what_fine_tuning_bought_is_said_in_words(tmp_path, low, high, three_wins, words):
     _model(tmp_path, "b4-logreg", val=0.8, test=0.9)
@@ -66,7 +68,9 @@ def test_what_fine_tuning_bought_is_said_in_words(tmp_path, low, high, three_win
     metrics = json.loads((tmp_path / "b4-finetune" / "metrics.json").read_text())
     metrics |= {"gain": {"gain": 0.005, "low": low, "high": high}, "stage_two": {"classifier": "b4 + logreg"}}
     (tmp_path / "b4-finetune" / "metrics.json").write_text(json.dumps(metrics))
-    assert words in collect_rows(tmp_path).finetune_verdict()
+    verdict = collect_rows(tmp_path).finetune_verdict()
+    assert words in verdict
+    assert ("use the stage-two model" in verdict) == (not three_wins)  # the advice follows val, never test
 
 
 @pytest.fixture(scope="module")

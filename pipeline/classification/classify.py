@@ -150,7 +150,7 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
     if name == "probe":
         estimator, metrics = fit_streamed_probe(store, tap, splits, settings.seed, params)
     else:
-        estimator, metrics = train_one(store, X() if callable(X) else X, spec, splits, settings.seed)
+        estimator, metrics = train_one(store, X(), spec, splits, settings.seed)
     metrics |= split_info
     model_dir = run_dir / f"{tap}-{classifier_name(spec)}"
     save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
@@ -183,8 +183,8 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     run_dir = run_folder(out_dir, run, store, create=True)
     rows = []
     for tap in taps:
-        X = store.features(tap).astype(np.float32)
-        _, metrics, _ = _train_and_save(store, X, tap, "logreg", splits, split_info, run_dir, settings)
+        _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, "logreg", splits, split_info, run_dir,
+                                        settings)
         shape = store.map_shapes[tap]
         flat = pooled_dims("flatten", shape)
         rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),

@@ -36,6 +36,13 @@ def rank_on_val(rows: list[dict]) -> list[dict]:
 TINY = float(np.finfo(np.float32).tiny)
 
 
+def softmax(scores) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by each row's maximum (no overflow at scores of 1000)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return scores / scores.sum(axis=1, keepdims=True)
+
+
 def log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of class ``probabilities`` (n, k) on integer labels ``y`` (floored at :data:`TINY`)."""
     return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y)), y], TINY, 1.0))))

@@ -23,7 +23,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.evaluation import check_two_classes, score_predictions
+from pipeline.core.evaluation import check_two_classes, score_predictions, softmax
 from pipeline.core.runtime import import_keras
 from pipeline.heads.dense import DenseHeadClassifier
 
@@ -152,8 +152,7 @@ def class_scores(estimator, X) -> np.ndarray:
     scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
     if scores.ndim == 1:  # a binary classifier's one score z: softmax([-z/2, z/2]) = sigmoid(z)
         scores = np.stack([-scores / 2, scores / 2], axis=1)
-    scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return scores / scores.sum(axis=1, keepdims=True)
+    return softmax(scores)
 
 
 def trainable_params(estimator) -> int:

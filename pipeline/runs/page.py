@@ -61,8 +61,9 @@ def write_run_page(run_dir, store_key: str | None = None, test_sha: str | None =
         f"the simpler first); test accuracy (95% Wilson interval) is scored once, for this report.\n\n"
         f"```\n{comparison_text(summary.rows)}\n```\n\nRecommended: {rec['tap']} + {rec['classifier']} "
         f"({rec['model_dir']}). The page: index.html\n")
-    gallery = _gallery(run_dir, rec)
-    atomic.write_text(run_dir / "index.html", _page(summary, gallery))
+    folder = run_dir / Path(rec["model_dir"]).name  # the recommended model's files, read once for the page
+    manifest, metrics = (json.loads((folder / name).read_text()) for name in (MANIFEST, "metrics.json"))
+    atomic.write_text(run_dir / "index.html", _page(summary, manifest, metrics, _gallery(run_dir, manifest, metrics)))
     return summary
 
 
@@ -82,11 +83,9 @@ def _img(src: str, alt: str) -> str:
     return f'<img class="plot" src="{html.escape(src)}" alt="{html.escape(alt)}">'
 
 
-def _page(summary: RunSummary, gallery: list[dict]) -> str:
+def _page(summary: RunSummary, manifest: dict, metrics: dict, gallery: list[dict]) -> str:
     rec, run_dir = summary.recommended, summary.run_dir
     folder = Path(rec["model_dir"]).name
-    manifest = json.loads((run_dir / folder / MANIFEST).read_text())
-    metrics = json.loads((run_dir / folder / "metrics.json").read_text())
     e = html.escape
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>layertap: {e(run_dir.name)}</title>"
              f"<style>{STYLE}</style></head><body>",
@@ -139,11 +138,8 @@ def _page(summary: RunSummary, gallery: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def _gallery(run_dir: Path, rec: dict) -> list[dict]:
+def _gallery(run_dir: Path, manifest: dict, metrics: dict) -> list[dict]:
     """Thumbnails of the recommended model's wrong test images, most confident first, in ``gallery/``."""
-    folder = Path(rec["model_dir"]).name
-    manifest = json.loads((run_dir / folder / MANIFEST).read_text())
-    metrics = json.loads((run_dir / folder / "metrics.json").read_text())
     if "true_probability" not in metrics:
         return []
     try:

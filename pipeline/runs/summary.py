@@ -79,21 +79,29 @@ class RunSummary:
         return pd.DataFrame(self.rows)
 
     def finetune_verdict(self) -> str | None:
-        """What fine-tuning bought, in words, from the test gain over stage two's val-chosen best."""
+        """What fine-tuning bought, in words, from the test gain over stage two's val-chosen best. The advice
+        follows the recommendation, which val made; the test gain is reported, never turned into a choice."""
         if not self.finetune:
             return None
         gain, two = self.finetune["gain"], self.finetune["stage_two"]["classifier"]
         interval = f"{gain['gain']:+.3f} on test (95% CI {gain['low']:+.3f} to {gain['high']:+.3f})"
-        rec = self.recommended
-        three_chosen = rec is not None and rec["stage"] == "three"
+        three_chosen = self.recommended is not None and self.recommended["stage"] == "three"
         if gain["low"] > 0:
-            return f"fine-tuning gained {interval} over stage two's best on val ({two})."
+            said = f"fine-tuning gained {interval} over stage two's best on val ({two})"
+        elif gain["high"] < 0:
+            said = f"fine-tuning lost {interval} against stage two's best on val ({two})"
+        else:
+            said = f"no measurable gain: {interval} over stage two's best on val ({two})"
+        if not three_chosen:
+            return said + "; use the stage-two model" + (" (val chose it; test does not choose)."
+                                                          if gain["low"] > 0 else ".")
         if gain["high"] < 0:
-            return f"fine-tuning lost {interval} against stage two's best on val ({two}); use the stage-two model."
-        if three_chosen:
-            return (f"no measurable gain: {interval} over stage two's best on val ({two}). Val chose the fine-tuned "
-                    f"model; within the test's noise {two} is as good and cheaper to run and to retrain.")
-        return f"no measurable gain: {interval} over stage two's best on val ({two}); use the stage-two model."
+            return said + (". Val chose the fine-tuned model all the same (test does not choose); val and test "
+                           "disagree here, so more val images would tell them apart better.")
+        if gain["low"] > 0:
+            return said + "; the fine-tuned model is the one to use."
+        return said + (". Val chose the fine-tuned model; within the test's noise " + two +
+                       " is as good and cheaper to run and to retrain.")
 
 
 def _row(folder: Path, manifest: dict, metrics: dict) -> dict:

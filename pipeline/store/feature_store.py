@@ -126,6 +126,7 @@ class FeatureStore:
         except OSError as exc:
             raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
         self._rows: Rows | None = None
+        self._labels: np.ndarray | None = None
 
     @property
     def rows(self) -> Rows:
@@ -166,7 +167,9 @@ class FeatureStore:
         """Each row's class index, as the column (a store of 10^8 rows needs no Python object per row for it)."""
         if self._rows is not None:
             return np.asarray(self._rows.labels, dtype=np.int32)
-        return self.columns(("labels",))["labels"].astype(np.int32, copy=False)
+        if self._labels is None:  # read (and checked against its sha256) once: stage two asks per classifier
+            self._labels = self.columns(("labels",))["labels"].astype(np.int32, copy=False)
+        return self._labels
 
     @property
     def splits(self) -> np.ndarray:
