@@ -134,3 +134,15 @@ def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch
     tracemalloc.stop()
     assert metrics["accuracy"] > 0.9 and metrics["streamed"]
     assert peak < (n * dims * 4) / 3, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"
+
+
+def test_steps_grow_with_the_training_rows_and_small_data_keeps_its_schedule():
+    """816 rows (flowers17's train split) keep the schedule MIN_STEPS was chosen with on val (128 rows a step);
+    at scale a step takes more rows, so an epoch is a few hundred steps, not tens of thousands."""
+    from pipeline.heads.probe import BIG_BATCH, MIN_STEPS, SMALL_BATCH, StreamedProbe
+
+    probe = StreamedProbe()
+    assert probe.rows_per_step(816) == SMALL_BATCH == 128 and probe.steps(816) >= MIN_STEPS
+    assert probe.rows_per_step(400_000) == 2000 and probe.steps(400_000) == 8 * 200
+    assert probe.rows_per_step(3_200_000) == BIG_BATCH and probe.steps(3_200_000) == 5 * 782
+    assert StreamedProbe(batch_size=64).rows_per_step(3_200_000) == 64

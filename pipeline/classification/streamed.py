@@ -60,7 +60,7 @@ def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, param
     batch = store.batch_rows(tap, CHUNK_BYTES // 4)  # val and test batches, and the moments' (in float64)
     _, mean, variance = store.moments(tap, train, batch)
     rng = np.random.default_rng(seed)
-    weights = train_all_cs(lambda: shuffled_batches(store, tap, train, labels, probe.batch_size, rng),
+    weights = train_all_cs(lambda: shuffled_batches(store, tap, train, labels, probe.rows_per_step(len(train)), rng),
                            probe.steps(len(train)), len(train), mean, variance, len(probe.classes_), probe.Cs,
                            probe.learning_rate)
     scores = val_scores(weights, ((v.astype(np.float32), labels[r]) for r, v in store.iter_batches(tap, val, batch)))

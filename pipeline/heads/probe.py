@@ -28,6 +28,10 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))  # 8 log-spaced, as 
 # was best or tied on val on each tap: 0.569/0.672/0.569.
 MIN_STEPS = 1500
 MIN_EPOCHS = 5
+# Rows per step when batch_size is None: 128 (the schedule above), growing with the training rows to
+# ~200 steps an epoch, at most 4,096: a step has a fixed cost on an eager backend, which bigger steps spread
+# (the rates by batch size: bench/NOTES.md, "Stage two at scale").
+SMALL_BATCH, BIG_BATCH, STEPS_PER_EPOCH = 128, 4096, 200
 MODEL_FILE = "probe.npz"
 
 
@@ -38,12 +42,13 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         Cs: Inverse regularisation strengths, as scikit-learn's ``C``.
         epochs: Passes over the training rows; None: enough for :data:`MIN_STEPS` steps, at least
             :data:`MIN_EPOCHS`.
-        batch_size: Rows per step.
+        batch_size: Rows per step; None: :data:`SMALL_BATCH`, growing with the training rows to
+            :data:`STEPS_PER_EPOCH` steps an epoch, at most :data:`BIG_BATCH` (:meth:`rows_per_step`).
         learning_rate: Adam's peak step (cosine decay to zero over the epochs).
         random_state: Seed of the shuffles.
     """
 
-    def __init__(self, Cs=DEFAULT_CS, epochs=None, batch_size=128, learning_rate=0.01, random_state=0):
+    def __init__(self, Cs=DEFAULT_CS, epochs=None, batch_size=None, learning_rate=0.01, random_state=0):
         self.Cs = Cs
         self.epochs = epochs
         self.batch_size = batch_size
@@ -57,10 +62,12 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         mean, variance = X.mean(axis=0, dtype=np.float64), X.var(axis=0, dtype=np.float64)
         rng = np.random.default_rng(self.random_state)
 
+        size = self.rows_per_step(len(X))
+
         def batches():
             order = rng.permutation(len(X))
-            for start in range(0, len(X), self.batch_size):
-                rows = np.sort(order[start:start + self.batch_size])
+            for start in range(0, len(X), size):
+                rows = np.sort(order[start:start + size])
                 yield X[rows], index[rows]
 
         weights = train_all_cs(batches, self.steps(len(X)), len(X), mean, variance, len(self.classes_), self.Cs,
@@ -70,9 +77,13 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         scores = val_scores(weights, [(np.asarray(X_val, np.float32), y_val)])
         return self.keep_best(weights, scores, len(X))
 
+    def rows_per_step(self, n: int) -> int:
+        """The batch size for ``n`` training rows."""
+        return self.batch_size or int(np.clip(n // STEPS_PER_EPOCH, SMALL_BATCH, BIG_BATCH))
+
     def steps(self, n: int) -> int:
         """Adam steps for ``n`` training rows: ``epochs`` passes, or enough for :data:`MIN_STEPS`."""
-        per_epoch = -(-n // self.batch_size)
+        per_epoch = -(-n // self.rows_per_step(n))
         return per_epoch * (self.epochs or max(MIN_EPOCHS, -(-MIN_STEPS // per_epoch)))
 
     def keep_best(self, weights, scores, n: int) -> StreamedProbe:
@@ -80,7 +91,7 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         and :func:`val_scores` give them."""
         best = max(range(len(scores)), key=lambda k: (scores[k][0], -scores[k][1]))
         self.kernel_, self.bias_ = weights[best]
-        self.fit_summary_ = {"C": float(self.Cs[best]), "steps": self.steps(n),
+        self.fit_summary_ = {"C": float(self.Cs[best]), "steps": self.steps(n), "batch_size": self.rows_per_step(n),
                              "val_accuracy_by_C": [round(s[0], 4) for s in scores]}
         self.trainable_params_ = int(self.kernel_.size + self.bias_.size)
         return self

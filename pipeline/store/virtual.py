@@ -79,7 +79,7 @@ class TapReader:
         path = self.path.parent / name
         try:
             with h5py.File(path, "r") as fh:
-                return fh[dset][where]
+                return fh[dset][where] if isinstance(where, slice) else read_rows(fh[dset], where)
         except (OSError, KeyError) as exc:  # FeatureStore.features says which store and what to do
             raise OSError(f"shard file {path} is missing" if not path.exists() else
                           f"shard file {path} cannot be read: {exc}") from None
@@ -87,7 +87,7 @@ class TapReader:
     def __call__(self, rows: np.ndarray | None = None) -> np.ndarray:
         wanted = None if rows is None else np.asarray(rows)
         if self._map is None:
-            return self._dataset[()] if wanted is None else self._dataset[wanted]
+            return self._dataset[()] if wanted is None else read_rows(self._dataset, wanted)
         dataset = self._dataset
         out = np.empty((dataset.shape[0] if wanted is None else len(wanted),) + dataset.shape[1:], dataset.dtype)
         if wanted is None or not len(wanted):
@@ -100,7 +100,7 @@ class TapReader:
                 break
             if a == b:
                 continue
-            out[a:b] = self._read_shard(name, dset, () if wanted is None else wanted[a:b] - start)
+            out[a:b] = self._read_shard(name, dset, slice(None) if wanted is None else wanted[a:b] - start)
         return out
 
     def close(self) -> None:
@@ -111,6 +111,24 @@ class TapReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray, window_bytes: int = 16 << 20) -> np.ndarray:
+    """``dataset[rows]`` for increasing ``rows``, read as slices (each at most ``window_bytes``, and at most as
+    many rows as asked for) and picked from in memory. h5py reads a list of rows as one point selection,
+    hundreds of times slower than the slice around them (bench/NOTES.md, "Stage two at scale"), and HDF5
+    reads whole chunks either way.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows),) + dataset.shape[1:], dataset.dtype)
+    window = max(1, min(window_bytes // max(1, out[:1].nbytes), len(rows)))
+    i = 0
+    while i < len(rows):
+        first = rows[i]
+        j = i + int(np.searchsorted(rows[i:], first + window))
+        out[i:j] = dataset[first:rows[j - 1] + 1][rows[i:j] - first]
+        i = j
+    return out
 
 
 def shard_files(store_path: Path, tap: str) -> list[Path]:
