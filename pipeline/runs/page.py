@@ -160,8 +160,9 @@ def _gallery(run_dir: Path, manifest: dict, metrics: dict) -> list[dict]:
     for old in out.glob("*.jpg"):
         old.unlink()
     root, shown = Path(store.manifest.data_root), []
+    paths = store.columns(("paths",))["paths"]  # not store.rows: a Python string per row of every column
     for n, i in enumerate(wrong):
-        path = store.rows.paths[test[i]]
+        path = paths[test[i]].decode("utf-8", "surrogateescape")
         try:
             _thumbnail(root / path, out / f"{n:02d}.jpg")
         except (OSError, BadImageError) as exc:  # gone, or a FIFO or device now (never read)

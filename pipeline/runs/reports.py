@@ -88,9 +88,8 @@ def extract_summary(result, settings) -> str:
 
 
 def split_counts(store) -> str:
-    from collections import Counter
-
-    counts = Counter(store.rows.splits)
+    names, counts = np.unique(store.columns(("split",))["split"], return_counts=True)
+    counts = {name.decode(): int(n) for name, n in zip(names, counts)}
     return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
                      if counts.get(name))
 
@@ -123,10 +122,8 @@ def store_summary(store) -> str:
                                      "from earlier stores)")]
     lines.append(f"\n{plural(len(store), 'image')}, {plural(len(store.class_names), 'class', 'classes')} "
                  f"({split_counts(store)})")
-    counts = dict.fromkeys(store.class_names, 0)
-    for label in store.rows.labels:
-        counts[store.class_names[label]] += 1
-    lines.append("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    counts = np.bincount(store.labels, minlength=len(store.class_names))
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in zip(store.class_names, counts.tolist())))
     if store.skipped:
         lines.append(f"\n{len(store.skipped)} skipped:")
         lines += [f"  {path}: {reason}" for path, reason in store.skipped]

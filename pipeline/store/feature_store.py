@@ -173,7 +173,7 @@ class FeatureStore:
 
     @property
     def splits(self) -> np.ndarray:
-        return np.asarray(self.rows.splits, dtype=object)
+        return np.asarray(_decoded(self.columns(("split",))["split"]), dtype=object)
 
     def __len__(self) -> int:
         return self._n
