@@ -189,3 +189,18 @@ def test_splits_labels_and_the_test_fingerprint_come_from_columns_not_rows(tmp_p
     old = hashlib.sha256("\n".join(p for p, s in zip(store.rows.paths, splits) if s == "test")
                          .encode("utf-8", "surrogateescape")).hexdigest()
     assert fingerprint == old and labels.tolist() == store.rows.labels
+
+
+def test_a_string_column_streams_in_slices_checked_whole(tmp_path):
+    """column_slices gives what columns() gives, a slice at a time, and its sha256 over the slices is the
+    column's; a column changed since it was written is refused after the last slice, as columns() refuses it."""
+    shards = [_shard(tmp_path / "s0.h5", 0, 6), _shard(tmp_path / "s1.h5", 6, 7)]
+    store = merge_shards(shards, tmp_path / "store.h5", manifest=MANIFEST, skipped=[], dtype="float32")
+    whole = store.columns(("paths",))["paths"]
+    starts, parts = zip(*store.column_slices("paths", size=4))
+    assert starts == (0, 4, 8, 12) and np.concatenate(parts).tolist() == whole.tolist()
+    assert store.column_at("paths", np.array([1, 5, 12])).tolist() == whole[[1, 5, 12]].tolist()
+    with h5py.File(store.path, "r+") as fh:
+        fh["paths"][9] = b"swapped.jpg"
+    with pytest.raises(LayertapError, match="its paths column is not what was written"):
+        list(FeatureStore(store.path).column_slices("paths", size=4))

@@ -41,6 +41,7 @@ _FLAT_ATTRS = ("key", "backbone", "weights", "weights_sha256", "image_size", "po
 _STR = h5py.string_dtype()
 _COLUMNS = ("paths", "labels", "split", "fingerprints")
 REPLACE = "run the same `layertap extract` again to replace it"
+COLUMN_SLICE = 1 << 18  # rows of a per-image column read at once when it is streamed (FeatureStore.column_slices)
 BATCH_BYTES = 16 << 20  # of features a streamed batch holds by default (FeatureStore.iter_batches)
 
 
@@ -157,6 +158,42 @@ class FeatureStore:
             raise LayertapError(f"{self.path}: its labels run from {int(labels.min())} to {int(labels.max())} and it "
                                 f"names {len(self.class_names)} classes; the store is damaged: {REPLACE}")
         return columns
+
+    def column_slices(self, name: str, size: int = COLUMN_SLICE):
+        """Yield ``(start, values)`` of a per-image column, ``size`` rows at a time, as :meth:`columns` gives them:
+        a string column of 10^7 rows read whole is gigabytes of Python ``bytes``, a slice a few MB. The column is
+        checked against its sha256 as it streams; a mismatch raises after the last slice, before a caller that
+        consumes them all has returned.
+
+        Raises:
+            LayertapError: the store cannot be read, or the column is not what was written.
+        """
+        import hashlib
+
+        digest, expected = hashlib.sha256(), self._column_sums.get(name)
+        try:
+            with h5py.File(self.path, "r") as fh:
+                dataset = fh[name]
+                for start in range(0, len(dataset), size):
+                    values = dataset[start:start + size]
+                    if expected:
+                        digest.update(_column_bytes(values, first=start == 0))
+                    yield start, values
+        except OSError as exc:
+            raise LayertapError(f"{self.path} cannot be read as HDF5 ({exc}); {REPLACE}") from exc
+        if expected and digest.hexdigest() != expected:
+            raise LayertapError(f"{self.path}: its {name} column is not what was written (its sha256 differs from "
+                                f"the store's record: changed or shifted since); the store is damaged: {REPLACE}")
+
+    def column_at(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The values of a per-image column at the increasing indices ``rows``, the column streamed
+        (:meth:`column_slices`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for start, values in self.column_slices(name):
+            inside = rows[(rows >= start) & (rows < start + len(values))]
+            parts.append(values[inside - start])
+        return np.concatenate(parts) if parts else np.zeros(0, object)
 
     @property
     def key(self) -> str:
@@ -298,12 +335,17 @@ def column_sha256(values: np.ndarray) -> str:
     store's ``columns_sha256`` attribute and checked on every read of the column."""
     import hashlib
 
+    return hashlib.sha256(_column_bytes(values)).hexdigest()
+
+
+def _column_bytes(values, first: bool = True) -> bytes:
+    """What :func:`column_sha256` hashes of ``values``; of a slice after the first (``first=False``), what
+    continues the whole column's bytes (strings are NUL-separated across slices too)."""
     values = np.asarray(values)
     if values.dtype == object:
         data = b"\0".join(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogateescape") for v in values)
-    else:
-        data = np.ascontiguousarray(values, dtype="<i4").tobytes()
-    return hashlib.sha256(data).hexdigest()
+        return data if first or not len(values) else b"\0" + data
+    return np.ascontiguousarray(values, dtype="<i4").tobytes()
 
 
 def _decoded(values) -> list[str]:

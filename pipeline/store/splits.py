@@ -70,8 +70,12 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
 def test_rows_sha256(store, splits: np.ndarray) -> str:
     """A fingerprint of which images are the test images, to check two stages used the same: the sha256 of their
     paths (UTF-8, as stored), one a line."""
-    paths = store.columns(("paths",))["paths"][np.asarray(splits) == "test"]
-    return hashlib.sha256(b"\n".join(_as_bytes(p) for p in paths)).hexdigest()
+    test, digest, lines = np.asarray(splits) == "test", hashlib.sha256(), 0
+    for start, paths in store.column_slices("paths"):  # streamed: the column whole is a Python bytes per row
+        for path in paths[test[start:start + len(paths)]]:
+            digest.update(b"\n" * (lines > 0) + _as_bytes(path))
+            lines += 1
+    return digest.hexdigest()
 
 
 def _as_bytes(value) -> bytes:
@@ -80,8 +84,9 @@ def _as_bytes(value) -> bytes:
 
 def _split_column(store) -> np.ndarray:
     """The recorded split of each row as ``train``/``val``/``test``, or ``""`` where a row has none."""
-    column = store.columns(("split",))["split"]
-    splits = np.full(len(column), "", dtype="<U5")
-    for name in SPLITS:
-        splits[(column == name.encode()) | (column == name)] = name
+    splits = np.full(len(store), "", dtype="<U5")
+    for start, column in store.column_slices("split"):  # streamed, as test_rows_sha256 reads the paths
+        part = splits[start:start + len(column)]
+        for name in SPLITS:
+            part[(column == name.encode()) | (column == name)] = name
     return splits
