@@ -143,6 +143,6 @@ def test_steps_grow_with_the_training_rows_and_small_data_keeps_its_schedule():
 
     probe = StreamedProbe()
     assert probe.rows_per_step(816) == SMALL_BATCH == 128 and probe.steps(816) >= MIN_STEPS
-    assert probe.rows_per_step(400_000) == 2000 and probe.steps(400_000) == 8 * 200
+    assert probe.rows_per_step(400_000) == 1333 and probe.steps(400_000) == 5 * 301
     assert probe.rows_per_step(3_200_000) == BIG_BATCH and probe.steps(3_200_000) == 5 * 782
     assert StreamedProbe(batch_size=64).rows_per_step(3_200_000) == 64
