@@ -44,7 +44,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-gpu clean
+.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make demo-lean   the same on Keras's JAX backend in .venv-lean (1.0 GB, no TensorFlow)"
@@ -59,7 +59,8 @@ help:
 	@echo "make sweep       linear-probe accuracy per tap of the store, table and plot in models/"
 	@echo "make report      RUN=models/<run>: its index.html again (the recommended model, tables, plots, worst errors)"
 	@echo "make export      MODEL=models/<run> (its recommended model) or models/<run>/<tap>-<clf> FORMAT=onnx|saved_model|keras"
-	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/'"
+	@echo "make predict     MODEL=models/<run>/<tap>-<clf> IMAGES='a.jpg folder/' [PREDICTIONS=p.csv|p.parquet: a batch"
+	@echo "                 job, resumable, images a store already has are not decoded]"
 	@echo "make layers      BACKBONE=vgg16 SIZE=224: every layer, shapes, parameters, recommended taps"
 	@echo "make inspect     STORE=features/....h5: a store's contents and provenance"
 	@echo "make flowers17   download the Oxford 17 Flowers photos into data/flowers17 (needs a network)"
@@ -69,6 +70,9 @@ help:
 	@echo "make bench-ray   the Ray engine against the local one, same images, alternating runs (~4 min on 2 cores)"
 	@echo "make bench-scan  a cache-hit scan with the stat cache vs reading and hashing every file (16,384 files)"
 	@echo "make bench-reuse a new store reusing an earlier one's rows vs --no-reuse (flowers17 + 17 photos, ~6 min)"
+	@echo "make bench-stage2  the streamed probe on 400k and 4M synthetic rows (peak RSS ratio) against scikit-learn's"
+	@echo "                 LogisticRegression over the same 8 Cs (speed ratio); 18 GB of disk, ~12 min on 2 cores"
+	@echo "make bench-predict  predict --out against extract on the same 10,000 images; its RSS at 1,000 vs 10,000"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
 	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
@@ -137,8 +141,8 @@ sweep: install-core
 	$(BIN)/layertap sweep $(STAGE2_FLAGS)
 
 predict: install-core
-	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=models/<run>/<tap>-<clf> IMAGES='files or folders'"; exit 2; }
-	$(BIN)/layertap predict $(MODEL) $(IMAGES)
+	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=models/<run>/<tap>-<clf> IMAGES='files or folders' [PREDICTIONS=p.csv]"; exit 2; }
+	$(BIN)/layertap predict $(MODEL) $(IMAGES) $(if $(PREDICTIONS),--out $(PREDICTIONS))
 
 inspect: install-core
 	@test -n "$(STORE)" || { echo "usage: make inspect STORE=features/<store>.h5"; ls $(OUT)/*.h5 2>/dev/null; exit 2; }
@@ -198,6 +202,12 @@ bench-scan: install
 
 bench-reuse: install
 	$(BIN)/python -m bench.reuse $(BENCH_REUSE_ARGS)
+
+bench-stage2: install
+	$(BIN)/python -m bench.stage2 $(BENCH_STAGE2_ARGS)
+
+bench-predict: install
+	$(BIN)/python -m bench.predict $(BENCH_PREDICT_ARGS)
 
 bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)

@@ -1,9 +1,10 @@
 """The architecture, written down once: which subpackage stands on which, no circles, short modules.
 
-Shared ground below, the four stages side by side above it, the command line on top::
+Shared ground below, the stages side by side above it, the command line on top::
 
     cli
-    extraction   classification   finetuning   prediction      (stages: never import each other)
+                                               prediction      (a batch job: stage one's extraction of a model's tap)
+    extraction   classification   finetuning                   (stages: never import each other)
     runs                                                        (model folders, reports)
     store        heads                                          (feature stores; stage-two estimators)
     backbones    data                                           (networks; image files)
@@ -33,7 +34,7 @@ MAY_IMPORT = {
     "extraction": _SHARED,
     "classification": _SHARED,
     "finetuning": _SHARED,
-    "prediction": _SHARED,
+    "prediction": _SHARED | {"extraction"},  # a batch job is an extraction of the model's tap
     "cli": _SHARED | {"extraction", "classification", "finetuning", "prediction"},
     "__main__": {"cli"},
 }

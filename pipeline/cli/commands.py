@@ -17,8 +17,9 @@ from pipeline.data.sample import ensure_sample
 from pipeline.extraction.engines import get_engine
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.finetuning.settings import FinetuneSettings
+from pipeline.prediction.batch import predict_to_file
 from pipeline.prediction.export import export_model
-from pipeline.prediction.predict import predict, write_csv
+from pipeline.prediction.predict import list_image_files, predict
 from pipeline.runs.page import recommendation_line, write_run_page
 from pipeline.runs.reports import (
     comparison_table,
@@ -147,22 +148,25 @@ def _only_run(models: Path) -> Path:
 
 
 def cmd_predict(args) -> int:
-    import json
-
-
-    results = predict(args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, trust=args.trust)
-    bad = [r for r in results if "error" in r]
+    files = list_image_files(args.images)
+    if args.output and Path(args.output).suffix.lower() == ".json":
+        raise LayertapError(f"--out {args.output}: write .csv or .parquet (one row per image, written as they are "
+                            "computed); `layertap predict` without --out prints them")
     if args.output:
-        out = Path(args.output)
-        if out.suffix == ".json":
-            out.write_text(json.dumps(results, indent=2))
-        else:
-            write_csv(results, out, args.top_k)
-        print(f"{plural(len(results) - len(bad), 'image')} classified, {len(bad)} not readable; written to {out}")
-    else:
-        for r in results:
-            top = "  ".join(f"{c} {p:.3f}" for c, p in r.get("top", []))
-            print(f"{r['path']}: {top or 'ERROR ' + r['error']}")
+        options = settings_from_args(get_engine(args.engine).Options, args)
+        result = predict_to_file(args.model, files, args.output, top_k=args.top_k, batch_size=args.batch_size,
+                                 workers=args.workers, shard_size=args.shard_size, engine=args.engine,
+                                 engine_options=options,
+                                 decoder=args.decoder, features_dir=args.features, reuse=args.reuse,
+                                 trust=args.trust, progress=args.progress)
+        print(f"{plural(result.n_images - result.n_failed, 'image')} classified, {result.n_failed} not readable "
+              f"({result.n_decoded:,} decoded, {result.n_reused:,} read from earlier stores); written to "
+              f"{result.out}")
+        return 0
+    for r in predict(args.model, files, top_k=args.top_k, batch_size=args.batch_size, workers=args.workers,
+                     trust=args.trust):
+        top = "  ".join(f"{c} {p:.3f}" for c, p in r.get("top", []))
+        print(f"{r['path']}: {top or 'ERROR ' + r['error']}")
     return 0
 
 

@@ -10,6 +10,7 @@ from pipeline.classification.settings import ClassifySettings
 from pipeline.cli import commands as c
 from pipeline.core.runtime import __version__
 from pipeline.core.settings import add_settings_options
+from pipeline.data.gpu_decode import DECODER_CHOICES
 from pipeline.extraction.engines import ENGINES
 from pipeline.extraction.extract import ExtractSettings
 from pipeline.finetuning.settings import FinetuneSettings
@@ -159,19 +160,47 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                         "to <out>.json (and into the ONNX file's metadata).",
             epilog="examples:\n  layertap export models/<run>                 # the run's recommended model, as ONNX\n"
                    "  layertap export models/<run>/block4_pool-logreg --format saved_model --out serving/1")
-    command("predict", c.cmd_predict, "classify images with a trained model folder", arguments(
-        (["model"], dict(help="a model folder written by `layertap classify` or `layertap finetune`")),
-        (["images"], dict(nargs="+", help="image files or folders")),
-        (["--top-k"], dict(type=_positive_int, default=3, help="classes shown per image (default: %(default)s)")),
-        (["--batch-size"], dict(type=_positive_int, default=32,
-                                help="images per forward pass (default: %(default)s)")),
-        (["--output"], dict(help="write .csv or .json instead of printing")),
-        (["--trust"], dict(action="store_true", help="also load a pickled model (model.joblib) or scikit-learn "
-                                                    "types outside layertap's trusted list: that runs code from the "
-                                                    "folder, so only for folders whose origin you trust"))),
-        description="Runs the backbone as the model's manifest says and prints (or writes) the top-k classes of "
-                    "each image. Unreadable images are reported, not fatal.",
-        epilog="example:\n  layertap predict models/<run>/block4_pool-logreg photos/ --output predictions.csv")
+    def predict_options(p):
+        arguments(
+            (["model"], dict(help="a model folder written by `layertap classify` or `layertap finetune`")),
+            (["images"], dict(nargs="+", help="image files or folders (every non-hidden file under a folder)")),
+            (["--top-k"], dict(type=_positive_int, default=3, help="classes per image (default: %(default)s)")),
+            (["--batch-size"], dict(type=_positive_int, default=32,
+                                    help="images per forward pass (default: %(default)s)")),
+            (["--out", "--output"], dict(dest="output", metavar="FILE", help=(
+                "run as a batch job writing FILE (.csv, or .parquet with pyarrow): one row per image, in path "
+                "order; constant memory; a killed run resumes; without it the top classes are printed"))),
+            (["--features"], dict(metavar="DIR", help="with --out: where the images' features are stored and "
+                                                      "earlier stores are looked for (default: the folder of the "
+                                                      "model's store)")),
+            (["--no-reuse"], dict(dest="reuse", action="store_false", help="with --out: decode every image, even "
+                                  "those a store of the model's settings already has")),
+            (["--decoder"], dict(choices=DECODER_CHOICES, help="with --out: stage one's --decoder (default: the "
+                                                               "one the model's store was made with)")),
+            (["--quiet"], dict(dest="progress", action="store_false", help="no progress bars")),
+            (["--trust"], dict(action="store_true", help="also load a pickled model (model.joblib) or scikit-learn "
+                                                        "types outside layertap's trusted list: that runs code from "
+                                                        "the folder, so only for folders whose origin you trust")))(p)
+        add_settings_options(p, *(e.Options for e in ENGINES.values()),
+                             added={"--batch-size", "--out"} | {f"--{f}" for f in ("data", "layers")})
+        speed = next(g for g in p._action_groups if g.title == "speed (not part of the cache key)")
+        speed.add_argument("--engine", choices=tuple(ENGINES), default="local",
+                           help="with --out: where the images are decoded and run, as for extract (default: local)")
+        speed.add_argument("--workers", type=int, default=0, help="decoding processes; 0: one per core, at most 16")
+        speed.add_argument("--shard-size", type=_positive_int, default=512,
+                           help="with --out: images per committed shard; a killed job resumes from the last one")
+
+    command("predict", c.cmd_predict, "classify images with a trained model folder", predict_options,
+            description="Runs the backbone as the model's manifest says and prints the top-k classes of each "
+                        "image. With --out it is a batch job on stage one's machinery: the model's tap is "
+                        "extracted for the images into a store (shards committed as they are computed, so a "
+                        "killed run resumes; --engine ray; images that a store of the model's settings already "
+                        "has are read from it, not decoded), then the classifier reads the store a batch at a "
+                        "time. Unreadable images get their reason, never stop the job.",
+            epilog="examples:\n  layertap predict models/<run>/block4_pool-logreg photo.jpg\n"
+                   "  layertap predict models/<run>/block4_pool-logreg photos/ --out predictions.csv\n"
+                   "  layertap predict models/<run>/block4_pool-logreg s3-mount/ --out p.parquet --engine ray "
+                   "--ray-address head:6379")
     command("layers", c.cmd_layers, "list a backbone's layers, shapes, parameters and recommended taps", arguments(
         (["backbone"], dict(help=f"a registered backbone: {', '.join(BACKBONES)}")),
         (["--size"], dict(type=int, default=224, help="image side in pixels (default: %(default)s)"))),

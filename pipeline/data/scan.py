@@ -274,7 +274,7 @@ _EMPTY = {"version": np.array([VERSION]), "root": _join([]), "paths": _join([]),
 
 def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                 workers: int | None = None, progress: bool = False, cache: StatCache | None = None,
-                remote=None) -> ImageList:
+                remote=None, labelled: bool = True) -> ImageList:
     """Fingerprint every file and read its header; keep the usable ones.
 
     Reads each file once (for its content hash) and its header, but decodes no pixels; with a
@@ -288,9 +288,10 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
         remote: ``remote(root, paths)`` probes the files elsewhere (a Ray cluster:
             :meth:`pipeline.extraction.engines.ray.RaySession.probe`) and gives ``[(probe, lasting)]`` in order,
             or None to leave them to this process's threads.
+        labelled: False for a prediction job's images (one label for all): one class is then no error.
 
     Raises:
-        LayertapError: no usable image is left, or a class has none.
+        LayertapError: no usable image is left, or (``labelled``) fewer than two classes have one.
     """
     records, root, workers = images.records, str(images.root).rstrip(os.sep), workers or default_workers()
     probes: list[Probe | None] = [None] * len(records)
@@ -333,7 +334,8 @@ def scan_images(images: ImageList, max_pixels: int = DEFAULT_MAX_PIXELS,
                        "CSV's folder), a --split-file's to --data")
         raise LayertapError(f"no usable images in {images.root}{detail}")
     found = drop_empty_classes(ImageList(images.root, kept, images.class_names, skipped, images.name))
-    check_two_classes(found.class_names, str(images.root), [(s.path, s.reason) for s in found.skipped])
+    if labelled:  # a prediction job's images have one label for all
+        check_two_classes(found.class_names, str(images.root), [(s.path, s.reason) for s in found.skipped])
     return found
 
 

@@ -125,6 +125,8 @@ class ExtractSettings:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels as decompression bombs (default: "
                                                  "Pillow's limit)", group="data")
     progress: bool = option(True, "show progress bars", flag="--quiet", flag_help="no progress bars")
+    labelled: bool = option(True, "False: the images' labels are not classes (a prediction job's list, one "
+                                  "label for all), so one class is not an error", cli=False)
 
     def __post_init__(self):
         backbone = get_backbone(self.backbone)
@@ -202,7 +204,7 @@ def load_images(settings: ExtractSettings, session=None) -> ImageList:
     found = find_images(data, settings.split_file, settings.root, settings.allow_outside_root)
     cache = None if settings.verify else StatCache(settings.out_dir, found.root)
     return scan_images(found, settings.max_pixels, settings.workers or default_workers(), settings.progress, cache,
-                       remote=getattr(session, "probe", None))
+                       remote=getattr(session, "probe", None), labelled=settings.labelled)
 
 
 def cache_key(images: ImageList, settings: ExtractSettings, weights) -> tuple[str, dict]:
@@ -356,7 +358,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         paths = [kept / path.name for path in paths]
     store = merge_shards(paths, store_path, manifest=manifest, base=existing, skipped=[
         (s.path, s.reason) for s in images.skipped], dtype=settings.store_dtype,
-        compression=settings.compression, virtual=settings.merge == "virtual")
+        compression=settings.compression, virtual=settings.merge == "virtual", labelled=settings.labelled)
     timings["merge"] = time.perf_counter() - t0
     virtual.prune(store_path)  # shard folders of taps this store no longer maps
     shutil.rmtree(parts, ignore_errors=True)

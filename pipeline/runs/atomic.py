@@ -29,19 +29,25 @@ _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 
 def write_text(path, text: str) -> None:
     """``path`` replaced whole by ``text``: written beside it under a hidden temporary name, then renamed over
-    it, so a reader (a browser, a run writing the same page) sees the old file or the new one, never half."""
+    it, so a reader (a browser, a run writing the same page) sees the old file or the new one, never half.
+    A file name that is not UTF-8 in ``text`` is written as its own bytes (surrogateescape)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temporary_name(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def temporary_name(target: Path) -> Path:
+    """A hidden name beside ``target`` (not created) to write its replacement under."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def temporary_beside(target: Path) -> Path:
     """A new empty hidden folder beside ``target`` to write its replacement into."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temporary_name(target)
     tmp.mkdir(parents=True)
     return tmp
 

@@ -145,7 +145,7 @@ def write_shard(path: Path, *, rows: Rows, features: dict[str, np.ndarray], clas
 
 def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: FeatureStore | None = None,
                  skipped: Sequence[tuple[str, str]] = (), dtype: str = "float32",
-                 compression: str = "none", virtual: bool = False) -> FeatureStore:
+                 compression: str = "none", virtual: bool = False, labelled: bool = True) -> FeatureStore:
     """Join shards (in image-list order) into a store at ``dest``, atomically.
 
     Args:
@@ -156,6 +156,7 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
         skipped: Files skipped before extraction (the shards add the ones that failed to decode).
         virtual: Map the shards' features instead of copying them (:mod:`pipeline.store.virtual`); the
             shards must then stay where they are, in ``<dest>.shards/``.
+        labelled: False for a prediction job's images (one label for all): one class is then no error.
 
     Raises:
         LayertapError: a shard belongs to another key, or the rows do not line up with ``base``.
@@ -178,7 +179,8 @@ def merge_shards(shards: Sequence[Path], dest: Path, *, manifest: dict, base: Fe
                             "delete the store and extract all layers again")
     columns["labels"], class_names = _drop_empty_classes(columns["labels"], list(manifest["class_names"]),
                                                          all_skipped)
-    check_two_classes(class_names, f"{dest} (after decoding)", all_skipped)  # headers fine, pixels not
+    if labelled:  # headers fine, pixels not
+        check_two_classes(class_names, f"{dest} (after decoding)", all_skipped)
     new_taps = opened[0].taps if opened else ()
     # Check the room first: HDF5 failing on a full disk leaves objects that crash the interpreter later.
     copied = [] if virtual else list(map(Path, shards))
