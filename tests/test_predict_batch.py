@@ -52,7 +52,7 @@ def test_the_batch_file_has_predict_s_answers_in_path_order_with_reasons(trained
     root, _, fresh, model = trained
     fresh = Path(shutil.copytree(fresh, tmp_path / "new"))  # the module's folder stays as it is
     reasons = add_bad_files(fresh)
-    out = tmp_path / "p.csv"
+    out = tmp_path / "new-folder" / "p.csv"  # its folder is made
     assert main(["predict", model, str(fresh), "--out", str(out), "--top-k", "2", "--features",
                  str(tmp_path / "f"), "--quiet"]) == 0
     # the truncated JPEG passes the header scan and fails at decoding: 16 sent to the decoder
@@ -70,7 +70,7 @@ def test_the_batch_file_has_predict_s_answers_in_path_order_with_reasons(trained
         top = expected[str(fresh / os.path.relpath(row[0], fresh))]["top"]
         assert row[1] == "" and [row[2], row[4]] == [c for c, _ in top]
         np.testing.assert_allclose([float(row[3]), float(row[5])], [p for _, p in top], atol=2e-4)
-    assert not (tmp_path / "p.csv.parts").exists() and not list(tmp_path.glob(".p.csv.tmp-*"))
+    assert not (out.parent / "p.csv.parts").exists() and not list(out.parent.glob(".p.csv.tmp-*"))
 
 
 OPENS = """

@@ -72,6 +72,7 @@ class RowWriter:
         if out.suffix.lower() not in FORMATS:
             raise LayertapError(f"--out {out}: write .csv or .parquet (pyarrow), not {out.suffix or 'no suffix'}")
         self.out, self.columns = out, header(top_k)
+        out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = atomic.temporary_name(out)
         if out.suffix.lower() == ".parquet":
             try:

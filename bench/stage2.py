@@ -1,0 +1,162 @@
+"""``make bench-stage2``: stage two at stage one's scale, the streamed probe against scikit-learn.
+
+Two synthetic virtual stores (:func:`synthetic_store`): ``--small`` and ``--big`` rows (default 400k and 4M) of
+``--dims`` (1,024) float32 features, 10 classes, split 80/10/10. The features are low-rank, rectified and noisy,
+like a CNN's pooled activations, so that a linear probe is neither trivial (val ~0.84) nor hopeless, and
+scikit-learn's L-BFGS needs tens of iterations per C, as on real features.
+
+- **Memory:** ``layertap classify --store S --classifiers probe`` in a fresh process on each store; the ratio of
+  the peak RSS (big / small). The big tap is over 16 GB, more than half this machine's memory (the default
+  ``--memory-budget``), so only the streamed probe may train on it.
+- **Speed:** on the small store, rows/s of the whole sweep: the probe (every C of its grid in the same passes,
+  C chosen on val) against scikit-learn's ``LogisticRegression`` fit once per C of the same grid on the
+  standardised train rows held in memory, C chosen on val (what ``logreg`` does, without its 3-fold CV: that
+  would be 3x the work again). Both report their val accuracy at their chosen C.
+
+Writes ``bench/results/stage2-<time>.json``, ``stage2-latest.json`` and ``stage2-latest.md``, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, SYNTHETIC_MANIFEST, emit, machine, parse_or_run_child, run_child, write_results
+from pipeline.runs.reports import format_table
+
+CHILDREN = ("build", "probe", "sklearn")
+CLASSES, RANK, SHARD_ROWS = 10, 64, 65_536
+
+
+def synthetic_store(path: Path, rows: int, dims: int, classes: int = CLASSES, seed: int = 0) -> Path:
+    """A virtual store of ``rows`` x ``dims`` float32 features (tap ``t``) in shards of :data:`SHARD_ROWS`:
+    ``relu((class centre + noise) @ mix) + noise`` of rank :data:`RANK`, labels uniform, split 80/10/10."""
+    import numpy as np
+
+    from pipeline.store.feature_store import Rows
+    from pipeline.store.virtual import shards_dir
+    from pipeline.store.writing import merge_shards, write_shard
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, RANK)).astype(np.float32) * 0.35
+    mix = rng.standard_normal((RANK, dims)).astype(np.float32) / np.sqrt(RANK)
+    names = [f"c{i}" for i in range(classes)]
+    manifest = {**SYNTHETIC_MANIFEST, "key": f"stage2-{rows}-{dims}-{seed}", "class_names": names}
+    folder, shards = shards_dir(path), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, rows, SHARD_ROWS):
+        n = min(SHARD_ROWS, rows - start)
+        labels = rng.integers(0, classes, n)
+        latent = centres[labels] + rng.standard_normal((n, RANK), dtype=np.float32)
+        features = np.maximum(latent @ mix, 0) + 0.5 * rng.standard_normal((n, dims), dtype=np.float32)
+        split = np.array(["train", "val", "test"])[np.searchsorted([0.8, 0.9], rng.random(n))]
+        shards.append(write_shard(
+            folder / f"shard-{start // SHARD_ROWS:06d}.h5", rows=Rows(
+                [f"c{y}/{start + i}.jpg" for i, y in enumerate(labels)], labels.tolist(), split.tolist(),
+                ["0" * 32] * n), features={"t": features}, class_names=names, skipped=[], manifest=manifest,
+            map_shapes={"t": (1, 1, dims)}, dtype="float32"))
+    return merge_shards(shards, path, manifest=manifest, virtual=True).path
+
+
+def _has_rows(store: Path, rows: int, dims: int) -> bool:
+    from pipeline.store.feature_store import FeatureStore
+
+    return store.exists() and len(FeatureStore(store)) == rows and FeatureStore(store).dims["t"] == dims
+
+
+def child(args) -> None:
+    import numpy as np
+
+    if args.child == "build":
+        started = time.perf_counter()
+        path = synthetic_store(Path(args.store), args.rows, args.dims)
+        emit({"store": str(path), "seconds": time.perf_counter() - started})
+        return
+    from pipeline.store.feature_store import FeatureStore
+
+    store = FeatureStore(args.store)
+    if args.child == "probe":
+        from pipeline.cli import main as layertap
+
+        started = time.perf_counter()
+        code = layertap(["classify", "--store", args.store, "--classifiers", "probe", "--models", args.out])
+        wall = time.perf_counter() - started
+        metrics = json.loads(next(Path(args.out).glob("*/t-probe/metrics.json")).read_text())
+        emit({"code": code, "rows": len(store), "train_rows": metrics["n_train"], "wall_s": wall,
+              "fit_s": metrics["fit_seconds"], "val_accuracy": metrics["val_accuracy"],
+              "test_accuracy": metrics["accuracy"], "chosen": metrics["chosen"]})
+        return
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.heads.probe import DEFAULT_CS
+
+    splits = store.splits
+    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    labels = store.labels
+    X, X_val = store.features("t", train), store.features("t", val)
+    started = time.perf_counter()
+    scaler = StandardScaler().fit(X)
+    X, X_val = scaler.transform(X), scaler.transform(X_val)
+    by_c = []
+    for c in DEFAULT_CS:
+        model = LogisticRegression(C=c, max_iter=2000).fit(X, labels[train])
+        by_c.append({"C": c, "iterations": int(model.n_iter_[0]),
+                     "val_accuracy": float(model.score(X_val, labels[val]))})
+        print(json.dumps(by_c[-1]), flush=True)
+    best = max(by_c, key=lambda r: r["val_accuracy"])
+    emit({"rows": len(store), "train_rows": len(train), "fit_s": time.perf_counter() - started,
+          "val_accuracy": best["val_accuracy"], "chosen": {"C": best["C"]}, "by_C": by_c})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=400_000, help="rows of the small store (default: %(default)s)")
+    parser.add_argument("--big", type=int, default=4_000_000, help="rows of the big store (default: %(default)s)")
+    parser.add_argument("--dims", type=int, default=1024, help="features per row (default: %(default)s)")
+    parser.add_argument("--keep-stores", action="store_true", help="use the synthetic stores of an earlier run where "
+                                                                     "they are there (they are seeded: the same)")
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parse_or_run_child(parser, CHILDREN, "child", child)
+    if args is None:
+        return
+    work, runs = RESULTS / "work" / "stage2", {}
+    for old in work.glob("models-*"):
+        shutil.rmtree(old)
+    for name, rows in (("small", args.small), ("big", args.big)):
+        store = work / "stores" / f"{name}.h5"
+        if not (args.keep_stores and _has_rows(store, rows, args.dims)):
+            built = run_child(["-m", "bench.stage2", "--child", "build", "--store", str(store), "--rows", str(rows),
+                               "--dims", str(args.dims)], timeout=3600)
+            print(f"  {name}: {rows:,} x {args.dims} float32 ({rows * args.dims * 4 / 1e9:.1f} GB) written in "
+                  f"{built['seconds']:.0f} s", flush=True)
+        runs[name] = run_child(["-m", "bench.stage2", "--child", "probe", "--store", str(store), "--out",
+                                str(work / f"models-{name}")], timeout=3600)
+        print(f"  {name}: probe {runs[name]['fit_s']:.0f} s, peak RSS {runs[name]['peak_rss_mb']:,.0f} MB", flush=True)
+    runs["sklearn"] = run_child(["-m", "bench.stage2", "--child", "sklearn", "--store", str(work / "stores/small.h5"),
+                                 "--out", str(work)], timeout=7200)
+    small, big, sk = runs["small"], runs["big"], runs["sklearn"]
+    rss_ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
+    speed_ratio = sk["fit_s"] / small["fit_s"]
+    rows = [[f"probe, {small['rows']:,} rows", f"{small['fit_s']:.1f}", f"{small['train_rows'] / small['fit_s']:,.0f}",
+             f"{small['val_accuracy']:.3f}", f"{small['chosen']['C']:g}", f"{small['peak_rss_mb']:,.0f}"],
+            [f"probe, {big['rows']:,} rows", f"{big['fit_s']:.1f}", f"{big['train_rows'] / big['fit_s']:,.0f}",
+             f"{big['val_accuracy']:.3f}", f"{big['chosen']['C']:g}", f"{big['peak_rss_mb']:,.0f}"],
+            [f"scikit-learn, {sk['rows']:,} rows", f"{sk['fit_s']:.1f}", f"{sk['train_rows'] / sk['fit_s']:,.0f}",
+             f"{sk['val_accuracy']:.3f}", f"{sk['chosen']['C']:g}", f"{sk['peak_rss_mb']:,.0f}"]]
+    table = format_table(["fit (8 Cs, C on val)", "s", "train rows/s", "val acc", "C", "peak RSS MB"], rows,
+                         title=f"\nsynthetic stores, {args.dims} float32 features, {CLASSES} classes, 80/10/10")
+    table += (f"\npeak RSS big / small: {rss_ratio:.3f} (target <= 1.1); speed probe / scikit-learn on "
+              f"{sk['rows']:,} rows: {speed_ratio:.1f}x (target >= 5x)")
+    print(table)
+    path = write_results("stage2", {"machine": machine(), "runs": runs, "rss_ratio": rss_ratio,
+                                    "speed_ratio": speed_ratio}, table + "\n")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
