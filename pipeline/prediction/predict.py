@@ -6,7 +6,6 @@ and turned into features exactly as stage one did (:class:`pipeline.store.manife
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import numpy as np
 from pipeline.core.parallel import default_workers
 from pipeline.data.decoding import iter_decoded
 from pipeline.runs.artifacts import load_model
-from pipeline.runs.reports import spreadsheet_safe
 from pipeline.store.manifest import StoreManifest
 
 
@@ -82,15 +80,3 @@ def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: in
     if batch:
         flush()
     return results
-
-
-def write_csv(results: list[dict], out: Path, top_k: int) -> None:
-    """``predict``'s rows as a CSV: path, error, then class and probability for each of the top k. Cells that
-    start like a formula are made text (:func:`pipeline.runs.reports.spreadsheet_safe`); a file name that is not
-    UTF-8 is written as its own bytes (surrogateescape)."""
-    with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "error"] + [f"{k}{i + 1}" for i in range(top_k) for k in ("class", "prob")])
-        for r in results:
-            writer.writerow(map(spreadsheet_safe, [r["path"], r.get("error", "")] +
-                                [v for c, p in r.get("top", []) for v in (c, f"{p:.4f}")]))
