@@ -159,3 +159,21 @@ def test_a_wrong_layer_is_refused_before_the_scan_and_the_weights(tmp_path):
         ExtractSettings(data=str(tmp_path), backbone="resnet50", weights="imagenet",
                         layers=("conv2_block3_out", "conv4_block7_out"))
     assert ExtractSettings(data=str(tmp_path), layers=("block3_conv1", "input_layer")).layers[0] == "block3_conv1"
+
+
+def test_a_weights_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """A prediction job resolves its weights twice (the check, then the extraction): the file is read once,
+    and read again once it changed."""
+    import hashlib
+
+    import pipeline.backbones.weights as weights
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"one")
+    reads = []
+    real = weights._digests
+    monkeypatch.setattr(weights, "_digests", lambda *a, **k: reads.append(a) or real(*a, **k))
+    assert weights.sha256_file(path) == weights.sha256_file(path) == hashlib.sha256(b"one").hexdigest()
+    assert len(reads) == 1
+    path.write_bytes(b"two, longer")
+    assert weights.sha256_file(path) == hashlib.sha256(b"two, longer").hexdigest() and len(reads) == 2

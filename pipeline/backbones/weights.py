@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,19 @@ class ResolvedWeights:
     kind: str = "file"  # imagenet, hed-bsds500, random or file
 
 
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime, inode) -> sha256: a job resolves its weights more than once
+
+
 def sha256_file(source) -> str:
-    """The sha256 of a file: a path, or a binary file open at its start (read in blocks)."""
-    return _digests(source, "sha256")[0]
+    """The sha256 of a file: a path, or a binary file open at its start (read in blocks). A path whose size,
+    modification time and inode are unchanged is not read again in this process."""
+    if hasattr(source, "read"):
+        return _digests(source, "sha256")[0]
+    st = os.stat(source)
+    key = (os.path.realpath(source), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _HASHED:
+        _HASHED[key] = _digests(source, "sha256")[0]
+    return _HASHED[key]
 
 
 def _digests(source, *algorithms: str, block: int = 1 << 20) -> list[str]:

@@ -20,7 +20,8 @@ run here, a batch at a time, and written as they come; a killed run starts again
 from __future__ import annotations
 
 import csv
-import logging
+import dataclasses
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ from pipeline.runs.artifacts import load_model
 from pipeline.runs.reports import spreadsheet_safe
 from pipeline.store.manifest import StoreManifest
 
-log = logging.getLogger(__name__)
 FORMATS = (".csv", ".parquet")
 UNLABELLED = "unlabelled"  # the one class of a prediction job's image list
 
@@ -146,8 +146,7 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
                 out_dir=features_dir or str(Path(m["store"]).parent)), out)
         writer.commit()
     shutil.rmtree(parts_folder(out), ignore_errors=True)
-    result.out = out
-    return result
+    return dataclasses.replace(result, out=out)
 
 
 def parts_folder(out: Path) -> Path:
@@ -173,7 +172,9 @@ def _run_extraction(estimator, recipe: StoreManifest, m: dict, files, writer: Ro
     listing = parts_folder(out) / f"{out.stem}.csv"
     listing.parent.mkdir(parents=True, exist_ok=True)
     # The same list gives the same store key: a job killed and run again resumes from its committed shards.
-    atomic.write_text(listing, "path,label\n" + "".join(_csv_line(n) for n in names))
+    text = io.StringIO(newline="")
+    csv.writer(text, lineterminator="\n").writerows([("path", "label"), *((n, UNLABELLED) for n in names)])
+    atomic.write_text(listing, text.getvalue())
     settings = ExtractSettings(
         data=str(listing), root=str(root), backbone=recipe.backbone, layers=(m["tap"],), pooling=recipe.pooling,
         weights=recipe.weights_arg, seed=recipe.seed, image_size=recipe.image_size, resize=recipe.resize,
@@ -206,10 +207,6 @@ def _run_extraction(estimator, recipe: StoreManifest, m: dict, files, writer: Ro
                       for n, reason in pending])
         pending = []
     return BatchResult(Path(), len(names), len(names) - done, result.n_decoded, result.n_reused, store.path)
-
-
-def _csv_line(name: str) -> str:
-    return f'"{name.replace(chr(34), chr(34) * 2)}",{UNLABELLED}\n'
 
 
 def _run_network(model, recipe: StoreManifest, m: dict, files, writer: RowWriter, top_k: int, batch_size: int,
