@@ -41,7 +41,8 @@ RUN_ONNX = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Stage two's four classifiers and a fine-tuned model on a tiny float32 store (random weights)."""
+    """Stage two's four classifiers, a fine-tuned model and two multi-tap probes on a tiny float32 store (random
+    weights)."""
     root = tmp_path_factory.mktemp("export")
     data = make_split_folder(root / "data", train=5, val=2, test=2)
     store = extract_features(tiny_settings(data, root / "f", precision="float32")).store_path
@@ -49,6 +50,8 @@ def trained(tmp_path_factory):
                                        '{"hidden_units": 8, "epochs": 5}', 'probe:{"epochs": 5}'),
                                        layers=("block2_pool",),
                                        out_dir=str(root / "m")))
+    classify(ClassifySettings(store=str(store), classifiers=("logreg", 'probe:{"epochs": 5}'),
+                              layers=("block1_pool+block2_pool",), out_dir=str(root / "m")))
     finetune(FinetuneSettings(store=str(store), out_dir=str(root / "m"), layer="block2_pool", epochs=1,
                               fine_tune_epochs=1, batch_size=8, workers=2, progress=False))
     images = sorted((data / "test").rglob("*.jpg"))
@@ -56,7 +59,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["block2_pool-logreg", "block2_pool-linsvm", "block2_pool-dense-*",
-                                   "block2_pool-probe-*", "block2_pool-finetune"])
+                                   "block2_pool-probe-*", "block2_pool-finetune",
+                                   "block1_pool+block2_pool-logreg", "block1_pool+block2_pool-probe-*"])
 def test_the_onnx_file_gives_predicts_probabilities_without_tensorflow(trained, tmp_path, model):
     run_dir, images = trained
     model_dir = next(run_dir.glob(model))

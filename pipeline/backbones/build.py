@@ -23,6 +23,7 @@ from pipeline.backbones.registry import Backbone, get_backbone
 from pipeline.backbones.weights import ResolvedWeights, resolve_weights
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import PRECISIONS, import_keras, keras_backend
+from pipeline.core.taps import is_multi_tap, tap_parts
 
 
 def build_backbone(backbone: Backbone, weights: ResolvedWeights, image_size: int, precision: str = "float32"):
@@ -128,11 +129,13 @@ def cut_trunk(base, taps, name: str | None = None):
     """The backbone from its input to the taps' outputs: the forward pass stops at the deepest tap.
 
     Returns:
-        A ``keras.Model`` with one output (a single tap given as a string) or a list of outputs.
+        A ``keras.Model`` with one output (a single tap given as a string) or a list of outputs (a list, or a
+        multi-tap name such as ``block3_pool+block4_pool``).
     """
     keras = import_keras()
-    if isinstance(taps, str):
+    if isinstance(taps, str) and not is_multi_tap(taps):
         return keras.Model(base.input, base.get_layer(taps).output, name=name or f"{base.name}_to_{taps}")
+    taps = tap_parts(taps) if isinstance(taps, str) else taps
     return keras.Model(base.input, [base.get_layer(tap).output for tap in taps], name=name or f"{base.name}_trunk")
 
 
@@ -264,7 +267,8 @@ def compose_classifier(trunk, backbone: str, tap: str, pooling: str, head, augme
     ``layertap export`` writes.
 
     Args:
-        trunk: ``keras.Model`` from the backbone's input to the tap's output.
+        trunk: ``keras.Model`` from the backbone's input to the tap's output (:func:`cut_trunk`; a multi-tap name's
+            trunk has one output per tap).
         head: ``keras.Model`` from pooled features to class probabilities.
 
     Returns:
@@ -282,7 +286,12 @@ def compose_classifier(trunk, backbone: str, tap: str, pooling: str, head, augme
     # training=False documents the intent; what keeps BatchNorm in inference mode under fit()
     # is that its layers stay frozen (Keras 3 runs a non-trainable BatchNorm in inference mode).
     maps = trunk(x, training=False)
-    pooled = TapPooling(pooling, name=f"{tap}_{pooling}")(maps)
+    parts = tap_parts(tap)
+    if len(parts) == 1:
+        pooled = TapPooling(pooling, name=f"{tap}_{pooling}")(maps)
+    else:  # a multi-tap model: each tap pooled, side by side in the name's order (as the store reads them)
+        pooled = keras.layers.Concatenate(name=f"taps_{pooling}")(
+            [TapPooling(pooling, name=f"{part}_{pooling}")(m) for part, m in zip(parts, maps)])
     return keras.Model(pixels, head(pooled), name=f"{trunk.name}_finetune"), keras.Model(pixels, pooled)
 
 

@@ -22,8 +22,8 @@ from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import get_backbone
 from pipeline.classification.settings import ClassifySettings
 from pipeline.classification.streamed import fit_streamed_probe, tap_bytes
-from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, rank_on_val
+from pipeline.core.taps import JOIN, canonical_tap, tap_parts
 from pipeline.data.decoding import available_memory
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
 from pipeline.runs.artifacts import model_manifest, run_folder, save_model
@@ -89,11 +89,7 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     """
 
     store = FeatureStore(settings.store)
-    taps = settings.layers or store.taps
-    unknown = [t for t in taps if t not in store.taps]
-    if unknown:
-        raise LayertapError(f"{store.path.name} has no tap {', '.join(unknown)}; it has {', '.join(store.taps)}. "
-                            "Extract it first: layertap extract ... --layers " + ",".join(unknown))
+    taps = list(dict.fromkeys(canonical_tap(t, store.taps, store.path.name) for t in settings.layers or store.taps))
     splits, source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
@@ -108,7 +104,7 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
                          "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["accuracy"],
                          "macro_f1": metrics["report"]["macro avg"]["f1-score"],
                          "fit_seconds": metrics["fit_seconds"], "trainable_params": metrics["trainable_params"],
-                         "dims": store.dims[tap], "chosen": metrics["chosen"], "model_dir": str(model_dir)})
+                         "dims": store.width(tap), "chosen": metrics["chosen"], "model_dir": str(model_dir)})
             if progress:
                 progress(rows[-1])
     rank_on_val(rows)
@@ -160,15 +156,17 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
           progress=None) -> tuple[Path, list[dict]]:
-    """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs.
+    """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs; then for the
+    taps side by side: the pairs of the three best taps on val and, with three taps or more, all of them.
 
-    The probe of each tap is fit on the train rows (C by cross-validation there) and saved as that tap's
-    ``logreg`` model folder, as ``classify`` would; the tap to use is the one with the best val accuracy
-    (``best_on_val`` in ``sweep.json``); test accuracy is shown beside it, never chosen on.
+    The probe of each tap (or multi-tap name, :mod:`pipeline.core.taps`) is fit on the train rows (C by
+    cross-validation there) and saved as its ``logreg`` model folder, as ``classify`` would; the row to use is
+    the one with the best val accuracy (``best_on_val`` in ``sweep.json``; of equals, a single tap);
+    test accuracy is shown beside it, never chosen on. A multi-tap row costs the forward pass to its deepest tap.
 
     Returns:
-        ``(run folder, one row per tap)``; ``sweep.md``, ``sweep.json``, ``sweep.png`` and the run's
-        ``index.html`` are written there.
+        ``(run folder, one row per tap, then per combination)``; ``sweep.md``, ``sweep.json``, ``sweep.png`` and
+        the run's ``index.html`` are written there.
     """
 
     store = FeatureStore(store_path)
@@ -182,21 +180,40 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = run_folder(out_dir, run, store, create=True)
     rows = []
-    for tap in taps:
+
+    def probe(tap: str) -> None:
         _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, "logreg", splits, split_info, run_dir,
                                         settings)
-        shape = store.map_shapes[tap]
-        flat = pooled_dims("flatten", shape)
-        rows.append({"tap": tap, "layer_index": depth.get(tap), "map": "x".join(map(str, shape)),
-                     "dims": store.dims[tap], "val_accuracy": metrics["val_accuracy"],
+        parts = tap_parts(tap)
+        deepest = max(parts, key=lambda t: depth.get(t, len(depth)))
+        shapes = [store.map_shapes[part] for part in parts]
+        flat = sum(pooled_dims("flatten", shape) for shape in shapes)
+        rows.append({"tap": tap, "layer_index": depth.get(deepest), "map": "+".join("x".join(map(str, shape))
+                                                                                     for shape in shapes),
+                     "dims": store.width(tap), "val_accuracy": metrics["val_accuracy"],
                      "test_accuracy": metrics["accuracy"], "C": metrics["chosen"].get("C"),
                      "cv_accuracy": metrics["chosen"].get("cv_accuracy"),
-                     "gflops": costs[tap]["gflops"], "flops_share": costs[tap]["gflops"] / full,
-                     "params_to_tap": costs[tap]["params"], "flatten_dims": flat,
-                     "dense_flatten": dense_params(flat), "dense_avg": dense_params(shape[-1]),
+                     "gflops": costs[deepest]["gflops"], "flops_share": costs[deepest]["gflops"] / full,
+                     "params_to_tap": costs[deepest]["params"], "flatten_dims": flat,
+                     "dense_flatten": dense_params(flat), "dense_avg": dense_params(sum(s[-1] for s in shapes)),
                      "fit_seconds": metrics["fit_seconds"]})
         if progress:
             progress(rows[-1])
+
+    for tap in taps:
+        probe(tap)
+    for combination in tap_combinations(rows):
+        probe(combination)
     write_sweep(run_dir, rows, store, best=best_on_val(rows)["tap"])
     write_run_page(run_dir, store.key, split_info["test_rows_sha256"])
     return run_dir, rows
+
+
+def tap_combinations(rows: list[dict], top: int = 3) -> list[str]:
+    """The multi-tap names a sweep adds after its single taps (``rows``, low to high): each pair of the ``top``
+    best on val, low tap first, and all the taps together where that is not one of the pairs. Chosen on val only."""
+    order = [r["tap"] for r in rows]
+    best = sorted(rank_on_val([dict(r) for r in rows])[:top], key=lambda r: order.index(r["tap"]))
+    pairs = [JOIN.join((a["tap"], b["tap"])) for i, a in enumerate(best) for b in best[i + 1:]]
+    every = JOIN.join(order)
+    return pairs + ([every] if len(order) > 2 and every not in pairs else [])

@@ -20,14 +20,14 @@ CHUNK_BYTES = 64 << 20  # features read together (consecutive rows of the store)
 
 def tap_bytes(store, tap: str) -> int:
     """What holding a tap in memory as float32 takes."""
-    return len(store) * store.dims[tap] * 4
+    return len(store) * store.width(tap) * 4
 
 
 def shuffled_batches(store, tap: str, rows: np.ndarray, labels: np.ndarray, batch_size: int, rng):
     """One epoch of ``(features, class indices)`` over ``rows``: chunks of :data:`CHUNK_BYTES` of consecutive rows in
     a random order, two chunks mixed and shuffled at a time (stores are often ordered by class: a chunk alone
     would hold few classes)."""
-    per_chunk = max(batch_size, CHUNK_BYTES // (4 * store.dims[tap]))
+    per_chunk = max(batch_size, CHUNK_BYTES // (4 * store.width(tap)))
     chunks = [rows[i:i + per_chunk] for i in range(0, len(rows), per_chunk)]
     order = rng.permutation(len(chunks))
     for pair in range(0, len(order), 2):

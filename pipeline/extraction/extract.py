@@ -34,6 +34,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
 from pipeline.core.runtime import PRECISION_CHOICES, keras_backend, keras_version, resolve_precision, versions
 from pipeline.core.settings import check_choice, check_int, option
+from pipeline.core.taps import tap_parts
 from pipeline.core.text import plural
 from pipeline.data.decoding import check_slots_fit
 from pipeline.data.gpu_decode import DECODER_CHOICES, DECODERS, check_decoder, resolve_decoder
@@ -71,7 +72,8 @@ class ExtractSettings:
     backbone: str = option("vgg16", "the pretrained network; `layertap layers NAME` lists its layers",
                            choices=BACKBONES, group="model")
     layers: tuple[str, ...] = option((), "layer names to tap, comma-separated (default: the backbone's "
-                                         "recommended taps, e.g. block1_pool..block5_pool for vgg16)",
+                                         "recommended taps, e.g. block1_pool..block5_pool for vgg16); stage two "
+                                         "trains on a+b as one model on both taps' features side by side",
                                      metavar="L1,L2", group="model")
     pooling: str = option("avg", "avg, max, avgmax, gridN (e.g. grid2) or flatten", flag="--pool", metavar="MODE",
                           group="model")
@@ -133,7 +135,9 @@ class ExtractSettings:
         object.__setattr__(self, "backbone", backbone.name)
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)  # one string: one layer
-        object.__setattr__(self, "layers", tuple(dict.fromkeys(layers)) or backbone.taps)
+        # a multi-tap name (block3_pool+block4_pool, what stage two trains on) is extracted as its taps
+        layers = tuple(dict.fromkeys(part for layer in layers for part in tap_parts(layer)))
+        object.__setattr__(self, "layers", layers or backbone.taps)
         check_taps(None, backbone, self.layers)  # before the scan and the weights, which take minutes at scale
         check_choice("resize", self.resize, RESIZE_MODES)
         object.__setattr__(self, "precision", resolve_precision(self.precision))

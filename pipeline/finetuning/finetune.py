@@ -35,6 +35,7 @@ from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, bootstrap_gain, epoch_rank, log_loss, score_predictions
 from pipeline.core.runtime import import_keras
+from pipeline.core.taps import is_multi_tap, tap_parts
 from pipeline.core.text import plural
 from pipeline.data.decoding import decode_store_rows
 from pipeline.finetuning.compose import (
@@ -84,8 +85,8 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> li
 
 
 def choose_tap(store: FeatureStore, layer: str | None, stage_two: list[dict], probe) -> tuple[str, str]:
-    """The named tap; else the tap of stage two's best model on val; else the tap whose linear probe is
-    best on val. Never chosen on test.
+    """The named tap; else the tap of stage two's best single-tap model on val (a multi-tap model cannot be cut
+    from one network); else the tap whose linear probe is best on val. Never chosen on test.
 
     Args:
         probe: ``probe(tap) -> (estimator, metrics)``, stage two's logreg on a tap (fit only where no
@@ -95,12 +96,21 @@ def choose_tap(store: FeatureStore, layer: str | None, stage_two: list[dict], pr
         ``(tap, why)``.
     """
     if layer:
+        if is_multi_tap(layer):
+            raise LayertapError(f"--layer {layer}: stage three fine-tunes from one tap (the network is cut there); "
+                                f"name one of {', '.join(tap_parts(layer))}, or compare the multi-tap probe from "
+                                "stage two with layertap classify --layers " + layer)
         if layer not in store.taps:
             raise LayertapError(f"{store.path.name} has no tap {layer}; it has {', '.join(store.taps)}. "
                                 f"Extract it first: layertap extract ... --layers {layer}")
         return layer, "given"
-    if stage_two:
-        return stage_two[0]["tap"], f"stage two's best on val ({stage_two[0]['classifier']})"
+    single = [row for row in stage_two if not is_multi_tap(row["tap"])]  # a network is cut at one tap
+    if single:
+        first = f"stage two's best on val ({single[0]['classifier']})"
+        if single[0] is not stage_two[0]:
+            first = (f"stage two's best single tap on val ({single[0]['classifier']}); the multi-tap "
+                     f"{stage_two[0]['tap']} did better, but stage three starts from one tap")
+        return single[0]["tap"], first
     best = best_on_val([{"tap": tap, "val_accuracy": probe(tap)[1]["val_accuracy"]} for tap in store.taps])
     return best["tap"], f"best linear probe on val ({best['val_accuracy']:.3f}; no stage-two run)"
 

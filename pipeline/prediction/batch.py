@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
+from pipeline.core.taps import tap_parts
 from pipeline.data.decoding import iter_decoded
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.runs import atomic
@@ -176,7 +177,7 @@ def _run_extraction(estimator, recipe: StoreManifest, m: dict, files, writer: Ro
     csv.writer(text, lineterminator="\n").writerows([("path", "label"), *((n, UNLABELLED) for n in names)])
     atomic.write_text(listing, text.getvalue())
     settings = ExtractSettings(
-        data=str(listing), root=str(root), backbone=recipe.backbone, layers=(m["tap"],), pooling=recipe.pooling,
+        data=str(listing), root=str(root), backbone=recipe.backbone, layers=tap_parts(m["tap"]), pooling=recipe.pooling,
         weights=recipe.weights_arg, seed=recipe.seed, image_size=recipe.image_size, resize=recipe.resize,
         draft=recipe.draft, precision=recipe.precision, store_dtype=recipe.store_dtype,
         max_pixels=recipe.max_pixels, labelled=False, **options)

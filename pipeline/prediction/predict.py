@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.parallel import default_workers
+from pipeline.core.taps import tap_parts
 from pipeline.data.decoding import iter_decoded
 from pipeline.runs.artifacts import load_model
 from pipeline.store.manifest import StoreManifest
@@ -54,10 +55,12 @@ def predict(model_dir: str | os.PathLike, inputs, top_k: int = 3, batch_size: in
     else:
         from pipeline.heads.classifiers import class_scores  # scikit-learn
 
-        extractor = recipe.create_extractor([m["tap"]])
+        parts = tap_parts(m["tap"])  # a multi-tap model's features are its taps' side by side
+        extractor = recipe.create_extractor(parts)
 
         def scores(x):
-            return class_scores(estimator, np.asarray(extractor(x)[m["tap"]]))
+            pooled = extractor(x)
+            return class_scores(estimator, np.concatenate([np.asarray(pooled[part]) for part in parts], axis=1))
 
     files = list_image_files(inputs)
     decode = recipe.decoder()

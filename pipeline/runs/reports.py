@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.taps import is_multi_tap
 from pipeline.core.text import plural
 from pipeline.runs import atomic
 from pipeline.store import virtual
@@ -244,13 +245,22 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
     (run_dir / "sweep.md").write_text(
         f"# Layer sweep: {m.backbone} ({m.weights} weights), {m.image_size} px, {m.pooling} pooling\n\n"
         "Linear probe (standardised logistic regression fit on the train rows, C by stratified 3-fold CV "
-        f"there) per tap, low to high. Best tap on **val**: {best} (test accuracy is shown, never chosen "
-        "on).\n\n```\n" + sweep_table(rows) + "\n```\n\n![sweep](sweep.png)\n")
+        "there) per tap, low to high; then taps side by side (a+b: their features concatenated, each "
+        "feature standardised), at the cost of the deepest. "
+        f"Best on **val**: {best} (test accuracy is shown, never chosen on).\n\n```\n" + sweep_table(rows)
+        + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    gflops = [r["gflops"] for r in rows]
-    ax.plot(gflops, [r["val_accuracy"] for r in rows], "s--", color="tab:orange", label="val accuracy (chooses)")
-    ax.plot(gflops, [r["test_accuracy"] for r in rows], "o-", color="tab:blue", label="test accuracy")
+    single = [r for r in rows if not is_multi_tap(r["tap"])]  # a line through the taps, low to high
+    joined = [r for r in rows if is_multi_tap(r["tap"])]  # at the cost of their deepest tap, apart from the line
+    gflops = [r["gflops"] for r in single]
+    ax.plot(gflops, [r["val_accuracy"] for r in single], "s--", color="tab:orange", label="val accuracy (chooses)")
+    ax.plot(gflops, [r["test_accuracy"] for r in single], "o-", color="tab:blue", label="test accuracy")
+    if joined:
+        ax.plot([r["gflops"] for r in joined], [r["val_accuracy"] for r in joined], "D", mfc="none",
+                color="tab:orange", label="val, taps side by side (a+b)")
+        ax.plot([r["gflops"] for r in joined], [r["test_accuracy"] for r in joined], "D", mfc="none",
+                color="tab:blue", label="test, taps side by side")
     for r in rows:
         ax.annotate(f"{r['tap']}\n{r['dims']} dims", (r["gflops"], r["val_accuracy"]), textcoords="offset points",
                     xytext=(0, 8), ha="center", fontsize=7, fontweight="bold" if r["tap"] == best else "normal")

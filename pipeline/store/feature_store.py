@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import LayertapError
+from pipeline.core.taps import tap_parts
 from pipeline.store import virtual as virtual_store
 from pipeline.store.manifest import StoreManifest
 
@@ -224,17 +225,28 @@ class FeatureStore:
         return (f"<FeatureStore {self.path.name}: {m.backbone} ({m.weights}), {m.image_size} px, {m.pooling} pooling; "
                 f"taps {taps}; {len(self):,} rows in {len(self.class_names)} classes ({splits})>")
 
+    def width(self, tap: str) -> int:
+        """Features per row of a tap, or of a multi-tap name (the sum of its taps')."""
+        self._check_tap(tap)
+        return sum(self.dims[part] for part in tap_parts(tap))
+
+    def _check_tap(self, tap: str) -> None:
+        missing = [part for part in tap_parts(tap) if part not in self.taps]
+        if missing:
+            raise KeyError(f"{self.path.name} has no tap {', '.join(map(repr, missing))}; it has: "
+                           f"{', '.join(self.taps)}")
+
     def features(self, tap: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """The ``(n, dims)`` features of one tap: all rows, or those at the increasing indices ``rows``.
+        """The ``(n, dims)`` features of one tap: all rows, or those at the increasing indices ``rows``. A multi-tap
+        name (``block3_pool+block4_pool``) gives its taps' features side by side, in its order.
 
         Raises:
             KeyError: the store has no such tap; the message lists the ones it has.
             LayertapError: its data is damaged (a chunk fails its checksum, a shard file is missing).
         """
-        if tap not in self.taps:
-            raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
+        self._check_tap(tap)
         try:
-            with virtual_store.TapReader(self.path, tap) as read:
+            with virtual_store.open_tap(self.path, tap) as read:
                 return read(rows)
         except OSError as exc:  # a chunk whose Fletcher-32 checksum fails, a truncated file, a lost shard file
             raise LayertapError(f"{self.path}: the features of {tap} are damaged ({exc}); {REPLACE}") from None
@@ -254,8 +266,7 @@ class FeatureStore:
         import queue
         import threading
 
-        if tap not in self.taps:
-            raise KeyError(f"{self.path.name} has no tap {tap!r}; it has: {', '.join(self.taps)}")
+        self._check_tap(tap)
         batch_size = batch_size or self.batch_rows(tap)
         if batch_size < 1 or read_ahead < 1:
             raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
@@ -266,7 +277,7 @@ class FeatureStore:
 
         def read() -> None:
             try:
-                with virtual_store.TapReader(self.path, tap) as reader:
+                with virtual_store.open_tap(self.path, tap) as reader:
                     for start in range(0, n, batch_size):
                         end = min(start + batch_size, n)
                         index = np.arange(start, end) if wanted is None else wanted[start:end]
@@ -298,13 +309,13 @@ class FeatureStore:
     def batch_rows(self, tap: str, size: int = 0) -> int:
         """Rows of ``tap`` in about ``size`` bytes of stored features (default :data:`BATCH_BYTES`)."""
         itemsize = np.dtype(self.dtype).itemsize
-        return max(1, (size or BATCH_BYTES) // (self.dims[tap] * itemsize))
+        return max(1, (size or BATCH_BYTES) // (self.width(tap) * itemsize))
 
     def moments(self, tap: str, rows: np.ndarray | None = None, batch_size: int | None = None):
         """``(count, mean, variance)`` of each feature of a tap over ``rows`` (default: all), in one streamed pass
         in float64; batches are merged by Chan et al.'s pairwise update, which stays exact where the mean is
         large against the spread (a running sum of squares would lose it)."""
-        count, mean, m2 = 0, np.zeros(self.dims[tap]), np.zeros(self.dims[tap])
+        count, mean, m2 = 0, np.zeros(self.width(tap)), np.zeros(self.width(tap))
         for _, values in self.iter_batches(tap, rows, batch_size):
             values = values.astype(np.float64)
             k, batch_mean = len(values), values.mean(axis=0)

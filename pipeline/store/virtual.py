@@ -19,6 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.core.taps import tap_parts
+
 
 def shards_dir(store_path: Path) -> Path:
     """The folder that keeps a virtual store's shard files, beside it."""
@@ -111,6 +113,44 @@ class TapReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class JoinedReader:
+    """Several taps' rows side by side, as :class:`TapReader` reads one: the features of a multi-tap name."""
+
+    def __init__(self, store_path: Path, taps):
+        self._readers: list[TapReader] = []
+        try:
+            for tap in taps:
+                self._readers.append(TapReader(store_path, tap))
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self._readers[0])
+
+    def range(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([reader.range(start, stop) for reader in self._readers], axis=1)
+
+    def __call__(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return np.concatenate([reader(rows) for reader in self._readers], axis=1)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+    def __enter__(self) -> JoinedReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_tap(store_path: Path, tap: str) -> TapReader | JoinedReader:
+    """The reader of a tap, or of a multi-tap name (:mod:`pipeline.core.taps`)."""
+    parts = tap_parts(tap)
+    return TapReader(store_path, tap) if len(parts) == 1 else JoinedReader(store_path, parts)
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray, window_bytes: int = 16 << 20) -> np.ndarray:
