@@ -44,7 +44,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-gpu clean
+.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-multitap bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make demo-lean   the same on Keras's JAX backend in .venv-lean (1.0 GB, no TensorFlow)"
@@ -73,6 +73,7 @@ help:
 	@echo "make bench-stage2  the streamed probe on 400k and 4M synthetic rows (peak RSS ratio) against scikit-learn's"
 	@echo "                 LogisticRegression over the same 8 Cs (speed ratio); 18 GB of disk, ~12 min on 2 cores"
 	@echo "make bench-predict  predict --out against extract on the same 10,000 images; its RSS at 1,000 vs 10,000"
+	@echo "make bench-multitap  flowers17: single taps against taps side by side (a+b), logreg, probe, linsvm; ~8 min"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
 	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
@@ -208,6 +209,9 @@ bench-stage2: install
 
 bench-predict: install
 	$(BIN)/python -m bench.predict $(BENCH_PREDICT_ARGS)
+
+bench-multitap: install
+	$(BIN)/python -m bench.multitap $(BENCH_MULTITAP_ARGS)
 
 bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)

@@ -41,6 +41,7 @@ CLASSIFY_EXAMPLES = """\
 examples:
   layertap classify --store features/<store>.h5 --classifiers logreg,linsvm,knn,dense
   layertap classify --data photos/ --weights imagenet --layers block4_pool,block5_pool --classifiers logreg,dense
+  layertap classify --store S.h5 --layers block3_pool+block4_pool --classifiers linsvm   # both taps side by side
   layertap classify --store S.h5 --classifiers \\
     'logreg:{"normalize": "l2"},sklearn.ensemble.RandomForestClassifier:{"n_estimators": 300}'
 
@@ -127,7 +128,8 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
             extraction(ClassifySettings),
             description="Which layer should I use? For every tap of the store: val and test accuracy of the linear "
                         "probe, feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
-                        "parameters flatten and avg pooling imply.",
+                        "parameters flatten and avg pooling imply; then which layers: the pairs of the three best "
+                        "taps on val and all taps, side by side (a+b, one model on their features together).",
             epilog="example:\n  layertap sweep --data ../shared/data/flowers17 --split-file "
                    "../shared/data/flowers17-split.csv --weights hed-bsds500")
     command("finetune", c.cmd_finetune, "stage three: fine-tune the backbone end to end and report the gain over "

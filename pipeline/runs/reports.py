@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -250,29 +251,39 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
         f"Best on **val**: {best} (test accuracy is shown, never chosen on).\n\n```\n" + sweep_table(rows)
         + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5 + 0.2 * sum(is_multi_tap(r["tap"]) for r in rows)))
     single = [r for r in rows if not is_multi_tap(r["tap"])]  # a line through the taps, low to high
     joined = [r for r in rows if is_multi_tap(r["tap"])]  # at the cost of their deepest tap, apart from the line
     gflops = [r["gflops"] for r in single]
     ax.plot(gflops, [r["val_accuracy"] for r in single], "s--", color="tab:orange", label="val accuracy (chooses)")
     ax.plot(gflops, [r["test_accuracy"] for r in single], "o-", color="tab:blue", label="test accuracy")
-    if joined:
-        ax.plot([r["gflops"] for r in joined], [r["val_accuracy"] for r in joined], "D", mfc="none",
-                color="tab:orange", label="val, taps side by side (a+b)")
-        ax.plot([r["gflops"] for r in joined], [r["test_accuracy"] for r in joined], "D", mfc="none",
-                color="tab:blue", label="test, taps side by side")
-    for r in rows:
+    for r in single:
         ax.annotate(f"{r['tap']}\n{r['dims']} dims", (r["gflops"], r["val_accuracy"]), textcoords="offset points",
                     xytext=(0, 8), ha="center", fontsize=7, fontweight="bold" if r["tap"] == best else "normal")
+    if joined:  # lettered: their names would cover each other where they share a deepest tap
+        for kind, color in (("val", "tab:orange"), ("test", "tab:blue")):
+            ax.plot([r["gflops"] for r in joined], [r[f"{kind}_accuracy"] for r in joined], "D", mfc="none",
+                    color=color, label=f"{kind}, taps side by side (A, B, ...)")
+        key = []
+        for i, (letter, r) in enumerate(zip(string.ascii_uppercase, joined)):
+            for kind in ("val", "test"):  # staggered sideways: rows at one cost are often close in accuracy
+                ax.annotate(letter, (r["gflops"], r[f"{kind}_accuracy"]), textcoords="offset points",
+                            xytext=(6 + 8 * (i % 3), -3), fontsize=7,
+                            fontweight="bold" if r["tap"] == best else "normal")
+            key.append(f"{letter} = {r['tap']} ({r['dims']} dims)")
+        fig.text(0.01, 0.01, "\n".join(key), fontsize=7, va="bottom")
+        fig.subplots_adjust(bottom=0.1 + 0.03 * len(key))
+        ax.margins(x=0.12)  # room for the letters
     chosen = next(r for r in rows if r["tap"] == best)
     ax.plot(chosen["gflops"], chosen["val_accuracy"], "*", ms=14, color="tab:red", label=f"best on val: {best}")
     accuracies = [r[k] for r in rows for k in ("val_accuracy", "test_accuracy")]
     ax.set_ylim(max(0.0, min(accuracies) - 0.08), min(1.05, max(accuracies) + 0.08))
     ax.set_xlabel("GFLOPs per image to reach the tap (the forward pass it needs)")
     ax.set_ylabel("accuracy (linear probe)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{m.backbone} ({m.weights}): which layer? accuracy against cost")
-    fig.tight_layout()
+    if not joined:
+        fig.tight_layout()
     fig.savefig(run_dir / "sweep.png", dpi=120)
     plt.close(fig)
     return run_dir / "sweep.png"
