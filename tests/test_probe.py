@@ -102,38 +102,107 @@ def test_a_tap_over_the_memory_budget_trains_the_streamed_probe_alone(tmp_path, 
     assert metrics["streamed"] and metrics["n_test"] == len(metrics["true_probability"]) == 6
 
 
+def _store(folder, n: int, dims: int, features=None, labels=None, shards: int = 1, virtual: bool = False):
+    """A store of ``n`` rows of tap ``t`` (two classes, random splits), written as ``shards`` shards."""
+    from pipeline.store.feature_store import FeatureStore, Rows
+    from pipeline.store.writing import merge_shards, write_shard
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n) if labels is None else labels
+    features = (rng.normal(size=(n, dims)) + labels[:, None]).astype(np.float32) if features is None else features
+    splits = np.array(["train", "val", "test"])[rng.integers(0, 3, n)]
+    manifest = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16",
+                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
+                "image_size": 32}
+    written = []
+    for i, part in enumerate(np.array_split(np.arange(n), shards)):
+        rows = Rows([f"img{j}.jpg" for j in part], labels[part].tolist(), splits[part].tolist(), ["f"] * len(part))
+        written.append(write_shard(folder / f"s{i}.h5", rows=rows, features={"t": features[part]},
+                                   class_names=["a", "b"], skipped=[], manifest=manifest,
+                                   map_shapes={"t": (1, 1, dims)}, dtype="float32"))
+    store = merge_shards(written, folder / "store.h5", manifest=manifest, skipped=[], dtype="float32",
+                         virtual=virtual)
+    return FeatureStore(store.path), splits
+
+
 def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch):
     """Training, choosing C and testing read the tap in chunks: traced memory stays a fraction of the tap."""
     import tracemalloc
 
     from pipeline.classification import streamed
-    from pipeline.store.feature_store import FeatureStore, Rows
-    from pipeline.store.writing import merge_shards, write_shard
 
     n, dims = 40_000, 256  # 41 MB of float32
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, n)
-    features = (rng.normal(size=(n, dims)) + labels[:, None]).astype(np.float32)
-    splits = np.array(["train", "val", "test"])[rng.integers(0, 3, n)]
-    rows = Rows([f"img{i}.jpg" for i in range(n)], labels.tolist(), splits.tolist(), ["f"] * n)
-    manifest = {"key": "k" * 64, "pooling": "avg", "class_names": ["a", "b"], "backbone": "vgg16",
-                "weights": "random-seed0", "weights_sha256": "0" * 64, "weights_arg": "random", "seed": 0,
-                "image_size": 32}
-    shard = write_shard(tmp_path / "s.h5", rows=rows, features={"t": features}, class_names=["a", "b"], skipped=[],
-                        manifest=manifest, map_shapes={"t": (1, 1, dims)}, dtype="float32")
-    store = merge_shards([shard], tmp_path / "store.h5", manifest=manifest, skipped=[], dtype="float32")
-    del features, shard
+    store, splits = _store(tmp_path, n, dims)  # its per-image columns not read yet
     monkeypatch.setattr(streamed, "CHUNK_BYTES", 2 << 20)
     from pipeline.core.runtime import import_keras
 
     import_keras().ops.zeros((1,))  # the framework's import is no part of what is measured
-    store = FeatureStore(store.path)  # its per-image columns not read yet
     tracemalloc.start()
     probe, metrics = streamed.fit_streamed_probe(store, "t", splits, params={"epochs": 1, "batch_size": 512})
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert metrics["accuracy"] > 0.9 and metrics["streamed"]
     assert peak < (n * dims * 4) / 3, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"
+
+
+def test_training_epochs_come_from_a_reading_process_each_row_once_in_a_seeded_order(tmp_path, monkeypatch):
+    """Every row of the training rows once an epoch with its own label, chunks mixed (not in store order), the
+    order a function of the seed; and this process never opens the tap to train (the reader does)."""
+    from pipeline.classification import streamed
+    from pipeline.store import virtual
+
+    n = 3000
+    features = np.repeat(np.arange(n, dtype=np.float32)[:, None], 4, axis=1)  # a row's features are its index
+    labels = np.random.default_rng(1).integers(0, 2, n)
+    store, _ = _store(tmp_path, n, 4, features=features, labels=labels, shards=3, virtual=True)
+    rows = np.arange(0, n, 3, dtype=np.int32)
+    monkeypatch.setattr(streamed, "CHUNK_BYTES", 4 * 4 * 200)  # chunks of 200 rows: 5 pairs an epoch
+
+    def nowhere(*args):
+        raise AssertionError("the training process opened the tap")
+
+    monkeypatch.setattr(virtual, "open_tap", nowhere)
+    orders = []
+    for _ in range(2):
+        with streamed.ShuffledEpochs(store, "t", rows, labels, 64, np.random.default_rng(7)) as epochs:
+            seen = []
+            for _ in range(2):
+                batches = list(epochs())
+                assert max(len(x) for x, _ in batches) == 64
+                index = np.concatenate([x[:, 0] for x, _ in batches]).astype(int)
+                np.testing.assert_array_equal(np.sort(index), rows)  # each row once
+                np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels[index])
+                seen.append(index)
+        assert not np.array_equal(seen[0], seen[1])  # each epoch its own order
+        assert len(np.unique(seen[0][:400] // 600)) == 2 and np.any(np.diff(seen[0][:64]) < 0)  # 2 chunks, mixed
+        orders.append(seen)
+    np.testing.assert_array_equal(orders[0], orders[1])  # the same seed, the same batches
+
+
+def test_a_missing_shard_or_a_dead_reader_is_one_error_and_frees_the_shared_memory(tmp_path):
+    import os
+    import signal
+
+    import pytest
+
+    from conftest import leaked_segments
+    from pipeline.classification.streamed import ShuffledEpochs
+    from pipeline.core.errors import LayertapError
+
+    store, _ = _store(tmp_path, 600, 4, shards=2, virtual=True)
+    rows = np.arange(600, dtype=np.int32)
+    with ShuffledEpochs(store, "t", rows, store.labels, 32, np.random.default_rng(0)) as epochs:
+        for process in epochs._pool._processes.values():
+            os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(LayertapError, match="the process reading its features died"):
+            list(epochs())
+    from pipeline.store.virtual import shard_files
+
+    shard_files(store.path, "t")[-1].unlink()
+    with ShuffledEpochs(store, "t", rows, store.labels, 32, np.random.default_rng(0)) as epochs:
+        with pytest.raises(LayertapError, match=r"store.h5: its features are damaged \(shard file .* is missing"):
+            list(epochs())
+    assert not leaked_segments([os.getpid()])
 
 
 def test_steps_grow_with_the_training_rows_and_small_data_keeps_its_schedule():

@@ -65,3 +65,33 @@ def forkserver_deaf_to_ctrl_c() -> None:
         forkserver.ensure_running()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def follow_owner(owner: int) -> None:
+    """In a pool worker: exit when the process that owns the pool is gone. A pool worker waits for tasks on a
+    queue it also holds the writing end of, and the forkserver waits for its workers, so a killed owner would
+    leave both behind."""
+    import threading
+    import time
+
+    def follow():
+        while process_alive(owner):
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=follow, daemon=True, name="layertap-owner-watch").start()

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.parallel import default_workers, forkserver_deaf_to_ctrl_c, ordered_map, progress_bar
+from pipeline.core.parallel import default_workers, follow_owner, forkserver_deaf_to_ctrl_c, ordered_map, progress_bar
 from pipeline.data.headers import bomb_reason
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -302,8 +302,6 @@ def available_memory() -> int | None:
 
 def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int, huge) -> None:
     import signal
-    import threading
-    import time
     from multiprocessing import shared_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the extraction handles it
@@ -315,29 +313,7 @@ def _attach_slots(name: str, shape: tuple, decode_kwargs: dict, owner: int, huge
     # every core decodes (a precaution: not measured apart, see bench/NOTES.md).
     os.nice(5)
     _SLOTS.update(shm=shm, slots=np.ndarray(shape, np.uint8, shm.buf), kwargs=decode_kwargs, huge=huge)
-    # A pool worker waits for tasks on a queue it also holds the writing end of, and the forkserver
-    # waits for its workers, so a killed extraction would leave both behind: follow the extraction.
-    def follow(pid: int):
-        while _alive(pid):
-            time.sleep(0.25)
-        os._exit(1)
-
-    threading.Thread(target=follow, args=(owner,), daemon=True, name="layertap-owner-watch").start()
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, killed but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    follow_owner(owner)  # a killed extraction must not leave its decoding processes behind
 
 
 def _decode_rows(tasks: list[tuple[int, int, str, tuple | None]]) -> list[str | None]:
