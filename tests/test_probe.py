@@ -177,6 +177,10 @@ def test_training_epochs_come_from_a_reading_process_each_row_once_in_a_seeded_o
         assert len(np.unique(seen[0][:400] // 600)) == 2 and np.any(np.diff(seen[0][:64]) < 0)  # 2 chunks, mixed
         orders.append(seen)
     np.testing.assert_array_equal(orders[0], orders[1])  # the same seed, the same batches
+    shift, inverse = np.float32([1, 2, 3, 4]), np.float32([0.5, 0.25, 2, 1])
+    with streamed.ShuffledEpochs(store, "t", rows, labels, 64, np.random.default_rng(7), (shift, inverse)) as epochs:
+        x = np.concatenate([x for x, _ in epochs()])  # standardised by the reader, ready for the step
+    np.testing.assert_allclose(x, (orders[0][0][:, None] - shift) * inverse)
 
 
 def test_a_missing_shard_or_a_dead_reader_is_one_error_and_frees_the_shared_memory(tmp_path):

@@ -50,7 +50,8 @@ class ShuffledEpochs:
         LayertapError: the store's data is damaged, or the reading process died (named, with what to do).
     """
 
-    def __init__(self, store, tap: str, rows: np.ndarray, labels: np.ndarray, batch_size: int, rng):
+    def __init__(self, store, tap: str, rows: np.ndarray, labels: np.ndarray, batch_size: int, rng,
+                 standardise: tuple[np.ndarray, np.ndarray] | None = None):
         import multiprocessing
         import secrets
         from concurrent.futures import ProcessPoolExecutor
@@ -70,7 +71,8 @@ class ShuffledEpochs:
         if os.name == "posix":
             forkserver_deaf_to_ctrl_c()
         self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_attach_reader,
-                                         initargs=(self._shm.name, shape, str(store.path), tap, os.getpid()))
+                                         initargs=(self._shm.name, shape, str(store.path), tap, os.getpid(),
+                                                   standardise))
         self._next = self._submit()
 
     def _submit(self):
@@ -121,8 +123,9 @@ class ShuffledEpochs:
 _READER: dict = {}
 
 
-def _attach_reader(name: str, shape: tuple, store_path: str, tap: str, owner: int) -> None:
-    """In the reading process: the shared slot and the tap's reader, kept open for every pair."""
+def _attach_reader(name: str, shape: tuple, store_path: str, tap: str, owner: int, standardise) -> None:
+    """In the reading process: the shared slot, the tap's reader (kept open for every pair) and the
+    standardisation ``(shift, inverse scale)`` or None."""
     import signal
     from multiprocessing import shared_memory
 
@@ -131,20 +134,26 @@ def _attach_reader(name: str, shape: tuple, store_path: str, tap: str, owner: in
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the probe's process handles it
     shm = shared_memory.SharedMemory(name=name)
-    _READER.update(shm=shm, slot=np.ndarray(shape, np.float32, shm.buf), read=open_tap(Path(store_path), tap))
+    _READER.update(shm=shm, slot=np.ndarray(shape, np.float32, shm.buf), read=open_tap(Path(store_path), tap),
+                   standardise=standardise)
     follow_owner(owner)
 
 
 def _read_pair(picked: np.ndarray, mix: np.ndarray) -> None:
-    """In the reading process: the features of ``picked`` (increasing rows), in the order ``mix``, into the slot."""
-    features = _READER["read"](picked)
-    np.take(features.astype(np.float32, copy=False), mix, axis=0, out=_READER["slot"][:len(picked)])
+    """In the reading process: the features of ``picked`` (increasing rows), in the order ``mix``, into the slot,
+    standardised there (in place: the training process gets them ready for the step)."""
+    out = _READER["slot"][:len(picked)]
+    np.take(_READER["read"](picked).astype(np.float32, copy=False), mix, axis=0, out=out)
+    if _READER["standardise"] is not None:
+        shift, inverse = _READER["standardise"]
+        out -= shift
+        out *= inverse
 
 
 def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, params: dict | None = None):
     """``(estimator, metrics)`` as :func:`pipeline.heads.classifiers.train_one` returns them, for ``probe`` on a
     tap streamed from ``store``."""
-    from pipeline.heads.probe import StreamedProbe, train_all_cs, val_scores  # scikit-learn
+    from pipeline.heads.probe import StreamedProbe, standardiser, train_all_cs, val_scores  # scikit-learn
 
     check_two_classes(store.class_names, str(store.path))
     labels = store.labels  # read once per store (not store.rows: a Python string per row of its other columns)
@@ -164,7 +173,8 @@ def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, param
     batch = store.batch_rows(tap, CHUNK_BYTES // 4)  # val and test batches, and the moments' (in float64)
     _, mean, variance = store.moments(tap, train, batch)
     rng = np.random.default_rng(seed)
-    with ShuffledEpochs(store, tap, train, labels, probe.rows_per_step(len(train)), rng) as epochs:
+    with ShuffledEpochs(store, tap, train, labels, probe.rows_per_step(len(train)), rng,
+                        standardiser(mean, variance)) as epochs:
         weights = train_all_cs(epochs, probe.steps(len(train)), len(train), mean, variance, len(probe.classes_),
                                probe.Cs, probe.learning_rate)
     scores = val_scores(weights, ((v.astype(np.float32), labels[r]) for r, v in store.iter_batches(tap, val, batch)))

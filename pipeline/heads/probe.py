@@ -61,6 +61,7 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         X, y = np.asarray(X, np.float32), np.asarray(y)
         self.classes_, index = np.unique(y, return_inverse=True)
         mean, variance = X.mean(axis=0, dtype=np.float64), X.var(axis=0, dtype=np.float64)
+        shift, inverse = standardiser(mean, variance)
         rng = np.random.default_rng(self.random_state)
 
         size = self.rows_per_step(len(X))
@@ -69,7 +70,7 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
             order = rng.permutation(len(X))
             for start in range(0, len(X), size):
                 rows = np.sort(order[start:start + size])
-                yield X[rows], index[rows]
+                yield (X[rows] - shift) * inverse, index[rows]
 
         weights = train_all_cs(batches, self.steps(len(X)), len(X), mean, variance, len(self.classes_), self.Cs,
                                self.learning_rate)
@@ -121,11 +122,18 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
         return probe
 
 
+def standardiser(mean, variance) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, inverse scale)`` in float32: standardised features are ``(x - shift) * inverse``."""
+    scale = np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
+    return np.asarray(mean, np.float32), (1.0 / scale).astype(np.float32)
+
+
 def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs,
                  learning_rate: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Train the probe of each C on standardised features, all together, for ``steps`` Adam steps; each call
-    of ``batches()`` yields one epoch of ``(features, class indices)`` over the ``n`` training rows (from
-    memory or streamed from a store: :meth:`pipeline.store.feature_store.FeatureStore.iter_batches`).
+    of ``batches()`` yields one epoch of ``(standardised features, class indices)`` over the ``n`` training rows
+    (:func:`standardiser` with ``mean`` and ``variance``; from memory, or from a store by
+    :class:`pipeline.classification.streamed.ShuffledEpochs`, which standardises them where it reads them).
 
     Returns:
         Each C's ``(kernel (D, classes), bias (classes,))``, folded back to raw features.
@@ -133,10 +141,10 @@ def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs
     keras = import_keras()
     ops = keras.ops
     scale = np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
-    mean_t, scale_t = ops.convert_to_tensor(mean, "float32"), ops.convert_to_tensor(scale, "float32")
     k, dims = len(Cs), len(scale)
     # Every C's kernel side by side, (D, K * classes): a step is two plain matrix products over the batch
-    # (an einsum over a (K, D, classes) tensor broadcast the batch K times on TensorFlow).
+    # (an einsum over a (K, D, classes) tensor broadcast the batch K times on TensorFlow). The features' gradient
+    # x^T @ error is computed as (error^T @ x)^T: only the small matrices are transposed, never the batch.
     decay = ops.convert_to_tensor(np.repeat(1.0 / (np.asarray(Cs, np.float64) * n), n_classes), "float32")
     params = [ops.zeros((dims, k * n_classes)), ops.zeros((k * n_classes,))]
     moments = [[ops.zeros_like(p), ops.zeros_like(p)] for p in params]
@@ -145,11 +153,11 @@ def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs
         for features, labels in batches():
             if step == steps:
                 break
-            x = (ops.convert_to_tensor(features, "float32") - mean_t) / scale_t
+            x = ops.convert_to_tensor(features, "float32")
             onehot = ops.one_hot(ops.convert_to_tensor(labels, "int32"), n_classes)[:, None, :]
             logits = ops.reshape(ops.matmul(x, params[0]) + params[1], (-1, k, n_classes))
             error = ops.reshape((ops.softmax(logits, axis=-1) - onehot) / len(features), (-1, k * n_classes))
-            grads = [ops.matmul(ops.transpose(x), error) + decay * params[0], ops.sum(error, axis=0)]
+            grads = [ops.transpose(ops.matmul(ops.transpose(error), x)) + decay * params[0], ops.sum(error, axis=0)]
             step += 1
             rate = learning_rate * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))
             for p, g, m in zip(range(2), grads, moments):
