@@ -141,3 +141,13 @@ def test_a_multi_tap_model_predicts_in_memory_and_as_a_batch_job_alike(stores, t
     assert [row["class1"] for row in batch] == [r["top"][0][0] for r in in_memory]
     np.testing.assert_allclose([float(row["prob1"]) for row in batch], [r["top"][0][1] for r in in_memory],
                                atol=2e-4)
+
+
+def test_a_sweep_past_the_memory_budget_probes_each_row_by_streaming(stores, tmp_path, caplog):
+    """A store too big for memory is swept with the streamed probe (C on val), never read whole: same rows."""
+    run_dir, rows = sweep(stores["virtual"], out_dir=str(tmp_path), memory_budget_gib=1e-6)
+    assert len(rows) == 7 and {r["classifier"] for r in rows} == {"probe"}
+    for r in rows:
+        metrics = json.loads((run_dir / f"{r['tap']}-probe" / "metrics.json").read_text())
+        assert metrics["streamed"] and r["C"] == metrics["chosen"]["C"]
+    assert not list(run_dir.glob("*-logreg")) and "the streamed probe" in (run_dir / "sweep.md").read_text()

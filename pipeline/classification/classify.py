@@ -94,7 +94,7 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
     rows, estimators = [], {}
-    budget = settings.memory_budget * 2**30 if settings.memory_budget else (available_memory() or 8 << 30) // 2
+    budget = memory_budget(settings)
     for tap in taps:
         X = _TapInMemory(store, tap)  # one HDF5 read per tap, shared by the classifiers that need it whole
         for spec in _fitting(settings.classifiers, store, tap, budget):
@@ -122,6 +122,11 @@ class _TapInMemory:
         if self.values is None:
             self.values = self.store.features(self.tap).astype(np.float32)
         return self.values
+
+
+def memory_budget(settings: ClassifySettings) -> int:
+    """Bytes a tap may take in memory (``--memory-budget`` GiB, or half the memory available)."""
+    return int(settings.memory_budget * 2**30) if settings.memory_budget else (available_memory() or 8 << 30) // 2
 
 
 def _fitting(specs, store, tap: str, budget: int) -> list[str]:
@@ -155,7 +160,7 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
 
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
-          progress=None) -> tuple[Path, list[dict]]:
+          progress=None, memory_budget_gib: float = 0.0) -> tuple[Path, list[dict]]:
     """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs; then for the
     taps side by side: the pairs of the three best taps on val and, with three taps or more, all of them.
 
@@ -163,6 +168,8 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     cross-validation there) and saved as its ``logreg`` model folder, as ``classify`` would; the row to use is
     the one with the best val accuracy (``best_on_val`` in ``sweep.json``; of equals, a single tap);
     test accuracy is shown beside it, never chosen on. A multi-tap row costs the forward pass to its deepest tap.
+    A tap (or combination) larger than the memory budget (``memory_budget_gib``, default half the memory
+    available) is probed by the streamed ``probe`` instead (C chosen on val), as ``classify`` does.
 
     Returns:
         ``(run folder, one row per tap, then per combination)``; ``sweep.md``, ``sweep.json``, ``sweep.png`` and
@@ -175,14 +182,17 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     taps = sorted(store.taps, key=lambda t: depth.get(t, len(depth)))
     costs = tap_costs(model, [*taps, model.layers[-1].name])
     full = costs[model.layers[-1].name]["gflops"]
-    settings = ClassifySettings(store=str(store_path), classifiers=("logreg",), out_dir=out_dir, run=run, seed=seed)
+    settings = ClassifySettings(store=str(store_path), classifiers=("logreg",), out_dir=out_dir, run=run, seed=seed,
+                                memory_budget=memory_budget_gib)
+    budget = memory_budget(settings)
     splits, source = resolve_splits(store, seed, settings.test_fraction, settings.val_fraction)
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
     run_dir = run_folder(out_dir, run, store, create=True)
     rows = []
 
     def probe(tap: str) -> None:
-        _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, "logreg", splits, split_info, run_dir,
+        spec = _fitting(("logreg",), store, tap, budget)[0]  # the streamed probe where the tap is too big
+        _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, spec, splits, split_info, run_dir,
                                         settings)
         parts = tap_parts(tap)
         deepest = max(parts, key=lambda t: depth.get(t, len(depth)))
@@ -196,7 +206,7 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
                      "gflops": costs[deepest]["gflops"], "flops_share": costs[deepest]["gflops"] / full,
                      "params_to_tap": costs[deepest]["params"], "flatten_dims": flat,
                      "dense_flatten": dense_params(flat), "dense_avg": dense_params(sum(s[-1] for s in shapes)),
-                     "fit_seconds": metrics["fit_seconds"]})
+                     "fit_seconds": metrics["fit_seconds"], "classifier": spec})
         if progress:
             progress(rows[-1])
 

@@ -104,7 +104,8 @@ def cmd_sweep(args) -> int:
     from pipeline.classification.classify import sweep
 
     report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy']:.3f}"))
-    run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report)
+    run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report,
+                          memory_budget_gib=args.memory_budget)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     _print_answer(collect_rows(run_dir))
     return 0

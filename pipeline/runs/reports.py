@@ -248,7 +248,9 @@ def write_sweep(run_dir, rows, store, best: str) -> Path:
         "Linear probe (standardised logistic regression fit on the train rows, C by stratified 3-fold CV "
         "there) per tap, low to high; then taps side by side (a+b: their features concatenated, each "
         "feature standardised), at the cost of the deepest. "
-        f"Best on **val**: {best} (test accuracy is shown, never chosen on).\n\n```\n" + sweep_table(rows)
+        + "".join(f"{r['tap']} is larger than the memory budget: the streamed probe (C on val) took its place. "
+                  for r in rows if r.get("classifier") == "probe")
+        + f"Best on **val**: {best} (test accuracy is shown, never chosen on).\n\n```\n" + sweep_table(rows)
         + "\n```\n\n![sweep](sweep.png)\n")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5 + 0.2 * sum(is_multi_tap(r["tap"]) for r in rows)))
