@@ -26,7 +26,8 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
         store: A :class:`pipeline.store.feature_store.FeatureStore`.
 
     Returns:
-        ``(splits, source)``: an array of ``train``/``val``/``test`` and where it came from.
+        ``(splits, source)``: an array of ``train``/``val``/``test`` (objects: the three strings shared) and where
+        it came from.
 
     Raises:
         LayertapError: some rows have a split and others do not, or there is no train or test row.
@@ -62,9 +63,9 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     except ValueError as exc:
         raise LayertapError(f"{store.path.name}: too few images per class for a stratified "
                             f"train/val/test split ({exc}); add images or give a split") from None
-    splits = np.empty(len(store), dtype=object)
+    splits = np.empty(len(store), dtype=object)  # three shared strings, as _split_column's
     splits[train], splits[val], splits[test] = "train", "val", "test"
-    return splits.astype(str), f"stratified, seed {seed}, test {test_fraction}, val {val_fraction}"
+    return splits, f"stratified, seed {seed}, test {test_fraction}, val {val_fraction}"
 
 
 def test_rows_sha256(store, splits: np.ndarray) -> str:
@@ -83,10 +84,11 @@ def _as_bytes(value) -> bytes:
 
 
 def _split_column(store) -> np.ndarray:
-    """The recorded split of each row as ``train``/``val``/``test``, or ``""`` where a row has none."""
-    splits = np.full(len(store), "", dtype="<U5")
+    """The recorded split of each row as ``train``/``val``/``test``, or ``""`` where a row has none: an object
+    array of three shared strings, 8 bytes a row (``<U5`` takes 20, 80 MB at 4 M rows, held through training)."""
+    codes = np.zeros(len(store), np.int8)
     for start, column in store.column_slices("split"):  # streamed, as test_rows_sha256 reads the paths
-        part = splits[start:start + len(column)]
-        for name in SPLITS:
-            part[(column == name.encode()) | (column == name)] = name
-    return splits
+        part = codes[start:start + len(column)]
+        for code, name in enumerate(SPLITS, 1):
+            part[(column == name.encode()) | (column == name)] = code
+    return np.array(["", *SPLITS], dtype=object)[codes]
