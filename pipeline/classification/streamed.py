@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import check_two_classes, score_predictions
+from pipeline.core.parallel import kill_pool, worker_context
 from pipeline.store.feature_store import REPLACE
 
 CHUNK_BYTES = 64 << 20  # features read together (consecutive rows of the store), then shuffled with another chunk
@@ -52,12 +53,10 @@ class ShuffledEpochs:
 
     def __init__(self, store, tap: str, rows: np.ndarray, labels: np.ndarray, batch_size: int, rng,
                  standardise: tuple[np.ndarray, np.ndarray] | None = None):
-        import multiprocessing
         import secrets
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import shared_memory
 
-        from pipeline.core.parallel import forkserver_deaf_to_ctrl_c
         from pipeline.data.decoding import SEGMENT_PREFIX
 
         self.store, self.labels, self.batch_size = store, labels, batch_size
@@ -67,10 +66,7 @@ class ShuffledEpochs:
         self._shm = shared_memory.SharedMemory(create=True, size=max(1, shape[0] * shape[1] * 4),
                                                name=f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
         self._slot = np.ndarray(shape, np.float32, self._shm.buf)
-        context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-        if os.name == "posix":
-            forkserver_deaf_to_ctrl_c()
-        self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=_attach_reader,
+        self._pool = ProcessPoolExecutor(1, mp_context=worker_context(), initializer=_attach_reader,
                                          initargs=(self._shm.name, shape, str(store.path), tap, os.getpid(),
                                                    standardise))
         self._next = self._submit()
@@ -105,10 +101,7 @@ class ShuffledEpochs:
             raise LayertapError(f"{self.store.path}: its features are damaged ({exc}); {REPLACE}") from None
 
     def close(self) -> None:
-        for process in list(getattr(self._pool, "_processes", {}).values()):
-            if process.is_alive():
-                process.kill()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        kill_pool(self._pool)
         self._slot = None
         self._shm.close()
         self._shm.unlink()

@@ -95,3 +95,22 @@ def follow_owner(owner: int) -> None:
         os._exit(1)
 
     threading.Thread(target=follow, daemon=True, name="layertap-owner-watch").start()
+
+
+def worker_context():
+    """multiprocessing's context for worker processes: the forkserver (never fork a process that runs a
+    framework's threads), started deaf to Ctrl-C; spawn where there is no fork."""
+    import multiprocessing
+
+    if os.name != "posix":
+        return multiprocessing.get_context("spawn")
+    forkserver_deaf_to_ctrl_c()
+    return multiprocessing.get_context("forkserver")
+
+
+def kill_pool(pool) -> None:
+    """End a ``ProcessPoolExecutor``'s workers now, then reap them (it has no terminate() before Python 3.14)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
-from pipeline.core.parallel import default_workers, follow_owner, forkserver_deaf_to_ctrl_c, ordered_map, progress_bar
+from pipeline.core.parallel import default_workers, follow_owner, kill_pool, ordered_map, progress_bar, worker_context
 from pipeline.data.headers import bomb_reason
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -164,13 +164,9 @@ class ProcessDecoder:
         self._pool = self._start()
 
     def _start(self):
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # forkserver: never fork a process that runs a framework's threads.
-        context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-        if os.name == "posix":
-            forkserver_deaf_to_ctrl_c()
+        context = worker_context()
         # A fresh semaphore with every pool: a worker killed while holding it must not take a slot with it.
         huge = context.BoundedSemaphore(self._huge_slots)
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_attach_slots,
@@ -239,11 +235,7 @@ class ProcessDecoder:
         return reasons
 
     def _stop(self) -> None:
-        # ProcessPoolExecutor has no terminate() before Python 3.14: end its workers, then reap them.
-        for process in list(getattr(self._pool, "_processes", {}).values()):
-            if process.is_alive():
-                process.kill()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        kill_pool(self._pool)
 
     def close(self) -> None:
         self._stop()
