@@ -86,8 +86,9 @@ def test_every_stage_runs_on_the_backbone(name, tmp_path):
     assert store.manifest.batchnorm == (FOLDED if folds_batchnorm(get_backbone(name)) else "")
 
     run_dir, rows = sweep(store.path, out_dir=str(tmp_path / "models"))
-    assert [row["tap"] for row in rows] == list(taps) and all(row["gflops"] > 0 for row in rows)
-    assert json.loads((run_dir / "sweep.json").read_text())["best_on_val"] in taps
+    both = "+".join(taps)  # two taps: then the pair, side by side
+    assert [row["tap"] for row in rows] == [*taps, both] and all(row["gflops"] > 0 for row in rows)
+    assert json.loads((run_dir / "sweep.json").read_text())["best_on_val"] in (*taps, both)
 
     result = classify(ClassifySettings(store=str(store.path), classifiers=("logreg", "dense"),
                                        out_dir=str(tmp_path / "models")))

@@ -17,7 +17,9 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import check_two_classes, score_predictions
-from pipeline.core.parallel import kill_pool, worker_context
+from pipeline.core.parallel import follow_owner, kill_pool, worker_context
+from pipeline.data.decoding import SEGMENT_PREFIX
+from pipeline.store import virtual as virtual_store
 from pipeline.store.feature_store import REPLACE
 
 CHUNK_BYTES = 64 << 20  # features read together (consecutive rows of the store), then shuffled with another chunk
@@ -56,8 +58,6 @@ class ShuffledEpochs:
         import secrets
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import shared_memory
-
-        from pipeline.data.decoding import SEGMENT_PREFIX
 
         self.store, self.labels, self.batch_size = store, labels, batch_size
         per_chunk = max(batch_size, CHUNK_BYTES // (4 * store.width(tap)))
@@ -122,13 +122,10 @@ def _attach_reader(name: str, shape: tuple, store_path: str, tap: str, owner: in
     import signal
     from multiprocessing import shared_memory
 
-    from pipeline.core.parallel import follow_owner
-    from pipeline.store.virtual import open_tap
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the probe's process handles it
     shm = shared_memory.SharedMemory(name=name)
-    _READER.update(shm=shm, slot=np.ndarray(shape, np.float32, shm.buf), read=open_tap(Path(store_path), tap),
-                   standardise=standardise)
+    _READER.update(shm=shm, slot=np.ndarray(shape, np.float32, shm.buf),
+                   read=virtual_store.open_tap(Path(store_path), tap), standardise=standardise)
     follow_owner(owner)
 
 
