@@ -114,6 +114,14 @@ def emit(result: dict) -> None:
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
+def publish(name: str, payload: dict, table: str) -> Path:
+    """Print a benchmark's table and write it with ``payload`` and the machine's facts (:func:`write_results`)."""
+    print(table)
+    path = write_results(name, {"machine": machine(), **payload}, table + "\n")
+    print(f"written: {path}")
+    return path
+
+
 def write_results(name: str, payload: dict, markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -25,13 +25,12 @@ from bench.common import (
     emit,
     fresh_work,
     identical_stores,
-    machine,
     offline_weights,
     parse_or_run_child,
+    publish,
     run_child,
     subset,
     synthetic_shards,
-    write_results,
 )
 from pipeline.runs.reports import format_table
 
@@ -88,10 +87,7 @@ def main() -> None:
                   f"{merge['rows_per_s']:,.0f} rows/s), virtual {merge['virtual_seconds']:.3f} s "
                   f"({merge['virtual_rows_per_s']:,.0f} rows/s)")
         merges.append(merge)
-    print(table)
-    path = write_results("engines", {"machine": machine(), "runs": runs, "medians": med, "identical": identical,
-                                     "merges": merges}, table + "\n")
-    print(f"written: {path}")
+    publish("engines", {"runs": runs, "medians": med, "identical": identical, "merges": merges}, table)
 
 
 def merge_rate(work: Path, shards: int = 64, rows: int = 512, dims: int = 512) -> dict:

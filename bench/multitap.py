@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import FLOWERS, RESULTS, SPLIT, machine, write_results
+from bench.common import FLOWERS, RESULTS, SPLIT, machine, publish
 
 
 def main() -> None:
@@ -49,10 +49,8 @@ def main() -> None:
              "| taps | classifier | val acc (chooses) | test acc | test 95% CI |", "| --- | --- | ---: | ---: | --- |"]
     lines += [f"| {r['tap']} | {r['classifier']} | {r['val_accuracy']:.3f} | {r['test_accuracy']:.3f} | "
               f"{r['test_low']:.3f}-{r['test_high']:.3f} |" for r in rows]
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    write_results("multitap", {"machine": machine(), "store": str(extracted.store_path), "rows": rows,
-                               "sweep": swept, "recommended": summary.recommended}, markdown)
+    publish("multitap", {"store": str(extracted.store_path), "rows": rows, "sweep": swept,
+                         "recommended": summary.recommended}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import emit, fresh_work, machine, offline_weights, parse_or_run_child, run_child, write_results
+from bench.common import emit, fresh_work, offline_weights, parse_or_run_child, publish, run_child
 from pipeline.runs.reports import format_table
 
 CHILDREN = ("extract", "predict", "train")
@@ -103,10 +103,7 @@ def main() -> None:
     table += (f"\nimages/s predict / extract: {speed:.3f} (target >= 0.95)"
               f"\npeak RSS of predict, {args.images:,} / {args.small:,} images: {big_rss:,.0f} / "
               f"{few_run['peak_rss_mb']:,.0f} MB = {rss:.3f} (target <= 1.05)")
-    print(table)
-    path = write_results("predict", {"machine": machine(), "runs": runs, "few": few_run, "medians": med,
-                                     "speed_ratio": speed, "rss_ratio": rss}, table + "\n")
-    print(f"written: {path}")
+    publish("predict", {"runs": runs, "few": few_run, "medians": med, "speed_ratio": speed, "rss_ratio": rss}, table)
 
 
 if __name__ == "__main__":

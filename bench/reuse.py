@@ -32,13 +32,12 @@ from bench.common import (
     emit,
     fresh_work,
     identical_stores,
-    machine,
     offline_weights,
     parse_or_run_child,
+    publish,
     run_child,
     subset,
     synthetic_shards,
-    write_results,
 )
 from pipeline.runs.reports import format_table
 
@@ -100,10 +99,7 @@ def main() -> None:
     table += (f"\nreading one shard's rows at a time from a virtual store of {args.shards:,} shard files: "
               f"one reader kept open {reads['kept_open_s']:.2f} s, a reader per read {reads['per_read_s']:.2f} s "
               f"({reads['per_read_s'] / reads['kept_open_s']:.0f}x)")
-    print(table)
-    path = write_results("reuse", {"machine": machine(), "first": first, "runs": runs, "medians": med,
-                                   "identical": identical, "reads": reads}, table + "\n")
-    print(f"written: {path}")
+    publish("reuse", {"first": first, "runs": runs, "medians": med, "identical": identical, "reads": reads}, table)
 
 
 def reader_reads(work: Path, shards: int, rows: int = 16, dims: int = 64) -> dict:

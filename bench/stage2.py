@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, SYNTHETIC_MANIFEST, emit, machine, parse_or_run_child, run_child, write_results
+from bench.common import RESULTS, SYNTHETIC_MANIFEST, emit, parse_or_run_child, publish, run_child
 from pipeline.runs.reports import format_table
 
 CHILDREN = ("build", "probe", "sklearn")
@@ -152,10 +152,7 @@ def main() -> None:
                          title=f"\nsynthetic stores, {args.dims} float32 features, {CLASSES} classes, 80/10/10")
     table += (f"\npeak RSS big / small: {rss_ratio:.3f} (target <= 1.1); speed probe / scikit-learn on "
               f"{sk['rows']:,} rows: {speed_ratio:.1f}x (target >= 5x)")
-    print(table)
-    path = write_results("stage2", {"machine": machine(), "runs": runs, "rss_ratio": rss_ratio,
-                                    "speed_ratio": speed_ratio}, table + "\n")
-    print(f"written: {path}")
+    publish("stage2", {"runs": runs, "rss_ratio": rss_ratio, "speed_ratio": speed_ratio}, table)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_results_show_themselves_in_a_notebook(run):
     assert html.count("<tr") == len(run.summary.rows) + 1 and "data:image/png;base64," in html
     store = FeatureStore(json.loads((Path(rec["model_dir"]) / "manifest.json").read_text())["store"])
     assert repr(store).endswith("taps block1_pool (64), block2_pool (128); 27 rows in 3 classes "
-                                "(test 9, train 12, val 6)>") and "vgg16 (random" in repr(store)
+                                "(train 12, val 6, test 9)>") and "vgg16 (random" in repr(store)
     pytest.importorskip("pandas")
     frame = run.summary.to_frame()
     assert list(frame["model_dir"]) == [r["model_dir"] for r in run.summary.rows]

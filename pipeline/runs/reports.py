@@ -90,10 +90,7 @@ def extract_summary(result, settings) -> str:
 
 
 def split_counts(store) -> str:
-    names, counts = np.unique(store.columns(("split",))["split"], return_counts=True)
-    counts = {name.decode(): int(n) for name, n in zip(names, counts)}
-    return ", ".join(f"{name or 'no split'} {counts[name]:,}" for name in ("train", "val", "test", "")
-                     if counts.get(name))
+    return ", ".join(f"{name or 'no split'} {n:,}" for name, n in store.split_counts().items())
 
 
 def store_summary(store) -> str:

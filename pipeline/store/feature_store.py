@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.taps import tap_parts
+from pipeline.data.images import SPLITS
 from pipeline.store import virtual as virtual_store
 from pipeline.store.manifest import StoreManifest
 
@@ -209,18 +210,34 @@ class FeatureStore:
             self._labels = self.columns(("labels",))["labels"].astype(np.int32, copy=False)
         return self._labels
 
+    def _split_codes(self) -> np.ndarray:
+        """Each row's recorded split as an int8 code: 0 none, then :data:`pipeline.data.images.SPLITS` in order;
+        the column streamed and checked (:meth:`column_slices`)."""
+        codes = np.zeros(len(self), np.int8)
+        for start, column in self.column_slices("split"):
+            part = codes[start:start + len(column)]
+            for code, name in enumerate(SPLITS, 1):
+                part[(column == name.encode()) | (column == name)] = code
+        return codes
+
     @property
     def splits(self) -> np.ndarray:
-        return np.asarray(_decoded(self.columns(("split",))["split"]), dtype=object)
+        """Each row's recorded split, ``train``/``val``/``test`` or ``""``: an object array of those shared strings,
+        8 bytes a row (``<U5`` takes 20, and a Python string per row far more: at 4 M rows held through training)."""
+        return np.array(["", *SPLITS], dtype=object)[self._split_codes()]
+
+    def split_counts(self) -> dict[str, int]:
+        """Rows per recorded split, train, val, test then ``""`` (none), those with rows."""
+        counts = np.bincount(self._split_codes(), minlength=len(SPLITS) + 1)
+        return {name: int(counts[code]) for code, name in ((1, "train"), (2, "val"), (3, "test"), (0, ""))
+                if counts[code]}
 
     def __len__(self) -> int:
         return self._n
 
     def __repr__(self) -> str:
         m = self.manifest
-        split, counts = np.unique(self.columns(("split",))["split"], return_counts=True)
-        splits = ", ".join(f"{(s.decode() if isinstance(s, bytes) else s) or 'no split'} {n:,}"
-                           for s, n in zip(split, counts))
+        splits = ", ".join(f"{name or 'no split'} {n:,}" for name, n in self.split_counts().items())
         taps = ", ".join(f"{tap} ({self.dims[tap]})" for tap in self.taps)
         return (f"<FeatureStore {self.path.name}: {m.backbone} ({m.weights}), {m.image_size} px, {m.pooling} pooling; "
                 f"taps {taps}; {len(self):,} rows in {len(self.class_names)} classes ({splits})>")

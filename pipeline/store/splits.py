@@ -11,7 +11,6 @@ import hashlib
 import numpy as np
 
 from pipeline.core.errors import LayertapError
-from pipeline.data.images import SPLITS
 
 
 def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
@@ -34,7 +33,7 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     """
     from sklearn.model_selection import train_test_split
 
-    recorded, labels = _split_column(store), store.labels  # columns, not a Python string per row
+    recorded, labels = store.splits, store.labels  # streamed columns, not a Python string per row
     has = recorded != ""
     if has.all():
         splits = recorded
@@ -63,7 +62,7 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     except ValueError as exc:
         raise LayertapError(f"{store.path.name}: too few images per class for a stratified "
                             f"train/val/test split ({exc}); add images or give a split") from None
-    splits = np.empty(len(store), dtype=object)  # three shared strings, as _split_column's
+    splits = np.empty(len(store), dtype=object)  # three shared strings, as FeatureStore.splits
     splits[train], splits[val], splits[test] = "train", "val", "test"
     return splits, f"stratified, seed {seed}, test {test_fraction}, val {val_fraction}"
 
@@ -81,14 +80,3 @@ def test_rows_sha256(store, splits: np.ndarray) -> str:
 
 def _as_bytes(value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
-
-
-def _split_column(store) -> np.ndarray:
-    """The recorded split of each row as ``train``/``val``/``test``, or ``""`` where a row has none: an object
-    array of three shared strings, 8 bytes a row (``<U5`` takes 20, 80 MB at 4 M rows, held through training)."""
-    codes = np.zeros(len(store), np.int8)
-    for start, column in store.column_slices("split"):  # streamed, as test_rows_sha256 reads the paths
-        part = codes[start:start + len(column)]
-        for code, name in enumerate(SPLITS, 1):
-            part[(column == name.encode()) | (column == name)] = code
-    return np.array(["", *SPLITS], dtype=object)[codes]
