@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, make_split_folder, tiny_settings
@@ -144,6 +145,20 @@ def test_a_long_confusion_title_is_wrapped_not_cut(monkeypatch, tmp_path):
     reports.plot_confusion(tmp_path / "c.png", [[1, 0], [0, 1]], ["a", "b"], title)
     shown = keep.figures[0].axes[0].get_title()
     assert "\n" in shown and shown.replace("\n", " ") == title
+
+
+def test_many_classes_draw_a_confusion_picture_of_fixed_size(tmp_path):
+    """100 classes: one picture of the matrix at a fixed size, classes by index (a label and a count per cell
+    made the figure grow with the classes: 1,000 classes asked for a 9.5 GB canvas)."""
+    from PIL import Image
+
+    matrix = np.eye(100, dtype=int) * 3 + np.roll(np.eye(100, dtype=int), 1, axis=1)
+    reports.plot_confusion(tmp_path / "c.png", matrix.tolist(), [f"class{i}" for i in range(100)], "a probe")
+    with Image.open(tmp_path / "c.png") as image:
+        assert max(image.size) <= 10 * 120
+    reports.plot_confusion(tmp_path / "few.png", [[1, 0], [0, 1]], ["a", "b"], "two classes")
+    with Image.open(tmp_path / "few.png") as image:
+        assert max(image.size) <= 4 * 120  # few classes keep their labelled size
 
 
 def test_fine_tuning_prints_each_gain_once(monkeypatch, tmp_path, capsys):

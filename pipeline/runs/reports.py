@@ -160,21 +160,31 @@ def _pyplot():
     return plt
 
 
+# Above this many classes the confusion matrix is drawn at a fixed size, classes by index, without the counts: a
+# label and a number per cell would make 1,000 classes a 450-inch figure (a 9.5 GB canvas).
+LABELLED_CLASSES = 40
+
+
 def plot_confusion(path, confusion, class_names, title: str) -> None:
     plt = _pyplot()
     matrix = np.asarray(confusion)
-    size = max(4.0, 0.45 * len(class_names) + 2)
+    labelled = len(class_names) <= LABELLED_CLASSES
+    size = max(4.0, 0.45 * len(class_names) + 2) if labelled else 10.0
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.imshow(matrix, cmap="Blues", interpolation="nearest")
     ax.set_title(textwrap.fill(title, width=max(30, int(size * 9))), fontsize=10)  # whole, however long
-    for (i, j), value in np.ndenumerate(matrix):
-        if value:
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > matrix.max() / 2 else "black")
+    if not labelled:
+        ax.set_xlabel(f"predicted (class index, of {len(class_names):,})")
+        ax.set_ylabel("true (class index)")
+    else:
+        ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for (i, j), value in np.ndenumerate(matrix):
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if value > matrix.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
