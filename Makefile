@@ -44,7 +44,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-multitap bench-gpu clean
+.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-multitap bench-c-rule bench-stage2-gpu bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make demo-lean   the same on Keras's JAX backend in .venv-lean (1.0 GB, no TensorFlow)"
@@ -74,6 +74,9 @@ help:
 	@echo "                 LogisticRegression over the same 8 Cs (speed ratio); 18 GB of disk, ~12 min on 2 cores"
 	@echo "make bench-predict  predict --out against extract on the same 10,000 images; its RSS at 1,000 vs 10,000"
 	@echo "make bench-multitap  flowers17: single taps against taps side by side (a+b), logreg, probe, linsvm; ~8 min"
+	@echo "make bench-c-rule    flowers17 train+val only: which rule picks the probe's C on val (inner splits); ~5 min"
+	@echo "make bench-stage2-gpu  on a CUDA machine with JAX: the streamed probe at ImageNet's size (1.28M x 2,048,"
+	@echo "                 1,000 classes, 8 Cs; target <= 2 min) and its read rate against the disk's"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
 	@echo "                 tuned PyTorch DataLoader and the forward-only ceiling, VGG16 and ResNet50; decoders alone;"
 	@echo "                 the stat-cache scan against the full-hash scan (~7 min)"
@@ -212,6 +215,13 @@ bench-predict: install
 
 bench-multitap: install
 	$(BIN)/python -m bench.multitap $(BENCH_MULTITAP_ARGS)
+
+bench-c-rule: install
+	$(BIN)/python -m bench.c_rule $(BENCH_C_RULE_ARGS)
+
+# Issue 30's GPU target (the machine's Python with JAX on CUDA; on a lent machine: bench/gpu_stage2.sh).
+bench-stage2-gpu:
+	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.stage2 --gpu $(BENCH_STAGE2_ARGS)
 
 bench-gpu:
 	KERAS_BACKEND=jax PYTHONPATH=.:$$PYTHONPATH $(PYTHON) -m bench.gpu --data $(BENCH_GPU_DATA) $(BENCH_GPU_ARGS)

@@ -177,3 +177,21 @@ def test_forward_bench_folds_each_batchnorm_into_its_convolution_without_changin
     result = measure("resnet50", "conv2_block3_out", size=32, batch=2, precision="float32", rounds=1)
     assert result["batchnorms_folded"] == 11 and result["max_rel_diff"] < 1e-5 and result["folded_vs_float32"] < 1e-5
     assert result["plain_img_s"] > 0 and result["folded_img_s"] > 0
+
+
+def test_stage2_gpu_mode_reads_the_shards_past_the_cache_then_times_the_probes_whole_sweep(tmp_path, monkeypatch):
+    """``make bench-stage2-gpu`` at a tiny size, as a lent machine runs it: every byte of the shards read for the
+    disk's rate, the probe's classify in a child process, and the table's figures written."""
+    import argparse
+    import json
+
+    from bench import common, stage2
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    stage2.gpu_target(argparse.Namespace(classes=3, dims=8, gpu_rows=3000, keep_stores=False), tmp_path / "work")
+    result = json.loads((tmp_path / "results" / "stage2-gpu-latest.json").read_text())
+    shards = sorted((tmp_path / "work" / "stores").glob("*.shards/*.h5"))
+    assert len(shards) == 1 and result["disk"]["bytes"] == shards[0].stat().st_size
+    assert result["run"]["code"] == 0 and result["run"]["rows"] == 3000 and result["run"]["n_val"] > 0
+    assert result["epochs"] >= 5 and result["read_gb_s"] > 0
+    assert "the whole sweep" in (tmp_path / "results" / "stage2-gpu-latest.md").read_text()
