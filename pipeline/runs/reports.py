@@ -173,14 +173,11 @@ def plot_confusion(path, confusion, class_names, title: str) -> None:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues", interpolation="nearest")
     ax.set_title(textwrap.fill(title, width=max(30, int(size * 9))), fontsize=10)  # whole, however long
-    if not labelled:
-        ax.set_xlabel(f"predicted (class index, of {len(class_names):,})")
-        ax.set_ylabel("true (class index)")
-    else:
+    ax.set_xlabel("predicted" if labelled else f"predicted (class index, of {len(class_names):,})")
+    ax.set_ylabel("true" if labelled else "true (class index)")
+    if labelled:
         ax.set_xticks(range(len(class_names)), class_names, rotation=90)
         ax.set_yticks(range(len(class_names)), class_names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
         for (i, j), value in np.ndenumerate(matrix):
             if value:
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
