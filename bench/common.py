@@ -114,6 +114,16 @@ def emit(result: dict) -> None:
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
+def flowers17_store(layers: str, weights: str = "hed-bsds500", data=FLOWERS, split_file=SPLIT,
+                    work: Path = RESULTS / "work" / "multitap"):
+    """flowers17's store of ``layers`` (comma-separated) on its fixed split, extracted or reused (the feature
+    cache): the store the flowers17 benchmarks share. Returns :func:`extract_features`' result."""
+    from pipeline.extraction.extract import ExtractSettings, extract_features
+
+    return extract_features(ExtractSettings(data=str(data), split_file=str(split_file), weights=weights,
+                                            layers=tuple(layers.split(",")), out_dir=f"{work}/f", progress=False))
+
+
 def publish(name: str, payload: dict, table: str) -> Path:
     """Print a benchmark's table and write it with ``payload`` and the machine's facts (:func:`write_results`)."""
     print(table)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-from bench.common import FLOWERS, RESULTS, SPLIT, machine, publish
+from bench.common import FLOWERS, RESULTS, SPLIT, flowers17_store, machine, publish
 
 
 def main() -> None:
@@ -28,13 +29,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.classification.classify import ClassifySettings, classify, sweep
-    from pipeline.extraction.extract import ExtractSettings, extract_features
     from pipeline.runs.summary import collect_rows
 
     started = time.perf_counter()
-    extracted = extract_features(ExtractSettings(data=args.data, split_file=args.split_file, weights=args.weights,
-                                                 layers=tuple(args.layers.split(",")), out_dir=f"{args.work}/f",
-                                                 progress=False))
+    extracted = flowers17_store(args.layers, args.weights, args.data, args.split_file, Path(args.work))
     run_dir, swept = sweep(extracted.store_path, out_dir=f"{args.work}/m", run="flowers17")
     classify(ClassifySettings(store=str(extracted.store_path), classifiers=tuple(args.classifiers.split(",")),
                               layers=tuple(r["tap"] for r in swept), out_dir=f"{args.work}/m", run="flowers17"))

@@ -26,9 +26,14 @@ def test_the_probe_scores_as_scikit_learns_logistic_regression_and_chooses_c_on_
     logreg = make_classifier('logreg:{"Cs": %s}' % list(GRID)).fit(X[train], y[train])
     ours, theirs = (probe.predict(X[test]) == y[test]).mean(), (logreg.predict(X[test]) == y[test]).mean()
     assert abs(ours - theirs) <= 0.03, (ours, theirs)
-    by_c = probe.fit_summary_["val_accuracy_by_C"]
-    assert len(by_c) == 8 and by_c[GRID.index(probe.fit_summary_["C"])] == max(by_c)
+    by_c = probe.fit_summary_["val_loss_by_C"]
+    assert len(by_c) == 8 and by_c[GRID.index(probe.fit_summary_["C"])] == min(by_c)
     np.testing.assert_allclose(probe.predict_proba(X[:5]).sum(axis=1), 1, atol=1e-6)
+
+
+def test_c_is_the_lowest_val_cross_entropy_where_accuracy_would_tie_or_disagree():
+    """bench/NOTES.md, "Which rule chooses the probe's C": the cross-entropy, which every val image moves."""
+    assert probe_module.best_c([(0.70, 0.90), (0.70, 0.80), (0.72, 0.95)]) == 1
 
 
 def test_every_c_trains_in_one_read_of_the_data_per_epoch(monkeypatch):
@@ -143,6 +148,30 @@ def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch
     tracemalloc.stop()
     assert metrics["accuracy"] > 0.9 and metrics["streamed"]
     assert peak < (n * dims * 4) / 3, f"{peak:,} bytes at most at once; the tap is {n * dims * 4:,}"
+
+
+def test_the_streamed_probe_reads_its_val_rows_once_and_its_outputs_are_predicts(tmp_path, monkeypatch):
+    """Choosing C and the val predictions come from one read of the val rows; the scores computed on the backend
+    are what the saved probe's ``predict`` gives on the same rows."""
+    from pipeline.classification import streamed
+
+    store, splits = _store(tmp_path, 3000, 16)
+    val, test = np.flatnonzero(splits == "val"), np.flatnonzero(splits == "test")
+    reads, original = [], type(store).iter_batches
+
+    def counting(self, tap, rows=None, *args, **kwargs):
+        reads.append(np.asarray(rows).tolist())
+        return original(self, tap, rows, *args, **kwargs)
+
+    monkeypatch.setattr(type(store), "iter_batches", counting)
+    probe, metrics = streamed.fit_streamed_probe(store, "t", splits, params={"epochs": 1})
+    assert reads.count(val.tolist()) == 1 and reads.count(test.tolist()) == 1
+    np.testing.assert_array_equal(metrics["val_predictions"], probe.predict(store.features("t", val)))
+    np.testing.assert_array_equal(metrics["predictions"], probe.predict(store.features("t", test)))
+    np.testing.assert_allclose(metrics["confidence"], probe.predict_proba(store.features("t", test)).max(axis=1),
+                               atol=1e-4)
+    chosen = probe.Cs.index(probe.fit_summary_["C"])
+    assert round(metrics["val_accuracy"], 4) == metrics["chosen"]["val_accuracy_by_C"][chosen]
 
 
 def test_training_epochs_come_from_a_reading_process_each_row_once_in_a_seeded_order(tmp_path, monkeypatch):

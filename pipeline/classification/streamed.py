@@ -143,7 +143,7 @@ def _read_pair(picked: np.ndarray, mix: np.ndarray) -> None:
 def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, params: dict | None = None):
     """``(estimator, metrics)`` as :func:`pipeline.heads.classifiers.train_one` returns them, for ``probe`` on a
     tap streamed from ``store``."""
-    from pipeline.heads.probe import StreamedProbe, standardiser, train_all_cs, val_scores  # scikit-learn
+    from pipeline.heads.probe import LinearOutputs, StreamedProbe, standardiser, train_all_cs, val_scores
 
     check_two_classes(store.class_names, str(store.path))
     labels = store.labels  # read once per store (not store.rows: a Python string per row of its other columns)
@@ -167,16 +167,16 @@ def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, param
                         standardiser(mean, variance)) as epochs:
         weights = train_all_cs(epochs, probe.steps(len(train)), len(train), mean, variance, len(probe.classes_),
                                probe.Cs, probe.learning_rate)
-    scores = val_scores(weights, ((v.astype(np.float32), labels[r]) for r, v in store.iter_batches(tap, val, batch)))
-    probe.keep_best(weights, scores, len(train))
+    scores, val_predicted = val_scores(weights, ((v, labels[r]) for r, v in store.iter_batches(tap, val, batch)))
+    val_predicted = val_predicted[:, probe.keep_best(weights, scores, len(train))]
     fit_seconds = time.perf_counter() - started
-    val_predicted = np.concatenate([probe.predict(v) for _, v in store.iter_batches(tap, val, batch)])
+    chosen = LinearOutputs([(probe.kernel_, probe.bias_)])
     predicted, confidence, true_probability = [], [], []
     for rows, values in store.iter_batches(tap, test, batch):
-        probabilities = probe.predict_proba(values)
-        predicted.append(probabilities.argmax(axis=1))
-        confidence.append(probabilities.max(axis=1))
-        true_probability.append(probabilities[np.arange(len(rows)), labels[rows]])
+        classes, log_p, true_log_p = (a[:, 0] for a in chosen(values, labels[rows]))
+        predicted.append(classes)
+        confidence.append(np.exp(log_p))
+        true_probability.append(np.exp(true_log_p))
     predicted = np.concatenate(predicted) if predicted else np.zeros(0, int)
     metrics = {
         **score_predictions(labels[test], predicted, store.class_names),

@@ -1,0 +1,97 @@
+"""``make bench-c-rule``: which rule should choose the probe's C on val, measured without the test split.
+
+The streamed probe trains every C of its grid at once and keeps one, chosen on the val rows. Two rules:
+**A** best val accuracy, ties broken by the lower val cross-entropy; **B** the lowest val cross-entropy.
+With 204 val images accuracy moves in steps of 0.5 points and ties are common; the cross-entropy is a proper
+score that moves with every image. Which rule picks Cs that generalise better is measured here on the
+store's train and val rows only (the test rows are never read): ``--resplits`` seeded stratified splits of
+them into inner train / inner val / inner holdout (60/20/20), one probe fit (all Cs) per tap and split, each
+rule's C scored on the inner holdout. Writes ``bench/results/c_rule-*.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+
+from bench.common import flowers17_store, publish
+from pipeline.runs.reports import format_table
+
+
+def stratified_thirds(labels: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices into ``labels``: 60/20/20 of each class, shuffled by ``rng``."""
+    parts = ([], [], [])
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        cut = np.round(np.array([0.6, 0.8]) * len(rows)).astype(int)
+        for part, piece in zip(parts, np.split(rows, cut)):
+            part.append(piece)
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
+
+
+def main() -> None:
+    from pipeline.heads.probe import StreamedProbe, standardiser, train_all_cs, val_scores
+    from pipeline.store.feature_store import FeatureStore
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="a feature store with a train/val/test split (default: flowers17's, "
+                                         "hed-bsds500, extracted or reused as make bench-multitap does)")
+    parser.add_argument("--layers", default="block3_pool,block4_pool,block5_pool", help="taps, comma-separated")
+    parser.add_argument("--resplits", type=int, default=10, help="seeded splits per tap (default: %(default)s)")
+    args = parser.parse_args()
+    store = FeatureStore(args.store) if args.store else flowers17_store(args.layers).store
+    kept = np.flatnonzero(store.splits != "test")
+    labels = store.labels[kept]
+    rules = {"A: accuracy, then loss": lambda s: max(range(len(s)), key=lambda k: (s[k][0], -s[k][1])),
+             "B: loss": lambda s: min(range(len(s)), key=lambda k: s[k][1])}
+    fits, rows = [], []
+    for tap in args.layers.split(","):
+        X = store.features(tap, kept).astype(np.float32)
+        for seed in range(args.resplits):
+            train, val, holdout = stratified_thirds(labels, np.random.default_rng(seed))
+            probe = StreamedProbe(random_state=seed)
+            mean, variance = X[train].mean(0, dtype=np.float64), X[train].var(0, dtype=np.float64)
+            shift, inverse = standardiser(mean, variance)
+            rng, size = np.random.default_rng(seed), probe.rows_per_step(len(train))
+
+            def batches(X=X, train=train, rng=rng, size=size, shift=shift, inverse=inverse):
+                order = rng.permutation(train)
+                for start in range(0, len(order), size):
+                    part = np.sort(order[start:start + size])
+                    yield (X[part] - shift) * inverse, labels[part]
+
+            weights = train_all_cs(batches, probe.steps(len(train)), len(train), mean, variance,
+                                   int(labels.max()) + 1, probe.Cs, probe.learning_rate)
+            on_val, _ = val_scores(weights, [(X[val], labels[val])])
+            on_holdout, _ = val_scores(weights, [(X[holdout], labels[holdout])])
+            fit = {"tap": tap, "seed": seed, "val": on_val, "holdout": on_holdout,
+                   "chosen": {name: rule(on_val) for name, rule in rules.items()}}
+            fits.append(fit)
+            print(tap, seed, {n: (probe.Cs[k], on_holdout[k][0]) for n, k in fit["chosen"].items()}, flush=True)
+    Cs = StreamedProbe().Cs
+    for name in rules:
+        for tap in [*args.layers.split(","), "all"]:
+            mine = [f for f in fits if tap in ("all", f["tap"])]
+            accuracy = [f["holdout"][f["chosen"][name]][0] for f in mine]
+            oracle = [max(a for a, _ in f["holdout"]) for f in mine]
+            steps = [abs(f["chosen"][name] - max(range(len(Cs)), key=lambda k: f["holdout"][k][0])) for f in mine]
+            rows.append([name, tap, f"{np.mean(accuracy):.4f}", f"{np.std(accuracy) / np.sqrt(len(mine)):.4f}",
+                         f"{np.mean(oracle) - np.mean(accuracy):.4f}", f"{np.mean(steps):.2f}"])
+    a = np.array([f["holdout"][f["chosen"]["A: accuracy, then loss"]][0] for f in fits])
+    b = np.array([f["holdout"][f["chosen"]["B: loss"]][0] for f in fits])
+    table = format_table(["rule", "tap", "holdout acc", "s.e.", "below the best C", "grid steps from it"], rows,
+                         title=f"\nC chosen on inner val, scored on inner holdout ({args.resplits} splits a tap, "
+                               f"test rows unread)")
+    table += (f"\nB - A over {len(fits)} fits: mean {np.mean(b - a):+.4f} (paired s.e. "
+              f"{np.std(b - a, ddof=1) / np.sqrt(len(fits)):.4f}), B better in {int((b > a).sum())}, A better in "
+              f"{int((a > b).sum())}")
+    for name in rules:
+        picked = Counter(Cs[f["chosen"][name]] for f in fits)
+        table += f"\nCs chosen by {name}: " + ", ".join(f"{c:g} x{n}" for c, n in sorted(picked.items()))
+    publish("c_rule", {"fits": fits, "Cs": list(Cs), "b_minus_a": float(np.mean(b - a))}, table)
+
+
+if __name__ == "__main__":
+    main()
