@@ -32,7 +32,7 @@ def stratified_thirds(labels: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, 
 
 
 def main() -> None:
-    from pipeline.heads.probe import StreamedProbe, standardiser, train_all_cs, val_scores
+    from pipeline.heads.probe import StreamedProbe, best_c, standardiser, train_all_cs, val_scores
     from pipeline.store.feature_store import FeatureStore
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,12 +40,14 @@ def main() -> None:
                                          "hed-bsds500, extracted or reused as make bench-multitap does)")
     parser.add_argument("--layers", default="block3_pool,block4_pool,block5_pool", help="taps, comma-separated")
     parser.add_argument("--resplits", type=int, default=10, help="seeded splits per tap (default: %(default)s)")
+    parser.add_argument("--name", default="c_rule", help="the results' name in bench/results (default: %(default)s)")
     args = parser.parse_args()
     store = FeatureStore(args.store) if args.store else flowers17_store(args.layers).store
     kept = np.flatnonzero(store.splits != "test")
     labels = store.labels[kept]
-    rules = {"A: accuracy, then loss": lambda s: max(range(len(s)), key=lambda k: (s[k][0], -s[k][1])),
-             "B: loss": lambda s: min(range(len(s)), key=lambda k: s[k][1])}
+    rules = {"A: accuracy, then loss": lambda s, n: max(range(len(s)), key=lambda k: (s[k][0], -s[k][1])),
+             "B: loss": lambda s, n: min(range(len(s)), key=lambda k: s[k][1]),
+             "C: loss within 1 s.e. of the best accuracy": best_c}  # the probe's rule
     fits, rows = [], []
     for tap in args.layers.split(","):
         X = store.features(tap, kept).astype(np.float32)
@@ -67,7 +69,7 @@ def main() -> None:
             on_val, _ = val_scores(weights, [(X[val], labels[val])])
             on_holdout, _ = val_scores(weights, [(X[holdout], labels[holdout])])
             fit = {"tap": tap, "seed": seed, "val": on_val, "holdout": on_holdout,
-                   "chosen": {name: rule(on_val) for name, rule in rules.items()}}
+                   "chosen": {name: rule(on_val, len(val)) for name, rule in rules.items()}}
             fits.append(fit)
             print(tap, seed, {n: (probe.Cs[k], on_holdout[k][0]) for n, k in fit["chosen"].items()}, flush=True)
     Cs = StreamedProbe().Cs
@@ -79,18 +81,22 @@ def main() -> None:
             steps = [abs(f["chosen"][name] - max(range(len(Cs)), key=lambda k: f["holdout"][k][0])) for f in mine]
             rows.append([name, tap, f"{np.mean(accuracy):.4f}", f"{np.std(accuracy) / np.sqrt(len(mine)):.4f}",
                          f"{np.mean(oracle) - np.mean(accuracy):.4f}", f"{np.mean(steps):.2f}"])
-    a = np.array([f["holdout"][f["chosen"]["A: accuracy, then loss"]][0] for f in fits])
-    b = np.array([f["holdout"][f["chosen"]["B: loss"]][0] for f in fits])
     table = format_table(["rule", "tap", "holdout acc", "s.e.", "below the best C", "grid steps from it"], rows,
                          title=f"\nC chosen on inner val, scored on inner holdout ({args.resplits} splits a tap, "
                                f"test rows unread)")
-    table += (f"\nB - A over {len(fits)} fits: mean {np.mean(b - a):+.4f} (paired s.e. "
-              f"{np.std(b - a, ddof=1) / np.sqrt(len(fits)):.4f}), B better in {int((b > a).sum())}, A better in "
-              f"{int((a > b).sum())}")
+    scored = {name: np.array([f["holdout"][f["chosen"][name]][0] for f in fits]) for name in rules}
+    first, *others = rules
+    paired = {}
+    for name in others:
+        d = scored[name] - scored[first]
+        paired[name] = float(np.mean(d))
+        table += (f"\n{name[0]} - {first[0]} over {len(fits)} fits: mean {np.mean(d):+.4f} (paired s.e. "
+                  f"{np.std(d, ddof=1) / np.sqrt(len(fits)) if len(fits) > 1 else float('nan'):.4f}), "
+                  f"{name[0]} better in {int((d > 0).sum())}, {first[0]} better in {int((d < 0).sum())}")
     for name in rules:
         picked = Counter(Cs[f["chosen"][name]] for f in fits)
         table += f"\nCs chosen by {name}: " + ", ".join(f"{c:g} x{n}" for c, n in sorted(picked.items()))
-    publish("c_rule", {"fits": fits, "Cs": list(Cs), "b_minus_a": float(np.mean(b - a))}, table)
+    publish(args.name, {"fits": fits, "Cs": list(Cs), "minus_first": paired}, table)
 
 
 if __name__ == "__main__":

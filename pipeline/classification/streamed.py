@@ -168,7 +168,7 @@ def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, param
         weights = train_all_cs(epochs, probe.steps(len(train)), len(train), mean, variance, len(probe.classes_),
                                probe.Cs, probe.learning_rate)
     scores, val_predicted = val_scores(weights, ((v, labels[r]) for r, v in store.iter_batches(tap, val, batch)))
-    val_predicted = val_predicted[:, probe.keep_best(weights, scores, len(train))]
+    val_predicted = val_predicted[:, probe.keep_best(weights, scores, len(train), len(val))]
     fit_seconds = time.perf_counter() - started
     chosen = LinearOutputs([(probe.kernel_, probe.bias_)])
     predicted, confidence, true_probability = [], [], []
