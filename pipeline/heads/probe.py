@@ -58,6 +58,16 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, validation_data=None):
         """Fit every C on ``X, y``; choose C on ``validation_data`` (else on the training rows)."""
+        weights = self.every_c(X, y)
+        X_val, y_val = validation_data if validation_data is not None else (X, y)
+        y_val = np.searchsorted(self.classes_, np.asarray(y_val))
+        scores, _ = val_scores(weights, [(np.asarray(X_val, np.float32), y_val)])
+        self.keep_best(weights, scores, len(X), len(y_val))
+        return self
+
+    def every_c(self, X, y) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Train the probe of every C on ``X, y`` held in memory (sets ``classes_``): each C's ``(kernel,
+        bias)``, as :func:`train_all_cs` gives them, before any is chosen."""
         X, y = np.asarray(X, np.float32), np.asarray(y)
         self.classes_, index = np.unique(y, return_inverse=True)
         mean, variance = X.mean(axis=0, dtype=np.float64), X.var(axis=0, dtype=np.float64)
@@ -72,13 +82,8 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
                 rows = np.sort(order[start:start + size])
                 yield (X[rows] - shift) * inverse, index[rows]
 
-        weights = train_all_cs(batches, self.steps(len(X)), len(X), mean, variance, len(self.classes_), self.Cs,
-                               self.learning_rate)
-        X_val, y_val = validation_data if validation_data is not None else (X, y)
-        y_val = np.searchsorted(self.classes_, np.asarray(y_val))
-        scores, _ = val_scores(weights, [(np.asarray(X_val, np.float32), y_val)])
-        self.keep_best(weights, scores, len(X), len(y_val))
-        return self
+        return train_all_cs(batches, self.steps(len(X)), len(X), mean, variance, len(self.classes_), self.Cs,
+                            self.learning_rate)
 
     def rows_per_step(self, n: int) -> int:
         """The batch size for ``n`` training rows."""
