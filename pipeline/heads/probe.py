@@ -131,8 +131,13 @@ class StreamedProbe(ClassifierMixin, BaseEstimator):
 
 def standardiser(mean, variance) -> tuple[np.ndarray, np.ndarray]:
     """``(shift, inverse scale)`` in float32: standardised features are ``(x - shift) * inverse``."""
-    scale = np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
-    return np.asarray(mean, np.float32), (1.0 / scale).astype(np.float32)
+    return np.asarray(mean, np.float32), (1.0 / feature_scale(variance)).astype(np.float32)
+
+
+def feature_scale(variance) -> np.ndarray:
+    """Each feature's standard deviation in float64, floored so that a constant feature divides by 1e-6: what
+    :func:`standardiser` divides by and :func:`train_all_cs` folds back into the kernels."""
+    return np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
 
 
 def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs,
@@ -147,7 +152,7 @@ def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs
     """
     keras = import_keras()
     ops = keras.ops
-    scale = np.sqrt(np.maximum(np.asarray(variance, np.float64), 1e-12))
+    scale = feature_scale(variance)
     k, dims = len(Cs), len(scale)
     # Every C's kernel side by side, (D, K * classes): a step is two plain matrix products over the batch
     # (an einsum over a (K, D, classes) tensor broadcast the batch K times on TensorFlow). The features' gradient

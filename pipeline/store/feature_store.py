@@ -229,8 +229,7 @@ class FeatureStore:
     def split_counts(self) -> dict[str, int]:
         """Rows per recorded split, train, val, test then ``""`` (none), those with rows."""
         counts = np.bincount(self._split_codes(), minlength=len(SPLITS) + 1)
-        return {name: int(counts[code]) for code, name in ((1, "train"), (2, "val"), (3, "test"), (0, ""))
-                if counts[code]}
+        return {name: int(counts[code]) for code, name in (*enumerate(SPLITS, 1), (0, "")) if counts[code]}
 
     def __len__(self) -> int:
         return self._n
