@@ -130,7 +130,6 @@ def _has_rows(store: Path, rows: int, dims: int, classes: int) -> bool:
 
 
 def child(args) -> None:
-    import numpy as np
 
     if args.child == "build":
         started = time.perf_counter()
@@ -158,7 +157,7 @@ def child(args) -> None:
     from pipeline.heads.probe import DEFAULT_CS
 
     splits = store.splits
-    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    train, val = splits.rows("train"), splits.rows("val")
     labels = store.labels
     X, X_val = store.features("t", train), store.features("t", val)
     started = time.perf_counter()

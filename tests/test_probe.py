@@ -128,9 +128,9 @@ def _store(folder, n: int, dims: int, features=None, labels=None, shards: int = 
         written.append(write_shard(folder / f"s{i}.h5", rows=rows, features={"t": features[part]},
                                    class_names=["a", "b"], skipped=[], manifest=manifest,
                                    map_shapes={"t": (1, 1, dims)}, dtype="float32"))
-    store = merge_shards(written, folder / "store.h5", manifest=manifest, skipped=[], dtype="float32",
-                         virtual=virtual)
-    return FeatureStore(store.path), splits
+    store = FeatureStore(merge_shards(written, folder / "store.h5", manifest=manifest, skipped=[], dtype="float32",
+                                      virtual=virtual).path)
+    return store, store.splits
 
 
 def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_the_streamed_probe_holds_a_few_chunks_not_the_tap(tmp_path, monkeypatch
     from pipeline.classification import streamed
 
     n, dims = 40_000, 256  # 41 MB of float32
-    store, splits = _store(tmp_path, n, dims)  # its per-image columns not read yet
+    store, splits = _store(tmp_path, n, dims)  # its labels not read yet
     monkeypatch.setattr(streamed, "CHUNK_BYTES", 2 << 20)
     from pipeline.core.runtime import import_keras
 

@@ -185,10 +185,36 @@ def test_splits_labels_and_the_test_fingerprint_come_from_columns_not_rows(tmp_p
     splits, source = resolve_splits(store, seed=0, val_fraction=0.3)
     fingerprint, labels = test_rows_sha256(store, splits), store.labels
     assert store._rows is None, "no Rows were built"
-    assert sorted(set(splits)) == ["test", "train", "val"] and "val carved from train" in source
-    old = hashlib.sha256("\n".join(p for p, s in zip(store.rows.paths, splits) if s == "test")
+    assert sorted(set(splits.names())) == ["test", "train", "val"] and "val carved from train" in source
+    old = hashlib.sha256("\n".join(p for p, s in zip(store.rows.paths, splits.names()) if s == "test")
                          .encode("utf-8", "surrogateescape")).hexdigest()
     assert fingerprint == old and labels.tolist() == store.rows.labels
+
+
+def test_a_split_is_a_byte_a_row_and_a_wrong_name_is_refused_not_matched_by_no_row(tmp_path):
+    """The split held through training is one int8 code a row; compared with a name it is that split's mask, as
+    the recorded strings would be, and a misspelt name raises instead of selecting nothing."""
+    from pipeline.store.splits import Splits
+
+    rows = Rows([f"img{i}.jpg" for i in range(6)], [0, 1] * 3, ["train", "val", "test", "", "train", "test"],
+                ["f"] * 6)
+    shard = write_shard(tmp_path / "s0.h5", rows=rows, features={"t1": np.zeros((6, 3), np.float32)},
+                        class_names=["a", "b"], skipped=[], manifest=MANIFEST, map_shapes={"t1": (1, 1, 3)},
+                        dtype="float32")
+    store = FeatureStore(merge_shards([shard], tmp_path / "store.h5", manifest=MANIFEST, skipped=[],
+                                      dtype="float32").path)
+    splits, recorded = store.splits, np.array(store.rows.splits, dtype=object)
+    assert splits.codes.dtype == np.int8 and splits.codes.nbytes == len(store)
+    np.testing.assert_array_equal(splits.names(), recorded)
+    for name in ("train", "val", "test", ""):
+        np.testing.assert_array_equal(splits == name, recorded == name)
+        np.testing.assert_array_equal(splits != name, recorded != name)
+        np.testing.assert_array_equal(splits.rows(name), np.flatnonzero(recorded == name))
+    with pytest.raises(ValueError, match="'tset' is not a split"):
+        splits.rows("tset")
+    made = Splits(np.zeros(4, np.int8))
+    made.assign(np.array([1, 3]), "val")
+    assert made.names().tolist() == ["", "val", "", "val"]
 
 
 def test_a_string_column_streams_in_slices_checked_whole(tmp_path):

@@ -21,6 +21,7 @@ from pipeline.core.parallel import follow_owner, kill_pool, worker_context
 from pipeline.data.decoding import SEGMENT_PREFIX
 from pipeline.store import virtual as virtual_store
 from pipeline.store.feature_store import REPLACE
+from pipeline.store.splits import Splits
 
 CHUNK_BYTES = 64 << 20  # features read together (consecutive rows of the store), then shuffled with another chunk
 
@@ -140,16 +141,14 @@ def _read_pair(picked: np.ndarray, mix: np.ndarray) -> None:
         out *= inverse
 
 
-def fit_streamed_probe(store, tap: str, splits: np.ndarray, seed: int = 0, params: dict | None = None):
+def fit_streamed_probe(store, tap: str, splits: Splits, seed: int = 0, params: dict | None = None):
     """``(estimator, metrics)`` as :func:`pipeline.heads.classifiers.train_one` returns them, for ``probe`` on a
     tap streamed from ``store``."""
     from pipeline.heads.probe import LinearOutputs, StreamedProbe, standardiser, train_all_cs, val_scores
 
     check_two_classes(store.class_names, str(store.path))
     labels = store.labels  # read once per store (not store.rows: a Python string per row of its other columns)
-    # int32 indices where they fit: 4 bytes a row instead of 8, at 10^7 rows what the split itself takes
-    index = np.int32 if len(splits) < 2**31 else np.int64
-    train, val, test = (np.flatnonzero(splits == name).astype(index) for name in ("train", "val", "test"))
+    train, val, test = (splits.rows(name) for name in ("train", "val", "test"))
     if not len(val):
         raise LayertapError(f"{store.path.name}: no val rows to choose C on; split it with "
                             "pipeline.store.splits.resolve_splits")

@@ -176,7 +176,7 @@ class _Job:
     def choose_rows_and_tap(self) -> None:
         s, store = self.settings, self.store
         self.splits, self.split_source = resolve_splits(store, s.seed, s.test_fraction, s.val_fraction)
-        self.train, self.val, self.test = (np.flatnonzero(self.splits == name) for name in ("train", "val", "test"))
+        self.train, self.val, self.test = (self.splits.rows(name) for name in ("train", "val", "test"))
         labels = store.labels
         self.y = {"train": labels[self.train], "val": labels[self.val], "test": labels[self.test]}
         self.stage_two = stage_two_rows(store, self.run_dir, self.splits)

@@ -151,7 +151,7 @@ def _gallery(run_dir: Path, manifest: dict, metrics: dict) -> list[dict]:
         return []
     if test_rows_sha256(store, splits) != metrics.get("test_rows_sha256"):
         return []
-    test = np.flatnonzero(splits == "test")
+    test = splits.rows("test")
     y, predicted = store.labels[test], np.asarray(metrics["predictions"])
     wrong = np.flatnonzero(predicted != y)
     wrong = wrong[np.argsort(np.asarray(metrics["true_probability"])[wrong], kind="stable")][:GALLERY]

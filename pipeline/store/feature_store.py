@@ -34,6 +34,7 @@ from pipeline.core.taps import tap_parts
 from pipeline.data.images import SPLITS
 from pipeline.store import virtual as virtual_store
 from pipeline.store.manifest import StoreManifest
+from pipeline.store.splits import Splits
 
 FORMAT = "layertap-feature-store"
 FORMAT_VERSION = 1
@@ -211,25 +212,25 @@ class FeatureStore:
         return self._labels
 
     def _split_codes(self) -> np.ndarray:
-        """Each row's recorded split as an int8 code: 0 none, then :data:`pipeline.data.images.SPLITS` in order;
-        the column streamed and checked (:meth:`column_slices`)."""
+        """Each row's recorded split as its :class:`pipeline.store.splits.Splits` code, the column streamed and
+        checked (:meth:`column_slices`)."""
         codes = np.zeros(len(self), np.int8)
         for start, column in self.column_slices("split"):
             part = codes[start:start + len(column)]
-            for code, name in enumerate(SPLITS, 1):
-                part[(column == name.encode()) | (column == name)] = code
+            for name in SPLITS:
+                part[(column == name.encode()) | (column == name)] = Splits.code(name)
         return codes
 
     @property
-    def splits(self) -> np.ndarray:
-        """Each row's recorded split, ``train``/``val``/``test`` or ``""``: an object array of those shared strings,
-        8 bytes a row (``<U5`` takes 20, and a Python string per row far more: at 4 M rows held through training)."""
-        return np.array(["", *SPLITS], dtype=object)[self._split_codes()]
+    def splits(self) -> Splits:
+        """Each row's recorded split, ``train``/``val``/``test`` or ``""`` (none), one byte a row: ``splits == "val"``
+        is its mask."""
+        return Splits(self._split_codes())
 
     def split_counts(self) -> dict[str, int]:
         """Rows per recorded split, train, val, test then ``""`` (none), those with rows."""
         counts = np.bincount(self._split_codes(), minlength=len(SPLITS) + 1)
-        return {name: int(counts[code]) for code, name in (*enumerate(SPLITS, 1), (0, "")) if counts[code]}
+        return {name: int(counts[Splits.code(name)]) for name in (*SPLITS, "") if counts[Splits.code(name)]}
 
     def __len__(self) -> int:
         return self._n

@@ -11,10 +11,55 @@ import hashlib
 import numpy as np
 
 from pipeline.core.errors import LayertapError
+from pipeline.data.images import SPLITS
+
+
+class Splits:
+    """Each row's split as one int8 code: 0 none, then :data:`pipeline.data.images.SPLITS` in order from 1. At 4 M
+    rows that is 4 MB, where an array of the strings takes 32 (objects) or 80 (``<U5``), held through training.
+
+    Compared with a split's name it gives that split's mask, as an array of the strings would
+    (``splits == "val"``); a name that is not a split raises ``ValueError`` rather than matching no row.
+    """
+
+    __hash__ = None  # == gives a mask
+
+    def __init__(self, codes: np.ndarray):
+        self.codes = np.asarray(codes, dtype=np.int8)
+
+    @staticmethod
+    def code(name: str) -> int:
+        """The code of ``name`` (``""``: no split)."""
+        if name == "":
+            return 0
+        if name not in SPLITS:
+            raise ValueError(f"{name!r} is not a split: {', '.join(SPLITS)} (or '' for none)")
+        return SPLITS.index(name) + 1
+
+    def __eq__(self, name: str) -> np.ndarray:
+        return self.codes == self.code(name)
+
+    def __ne__(self, name: str) -> np.ndarray:
+        return self.codes != self.code(name)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def rows(self, name: str) -> np.ndarray:
+        """The increasing indices of the rows of split ``name``: int32 where they fit (half of int64's bytes)."""
+        return np.flatnonzero(self == name).astype(np.int32 if len(self) < 2**31 else np.int64)
+
+    def assign(self, rows: np.ndarray, name: str) -> None:
+        """Put ``rows`` in split ``name``."""
+        self.codes[rows] = self.code(name)
+
+    def names(self) -> np.ndarray:
+        """Each row's split name, an object array (for small stores and for reading: 8 bytes a row)."""
+        return np.array(["", *SPLITS], dtype=object)[self.codes]
 
 
 def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
-                   val_fraction: float = 0.15) -> tuple[np.ndarray, str]:
+                   val_fraction: float = 0.15) -> tuple[Splits, str]:
     """Each row's split, always with train, val and test rows: every choice is made on val, test scored once.
 
     The split recorded in the store is used; where it has no val rows, a stratified share of the
@@ -25,8 +70,7 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
         store: A :class:`pipeline.store.feature_store.FeatureStore`.
 
     Returns:
-        ``(splits, source)``: an array of ``train``/``val``/``test`` (objects: the three strings shared) and where
-        it came from.
+        ``(splits, source)``: each row's ``train``/``val``/``test`` (:class:`Splits`) and where it came from.
 
     Raises:
         LayertapError: some rows have a split and others do not, or there is no train or test row.
@@ -41,14 +85,14 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
             raise LayertapError(f"{store.path.name}: the recorded split needs train and test rows")
         if (splits == "val").any():
             return splits, "recorded in the store"
-        train = np.flatnonzero(splits == "train")
+        train = splits.rows("train")
         share = min(0.5, val_fraction * len(splits) / len(train))
         try:
             _, val = train_test_split(train, test_size=share, stratify=labels[train], random_state=seed)
         except ValueError as exc:
             raise LayertapError(f"{store.path.name}: the recorded split has no val rows and too few train images "
                                 f"per class to carve them ({exc}); add images or give val rows") from None
-        splits[val] = "val"
+        splits.assign(val, "val")
         return splits, (f"recorded in the store (train/test); val carved from train: {len(val)} images, "
                         f"stratified, seed {seed}")
     if has.any():
@@ -62,15 +106,16 @@ def resolve_splits(store, seed: int = 0, test_fraction: float = 0.25,
     except ValueError as exc:
         raise LayertapError(f"{store.path.name}: too few images per class for a stratified "
                             f"train/val/test split ({exc}); add images or give a split") from None
-    splits = np.empty(len(store), dtype=object)  # three shared strings, as FeatureStore.splits
-    splits[train], splits[val], splits[test] = "train", "val", "test"
+    splits = Splits(np.zeros(len(store), np.int8))
+    for rows, name in ((train, "train"), (val, "val"), (test, "test")):
+        splits.assign(rows, name)
     return splits, f"stratified, seed {seed}, test {test_fraction}, val {val_fraction}"
 
 
-def test_rows_sha256(store, splits: np.ndarray) -> str:
+def test_rows_sha256(store, splits: Splits) -> str:
     """A fingerprint of which images are the test images, to check two stages used the same: the sha256 of their
     paths (UTF-8, as stored), one a line."""
-    test, digest, lines = np.asarray(splits) == "test", hashlib.sha256(), 0
+    test, digest, lines = splits == "test", hashlib.sha256(), 0
     for start, paths in store.column_slices("paths"):  # streamed: the column whole is a Python bytes per row
         for path in paths[test[start:start + len(paths)]]:
             digest.update(b"\n" * (lines > 0) + _as_bytes(path))
