@@ -130,7 +130,6 @@ def _has_rows(store: Path, rows: int, dims: int, classes: int) -> bool:
 
 
 def child(args) -> None:
-
     if args.child == "build":
         started = time.perf_counter()
         path = synthetic_store(Path(args.store), args.rows, args.dims, args.classes)
