@@ -287,7 +287,9 @@ class FeatureStore:
         batch_size = batch_size or self.batch_rows(tap)
         if batch_size < 1 or read_ahead < 1:
             raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
-        wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
+        # int32 indices stay int32: a copy in int64 is 25 MB more for 3.2 M training rows, and the allocator kept
+        # it after the pass
+        wanted = None if rows is None else np.asarray(rows)
         n = len(self) if wanted is None else len(wanted)
         ready: queue.Queue = queue.Queue(read_ahead)
         stop = threading.Event()
