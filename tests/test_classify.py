@@ -14,6 +14,7 @@ from pipeline.classification.classify import ClassifySettings, classify, sweep
 from pipeline.extraction.extract import extract_features
 from pipeline.prediction.predict import predict
 from pipeline.runs.artifacts import load_model
+from pipeline.runs.per_image import read_metrics
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits
 
@@ -75,9 +76,31 @@ def test_saved_model_predicts_identically(stores, tmp_path, spec):
     estimator, manifest = load_model(rows[0]["model_dir"])
     store = FeatureStore(stores["split"])
     test = store.splits == "test"
-    metrics = json.loads((run_dir / f"block1_pool-{spec}" / "metrics.json").read_text())
-    assert estimator.predict(store.features("block1_pool")[test]).tolist() == metrics["predictions"]
+    metrics = read_metrics(run_dir / f"block1_pool-{spec}")
+    np.testing.assert_array_equal(estimator.predict(store.features("block1_pool")[test]), metrics["predictions"])
     assert manifest["tap"] == "block1_pool" and manifest["store_key"] == store.key
+
+
+def test_each_images_outcome_is_kept_as_arrays_beside_a_metrics_json_a_person_reads(stores, tmp_path):
+    """The per-image predictions and probabilities grow with the store: they go to per_image.npz, not into
+    metrics.json; a damaged per_image.npz is named, with what to do."""
+    from pipeline.runs.per_image import FILE
+
+    result = classify(ClassifySettings(store=str(stores["split"]), classifiers=("logreg",), layers=("block1_pool",),
+                                       out_dir=str(tmp_path)))
+    folder = result.run_dir / "block1_pool-logreg"
+    written = json.loads((folder / "metrics.json").read_text())
+    assert not {"predictions", "val_predictions", "confidence", "true_probability"} & written.keys()
+    metrics = read_metrics(folder)
+    assert metrics["predictions"].dtype == np.int32 and len(metrics["predictions"]) == written["n_test"] == 9
+    assert len(metrics["val_predictions"]) == written["n_val"]
+    assert ((metrics["confidence"] >= metrics["true_probability"]) & (metrics["confidence"] <= 1)).all()
+    store = FeatureStore(stores["split"])
+    test = resolve_splits(store)[0] == "test"
+    assert written["accuracy"] == pytest.approx(float(np.mean(metrics["predictions"] == store.labels[test])))
+    (folder / FILE).write_bytes(b"not a zip")
+    with pytest.raises(LayertapError, match=f"{FILE} cannot be read .*run the command that wrote"):
+        read_metrics(folder)
 
 
 def test_tampered_model_is_refused_before_loading(stores, tmp_path):

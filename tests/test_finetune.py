@@ -34,6 +34,7 @@ from pipeline.finetuning.finetune import FinetuneSettings, finetune
 from pipeline.heads.dense import build_dense_head
 from pipeline.prediction.predict import predict
 from pipeline.runs.artifacts import load_model
+from pipeline.runs.per_image import read_metrics
 from pipeline.store.feature_store import FeatureStore
 
 QUICK = dict(layer="block2_pool", unfreeze_from="block2_conv2", epochs=3, fine_tune_epochs=2, batch_size=8,
@@ -58,7 +59,7 @@ def staged(tmp_path_factory):
 def finetuned(staged):
     assert main(staged["args"]) == 0
     model_dir = staged["models"] / staged["store"].stem / "block2_pool-finetune"
-    return model_dir, json.loads((model_dir / "metrics.json").read_text())
+    return model_dir, read_metrics(model_dir)
 
 
 def _trunk(backbone_name: str, tap: str, size: int = 32):

@@ -59,3 +59,15 @@ def test_a_model_folder_of_the_flat_package_loads_and_predicts_as_it_did(model, 
         # bfloat16 on another CPU may round differently
         np.testing.assert_allclose([dict(top)[name] for name, _ in expected[path]], [p for _, p in expected[path]],
                                    atol=0.02)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_model_folder_with_per_image_lists_in_its_metrics_json_is_read_as_before(model):
+    """Folders written before per_image.npz keep each image's prediction as lists in metrics.json."""
+    from pipeline.runs.per_image import FILE, read_metrics
+
+    folder = LEGACY / "models" / model
+    assert not (folder / FILE).exists()
+    metrics = read_metrics(folder)
+    assert metrics["predictions"] == json.loads((folder / "metrics.json").read_text())["predictions"]
+    assert len(metrics["predictions"]) == metrics["n_test"]

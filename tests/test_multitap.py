@@ -14,6 +14,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.extraction.extract import extract_features
 from pipeline.finetuning.finetune import choose_tap
 from pipeline.runs.artifacts import load_model
+from pipeline.runs.per_image import read_metrics
 from pipeline.store.feature_store import FeatureStore
 
 TAPS = ("block1_pool", "block2_pool", "block3_pool")  # 64, 128 and 256 features
@@ -63,8 +64,9 @@ def test_classify_trains_one_model_on_the_taps_together_named_in_store_order(sto
     estimator, manifest = load_model(joined["model_dir"])
     assert manifest["tap"] == "block1_pool+block2_pool"
     test = store.splits == "test"
-    metrics = json.loads((tmp_path.joinpath(joined["model_dir"]) / "metrics.json").read_text())
-    assert estimator.predict(store.features("block1_pool+block2_pool")[test]).tolist() == metrics["predictions"]
+    metrics = read_metrics(tmp_path.joinpath(joined["model_dir"]))
+    np.testing.assert_array_equal(estimator.predict(store.features("block1_pool+block2_pool")[test]),
+                                  metrics["predictions"])
     probe = next(r for r in result.rows if r["tap"] == joined["tap"] and r["classifier"].startswith("probe"))
     assert probe["dims"] == 192 and json.loads((tmp_path.joinpath(probe["model_dir"]) / "metrics.json")
                                                .read_text())["streamed"]
@@ -128,12 +130,12 @@ def test_a_multi_tap_model_predicts_in_memory_and_as_a_batch_job_alike(stores, t
     result = classify(ClassifySettings(store=str(stores["copied"]), classifiers=("logreg",),
                                        layers=("block1_pool+block3_pool",), out_dir=str(tmp_path / "m")))
     model_dir = result.rows[0]["model_dir"]
-    metrics = json.loads((tmp_path.joinpath(model_dir) / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path.joinpath(model_dir))
     images = sorted((stores["data"] / "test").rglob("*.jpg"))
     names = json.loads((tmp_path.joinpath(model_dir) / "manifest.json").read_text())["class_names"]
     in_memory = predict(model_dir, images, top_k=1)
     # the store's test rows are in path order, as these images are
-    assert [names.index(r["top"][0][0]) for r in in_memory] == metrics["predictions"]
+    assert [names.index(r["top"][0][0]) for r in in_memory] == metrics["predictions"].tolist()
     out = tmp_path / "p.csv"
     predict_to_file(model_dir, images, out, top_k=1, features_dir=str(tmp_path / "f"), progress=False)
     with open(out, newline="") as fh:

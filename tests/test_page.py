@@ -15,6 +15,7 @@ from pipeline.classification.classify import classify
 from pipeline.classification.settings import ClassifySettings
 from pipeline.cli import main
 from pipeline.extraction.extract import extract_features
+from pipeline.runs.per_image import read_metrics
 from pipeline.runs.summary import collect_rows
 
 
@@ -94,7 +95,7 @@ def test_classify_writes_the_page_with_every_picture_beside_it(run):
     assert f"{Path(best['model_dir']).name}/confusion.png" in sources
     assert all((run.run_dir / s).is_file() for s in sources), sources
     assert "http://" not in page and "https://" not in page and "<script" not in page  # offline, as files
-    predictions = json.loads((Path(best["model_dir"]) / "metrics.json").read_text())["predictions"]
+    predictions = read_metrics(best["model_dir"])["predictions"]
     wrong = sum(p != t for p, t in zip(predictions, _test_labels(best["model_dir"])))
     assert len([s for s in sources if s.startswith("gallery/")]) == min(wrong, 12)
 

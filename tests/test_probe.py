@@ -104,9 +104,9 @@ def test_a_tap_over_the_memory_budget_trains_the_streamed_probe_alone(tmp_path, 
     assert "block2_pool: its features take 0.0 GiB, more than the memory budget" in caplog.text
     assert "logreg, knn need them whole and are skipped for it" in caplog.text
     assert [r["classifier"] for r in result.rows] == ["probe"] and result.rows[0]["chosen"]["C"] > 0
-    import json
+    from pipeline.runs.per_image import read_metrics
 
-    metrics = json.loads((result.run_dir / "block2_pool-probe" / "metrics.json").read_text())
+    metrics = read_metrics(result.run_dir / "block2_pool-probe")
     assert metrics["streamed"] and metrics["n_test"] == len(metrics["true_probability"]) == 6
 
 

@@ -2,7 +2,8 @@
 
 Each (tap, classifier) pair becomes a model folder ``models/<run>/<tap>-<classifier>/``
 (:mod:`pipeline.runs.artifacts`) with the fitted classifier, ``manifest.json`` (what it needs to run
-on new images and the sha256 of every file), ``metrics.json``, ``report.md`` and ``confusion.png``.
+on new images and the sha256 of every file), ``metrics.json``, ``per_image.npz`` (:mod:`pipeline.runs.per_image`),
+``report.md`` and ``confusion.png``.
 """
 
 from __future__ import annotations

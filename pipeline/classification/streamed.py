@@ -179,9 +179,9 @@ def fit_streamed_probe(store, tap: str, splits: Splits, seed: int = 0, params: d
     predicted = np.concatenate(predicted) if predicted else np.zeros(0, int)
     metrics = {
         **score_predictions(labels[test], predicted, store.class_names),
-        "confidence": np.round(np.concatenate(confidence or [np.zeros(0)]), 4).tolist(),
-        "true_probability": np.round(np.concatenate(true_probability or [np.zeros(0)]), 4).tolist(),
-        "val_accuracy": float((val_predicted == labels[val]).mean()), "val_predictions": val_predicted.tolist(),
+        "confidence": np.concatenate(confidence or [np.zeros(0)]),
+        "true_probability": np.concatenate(true_probability or [np.zeros(0)]),
+        "val_accuracy": float((val_predicted == labels[val]).mean()), "val_predictions": val_predicted,
         "n_train": len(train), "n_val": len(val), "n_test": len(test), "fit_seconds": fit_seconds,
         "trainable_params": probe.trainable_params_, "chosen": dict(probe.fit_summary_), "streamed": True,
     }

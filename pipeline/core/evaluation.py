@@ -49,12 +49,13 @@ def log_loss(probabilities: np.ndarray, y: np.ndarray) -> float:
 
 
 def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names, probabilities=None) -> dict:
-    """Accuracy, per-class precision/recall/F1, the confusion matrix and the predictions, as JSON values.
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix as JSON values; the predictions as an
+    array (a model folder keeps them in ``per_image.npz``: :mod:`pipeline.runs.per_image`).
 
     Args:
         probabilities: ``(n, classes)`` class probabilities (column j: class j); then each image's
             ``confidence`` (the probability of its predicted class) and ``true_probability`` (of its true
-            class) are kept too, rounded to 4 decimals: the report's gallery of the images it gets most wrong.
+            class) are kept too, as arrays: the report's gallery of the images it gets most wrong.
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -65,10 +66,10 @@ def score_predictions(y_true: np.ndarray, predicted: np.ndarray, class_names, pr
         "report": classification_report(y_true, predicted, labels=labels, target_names=list(class_names),
                                         output_dict=True, zero_division=0),
         "confusion": confusion_matrix(y_true, predicted, labels=labels).tolist(),
-        "predictions": predicted.tolist(),
+        "predictions": predicted,
     } | ({} if probabilities is None else {
-        "confidence": np.round(np.asarray(probabilities)[np.arange(len(predicted)), predicted], 4).tolist(),
-        "true_probability": np.round(np.asarray(probabilities)[np.arange(len(y_true)), y_true], 4).tolist()})
+        "confidence": np.asarray(probabilities)[np.arange(len(predicted)), predicted],
+        "true_probability": np.asarray(probabilities)[np.arange(len(y_true)), y_true]})
 
 
 def accuracy_interval(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -55,6 +55,7 @@ from pipeline.heads.classifiers import build_probe_head, probe_weights, train_on
 from pipeline.heads.dense import build_dense_head
 from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_model
 from pipeline.runs.page import write_run_page
+from pipeline.runs.per_image import read_metrics
 from pipeline.runs.reports import write_finetune_report
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
@@ -75,7 +76,7 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> li
         if row.get("stage", "two") != "two":
             continue
         metrics_path = run_dir / Path(row["model_dir"]).name / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        metrics = read_metrics(metrics_path.parent) if metrics_path.is_file() else {}
         if metrics.get("test_rows_sha256") != test_sha:
             log.warning("stage-two model %s was tested on other images (another seed?); not compared",
                         metrics_path.parent)

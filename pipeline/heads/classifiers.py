@@ -137,7 +137,7 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
     metrics = {
         **score_predictions(y[test], estimator.predict(X[test]), store.class_names, probabilities),
         "val_accuracy": float((val_predicted == y[val]).mean()),
-        "val_predictions": val_predicted.tolist(),
+        "val_predictions": val_predicted,
         "n_train": int(train.sum()), "n_val": int(val.sum()), "n_test": int(test.sum()),
         "fit_seconds": fit_seconds, "trainable_params": trainable_params(estimator),
         "chosen": describe(estimator),

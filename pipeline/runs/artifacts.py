@@ -2,7 +2,7 @@
 
 A model folder ``models/<run>/<tap>-<classifier>/`` holds the model file, ``manifest.json``
 (the store's recipe for computing features from new images, the sha256 of every file it
-lists), ``metrics.json``, ``report.md`` and plots. Folders are written to a temporary name and
+lists), ``metrics.json``, ``per_image.npz``, ``report.md`` and plots. Folders are written to a temporary name and
 renamed into place, and a file whose sha256 differs from the manifest is refused before it is
 deserialised.
 

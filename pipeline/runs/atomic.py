@@ -28,13 +28,18 @@ _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 
 
 def write_text(path, text: str) -> None:
-    """``path`` replaced whole by ``text``: written beside it under a hidden temporary name, then renamed over
-    it, so a reader (a browser, a run writing the same page) sees the old file or the new one, never half.
-    A file name that is not UTF-8 in ``text`` is written as its own bytes (surrogateescape)."""
+    """``path`` replaced whole by ``text`` (:func:`write_bytes`). A file name that is not UTF-8 in ``text`` is
+    written as its own bytes (surrogateescape)."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def write_bytes(path, data: bytes) -> None:
+    """``path`` replaced whole by ``data``: written beside it under a hidden temporary name, then renamed over
+    it, so a reader (a browser, a run writing the same page) sees the old file or the new one, never half."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from pipeline.core.text import plural
 from pipeline.data.images import BadImageError, open_regular
 from pipeline.runs import atomic
 from pipeline.runs.artifacts import MANIFEST
+from pipeline.runs.per_image import read_metrics
 from pipeline.runs.reports import SWEEP_HEADERS, format_table, html_table, sweep_cells, write_json
 from pipeline.runs.summary import RUN_HEADERS, RunSummary, collect_rows, run_cells
 from pipeline.store.feature_store import FeatureStore
@@ -62,7 +63,7 @@ def write_run_page(run_dir, store_key: str | None = None, test_sha: str | None =
         f"```\n{comparison_text(summary.rows)}\n```\n\nRecommended: {rec['tap']} + {rec['classifier']} "
         f"({rec['model_dir']}). The page: index.html\n")
     folder = run_dir / Path(rec["model_dir"]).name  # the recommended model's files, read once for the page
-    manifest, metrics = (json.loads((folder / name).read_text()) for name in (MANIFEST, "metrics.json"))
+    manifest, metrics = json.loads((folder / MANIFEST).read_text()), read_metrics(folder)
     atomic.write_text(run_dir / "index.html", _page(summary, manifest, metrics, _gallery(run_dir, manifest, metrics)))
     return summary
 
