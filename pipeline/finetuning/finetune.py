@@ -58,10 +58,10 @@ from pipeline.runs.page import write_run_page
 from pipeline.runs.per_image import read_metrics
 from pipeline.runs.reports import write_finetune_report
 from pipeline.store.feature_store import FeatureStore
-from pipeline.store.splits import resolve_splits, test_rows_sha256
+from pipeline.store.splits import Splits, resolve_splits, test_rows_sha256
 
 log = logging.getLogger(__name__)
-def stage_two_rows(store: FeatureStore, run_dir: Path, splits: np.ndarray) -> list[dict]:
+def stage_two_rows(store: FeatureStore, run_dir: Path, splits: Splits) -> list[dict]:
     """Stage two's table rows for this store, best on val first, each with its ``metrics``; only models
     tested on exactly these test images, and only tables ranked on val (older ones ranked on test). Stage
     three's rows of the table (an earlier fine-tuning) are not a baseline."""

@@ -100,7 +100,7 @@ def make_classifier(spec: str, cv_splits: int = 3, seed: int = 0) -> BaseEstimat
     return estimator
 
 
-def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0):
+def train_one(store, X: np.ndarray, spec: str, splits, seed: int = 0):
     """Fit one classifier on the train rows of one tap's features ``X``; score it on val (to choose) and test.
 
     Stage two runs this for every (tap, classifier); stage three for its probe where stage two has not
@@ -110,7 +110,8 @@ def train_one(store, X: np.ndarray, spec: str, splits: np.ndarray, seed: int = 0
 
     Args:
         store: The :class:`pipeline.store.feature_store.FeatureStore` (labels, class names).
-        splits: Each row's split (:func:`pipeline.store.splits.resolve_splits`).
+        splits: Each row's split, as :func:`pipeline.store.splits.resolve_splits` gives it (a
+            :class:`pipeline.store.splits.Splits`): ``splits == "train"`` is the mask of the train rows.
 
     Returns:
         ``(estimator, metrics)``.
