@@ -86,20 +86,23 @@ def cold_read(files, block: int = 64 << 20) -> dict:
     buffer, total, methods = mmap.mmap(-1, block), 0, set()
     started = time.perf_counter()
     for path in files:
+        done = 0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
             try:
                 while (n := os.readv(fd, [buffer])) > 0:
-                    total += n
+                    done += n
             finally:
                 os.close(fd)
             methods.add("O_DIRECT")
-        except OSError:  # no O_DIRECT here: the page cache, dropped first
+        except OSError:  # no O_DIRECT here (at the open or a read): the page cache, dropped first, from the start
+            done = 0
             drop_cached([path])
             with open(path, "rb", buffering=0) as fh:
                 while (n := fh.readinto(buffer)) > 0:
-                    total += n
+                    done += n
             methods.add("fadvise")
+        total += done
     seconds = time.perf_counter() - started
     return {"bytes": total, "seconds": seconds, "gb_s": total / seconds / 1e9, "method": "+".join(sorted(methods))}
 

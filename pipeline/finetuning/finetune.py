@@ -76,7 +76,7 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: Splits) -> list[d
         if row.get("stage", "two") != "two":
             continue
         metrics_path = run_dir / Path(row["model_dir"]).name / "metrics.json"
-        metrics = read_metrics(metrics_path.parent) if metrics_path.is_file() else {}
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}  # no per-image arrays
         if metrics.get("test_rows_sha256") != test_sha:
             log.warning("stage-two model %s was tested on other images (another seed?); not compared",
                         metrics_path.parent)
@@ -197,8 +197,9 @@ class _Job:
         _, self.probe, metrics = self._fit_probe(self.tap)
         self.probe_baseline = _baseline("logreg", metrics, "stage two's logreg on this tap (fit on the train rows)")
         if self.stage_two:
-            row = self.stage_two[0]
-            self.best_baseline = _baseline(f"{row['tap']} + {row['classifier']}", row["metrics"], row["model_dir"])
+            row = self.stage_two[0]  # the one stage-two model whose test predictions the gain is paired with
+            metrics = read_metrics(self.run_dir / Path(row["model_dir"]).name)
+            self.best_baseline = _baseline(f"{row['tap']} + {row['classifier']}", metrics, row["model_dir"])
         else:
             self.best_baseline = {**self.probe_baseline, "classifier": f"{self.tap} + logreg",
                                   "source": "no stage-two run: the probe"}

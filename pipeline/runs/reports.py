@@ -194,7 +194,7 @@ def classification_table(report: dict, class_names) -> str:
 
 
 def _write_metrics(model_dir, metrics: dict, class_names, title: str) -> Path:
-    """``metrics.json`` and ``confusion.png``, which every model folder has."""
+    """``metrics.json``, ``per_image.npz`` and ``confusion.png``, which every model folder has."""
     model_dir = Path(model_dir)
     write_json(model_dir / "metrics.json", per_image.set_apart(model_dir, metrics))
     plot_confusion(model_dir / "confusion.png", metrics["confusion"], class_names, title)
