@@ -129,6 +129,35 @@ def test_batches_stream_a_tap_in_store_order_all_rows_or_some(tmp_path, merge):
     np.testing.assert_allclose(variance, whole.astype(np.float64).var(axis=0), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("merge", ["copy", "virtual"])
+def test_rows_in_any_order_or_a_mask_come_back_as_asked_and_a_row_outside_is_named(tmp_path, merge):
+    """HDF5 reads increasing rows; a caller's rows in another order were read wrong or failed in NumPy's words."""
+    from conftest import make_class_folder, tiny_settings
+    from pipeline.extraction.extract import extract_features
+
+    data = make_class_folder(tmp_path / "data", per_class=6)
+    store = FeatureStore(extract_features(tiny_settings(data, tmp_path / "f", merge=merge)).store_path)
+    whole, paths = store.features("block2_pool"), store.columns(["paths"])["paths"]
+    for rows in (np.array([17, 0, 9, 9, 3]), np.arange(5, -1, -1, dtype=np.int32)):
+        np.testing.assert_array_equal(store.features("block2_pool", rows), whole[rows])
+        joined = store.features("block1_pool+block2_pool", rows)
+        np.testing.assert_array_equal(joined[:, -whole.shape[1]:], whole[rows])
+        batch_rows, values = zip(*store.iter_batches("block2_pool", rows=rows, batch_size=2))
+        np.testing.assert_array_equal(np.concatenate(batch_rows), rows)
+        np.testing.assert_array_equal(np.concatenate(values), whole[rows])
+        np.testing.assert_array_equal(store.column_at("paths", rows), paths[rows])
+    mask = np.arange(18) % 3 == 1
+    np.testing.assert_array_equal(store.features("block2_pool", mask), whole[mask])
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in store.iter_batches("block2_pool", rows=mask)]),
+                                  np.flatnonzero(mask))
+    for bad, says in ((np.array([3, 18]), "has 18 rows .*row 18"), (np.array([-1]), "row -1"),
+                      (np.ones(17, bool), "one entry per row"), (np.array([0.0, 2.0]), "integer indices")):
+        with pytest.raises(IndexError, match=f"{store.path.name}.*{says}"):
+            store.features("block2_pool", bad)
+    with pytest.raises(IndexError, match="row 18"):
+        next(store.iter_batches("block2_pool", rows=np.array([0, 18])))
+
+
 def test_streamed_moments_stay_exact_where_the_mean_dwarfs_the_spread(tmp_path, monkeypatch):
     """A running sum of squares loses the variance of features near 1e6 with a spread of 1e-2 entirely."""
     import numpy as np

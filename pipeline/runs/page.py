@@ -161,9 +161,8 @@ def _gallery(run_dir: Path, manifest: dict, metrics: dict) -> list[dict]:
     for old in out.glob("*.jpg"):
         old.unlink()
     root, shown = Path(store.manifest.data_root), []
-    paths = dict(zip(np.sort(test[wrong]).tolist(), store.column_at("paths", np.sort(test[wrong]))))
-    for n, i in enumerate(wrong):
-        path = paths[int(test[i])].decode("utf-8", "surrogateescape")
+    for n, (i, path) in enumerate(zip(wrong, store.column_at("paths", test[wrong]))):
+        path = path.decode("utf-8", "surrogateescape")
         try:
             _thumbnail(root / path, out / f"{n:02d}.jpg")
         except (OSError, BadImageError) as exc:  # gone, or a FIFO or device now (never read)

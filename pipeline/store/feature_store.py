@@ -189,14 +189,16 @@ class FeatureStore:
                                 f"the store's record: changed or shifted since); the store is damaged: {REPLACE}")
 
     def column_at(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """The values of a per-image column at the increasing indices ``rows``, the column streamed
-        (:meth:`column_slices`)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        parts = []
-        for start, values in self.column_slices(name):
-            inside = rows[(rows >= start) & (rows < start + len(values))]
-            parts.append(values[inside - start])
-        return np.concatenate(parts) if parts else np.zeros(0, object)
+        """The values of a per-image column at ``rows`` (indices in any order, or a mask: as :meth:`features`),
+        the column streamed (:meth:`column_slices`)."""
+        def increasing(rows: np.ndarray) -> np.ndarray:
+            parts = []
+            for start, values in self.column_slices(name):
+                inside = rows[(rows >= start) & (rows < start + len(values))]
+                parts.append(values[inside - start])
+            return np.concatenate(parts) if parts else np.zeros(0, object)
+
+        return virtual_store.in_order(increasing, virtual_store.as_rows(rows, len(self), self.path.name))
 
     @property
     def key(self) -> str:
@@ -254,11 +256,13 @@ class FeatureStore:
                            f"{', '.join(self.taps)}")
 
     def features(self, tap: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """The ``(n, dims)`` features of one tap: all rows, or those at the increasing indices ``rows``. A multi-tap
-        name (``block3_pool+block4_pool``) gives its taps' features side by side, in its order.
+        """The ``(n, dims)`` features of one tap: all rows, or ``rows``: indices in any order (read in store order,
+        returned in theirs) or a boolean mask (``store.splits == "val"``). A multi-tap name
+        (``block3_pool+block4_pool``) gives its taps' features side by side, in its order.
 
         Raises:
             KeyError: the store has no such tap; the message lists the ones it has.
+            IndexError: a row outside the store, or a mask of another length (named).
             LayertapError: its data is damaged (a chunk fails its checksum, a shard file is missing).
         """
         self._check_tap(tap)
@@ -271,14 +275,15 @@ class FeatureStore:
     def iter_batches(self, tap: str, rows: np.ndarray | None = None, batch_size: int | None = None,
                      read_ahead: int = 2):
         """Yield ``(row indices, features)`` of one tap, ``batch_size`` rows at a time (default: about
-        :data:`BATCH_BYTES` of features), in store order: all rows, or those at the increasing indices ``rows``.
-        Copied and virtual stores alike.
+        :data:`BATCH_BYTES` of features): all rows in store order, or ``rows`` in the order given (as
+        :meth:`features` takes them: indices or a mask). Copied and virtual stores alike.
 
         Memory stays bounded whatever the store's size: a thread reads at most ``read_ahead`` batches ahead
         of the consumer (so reading overlaps the consumer's work), and each batch of all rows is one slice.
 
         Raises:
-            KeyError: no such tap. LayertapError: its data is damaged (as :meth:`features`).
+            KeyError: no such tap. IndexError: a row outside the store. LayertapError: its data is damaged (as
+            :meth:`features`).
         """
         import queue
         import threading
@@ -289,7 +294,7 @@ class FeatureStore:
             raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
         # int32 indices stay int32: a copy in int64 is 25 MB more for 3.2 M training rows, and the allocator kept
         # it after the pass
-        wanted = None if rows is None else np.asarray(rows)
+        wanted = None if rows is None else virtual_store.as_rows(rows, len(self), self.path.name)
         n = len(self) if wanted is None else len(wanted)
         ready: queue.Queue = queue.Queue(read_ahead)
         stop = threading.Event()

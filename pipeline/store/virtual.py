@@ -44,12 +44,13 @@ class TapReader:
     """The rows of one tap of a store (virtual or copied), read as often as asked: the file stays open and a
     virtual tap's shard map is listed once (``virtual_sources`` builds an object per shard file).
 
-    Calling it with increasing ``rows`` (or None: all) returns those rows; a virtual tap reads each shard
-    file that holds some of them itself, so nothing missing is filled in.
+    Calling it with ``rows`` (as :func:`as_rows` takes them; None: all) returns those rows, in that order; a
+    virtual tap reads each shard file that holds some of them itself, so nothing missing is filled in.
 
     Raises:
         OSError: the store or a shard file is missing or cannot be read (a chunk failing its Fletcher-32
             checksum too); the message names the file.
+        IndexError: a row outside the tap (:func:`as_rows`).
     """
 
     def __init__(self, store_path: Path, tap: str):
@@ -87,7 +88,11 @@ class TapReader:
                           f"shard file {path} cannot be read: {exc}") from None
 
     def __call__(self, rows: np.ndarray | None = None) -> np.ndarray:
-        wanted = None if rows is None else np.asarray(rows)
+        if rows is None:
+            return self._increasing(None)
+        return in_order(self._increasing, as_rows(rows, len(self), self.path.name))
+
+    def _increasing(self, wanted: np.ndarray | None) -> np.ndarray:
         if self._map is None:
             return self._dataset[()] if wanted is None else read_rows(self._dataset, wanted)
         dataset = self._dataset
@@ -151,6 +156,40 @@ def open_tap(store_path: Path, tap: str) -> TapReader | JoinedReader:
     """The reader of a tap, or of a multi-tap name (:mod:`pipeline.core.taps`)."""
     parts = tap_parts(tap)
     return TapReader(store_path, tap) if len(parts) == 1 else JoinedReader(store_path, parts)
+
+
+def as_rows(rows, n: int, name: str) -> np.ndarray:
+    """Indices into ``name``'s ``n`` rows from what a caller may pass: integer indices in any order (repeats
+    allowed; int32 kept int32) or a boolean mask of the ``n`` rows (``store.splits == "val"``).
+
+    Raises:
+        IndexError: an index outside ``0 .. n - 1`` (no counting from the end: a -1 is a mistake more often
+            than a wish), or a mask of another length; the message says which and the store's size.
+    """
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n,):
+            raise IndexError(f"{name}: a row mask must have one entry per row ({n}), not shape {rows.shape}")
+        return np.flatnonzero(rows)
+    if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+        raise IndexError(f"{name}: rows must be a 1-D array of integer indices or a boolean mask, not "
+                         f"{rows.dtype} of shape {rows.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        bad = rows[(rows < 0) | (rows >= n)]
+        raise IndexError(f"{name} has {n} rows (0 .. {n - 1}); asked for row {bad[0]} ({len(bad)} outside)")
+    return rows if rows.size else rows.astype(np.int64)
+
+
+def in_order(read, rows: np.ndarray):
+    """``read(rows)`` for ``rows`` in any order, where ``read`` takes increasing rows (HDF5 reads a slice fastest):
+    the rows sorted, read, and put back in the order asked for. Increasing rows go straight through."""
+    if len(rows) < 2 or not (rows[1:] < rows[:-1]).any():
+        return read(rows)
+    order = np.argsort(rows, kind="stable")
+    values = read(rows[order])
+    out = np.empty_like(values)
+    out[order] = values
+    return out
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray, window_bytes: int = 16 << 20) -> np.ndarray:
