@@ -44,7 +44,7 @@ EXTRACT_FLAGS = --data $(DATA) $(if $(SPLIT_FILE),--split-file $(SPLIT_FILE)) --
   --engine $(ENGINE) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EXTRACT_ARGS)
 STAGE2_FLAGS = $(if $(STORE),--store $(STORE) $(if $(LAYERS),--layers $(LAYERS)),$(EXTRACT_FLAGS))
 
-.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-multitap bench-c-rule bench-stage2-gpu bench-gpu clean
+.PHONY: help demo-lean install install-core install-jax install-torch install-browser demo extract classify finetune sweep report export predict inspect layers sample flowers17 test test-backends lint bench bench-ray bench-scan bench-reuse bench-stage2 bench-predict bench-multitap bench-c-rule bench-probe-fit bench-stage2-gpu bench-gpu clean
 help:
 	@echo "make demo        install, then run extract, sweep, classify and finetune on the embedded sample set (offline, 1-3 minutes)"
 	@echo "make demo-lean   the same on Keras's JAX backend in .venv-lean (1.0 GB, no TensorFlow)"
@@ -75,6 +75,7 @@ help:
 	@echo "make bench-predict  predict --out against extract on the same 10,000 images; its RSS at 1,000 vs 10,000"
 	@echo "make bench-multitap  flowers17: single taps against taps side by side (a+b), logreg, probe, linsvm; ~8 min"
 	@echo "make bench-c-rule    flowers17 train+val only: which rule picks the probe's C on val (inner splits); ~5 min"
+	@echo "make bench-probe-fit flowers17 train+val only: the probe's objective above scikit-learn's minimum, C by C; ~2 min"
 	@echo "make bench-stage2-gpu  on a CUDA machine with JAX: the streamed probe at ImageNet's size (1.28M x 2,048,"
 	@echo "                 1,000 classes, 8 Cs; target <= 2 min) and its read rate against the disk's"
 	@echo "make bench-gpu   on a CUDA machine with torch, torchvision, jax and keras (no TensorFlow): ours vs a"
@@ -218,6 +219,9 @@ bench-multitap: install
 
 bench-c-rule: install
 	$(BIN)/python -m bench.c_rule $(BENCH_C_RULE_ARGS)
+
+bench-probe-fit: install
+	$(BIN)/python -m bench.probe_fit $(BENCH_PROBE_FIT_ARGS)
 
 # Issue 30's GPU target (the machine's Python with JAX on CUDA; on a lent machine: bench/gpu_stage2.sh).
 bench-stage2-gpu:
