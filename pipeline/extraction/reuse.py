@@ -121,18 +121,17 @@ class Donors:
         self.reused += sum(hit[0] < self.earlier for hit, _ in kept)
 
     def _gather(self, hits: list[tuple[int, int]], tap: str) -> np.ndarray:
-        """The rows ``hits`` of one tap, in that order (each store read once, at increasing rows, as h5py asks)."""
+        """The rows ``hits`` of one tap, in that order (each store read once: :class:`TapReader` reads any order)."""
         out = np.zeros((len(hits), self.stores[0].dims[tap]), self.stores[0].dtype)
         by_store: dict[int, list[int]] = {}
         for position, (store, _) in enumerate(hits):
             by_store.setdefault(store, []).append(position)
         for store, positions in by_store.items():
-            unique, inverse = np.unique([hits[p][1] for p in positions], return_inverse=True)
             path = self.stores[store].path
             try:
                 if (path, tap) not in self.readers:
                     self.readers[path, tap] = TapReader(path, tap)
-                out[positions] = self.readers[path, tap](unique)[inverse]
+                out[positions] = self.readers[path, tap](np.array([hits[p][1] for p in positions]))
             except (OSError, KeyError) as exc:
                 raise _Unreadable(store, f"the features of {tap} are damaged ({exc})") from None
         return out
