@@ -123,6 +123,8 @@ def test_batches_stream_a_tap_in_store_order_all_rows_or_some(tmp_path, merge):
     np.testing.assert_array_equal(np.concatenate(rows), some)
     first = next(iter(store.iter_batches("block2_pool", batch_size=4)))  # left early: the reader stops
     assert len(first[0]) == 4
+    with pytest.raises(ValueError, match="batch_size=0"):  # not the default size in disguise
+        next(store.iter_batches("block2_pool", batch_size=0))
     count, mean, variance = store.moments("block2_pool", batch_size=4)
     assert count == 18
     np.testing.assert_allclose(mean, whole.astype(np.float64).mean(axis=0), rtol=1e-10, atol=1e-12)

@@ -289,7 +289,7 @@ class FeatureStore:
         import threading
 
         self._check_tap(tap)
-        batch_size = batch_size or self.batch_rows(tap)
+        batch_size = self.batch_rows(tap) if batch_size is None else batch_size
         if batch_size < 1 or read_ahead < 1:
             raise ValueError(f"batch_size={batch_size} and read_ahead={read_ahead} must be at least 1")
         # int32 indices stay int32: a copy in int64 is 25 MB more for 3.2 M training rows, and the allocator kept
