@@ -75,6 +75,8 @@ def test_classify_trains_one_model_on_the_taps_together_named_in_store_order(sto
 @pytest.mark.parametrize("layers, message", [
     ("block1_pool+block1_pool", "a tap is named twice"),
     ("block1_pool+block5_pool", "has no tap block5_pool.*--layers block5_pool"),
+    ("block1_pool++block2_pool", "'block1_pool\\+\\+block2_pool': a layer name is empty"),
+    ("block1_pool+", "a layer name is empty .*join them as block3_pool\\+block4_pool"),
 ])
 def test_a_bad_multi_tap_name_is_one_error_before_training(stores, tmp_path, layers, message):
     with pytest.raises(LayertapError, match=message):

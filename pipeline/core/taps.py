@@ -11,8 +11,16 @@ JOIN = "+"
 
 
 def tap_parts(tap: str) -> tuple[str, ...]:
-    """``"block3_pool+block4_pool"`` -> ``("block3_pool", "block4_pool")``; a single tap is one part."""
-    return tuple(tap.split(JOIN))
+    """``"block3_pool+block4_pool"`` -> ``("block3_pool", "block4_pool")``; a single tap is one part.
+
+    Raises:
+        LayertapError: a part is empty (``a++b``, ``a+``, ``""``): said so, not "no tap ''" further on.
+    """
+    parts = tuple(tap.split(JOIN))
+    if not all(parts):
+        raise LayertapError(f"{tap!r}: a layer name is empty (a '{JOIN}' with nothing on one side?); name taps as "
+                            f"block3_pool, or join them as block3_pool{JOIN}block4_pool")
+    return parts
 
 
 def is_multi_tap(tap: str) -> bool:
@@ -24,7 +32,8 @@ def canonical_tap(tap: str, taps: Sequence[str], where: str) -> str:
     one model.
 
     Raises:
-        LayertapError: a part is not in ``taps`` (named, with the extraction that adds it), or is given twice.
+        LayertapError: a part is not in ``taps`` (named, with the extraction that adds it), or is given twice (or
+            is empty: :func:`tap_parts`).
     """
     parts = tap_parts(tap)
     unknown = [part for part in parts if part not in taps]
