@@ -91,6 +91,8 @@ def main() -> None:
                         help="the probe with these parameters too, e.g. '{\"learning_rate\": 0.03}'")
     args = parser.parse_args()
     variants = [{}, *(json.loads(v) for v in args.variants)]
+    if any("Cs" in v for v in variants):
+        parser.error("a variant keeps the probe's grid of Cs: scikit-learn is fitted at each of those")
     names = [label(v) for v in variants]
     if args.synthetic:
         path = RESULTS / "work" / "probe_fit" / f"synthetic-{args.synthetic}.h5"
