@@ -28,10 +28,9 @@ from pipeline.runs.reports import format_table
 def objective(kernel, bias, X, y, C: float) -> float:
     """``mean cross-entropy + ||kernel||^2 / (2 C n)`` of a softmax regression on ``X`` (standardised), in
     float64: scikit-learn's objective divided by the rows."""
-    logits = X @ kernel + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(y)), y].mean() + (kernel ** 2).sum() / (2 * C * len(y)))
+    from pipeline.core.evaluation import log_loss, softmax
+
+    return log_loss(softmax(X @ kernel + bias), y) + float((kernel ** 2).sum()) / (2 * C * len(y))
 
 
 def label(params: dict) -> str:
