@@ -54,7 +54,7 @@ def test_the_batch_file_has_predict_s_answers_in_path_order_with_reasons(trained
     reasons = add_bad_files(fresh)
     out = tmp_path / "new-folder" / "p.csv"  # its folder is made
     assert main(["predict", model, str(fresh), "--out", str(out), "--top-k", "2", "--features",
-                 str(tmp_path / "f"), "--quiet"]) == 0
+                 str(tmp_path / "f"), "-q"]) == 0
     # the truncated JPEG passes the header scan and fails at decoding: 16 sent to the decoder
     assert "15 images classified, 4 not readable (16 decoded, 0 read from earlier stores)" in capsys.readouterr().out
     rows = read(out)
@@ -128,16 +128,16 @@ def test_a_killed_job_resumes_to_the_same_file(trained, tmp_path):
 
 def test_parquet_holds_the_same_rows_as_csv(trained, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="Parquet needs pyarrow (make install brings it with Ray)")
-    from pipeline.prediction.batch import predict_to_file
+    from pipeline.prediction.batch import header, predict_to_file
     from pipeline.prediction.predict import list_image_files
 
     _, data, _, model = trained
     files = list_image_files([data])
-    predict_to_file(model, files, tmp_path / "p.csv", progress=False)
-    predict_to_file(model, files, tmp_path / "p.parquet", progress=False)
+    predict_to_file(model, files, tmp_path / "p.csv", progress=False, top_k=3)
+    predict_to_file(model, files, tmp_path / "p.parquet", progress=False, top_k=10)  # of 3 classes: 3 pairs
     table = pq.read_table(tmp_path / "p.parquet")
     rows = read(tmp_path / "p.csv")
-    assert table.column_names == rows[0] and table.num_rows == len(rows) - 1
+    assert table.column_names == rows[0] == header(3) and table.num_rows == len(rows) - 1
     assert [list(r) for r in zip(*(table.column(c).to_pylist() for c in rows[0]))] == rows[1:]
 
 

@@ -179,7 +179,7 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                                   "those a store of the model's settings already has")),
             (["--decoder"], dict(choices=DECODER_CHOICES, help="with --out: stage one's --decoder (default: the "
                                                                "one the model's store was made with)")),
-            (["--quiet"], dict(dest="progress", action="store_false", help="no progress bars")),
+            (["-q", "--quiet"], dict(dest="progress", action="store_false", help="no progress bars")),
             (["--trust"], dict(action="store_true", help="also load a pickled model (model.joblib) or scikit-learn "
                                                         "types outside layertap's trusted list: that runs code from "
                                                         "the folder, so only for folders whose origin you trust")))(p)

@@ -136,6 +136,7 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
         raise LayertapError(f"--out {out} is a folder; name the file to write (e.g. {out / 'predictions.csv'})")
     estimator, m = load_model(model_dir, trust=trust)
     recipe = StoreManifest.from_dict(m)
+    top_k = min(top_k, len(m["class_names"]))  # --top-k 100 of 17 classes: 17 pairs, not 83 empty ones
     with RowWriter(out, top_k) as writer:
         if m["format"] == "keras-images":
             result = _run_network(estimator, recipe, m, files, writer, top_k, batch_size, workers)
