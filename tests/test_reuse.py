@@ -201,3 +201,37 @@ def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_commi
     fresh = extract_features(tiny_settings(data, tmp_path / "fresh", shard_size=2, reuse=False))
     for tap in TAPS:
         np.testing.assert_allclose(resumed.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_list_changed(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """Stopped after two of three shards, then a photo added: a new key, but the 8 images of the two committed
+    shards are not computed again; their rows are the stopped run's, bit for bit, and the log names it."""
+    import pipeline.extraction.engines.local as local_engine
+
+    data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
+    run_shard, calls = local_engine.run_shard, []
+
+    def stop_after_two(job, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(job.path)
+        return run_shard(job, *args, **kwargs)
+
+    monkeypatch.setattr(local_engine, "run_shard", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny_settings(data, tmp_path / "f"))
+    monkeypatch.setattr(local_engine, "run_shard", run_shard)
+    stopped = {}
+    for path in calls:
+        stopped.update(rows_by_fingerprint(FeatureStore(path, kind="shard")))
+    photo(COLOURS["red"], seed=900).save(data / "red" / "img_00.jpg")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        second = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert second.n_reused == 8 and second.n_decoded == 5 and len(second.store) == 13
+    assert f"from {calls[0].parent.parent.name}; " in caplog.text
+    after = rows_by_fingerprint(second.store)
+    assert all(np.array_equal(after[fp][tap], row[tap]) for fp, row in stopped.items() for tap in TAPS)
+    fresh = extract_features(tiny_settings(data, tmp_path / "fresh", reuse=False))
+    for tap in TAPS:
+        np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)

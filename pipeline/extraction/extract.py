@@ -382,6 +382,6 @@ def _reuse_plan(todo, settings: ExtractSettings, store_path: Path, manifest: dic
                  settings.shard_size, lambda path: is_committed(path, manifest["key"], taps))
     if reuse.planned:
         log.info("reusing the features of %s from %s; %d to compute", plural(reuse.planned, "image"),
-                 ", ".join(store.path.name for store in reuse.donors.stores),
+                 ", ".join(reuse.donors.names()),
                  sum(len(job.records) for job in reuse.run))
     return reuse

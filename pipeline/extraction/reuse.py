@@ -13,7 +13,9 @@ folding, stored type, Keras backend and version) in ``--out``:
   ``<parts>/computed/`` (committed, so a killed run resumes), and then each such shard of the store is
   written from the earlier rows and the computed ones.
 
-A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
+The committed shards of a run that did not finish, under another key (killed, then its image list changed),
+are looked up too, after the complete stores: hours of a stopped extraction are not computed again because a
+photo was added. A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
 batch-composition tolerance (bench/README.md). ``--no-reuse`` computes everything.
 """
 
@@ -44,43 +46,64 @@ DATA_FIELDS = ("images_sha256", "n_images_listed", "class_names")
 
 @dataclass
 class Donors:
-    """Earlier stores of the same model settings, and where each content hash has a row in them.
+    """Earlier stores (and shards) of the same model settings, and where each content hash has a row in them.
 
-    Each store's fingerprints are held as one sorted array of bytes (32 bytes a row: 3.2 GB for 10^8
-    rows, where a dict of Python strings would take several times that) and looked up by bisection. Each
-    store's taps are read through one open :class:`pipeline.store.virtual.TapReader` (:meth:`close` closes them):
-    a shard's rows are one read per store, not one open, and a virtual store's map is listed once.
+    The fingerprints of the sources added together are held as one sorted array of bytes, beside each one's
+    source and row (44 bytes a row: 4.4 GB for 10^8 rows, where a dict of Python strings would take several
+    times that), and looked up by bisection: one search for a shard's images however many sources there
+    are (an unfinished run's thousands of shards among them). Each source's taps are read through one open
+    :class:`pipeline.store.virtual.TapReader` (:meth:`close` closes them): a shard's rows are one read per
+    source, not one open, and a virtual store's map is listed once.
     """
 
-    stores: list[FeatureStore] = field(default_factory=list)
-    keys: list[np.ndarray] = field(default_factory=list)  # each store's fingerprints, sorted
-    rows: list[np.ndarray] = field(default_factory=list)  # the row of each of them
-    earlier: int = 0  # the first this many stores are earlier stores; after them come this run's computed shards
-    reused: int = 0  # rows written from earlier stores so far
+    stores: list[FeatureStore] = field(default_factory=list)  # the sources; an index into it names one
+    segments: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # keys, source, row
+    earlier: int = 0  # the first this many sources are earlier work; after them come this run's computed shards
+    reused: int = 0  # rows written from earlier sources so far
     readers: dict[tuple[Path, str], TapReader] = field(default_factory=dict)
 
     @property
     def map_shapes(self) -> dict:
         return self.stores[0].map_shapes
 
-    def add(self, store: FeatureStore, earlier: bool = True) -> None:
-        """Look up rows in ``store`` too (after the stores already added)."""
-        fingerprints = store.columns(["fingerprints"])["fingerprints"].astype(bytes)
-        if len(fingerprints):
-            order = np.argsort(fingerprints, kind="stable")
-            self.stores.append(store)
-            self.keys.append(fingerprints[order])
-            self.rows.append(order)
-            self.earlier += earlier
+    def add(self, stores: list[FeatureStore], earlier: bool = True) -> None:
+        """Look up rows in ``stores`` too: after the sources already added, and among them in their order."""
+        keys, sources, rows = [], [], []
+        for store in stores:
+            try:
+                fingerprints = store.columns(["fingerprints"])["fingerprints"].astype(bytes)
+            except (LayertapError, OSError):
+                continue  # damaged: nothing to reuse from it
+            if len(fingerprints):
+                keys.append(fingerprints)
+                sources.append(np.full(len(fingerprints), len(self.stores), np.int32))
+                rows.append(np.arange(len(fingerprints), dtype=np.int64))
+                self.stores.append(store)
+                self.earlier += earlier
+        if keys:
+            keys, sources, rows = (np.concatenate(column) for column in (keys, sources, rows))
+            order = np.argsort(keys, kind="stable")  # equal contents stay in source order: a search finds the first
+            self.segments.append((keys[order], sources[order], rows[order]))
+
+    def drop(self, source: int) -> None:
+        """Look up nothing more in one source (found damaged); the others keep their numbers."""
+        self.segments = [tuple(column[keep] for column in segment)
+                         for segment in self.segments for keep in [segment[1] != source]]
+
+    def names(self) -> list[str]:
+        """The sources, as a person finds them: a store's file name, or the unfinished run a shard is of."""
+        return list(dict.fromkeys((_parts_of(store.path) or store.path).name for store in self.stores[:self.earlier]))
 
     def lookup(self, fingerprints: list[str]) -> list[tuple[int, int] | None]:
-        """``(store, row)`` for each fingerprint, from the first store that has it, else None."""
+        """``(source, row)`` for each fingerprint, from the first source that has it, else None."""
         wanted = np.array([f.encode("utf-8", "surrogateescape") for f in fingerprints], dtype=bytes)
         found: list[tuple[int, int] | None] = [None] * len(fingerprints)
-        for store, (keys, rows) in enumerate(zip(self.keys, self.rows)):
+        for keys, sources, rows in self.segments:
+            if not len(keys):
+                continue
             at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
             for i in np.flatnonzero(keys[at] == wanted):
-                found[i] = found[i] or (store, int(rows[at[i]]))
+                found[i] = found[i] or (int(sources[at[i]]), int(rows[at[i]]))
         return found
 
     def write_covered(self, jobs: list[ShardJob], manifest: dict, class_names, taps: tuple[str, ...],
@@ -104,9 +127,7 @@ class Donors:
                     break
                 except _Unreadable as exc:
                     log.warning("not reusing features from %s: %s", self.stores[exc.store].path.name, exc)
-                    for column in (self.stores, self.keys, self.rows):
-                        del column[exc.store]
-                    self.earlier -= exc.store < self.earlier
+                    self.drop(exc.store)
         return left
 
     def _write(self, job: ShardJob, hits, skipped: dict[str, str], manifest: dict, class_names, class_index,
@@ -149,26 +170,32 @@ class _Unreadable(Exception):
 
 
 def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tuple[str, ...]) -> Donors | None:
-    """The complete stores in ``out_dir`` (other than ``store_path``) made with the :data:`MODEL_FIELDS` of
-    ``manifest`` that hold every tap of ``taps``, newest first; None if there are none."""
+    """The sources in ``out_dir`` made with the :data:`MODEL_FIELDS` of ``manifest`` that hold every tap of
+    ``taps``; None if there are none. First the complete stores (other than ``store_path``), newest first;
+    then the committed shards of unfinished runs of other keys (a run killed before its image list changed:
+    its work is not lost), newest first."""
     wanted = {k: manifest.get(k) for k in MODEL_FIELDS}  # batchnorm: absent where not folded
-    stores = []
-    candidates = [p for p in Path(out_dir).glob("*.h5") if p.resolve() != store_path.resolve()]
-    for path in sorted(candidates, key=_mtime, reverse=True):
-        try:
-            store = FeatureStore(path)
-        except (LayertapError, OSError):
-            continue  # not a complete layertap store: nothing to reuse
-        raw = store.manifest.raw
-        if all(raw.get(k) == v for k, v in wanted.items()) and set(taps) <= set(store.taps):
-            stores.append(store)
+    out_dir, own = Path(out_dir), store_path.resolve().with_name(store_path.stem + ".parts")
+    stores = [p for p in out_dir.glob("*.h5") if p.resolve() != store_path.resolve()]
+    shards = [p for pattern in ("*.parts/*/shard-*.h5", "*.parts/*/computed/shard-*.h5")
+              for p in out_dir.glob(pattern) if _parts_of(p.resolve()) != own]
     donors = Donors()
-    for store in stores:
-        try:
-            donors.add(store)
-        except LayertapError:
-            continue
+    for paths, kind in ((stores, "store"), (shards, "shard")):
+        found = []
+        for path in sorted(paths, key=_mtime, reverse=True):
+            try:
+                store = FeatureStore(path, kind=kind)
+            except (LayertapError, OSError):
+                continue  # not a complete layertap store or shard (a shard's file is renamed in whole)
+            if all(store.manifest.raw.get(k) == v for k, v in wanted.items()) and set(taps) <= set(store.taps):
+                found.append(store)
+        donors.add(found)
     return donors if donors.stores else None
+
+
+def _parts_of(path: Path) -> Path | None:
+    """The ``<store>.parts`` folder a shard file is in (None for a store)."""
+    return next((parent for parent in path.parents if parent.suffix == ".parts"), None)
 
 
 @dataclass
@@ -195,9 +222,9 @@ class Reuse:
         if not self.mixed:
             return []
         skipped = {}
-        for job in self.computed:
-            shard = FeatureStore(job.path, kind="shard")
-            self.donors.add(shard, earlier=False)
+        shards = [FeatureStore(job.path, kind="shard") for job in self.computed]
+        self.donors.add(shards, earlier=False)
+        for shard in shards:
             skipped.update(shard.skipped)
         try:
             left = self.donors.write_covered(self.mixed, manifest, class_names, taps, dtype, skipped)
