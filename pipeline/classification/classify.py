@@ -25,6 +25,7 @@ from pipeline.classification.settings import ClassifySettings
 from pipeline.classification.streamed import fit_streamed_probe, tap_bytes
 from pipeline.core.evaluation import best_on_val, rank_on_val
 from pipeline.core.taps import JOIN, canonical_tap, tap_parts
+from pipeline.core.text import size_text
 from pipeline.data.decoding import available_memory
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
 from pipeline.runs.artifacts import model_manifest, run_folder, save_model
@@ -139,9 +140,9 @@ def _fitting(specs, store, tap: str, budget: int) -> list[str]:
     whole = [spec for spec in specs if parse_spec(spec)[0] != "probe"]
     streamed = [spec for spec in specs if parse_spec(spec)[0] == "probe"] or ["probe"]
     if whole:
-        log.warning("%s: its features take %.1f GiB, more than the memory budget of %.1f GiB (--memory-budget); "
+        log.warning("%s: its features take %s, more than the memory budget of %s (--memory-budget); "
                     "%s need them whole and are skipped for it; the streamed probe trains instead", tap,
-                    size / 2**30, budget / 2**30, ", ".join(whole))
+                    size_text(size), size_text(budget), ", ".join(whole))
     return streamed
 
 

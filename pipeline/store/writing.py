@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import check_two_classes
+from pipeline.core.text import size_text
 from pipeline.data.images import EMPTY_CLASS
 from pipeline.store import virtual as virtual_store
 from pipeline.store.feature_store import (
@@ -44,13 +45,9 @@ class DiskFullError(LayertapError):
 
 def _disk_full(path: Path, needed: int) -> DiskFullError:
     free = shutil.disk_usage(path.parent).free
-    return DiskFullError(f"no space left on the disk of {path.parent}: {path.name} needs about {_size(needed)} and "
-                         f"{_size(free)} are free. Work already committed is kept: free some space (or write "
+    return DiskFullError(f"no space left on the disk of {path.parent}: {path.name} needs about {size_text(needed)} and "
+                         f"{size_text(free)} are free. Work already committed is kept: free some space (or write "
                          "elsewhere with --out) and run the same command again")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 def _chunk_rows(n: int, dims: int, itemsize: int) -> int:
