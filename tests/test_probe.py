@@ -102,8 +102,8 @@ def test_a_tap_over_the_memory_budget_trains_the_streamed_probe_alone(tmp_path, 
     with caplog.at_level("WARNING"):
         result = classify(ClassifySettings(store=str(store), classifiers=("logreg", "knn"), layers=("block2_pool",),
                                            memory_budget=1e-6, out_dir=str(tmp_path / "m")))
-    size = FeatureStore(store).features("block2_pool").nbytes  # 24 images x 128 features: 12 kB in float32
-    assert f"block2_pool: its features take {size / 1e3:.0f} kB, more than the memory budget of 1 kB" in caplog.text
+    size = FeatureStore(store).features("block2_pool").nbytes  # 24 images x 128 features: 12 KiB in float32
+    assert f"block2_pool: its features take {size / 1024:.0f} KiB, more than the memory budget of 1 KiB" in caplog.text
     assert "logreg, knn need them whole and are skipped for it" in caplog.text
     assert [r["classifier"] for r in result.rows] == ["probe"] and result.rows[0]["chosen"]["C"] > 0
     from pipeline.runs.per_image import read_metrics

@@ -9,8 +9,8 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def size_text(n: float) -> str:
-    """Bytes for a person: ``4.2 MB``, ``21.5 GB``, ``12 kB`` (decimal units, as ``df -H`` and a file manager)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+    """Bytes for a person, in the binary units of ``--memory-budget`` and ``df -h``: ``12 KiB``, ``4.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
-    return f"{n / 1e3:,.0f} kB"
+    return f"{n / 2**10:,.0f} KiB"
