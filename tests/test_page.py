@@ -172,3 +172,28 @@ def test_results_show_themselves_in_a_notebook(run):
     pytest.importorskip("pandas")
     frame = run.summary.to_frame()
     assert list(frame["model_dir"]) == [r["model_dir"] for r in run.summary.rows]
+
+
+def test_images_the_gallery_cannot_read_are_one_line_not_one_each(tmp_path, caplog):
+    """A store used where its images are not (moved, or made on another machine): one line names the count,
+    the missing folder and an example; the page is still written."""
+    import numpy as np
+
+    from pipeline.runs.page import _gallery
+    from pipeline.store.feature_store import FeatureStore
+    from pipeline.store.splits import resolve_splits, test_rows_sha256
+
+    data = make_split_folder(tmp_path / "data", train=2, val=1, test=3)
+    store = FeatureStore(extract_features(tiny_settings(data, tmp_path / "f", layers=("block1_pool",))).store_path)
+    splits, _ = resolve_splits(store)
+    y = store.labels[splits == "test"]
+    metrics = {"predictions": (y + 1) % 3, "true_probability": np.linspace(0.1, 0.2, len(y)),
+               "confidence": np.full(len(y), 0.9), "test_rows_sha256": test_rows_sha256(store, splits)}
+    manifest = {"store": str(store.path)}
+    assert len(_gallery(tmp_path, manifest, metrics)) == 9  # every test image is wrong, and shown
+    shutil.rmtree(data)
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert _gallery(tmp_path, manifest, metrics) == []
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gallery")]
+    assert len(lines) == 1 and lines[0].startswith(f"gallery: 9 of its 9 images cannot be read, {data} is not here (")
+    assert lines[0].endswith("; 8 more); the page shows the others")

@@ -160,16 +160,20 @@ def _gallery(run_dir: Path, manifest: dict, metrics: dict) -> list[dict]:
     out.mkdir(exist_ok=True)
     for old in out.glob("*.jpg"):
         old.unlink()
-    root, shown = Path(store.manifest.data_root), []
+    root, shown, unread = Path(store.manifest.data_root), [], []
     for n, (i, path) in enumerate(zip(wrong, store.column_at("paths", test[wrong]))):
         path = path.decode("utf-8", "surrogateescape")
         try:
             _thumbnail(root / path, out / f"{n:02d}.jpg")
         except (OSError, BadImageError) as exc:  # gone, or a FIFO or device now (never read)
-            log.info("gallery: %s: %s", path, exc)
+            unread.append(f"{path}: {exc}")
             continue
         shown.append({"src": f"gallery/{n:02d}.jpg", "path": path, "true": store.class_names[y[i]],
                       "predicted": store.class_names[predicted[i]], "confidence": metrics["confidence"][i]})
+    if unread:  # one line: the images moved, or the store came from another machine
+        log.info("gallery: %d of its %s cannot be read%s (%s%s); the page shows the others", len(unread),
+                 plural(len(wrong), "image"), "" if root.is_dir() else f", {root} is not here",
+                 unread[0], f"; {len(unread) - 1} more" if unread[1:] else "")
     return shown
 
 
