@@ -253,3 +253,27 @@ def test_steps_grow_with_the_training_rows_and_small_data_keeps_its_schedule():
     assert probe.rows_per_step(400_000) == 1333 and probe.steps(400_000) == 5 * 301
     assert probe.rows_per_step(3_200_000) == BIG_BATCH and probe.steps(3_200_000) == 5 * 782
     assert StreamedProbe(batch_size=64).rows_per_step(3_200_000) == 64
+
+
+def test_the_probe_s_steps_are_a_progress_bar_on_a_terminal_only(monkeypatch, capsys):
+    import pipeline.core.parallel as parallel
+
+    X, y = _blobs(n=300, d=8)
+    mean, variance = X.mean(axis=0), X.var(axis=0)
+
+    def batches():
+        standardised = (X - mean) / np.sqrt(variance)
+        return ((standardised[i:i + 100], y[i:i + 100]) for i in range(0, len(X), 100))
+
+    def train(progress):
+        weights = probe_module.train_all_cs(batches, 7, len(X), mean, variance, 4, GRID, 0.01, progress=progress)
+        return capsys.readouterr().err, weights
+
+    quiet, weights = train(False)
+    piped, _ = train(True)  # stderr is no terminal under pytest
+    monkeypatch.setattr(parallel, "on_terminal", lambda: True)
+    shown, same = train(True)
+    assert quiet == piped == "" and "probe, 8 Cs" in shown and "/7 " in shown
+    for (a, b), (c, d) in zip(weights, same):  # the bar changes nothing it counts
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)

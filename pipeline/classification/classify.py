@@ -83,11 +83,12 @@ def classifier_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", short)
 
 
-def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
+def classify(settings: ClassifySettings, progress=None, bars: bool = False) -> ClassifyResult:
     """Train every classifier on every tap of the store and write the model folders and reports.
 
     Args:
         progress: Called with each table row as it is done.
+        bars: A progress bar (on a terminal) over the streamed probe's steps.
     """
 
     store = FeatureStore(settings.store)
@@ -100,7 +101,8 @@ def classify(settings: ClassifySettings, progress=None) -> ClassifyResult:
     for tap in taps:
         X = _TapInMemory(store, tap)  # one HDF5 read per tap, shared by the classifiers that need it whole
         for spec in _fitting(settings.classifiers, store, tap, budget):
-            estimator, metrics, model_dir = _train_and_save(store, X, tap, spec, splits, split_info, run_dir, settings)
+            estimator, metrics, model_dir = _train_and_save(store, X, tap, spec, splits, split_info, run_dir, settings,
+                                                            bars)
             estimators[model_dir.name] = estimator
             rows.append({"tap": tap, "classifier": model_dir.name.removeprefix(tap + "-"), "spec": spec,
                          "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["accuracy"],
@@ -146,12 +148,13 @@ def _fitting(specs, store, tap: str, budget: int) -> list[str]:
     return streamed
 
 
-def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run_dir: Path, settings):
+def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run_dir: Path, settings,
+                    bars: bool = False):
     """Fit one classifier on one tap (``X()``: its features in memory; the probe streams them instead) and write
     its model folder ``<run>/<tap>-<classifier>``."""
     name, params = parse_spec(spec)
     if name == "probe":
-        estimator, metrics = fit_streamed_probe(store, tap, splits, settings.seed, params)
+        estimator, metrics = fit_streamed_probe(store, tap, splits, settings.seed, params, progress=bars)
     else:
         estimator, metrics = train_one(store, X(), spec, splits, settings.seed)
     metrics |= split_info
@@ -162,7 +165,7 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
 
 
 def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
-          progress=None, memory_budget_gib: float = 0.0) -> tuple[Path, list[dict]]:
+          progress=None, memory_budget_gib: float = 0.0, bars: bool = False) -> tuple[Path, list[dict]]:
     """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs; then for the
     taps side by side: the pairs of the three best taps on val and, with three taps or more, all of them.
 
@@ -195,7 +198,7 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
     def probe(tap: str) -> None:
         spec = _fitting(("logreg",), store, tap, budget)[0]  # the streamed probe where the tap is too big
         _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, spec, splits, split_info, run_dir,
-                                        settings)
+                                        settings, bars)
         parts = tap_parts(tap)
         deepest = max(parts, key=lambda t: depth.get(t, len(depth)))
         shapes = [store.map_shapes[part] for part in parts]

@@ -141,9 +141,10 @@ def _read_pair(picked: np.ndarray, mix: np.ndarray) -> None:
         out *= inverse
 
 
-def fit_streamed_probe(store, tap: str, splits: Splits, seed: int = 0, params: dict | None = None):
+def fit_streamed_probe(store, tap: str, splits: Splits, seed: int = 0, params: dict | None = None,
+                       progress: bool = False):
     """``(estimator, metrics)`` as :func:`pipeline.heads.classifiers.train_one` returns them, for ``probe`` on a
-    tap streamed from ``store``."""
+    tap streamed from ``store`` (``progress``: a bar over its steps, on a terminal)."""
     from pipeline.heads.probe import LinearOutputs, StreamedProbe, standardiser, train_all_cs, val_scores
 
     check_two_classes(store.class_names, str(store.path))
@@ -165,7 +166,7 @@ def fit_streamed_probe(store, tap: str, splits: Splits, seed: int = 0, params: d
     with ShuffledEpochs(store, tap, train, labels, probe.rows_per_step(len(train)), rng,
                         standardiser(mean, variance)) as epochs:
         weights = train_all_cs(epochs, probe.steps(len(train)), len(train), mean, variance, len(probe.classes_),
-                               probe.Cs, probe.learning_rate)
+                               probe.Cs, probe.learning_rate, progress=progress)
     scores, val_predicted = val_scores(weights, ((v, labels[r]) for r, v in store.iter_batches(tap, val, batch)))
     val_predicted = val_predicted[:, probe.keep_best(weights, scores, len(train), len(val))]
     fit_seconds = time.perf_counter() - started

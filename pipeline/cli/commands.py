@@ -87,7 +87,7 @@ def cmd_classify(args) -> int:
     settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
     report = None if not args.progress else (lambda r: print(
         f"  {r['tap']:<18} {r['classifier']:<12} val acc {r['val_accuracy']:.3f}  ({r['fit_seconds']:.1f} s)"))
-    result = classify(settings, progress=report)
+    result = classify(settings, progress=report, bars=args.progress)
     print(f"\n{comparison_table(result.rows)}\n")
     _print_answer(result.summary)
     return 0
@@ -105,7 +105,7 @@ def cmd_sweep(args) -> int:
 
     report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy']:.3f}"))
     run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report,
-                          memory_budget_gib=args.memory_budget)
+                          memory_budget_gib=args.memory_budget, bars=args.progress)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     _print_answer(collect_rows(run_dir))
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from pipeline.core.evaluation import softmax
+from pipeline.core.parallel import progress_bar
 from pipeline.core.runtime import import_keras
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 3, 8))  # 8 log-spaced, as the sweep's grids
@@ -141,7 +142,7 @@ def feature_scale(variance) -> np.ndarray:
 
 
 def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs,
-                 learning_rate: float) -> list[tuple[np.ndarray, np.ndarray]]:
+                 learning_rate: float, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Train the probe of each C on standardised features, all together, for ``steps`` Adam steps; each call
     of ``batches()`` yields one epoch of ``(standardised features, class indices)`` over the ``n`` training rows
     (:func:`standardiser` with ``mean`` and ``variance``; from memory, or from a store by
@@ -161,6 +162,7 @@ def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs
     params = [ops.zeros((dims, k * n_classes)), ops.zeros((k * n_classes,))]
     moments = [[ops.zeros_like(p), ops.zeros_like(p)] for p in params]
     step, beta1, beta2, eps = 0, 0.9, 0.999, 1e-8
+    ticks = iter(progress_bar(range(steps), steps, f"probe, {k} Cs", progress, unit="step"))
     while step < steps:
         for features, labels in batches():
             if step == steps:
@@ -171,12 +173,14 @@ def train_all_cs(batches, steps: int, n: int, mean, variance, n_classes: int, Cs
             error = ops.reshape((ops.softmax(logits, axis=-1) - onehot) / len(features), (-1, k * n_classes))
             grads = [ops.transpose(ops.matmul(ops.transpose(error), x)) + decay * params[0], ops.sum(error, axis=0)]
             step += 1
+            next(ticks)
             rate = learning_rate * 0.5 * (1 + np.cos(np.pi * (step - 1) / steps))
             for p, g, m in zip(range(2), grads, moments):
                 m[0] = beta1 * m[0] + (1 - beta1) * g
                 m[1] = beta2 * m[1] + (1 - beta2) * g * g
                 update = (m[0] / (1 - beta1 ** step)) / (ops.sqrt(m[1] / (1 - beta2 ** step)) + eps)
                 params[p] = params[p] - rate * update
+    next(ticks, None)  # the bar's end: it closes
     kernels = np.asarray(ops.convert_to_numpy(params[0]), np.float64).reshape(dims, k, n_classes).transpose(1, 0, 2)
     kernels = kernels / scale[None, :, None]
     biases = np.asarray(ops.convert_to_numpy(params[1]), np.float64).reshape(k, n_classes)
