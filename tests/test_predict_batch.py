@@ -173,3 +173,26 @@ def test_a_fine_tuned_model_writes_the_same_kind_of_file(trained, tmp_path):
     rows = read(tmp_path / "ft.csv")
     assert [r[0] for r in rows[1:]] == sorted(r[0] for r in rows[1:]) and len(rows) == 1 + 16
     assert result.n_failed == 1 and next(r for r in rows if r[0].endswith("notes.jpg"))[1]
+
+
+def test_a_model_copied_from_another_machine_stores_its_images_features_in_features_here(trained, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """Its manifest names a store folder of that machine: the job makes no such path here, and says where the
+    features went."""
+    import json
+
+    from pipeline.prediction.batch import predict_to_file
+    from pipeline.prediction.predict import list_image_files
+
+    _, _, fresh, model = trained
+    copied = Path(shutil.copytree(model, tmp_path / "model"))
+    manifest = json.loads((copied / "manifest.json").read_text())
+    elsewhere = tmp_path / "cluster" / "features"
+    manifest["store"] = str(elsewhere / Path(manifest["store"]).name)
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="pipeline"):
+        result = predict_to_file(copied, list_image_files([fresh]), tmp_path / "p.csv", progress=False)
+    assert not (tmp_path / "cluster").exists() and result.store_path.parent == Path("features")
+    assert f"the model's store folder {elsewhere} is not here: the images' features go to features/" in caplog.text
+    assert len(read(tmp_path / "p.csv")) == 1 + 15

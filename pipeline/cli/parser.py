@@ -174,7 +174,7 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                 "order; constant memory; a killed run resumes; without it the top classes are printed"))),
             (["--features"], dict(metavar="DIR", help="with --out: where the images' features are stored and "
                                                       "earlier stores are looked for (default: the folder of the "
-                                                      "model's store)")),
+                                                      "model's store; features/ where it is not here)")),
             (["--no-reuse"], dict(dest="reuse", action="store_false", help="with --out: decode every image, even "
                                   "those a store of the model's settings already has")),
             (["--decoder"], dict(choices=DECODER_CHOICES, help="with --out: stage one's --decoder (default: the "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from pipeline.store.manifest import StoreManifest
 
 FORMATS = (".csv", ".parquet")
 UNLABELLED = "unlabelled"  # the one class of a prediction job's image list
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,7 +132,7 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
         decoder: Stage one's ``--decoder`` (default: the one the model's store was made with, so that
             its rows can be reused and the pixels are the ones the model was trained on).
         features_dir: Where the images' store goes and earlier stores are looked for (default: the folder of
-            the model's store).
+            the model's store, or ``features`` where that folder is not on this machine).
     """
     out = Path(out)
     if out.is_dir():
@@ -145,10 +148,22 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
                 batch_size=batch_size, workers=workers, shard_size=shard_size, engine=engine,
                 engine_options=engine_options,
                 decoder=decoder or recipe.decoder_name, reuse=reuse, progress=progress,
-                out_dir=features_dir or str(Path(m["store"]).parent)), out)
+                out_dir=features_dir or _features_dir(m)), out)
         writer.commit()
     shutil.rmtree(parts_folder(out), ignore_errors=True)
     return dataclasses.replace(result, out=out)
+
+
+def _features_dir(m: dict) -> str:
+    """The folder of the model's store; where it is not here (a model copied from another machine), stage one's
+    default folder, rather than a path of that machine made here."""
+    folder = Path(m["store"]).parent
+    if folder.is_dir():
+        return str(folder)
+    default = next(f.default for f in dataclasses.fields(ExtractSettings) if f.name == "out_dir")
+    log.info("the model's store folder %s is not here: the images' features go to %s/ (--features to choose)",
+             folder, default)
+    return default
 
 
 def parts_folder(out: Path) -> Path:
