@@ -142,15 +142,23 @@ def test_parquet_holds_the_same_rows_as_csv(trained, tmp_path):
 
 
 @pytest.mark.parametrize("out, message", [
-    ("p.txt", "write .csv or .parquet"), ("p.json", "write .csv or .parquet"), (".", "is a folder")])
+    ("p.txt", "write .csv or .parquet"), ("p.json", "write .csv or .parquet"), (".", "is a folder"),
+    ("fifo.csv", "--out fifo.csv is a named pipe; name a regular file"),
+    ("afile/p.csv", "error: afile is a file, where `layertap predict` needs a folder; move it away"),
+    ("afile/sub/p.csv", "error: afile is a file, where `layertap predict` needs a folder (for afile/sub); move"),
+    ("p.csv --features afile", "error: afile is a file, where the folder of the feature stores goes")])
 def test_an_output_it_cannot_write_is_one_line_before_any_work(trained, tmp_path, capsys, monkeypatch, out, message):
     from pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo.csv")
+    Path("afile").write_text("a file where a folder goes")
     _, data, _, model = trained
-    assert main(["predict", model, str(data), "--out", out]) != 0
-    assert message in capsys.readouterr().err
-    assert not list(tmp_path.glob("*.parts"))
+    assert main(["predict", model, str(data), "--out", *out.split()]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert Path("fifo.csv").is_fifo() and Path("afile").read_text() == "a file where a folder goes"
+    assert not list(tmp_path.glob("*.parts")) and not list(tmp_path.glob(".p.csv.tmp-*"))
 
 
 def test_a_fine_tuned_model_writes_the_same_kind_of_file(trained, tmp_path):

@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from pipeline.cli.parser import COMMANDS, build_parser
 from pipeline.core.errors import LayertapError
@@ -15,6 +16,16 @@ from pipeline.core.runtime import set_backend_defaults, stop_on_sigterm
 from pipeline.store.writing import DiskFullError
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
+
+
+def _file_in_the_way(exc: OSError) -> str | None:
+    """The file that stands where a folder is made or gone through (``--out afile/p.csv``), if that is the error."""
+    if not (isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename):
+        return None
+    for path in (exc.filename, *map(str, Path(exc.filename).parents)):
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                   "space and run the same command again", file=sys.stderr)
         elif args.verbose:
             raise
-        else:  # a path that is not what it should be (a file where a folder goes, no permission): one line
+        elif _file_in_the_way(exc):
+            culprit = _file_in_the_way(exc)
+            inside = f" (for {exc.filename})" if culprit != exc.filename else ""
+            print(f"layertap: error: {culprit} is a file, where `layertap {args.command}` needs a folder{inside}; "
+                  "move it away or give another path", file=sys.stderr)
+        else:  # a path that is not what it should be (no permission, a name too long): one line
             where = f" {exc.filename}" if exc.filename else ""
             print(f"layertap: error: `layertap {args.command}` could not use{where}: {exc.strerror or exc}; "
                   "-v shows where", file=sys.stderr)

@@ -269,11 +269,16 @@ def open_regular(path: os.PathLike, buffered: bool = True):
     return os.fdopen(fd, "rb", buffering=-1 if buffered else 0), st
 
 
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, in words: ``a named pipe``, ``a folder``, ``a regular file``..."""
+    kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder", stat.S_IFREG: "a regular file"}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
+
+
 def _not_regular(mode: int) -> str:
     """Why a named pipe, device, socket or folder is not read as an image."""
-    kinds = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-             stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
-    return f"not a regular file ({kinds.get(stat.S_IFMT(mode), 'special file')}); only files are read"
+    return f"not a regular file ({file_kind(mode)}); only files are read"
 
 
 def read_file(path: os.PathLike, head_reason: Callable[[bytes], str | None] | None = None) -> bytes:

@@ -164,6 +164,9 @@ class ExtractSettings:
             log.warning("--workers %d on %d cores: decoding processes would only take turns on them; using %d",
                         self.workers, cores, 2 * cores)
             object.__setattr__(self, "workers", 2 * cores)
+        if os.path.lexists(self.out_dir) and not os.path.isdir(self.out_dir):  # before the scan, which caches there
+            raise ValueError(f"{self.out_dir} is a file, where the folder of the feature stores goes (--out; "
+                             "predict's --features): give a folder")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
 from pipeline.core.taps import tap_parts
 from pipeline.data.decoding import iter_decoded
+from pipeline.data.images import file_kind
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.runs import atomic
 from pipeline.runs.artifacts import load_model
@@ -137,6 +138,9 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
     out = Path(out)
     if out.is_dir():
         raise LayertapError(f"--out {out} is a folder; name the file to write (e.g. {out / 'predictions.csv'})")
+    if out.exists() and not out.is_file():  # renamed over, a named pipe or device would be replaced, not written
+        raise LayertapError(f"--out {out} is {file_kind(out.stat().st_mode)}; name a regular file: the rows are "
+                            "written beside it and renamed into place when whole")
     estimator, m = load_model(model_dir, trust=trust)
     recipe = StoreManifest.from_dict(m)
     top_k = min(top_k, len(m["class_names"]))  # --top-k 100 of 17 classes: 17 pairs, not 83 empty ones
@@ -187,16 +191,16 @@ def _run_extraction(estimator, recipe: StoreManifest, m: dict, files, writer: Ro
     recipe.resolve_weights()  # the weights at hand are the model's, before any image is listed
     root, shown, names = _relative_list(files)
     listing = parts_folder(out) / f"{out.stem}.csv"
+    settings = ExtractSettings(  # checked before the list is written: a wrong --features leaves nothing behind
+        data=str(listing), root=str(root), backbone=recipe.backbone, layers=tap_parts(m["tap"]), pooling=recipe.pooling,
+        weights=recipe.weights_arg, seed=recipe.seed, image_size=recipe.image_size, resize=recipe.resize,
+        draft=recipe.draft, precision=recipe.precision, store_dtype=recipe.store_dtype,
+        max_pixels=recipe.max_pixels, labelled=False, **options)
     listing.parent.mkdir(parents=True, exist_ok=True)
     # The same list gives the same store key: a job killed and run again resumes from its committed shards.
     text = io.StringIO(newline="")
     csv.writer(text, lineterminator="\n").writerows([("path", "label"), *((n, UNLABELLED) for n in names)])
     atomic.write_text(listing, text.getvalue())
-    settings = ExtractSettings(
-        data=str(listing), root=str(root), backbone=recipe.backbone, layers=tap_parts(m["tap"]), pooling=recipe.pooling,
-        weights=recipe.weights_arg, seed=recipe.seed, image_size=recipe.image_size, resize=recipe.resize,
-        draft=recipe.draft, precision=recipe.precision, store_dtype=recipe.store_dtype,
-        max_pixels=recipe.max_pixels, labelled=False, **options)
     result = extract_features(settings)
     store = result.store
     reasons = dict(store.skipped)
