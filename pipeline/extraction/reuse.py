@@ -15,7 +15,9 @@ folding, stored type, Keras backend and version) in ``--out``:
 
 The committed shards of a run that did not finish, under another key (killed, then its image list changed),
 are looked up too, after the complete stores: hours of a stopped extraction are not computed again because a
-photo was added. A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
+photo was added.
+
+A reused row is the earlier store's row, bit for bit; a fresh extraction could differ from it by the
 batch-composition tolerance (bench/README.md). ``--no-reuse`` computes everything.
 """
 
