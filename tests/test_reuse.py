@@ -206,7 +206,8 @@ def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_commi
 def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_list_changed(tmp_path, monkeypatch,
                                                                                         caplog):
     """Stopped after two of three shards, then a photo added: a new key, but the 8 images of the two committed
-    shards are not computed again; their rows are the stopped run's, bit for bit, and the log names it."""
+    shards are not computed again; their rows are the stopped run's, bit for bit, and the log names it (and
+    not a store of the same settings that has none of the images)."""
     import pipeline.extraction.engines.local as local_engine
 
     data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
@@ -225,6 +226,11 @@ def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_lis
     stopped = {}
     for path in calls:
         stopped.update(rows_by_fingerprint(FeatureStore(path, kind="shard")))
+    for c, colour in enumerate(COLOURS):  # a store of the same settings with none of the images
+        folder = tmp_path / "other" / colour
+        folder.mkdir(parents=True)
+        photo(COLOURS[colour], seed=700 + c).save(folder / "x.jpg")
+    extract_features(tiny_settings(tmp_path / "other", tmp_path / "f"))
     photo(COLOURS["red"], seed=900).save(data / "red" / "img_00.jpg")
     with caplog.at_level(logging.INFO, logger="pipeline"):
         second = extract_features(tiny_settings(data, tmp_path / "f"))

@@ -62,6 +62,7 @@ class Donors:
     segments: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # keys, source, row
     earlier: int = 0  # the first this many sources are earlier work; after them come this run's computed shards
     reused: int = 0  # rows written from earlier sources so far
+    used: set[int] = field(default_factory=set)  # the sources a lookup found a row in
     readers: dict[tuple[Path, str], TapReader] = field(default_factory=dict)
 
     @property
@@ -94,8 +95,10 @@ class Donors:
                          for segment in self.segments for keep in [segment[1] != source]]
 
     def names(self) -> list[str]:
-        """The sources, as a person finds them: a store's file name, or the unfinished run a shard is of."""
-        return list(dict.fromkeys((_parts_of(store.path) or store.path).name for store in self.stores[:self.earlier]))
+        """The earlier sources rows were found in, as a person finds them: a store's file name, or the
+        unfinished run a shard is of."""
+        return list(dict.fromkeys((_parts_of(store.path) or store.path).name
+                                  for i, store in enumerate(self.stores[:self.earlier]) if i in self.used))
 
     def lookup(self, fingerprints: list[str]) -> list[tuple[int, int] | None]:
         """``(source, row)`` for each fingerprint, from the first source that has it, else None."""
@@ -107,6 +110,7 @@ class Donors:
             at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
             for i in np.flatnonzero(keys[at] == wanted):
                 found[i] = found[i] or (int(sources[at[i]]), int(rows[at[i]]))
+        self.used.update(hit[0] for hit in found if hit)
         return found
 
     def write_covered(self, jobs: list[ShardJob], manifest: dict, class_names, taps: tuple[str, ...],
