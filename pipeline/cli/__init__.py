@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                   "space and run the same command again", file=sys.stderr)
         elif args.verbose:
             raise
-        elif _file_in_the_way(exc):
-            culprit = _file_in_the_way(exc)
+        elif culprit := _file_in_the_way(exc):
             inside = f" (for {exc.filename})" if culprit != exc.filename else ""
             print(f"layertap: error: {culprit} is a file, where `layertap {args.command}` needs a folder{inside}; "
                   "move it away or give another path", file=sys.stderr)
