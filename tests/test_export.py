@@ -90,6 +90,15 @@ def test_a_knn_is_refused_in_one_line_that_names_the_alternative(trained, tmp_pa
     assert not (tmp_path / "knn.onnx").exists() and not list(tmp_path.iterdir())
 
 
+def test_a_named_pipe_as_out_is_refused_and_left_as_it_is(trained, tmp_path):
+    """Renamed over, the pipe would be replaced by a regular file rather than written into."""
+    run_dir, _ = trained
+    os.mkfifo(tmp_path / "model.onnx")
+    with pytest.raises(LayertapError, match=r"--out .*model.onnx is a named pipe; name a regular file"):
+        export_model(run_dir / "block2_pool-logreg", "onnx", tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").is_fifo() and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
 def test_a_run_folder_exports_its_recommended_model_and_keras_files_load(trained, tmp_path, capsys):
     from pipeline.core.runtime import import_keras
 

@@ -143,7 +143,7 @@ def test_parquet_holds_the_same_rows_as_csv(trained, tmp_path):
 
 @pytest.mark.parametrize("out, message", [
     ("p.txt", "write .csv or .parquet"), ("p.json", "write .csv or .parquet"), (".", "is a folder"),
-    ("fifo.csv", "--out fifo.csv is a named pipe; name a regular file"),
+    ("fifo.csv", "--out fifo.csv is a named pipe; name a regular file: the output is written beside it"),
     ("afile/p.csv", "error: afile is a file, where `layertap predict` needs a folder; move it away"),
     ("afile/sub/p.csv", "error: afile is a file, where `layertap predict` needs a folder (for afile/sub); move"),
     ("p.csv --features afile", "error: afile is a file, where the folder of the feature stores goes")])

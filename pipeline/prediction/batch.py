@@ -34,7 +34,6 @@ from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers
 from pipeline.core.taps import tap_parts
 from pipeline.data.decoding import iter_decoded
-from pipeline.data.images import file_kind
 from pipeline.extraction.extract import ExtractSettings, extract_features
 from pipeline.runs import atomic
 from pipeline.runs.artifacts import load_model
@@ -138,9 +137,7 @@ def predict_to_file(model_dir, files: list[Path], out, *, top_k: int = 3, batch_
     out = Path(out)
     if out.is_dir():
         raise LayertapError(f"--out {out} is a folder; name the file to write (e.g. {out / 'predictions.csv'})")
-    if out.exists() and not out.is_file():  # renamed over, a named pipe or device would be replaced, not written
-        raise LayertapError(f"--out {out} is {file_kind(out.stat().st_mode)}; name a regular file: the rows are "
-                            "written beside it and renamed into place when whole")
+    atomic.check_replaceable(out, "--out")
     estimator, m = load_model(model_dir, trust=trust)
     recipe = StoreManifest.from_dict(m)
     top_k = min(top_k, len(m["class_names"]))  # --top-k 100 of 17 classes: 17 pairs, not 83 empty ones
@@ -164,10 +161,9 @@ def _features_dir(m: dict) -> str:
     folder = Path(m["store"]).parent
     if folder.is_dir():
         return str(folder)
-    default = next(f.default for f in dataclasses.fields(ExtractSettings) if f.name == "out_dir")
     log.info("the model's store folder %s is not here: the images' features go to %s/ (--features to choose)",
-             folder, default)
-    return default
+             folder, ExtractSettings.out_dir)
+    return ExtractSettings.out_dir  # the field's default
 
 
 def parts_folder(out: Path) -> Path:

@@ -27,7 +27,7 @@ from pipeline.backbones.registry import get_backbone
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import import_keras
 from pipeline.runs.artifacts import load_model
-from pipeline.runs.atomic import folder_lock, replace_folder, temporary_beside
+from pipeline.runs.atomic import check_replaceable, folder_lock, replace_folder, temporary_beside
 from pipeline.runs.summary import collect_rows
 from pipeline.store.manifest import StoreManifest
 
@@ -123,6 +123,7 @@ def export_model(model: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
         raise LayertapError("--format saved_model needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
                             "--format onnx runs anywhere")
     out = Path(out) if out else model_dir.parent / f"{model_dir.name}{FORMATS[fmt]}"
+    check_replaceable(out, "--out")  # before the network is built
     network = pixels_model(estimator, manifest, model_dir)
     size = int(manifest["image_size"])
     network.predict_on_batch(np.zeros((1, size, size, 3), np.uint8))  # the exporters need a model that has run

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pipeline.core.errors import LayertapError
+from pipeline.data.images import file_kind
+
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
@@ -43,6 +46,14 @@ def write_bytes(path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_replaceable(target: Path, flag: str) -> None:
+    """Refuse an output a person named (``--out``) that is a named pipe, device or socket: a file renamed over it
+    would take its place, not be written into it."""
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        raise LayertapError(f"{flag} {target} is {file_kind(target.stat().st_mode)}; name a regular file: the "
+                            "output is written beside it and renamed into place when whole")
 
 
 def temporary_name(target: Path) -> Path:
