@@ -203,14 +203,10 @@ def test_a_run_stopped_while_computing_the_new_images_resumes_from_what_it_commi
         np.testing.assert_allclose(resumed.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
 
 
-def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_list_changed(tmp_path, monkeypatch,
-                                                                                        caplog):
-    """Stopped after two of three shards, then a photo added: a new key, but the 8 images of the two committed
-    shards are not computed again; their rows are the stopped run's, bit for bit, and the log names it (and
-    not a store of the same settings that has none of the images)."""
+def stop_after_two_shards(settings, monkeypatch) -> list:
+    """Run an extraction that is stopped (KeyboardInterrupt) after committing two shards; their paths."""
     import pipeline.extraction.engines.local as local_engine
 
-    data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
     run_shard, calls = local_engine.run_shard, []
 
     def stop_after_two(job, *args, **kwargs):
@@ -219,10 +215,21 @@ def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_lis
         calls.append(job.path)
         return run_shard(job, *args, **kwargs)
 
-    monkeypatch.setattr(local_engine, "run_shard", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        extract_features(tiny_settings(data, tmp_path / "f"))
-    monkeypatch.setattr(local_engine, "run_shard", run_shard)
+    with monkeypatch.context() as patch:
+        patch.setattr(local_engine, "run_shard", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(settings)
+    return calls
+
+
+def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_list_changed(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """Stopped after two of three shards, then a photo added: a new key, but the 8 images of the two committed
+    shards are not computed again; their rows are the stopped run's, bit for bit, and the log names it (and
+    not a store of the same settings that has none of the images). The new store then holds every row of the
+    stopped run's, so its folder is removed; going back to the old image list computes nothing."""
+    data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
+    calls = stop_after_two_shards(tiny_settings(data, tmp_path / "f"), monkeypatch)
     stopped = {}
     for path in calls:
         stopped.update(rows_by_fingerprint(FeatureStore(path, kind="shard")))
@@ -238,6 +245,45 @@ def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_lis
     assert f"from {calls[0].parent.parent.name}; " in caplog.text
     after = rows_by_fingerprint(second.store)
     assert all(np.array_equal(after[fp][tap], row[tap]) for fp, row in stopped.items() for tap in TAPS)
+    assert not calls[0].parent.parent.exists(), "the stopped run's folder, every row of it in the new store"
+    assert f"removed {calls[0].parent}, a stopped run's shards" in caplog.text
     fresh = extract_features(tiny_settings(data, tmp_path / "fresh", reuse=False))
     for tap in TAPS:
         np.testing.assert_allclose(second.store.features(tap), fresh.store.features(tap), rtol=1e-5, atol=1e-6)
+    (data / "red" / "img_00.jpg").unlink()
+    back = extract_features(tiny_settings(data, tmp_path / "f"))
+    assert back.n_decoded == 0 and back.n_reused == 12
+    assert all(np.array_equal(rows_by_fingerprint(back.store)[fp][tap], row[tap])
+               for fp, row in stopped.items() for tap in TAPS)
+
+
+@pytest.mark.parametrize("change", ["an image of its shards removed", "its lock held", "fewer taps"])
+def test_a_stopped_run_s_folder_is_kept_while_the_new_store_lacks_a_row_or_a_tap_of_it_or_a_process_holds_it(
+        tmp_path, monkeypatch, change):
+    import subprocess
+    import sys
+
+    data = make_class_folder(tmp_path / "data")  # 12 images, shards of 4
+    calls = stop_after_two_shards(tiny_settings(data, tmp_path / "f"), monkeypatch)
+    parts, holder, taps = calls[0].parent.parent, None, TAPS
+    if change == "an image of its shards removed":
+        (data / FeatureStore(calls[0], kind="shard").rows.paths[0]).unlink()
+    else:
+        photo(COLOURS["red"], seed=900).save(data / "red" / "img_00.jpg")
+    if change == "its lock held":
+        lock = parts.with_name(f".{parts.stem}.h5.lock")
+        holder = subprocess.Popen([sys.executable, "-c", "import time; from filelock import FileLock; "
+                                   f"held = FileLock({str(lock)!r}); held.acquire(); print('held', flush=True); "
+                                   "time.sleep(120)"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+    if change == "fewer taps":
+        taps = TAPS[:1]
+    try:
+        second = extract_features(tiny_settings(data, tmp_path / "f", layers=taps))
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
+    assert second.n_reused >= 7, "its rows were reused all the same"
+    assert sorted(parts.rglob("shard-*.h5")) == sorted(calls), "the stopped run's folder is left as it was"

@@ -42,7 +42,7 @@ from pipeline.data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageList, fi
 from pipeline.data.sample import ensure_sample
 from pipeline.data.scan import StatCache, scan_images
 from pipeline.extraction.engines import ENGINES, get_engine
-from pipeline.extraction.reuse import Reuse, plan
+from pipeline.extraction.reuse import Reuse, plan, retire_stopped
 from pipeline.extraction.shards import is_committed, parts_dir, plan_shards
 from pipeline.store import virtual
 from pipeline.store.feature_store import COMPRESSIONS, REPLACE, STORE_DTYPES, FeatureStore
@@ -367,6 +367,7 @@ def _compute_taps(images: ImageList, settings: ExtractSettings, weights, taps: t
         (s.path, s.reason) for s in images.skipped], dtype=settings.store_dtype,
         compression=settings.compression, virtual=settings.merge == "virtual", labelled=settings.labelled)
     timings["merge"] = time.perf_counter() - t0
+    retire_stopped(reuse.donors, store)
     virtual.prune(store_path)  # shard folders of taps this store no longer maps
     shutil.rmtree(parts, ignore_errors=True)
     if parts.parent.exists() and not any(parts.parent.iterdir()):

@@ -35,7 +35,7 @@ from pipeline.core.errors import LayertapError
 from pipeline.extraction.shards import ShardJob, rows_of
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.virtual import TapReader
-from pipeline.store.writing import write_shard
+from pipeline.store.writing import StoreLockedError, store_lock, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,66 @@ def find_donors(out_dir: str | Path, store_path: Path, manifest: dict, taps: tup
                 found.append(store)
         donors.add(found)
     return donors if donors.stores else None
+
+
+def retire_stopped(donors: Donors | None, store: FeatureStore) -> list[Path]:
+    """Remove each stopped run's folder of shards that this run took rows from, once ``store`` (complete) holds
+    every row of it, for every tap of it, and no process holds that run's lock: going back to that image list
+    then takes all its rows from ``store`` by content, so nothing is lost, and stopped work does not pile up in
+    ``--out``. A folder with a row or a tap ``store`` lacks, or a shard that cannot be read, is left.
+
+    Returns:
+        The folders removed (``<store>.parts/<taps>``).
+    """
+    if donors is None:
+        return []
+    folders = dict.fromkeys(_taps_folder(source.path) for i, source in enumerate(donors.stores[:donors.earlier])
+                            if i in donors.used and _parts_of(source.path))
+    removed = []
+    for folder in folders:
+        parts = folder.parent
+        try:
+            with store_lock(parts.with_suffix(".h5")):
+                if not _covered(folder, store):
+                    continue
+                shutil.rmtree(folder)
+                if not any(parts.iterdir()):
+                    parts.rmdir()
+                removed.append(folder)
+        except (StoreLockedError, OSError):
+            continue  # being resumed, or not ours to remove: left as it is
+        log.info("removed %s, a stopped run's shards: every row of them is in %s", folder, store.path.name)
+    return removed
+
+
+def _covered(folder: Path, store: FeatureStore) -> bool:
+    """Whether every shard in ``folder`` (a stopped run's ``<taps>`` folder) has only rows and taps ``store`` has,
+    with its model settings; the stopped rows are held, ``store``'s fingerprints streamed."""
+    wanted = {k: store.manifest.raw.get(k) for k in MODEL_FIELDS}
+    keys = []
+    try:
+        for path in [*folder.glob("shard-*.h5"), *folder.glob("computed/shard-*.h5")]:
+            shard = FeatureStore(path, kind="shard")
+            if not set(shard.taps) <= set(store.taps) or any(shard.manifest.raw.get(k) != v for k, v in wanted.items()):
+                return False
+            keys.append(shard.columns(["fingerprints"])["fingerprints"].astype(bytes))
+        if not keys:
+            return True
+        stopped = np.unique(np.concatenate(keys))
+        found = np.zeros(len(stopped), bool)
+        for _, values in store.column_slices("fingerprints"):
+            values = values.astype(bytes)
+            at = np.minimum(np.searchsorted(stopped, values), len(stopped) - 1)
+            found[at[stopped[at] == values]] = True
+    except (LayertapError, OSError):
+        return False
+    return bool(found.all())
+
+
+def _taps_folder(shard: Path) -> Path:
+    """The ``<store>.parts/<taps>`` folder a shard file is in (its ``computed/`` shards included)."""
+    parts = _parts_of(shard)
+    return parts / shard.relative_to(parts).parts[0]
 
 
 def _parts_of(path: Path) -> Path | None:
