@@ -47,7 +47,7 @@ def main() -> None:
     started = time.perf_counter()
     store = extract_features(ExtractSettings(layers=TAPS, image_size=224, **common)).store_path
     extract_s = time.perf_counter() - started
-    _, sweep_rows = sweep(store, out_dir=str(work / "models"))
+    _, sweep_rows = sweep(ClassifySettings(store=str(store), out_dir=str(work / "models")))
     best_tap = best_on_val(sweep_rows)["tap"]  # chosen on val, never on test
     classifier_rows = classify(ClassifySettings(store=str(store), classifiers=CLASSIFIERS, layers=(best_tap,),
                                                 out_dir=str(work / "models"))).rows

@@ -33,7 +33,7 @@ def main() -> None:
 
     started = time.perf_counter()
     extracted = flowers17_store(args.layers, args.weights, args.data, args.split_file, Path(args.work))
-    run_dir, swept = sweep(extracted.store_path, out_dir=f"{args.work}/m", run="flowers17")
+    run_dir, swept = sweep(ClassifySettings(store=str(extracted.store_path), out_dir=f"{args.work}/m", run="flowers17"))
     classify(ClassifySettings(store=str(extracted.store_path), classifiers=tuple(args.classifiers.split(",")),
                               layers=tuple(r["tap"] for r in swept), out_dir=f"{args.work}/m", run="flowers17"))
     summary = collect_rows(run_dir)

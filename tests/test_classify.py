@@ -112,7 +112,7 @@ def test_tampered_model_is_refused_before_loading(stores, tmp_path):
 
 
 def test_sweep_has_a_row_per_tap_low_to_high_and_a_plot(stores, tmp_path):
-    run_dir, rows = sweep(stores["split"], out_dir=str(tmp_path))
+    run_dir, rows = sweep(ClassifySettings(store=str(stores["split"]), out_dir=str(tmp_path)))
     assert [r["tap"] for r in rows] == ["block1_pool", "block2_pool", "block1_pool+block2_pool"]  # then together
     assert rows[0]["gflops"] < rows[1]["gflops"] and 0 < rows[1]["flops_share"] < 1
     assert rows[0]["flatten_dims"] == 16 * 16 * 64 and rows[0]["dense_avg"] == 64 * 256 + 256

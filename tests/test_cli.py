@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, backend_interpreter
+from conftest import ROOT, backend_interpreter, make_class_folder
 from pipeline.cli import main
 from pipeline.core.runtime import keras_backend
 
@@ -205,3 +205,29 @@ def test_a_broken_pipe_that_is_not_our_output_is_still_an_error(monkeypatch):
     monkeypatch.setattr(pipeline.cli.commands, "cmd_layers", worker_gone)
     with pytest.raises(BrokenPipeError):
         main(["layers", "vgg16"])
+
+
+def test_sweep_takes_the_taps_the_probe_and_the_split_it_is_given(tmp_path, capsys):
+    """``sweep --layers``, ``--classifiers`` and ``--test-fraction`` were parsed and then dropped: every tap of
+    the store was swept with ``logreg`` on the default split, whatever was asked."""
+    data = make_class_folder(tmp_path / "data", per_class=8)
+    assert main(["extract", "--data", str(data), "--out", str(tmp_path / "f"), *TINY]) == 0
+    store, models = str(next((tmp_path / "f").glob("*.h5"))), tmp_path / "m"
+    sweep = ["sweep", "--store", store, "--models", str(models), "--test-fraction", "0.4", "-q"]
+    assert main([*sweep, "--layers", "block2_pool", "--classifiers", 'probe:{"epochs": 5}']) == 0
+    (run,) = models.iterdir()
+    report = json.loads((run / "sweep.json").read_text())
+    assert [(r["tap"], r["classifier"]) for r in report["rows"]] == [("block2_pool", 'probe:{"epochs": 5}')]
+    (model,) = run.glob("block2_pool-probe*")
+    assert json.loads((model / "metrics.json").read_text())["n_test"] == 10  # the default 0.25: 6 of 24
+    capsys.readouterr()
+    assert main([*sweep, "--layers", "block1_pool,block9_pool"]) == 2
+    assert "has no tap block9_pool" in capsys.readouterr().err
+    for wrong in ("knn", "logreg,probe"):
+        assert main([*sweep, "--classifiers", wrong]) == 2
+        assert f"sweep fits one linear probe per tap, not {wrong}" in capsys.readouterr().err
+    assert main([*sweep, "--layers", "block1_pool+block2_pool,block1_pool"]) == 0
+    (run,) = models.iterdir()
+    rows = json.loads((run / "sweep.json").read_text())["rows"]
+    assert [(r["tap"], r["classifier"]) for r in rows] == [("block1_pool", "logreg"), ("block1_pool+block2_pool",
+                                                                                       "logreg")]

@@ -85,7 +85,7 @@ def test_every_stage_runs_on_the_backbone(name, tmp_path):
     assert all(np.isfinite(store.features(tap)).all() and store.features(tap).std() > 0 for tap in taps)
     assert store.manifest.batchnorm == (FOLDED if folds_batchnorm(get_backbone(name)) else "")
 
-    run_dir, rows = sweep(store.path, out_dir=str(tmp_path / "models"))
+    run_dir, rows = sweep(ClassifySettings(store=str(store.path), out_dir=str(tmp_path / "models")))
     both = "+".join(taps)  # two taps: then the pair, side by side
     assert [row["tap"] for row in rows] == [*taps, both] and all(row["gflops"] > 0 for row in rows)
     assert json.loads((run_dir / "sweep.json").read_text())["best_on_val"] in (*taps, both)

@@ -91,7 +91,7 @@ def test_extracting_a_multi_tap_name_extracts_its_taps():
 
 
 def test_the_sweep_adds_the_best_pairs_and_all_taps_and_chooses_on_val(stores, tmp_path):
-    run_dir, rows = sweep(stores["copied"], out_dir=str(tmp_path))
+    run_dir, rows = sweep(ClassifySettings(store=str(stores["copied"]), out_dir=str(tmp_path)))
     assert [r["tap"] for r in rows] == [*TAPS, "block1_pool+block2_pool", "block1_pool+block3_pool",
                                         "block2_pool+block3_pool", "block1_pool+block2_pool+block3_pool"]
     by_tap = {r["tap"]: r for r in rows}
@@ -149,7 +149,7 @@ def test_a_multi_tap_model_predicts_in_memory_and_as_a_batch_job_alike(stores, t
 
 def test_a_sweep_past_the_memory_budget_probes_each_row_by_streaming(stores, tmp_path, caplog):
     """A store too big for memory is swept with the streamed probe (C on val), never read whole: same rows."""
-    run_dir, rows = sweep(stores["virtual"], out_dir=str(tmp_path), memory_budget_gib=1e-6)
+    run_dir, rows = sweep(ClassifySettings(store=str(stores["virtual"]), out_dir=str(tmp_path), memory_budget=1e-6))
     assert len(rows) == 7 and {r["classifier"] for r in rows} == {"probe"}
     for r in rows:
         metrics = json.loads((run_dir / f"{r['tap']}-probe" / "metrics.json").read_text())

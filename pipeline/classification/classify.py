@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ import numpy as np
 from pipeline.backbones.costs import tap_costs
 from pipeline.backbones.pooling import dense_params, pooled_dims
 from pipeline.backbones.registry import get_backbone
-from pipeline.classification.settings import ClassifySettings
+from pipeline.classification.settings import DEFAULT_CLASSIFIERS, ClassifySettings
 from pipeline.classification.streamed import fit_streamed_probe, tap_bytes
+from pipeline.core.errors import LayertapError
 from pipeline.core.evaluation import best_on_val, rank_on_val
-from pipeline.core.taps import JOIN, canonical_tap, tap_parts
+from pipeline.core.taps import JOIN, canonical_tap, is_multi_tap, tap_parts
 from pipeline.core.text import size_text
 from pipeline.data.decoding import available_memory
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
@@ -164,44 +164,53 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
     return estimator, metrics, model_dir
 
 
-def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | None = None, seed: int = 0,
-          progress=None, memory_budget_gib: float = 0.0, bars: bool = False) -> tuple[Path, list[dict]]:
-    """Linear-probe accuracy for every tap of a store, low to high, with what each tap costs; then for the
-    taps side by side: the pairs of the three best taps on val and, with three taps or more, all of them.
+SWEEP_CLASSIFIERS = ("logreg", "probe")  # a sweep row is a linear probe, with the C it chose
 
-    The probe of each tap (or multi-tap name, :mod:`pipeline.core.taps`) is fit on the train rows (C by
-    cross-validation there) and saved as its ``logreg`` model folder, as ``classify`` would; the row to use is
-    the one with the best val accuracy (``best_on_val`` in ``sweep.json``; of equals, a single tap);
-    test accuracy is shown beside it, never chosen on. A multi-tap row costs the forward pass to its deepest tap.
-    A tap (or combination) larger than the memory budget (``memory_budget_gib``, default half the memory
-    available) is probed by the streamed ``probe`` instead (C chosen on val), as ``classify`` does.
+
+def sweep(settings: ClassifySettings, progress=None, bars: bool = False) -> tuple[Path, list[dict]]:
+    """Linear-probe accuracy for each tap of a store (``settings.layers``, default every tap), low to high, with
+    what each tap costs; then for the taps side by side: the pairs of the three best taps on val and, with three
+    taps or more, all of them.
+
+    Each row's probe is ``settings.classifiers``' one linear classifier: ``logreg`` (C by cross-validation on the
+    train rows; stage two's default set stands for it) or the streamed ``probe`` (C on val), saved as its model
+    folder, as ``classify`` would. The row to use is the one with the best val accuracy (``best_on_val`` in
+    ``sweep.json``; of equals, a single tap); test accuracy is shown beside it, never chosen on. A multi-tap row
+    costs the forward pass to its deepest tap. A tap (or combination) larger than the memory budget is probed by
+    the streamed ``probe`` instead, as ``classify`` does.
+
+    Args:
+        progress: Called with each row as it is done.
+        bars: A progress bar (on a terminal) over the streamed probe's steps.
 
     Returns:
         ``(run folder, one row per tap, then per combination)``; ``sweep.md``, ``sweep.json``, ``sweep.png`` and
         the run's ``index.html`` are written there.
-    """
 
-    store = FeatureStore(store_path)
+    Raises:
+        LayertapError: a tap the store lacks, or classifiers other than one of :data:`SWEEP_CLASSIFIERS`.
+    """
+    spec = _sweep_classifier(settings.classifiers)
+    store = FeatureStore(settings.store)
     model = get_backbone(store.manifest.backbone).build(store.manifest.image_size)
     depth = {layer.name: i for i, layer in enumerate(model.layers)}
-    taps = sorted(store.taps, key=lambda t: depth.get(t, len(depth)))
-    costs = tap_costs(model, [*taps, model.layers[-1].name])
+    asked = list(dict.fromkeys(canonical_tap(t, store.taps, store.path.name) for t in settings.layers or store.taps))
+    singles = sorted((t for t in asked if not is_multi_tap(t)), key=lambda t: depth.get(t, len(depth)))
+    parts = {part for tap in asked for part in tap_parts(tap)}
+    costs = tap_costs(model, [*sorted(parts, key=lambda t: depth.get(t, len(depth))), model.layers[-1].name])
     full = costs[model.layers[-1].name]["gflops"]
-    settings = ClassifySettings(store=str(store_path), classifiers=("logreg",), out_dir=out_dir, run=run, seed=seed,
-                                memory_budget=memory_budget_gib)
     budget = memory_budget(settings)
-    splits, source = resolve_splits(store, seed, settings.test_fraction, settings.val_fraction)
+    splits, source = resolve_splits(store, settings.seed, settings.test_fraction, settings.val_fraction)
     split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, splits)}
-    run_dir = run_folder(out_dir, run, store, create=True)
+    run_dir = run_folder(settings.out_dir, settings.run, store, create=True)
     rows = []
 
     def probe(tap: str) -> None:
-        spec = _fitting(("logreg",), store, tap, budget)[0]  # the streamed probe where the tap is too big
-        _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, spec, splits, split_info, run_dir,
+        fitted = _fitting((spec,), store, tap, budget)[0]  # the streamed probe where the tap is too big
+        _, metrics, _ = _train_and_save(store, _TapInMemory(store, tap), tap, fitted, splits, split_info, run_dir,
                                         settings, bars)
-        parts = tap_parts(tap)
-        deepest = max(parts, key=lambda t: depth.get(t, len(depth)))
-        shapes = [store.map_shapes[part] for part in parts]
+        deepest = max(tap_parts(tap), key=lambda t: depth.get(t, len(depth)))
+        shapes = [store.map_shapes[part] for part in tap_parts(tap)]
         flat = sum(pooled_dims("flatten", shape) for shape in shapes)
         rows.append({"tap": tap, "layer_index": depth.get(deepest), "map": "+".join("x".join(map(str, shape))
                                                                                      for shape in shapes),
@@ -211,17 +220,28 @@ def sweep(store_path: str | os.PathLike, out_dir: str = "models", run: str | Non
                      "gflops": costs[deepest]["gflops"], "flops_share": costs[deepest]["gflops"] / full,
                      "params_to_tap": costs[deepest]["params"], "flatten_dims": flat,
                      "dense_flatten": dense_params(flat), "dense_avg": dense_params(sum(s[-1] for s in shapes)),
-                     "fit_seconds": metrics["fit_seconds"], "classifier": spec})
+                     "fit_seconds": metrics["fit_seconds"], "classifier": fitted})
         if progress:
             progress(rows[-1])
 
-    for tap in taps:
+    for tap in singles:
         probe(tap)
-    for combination in tap_combinations(rows):
+    named = [tap for tap in asked if is_multi_tap(tap)]
+    for combination in named + [c for c in tap_combinations(rows) if c not in named]:
         probe(combination)
     write_sweep(run_dir, rows, store, best=best_on_val(rows)["tap"])
     write_run_page(run_dir, store.key, split_info["test_rows_sha256"])
     return run_dir, rows
+
+
+def _sweep_classifier(specs) -> str:
+    """The one linear classifier a sweep fits per tap (stage two's default set: ``logreg``)."""
+    specs = ("logreg",) if tuple(specs) == DEFAULT_CLASSIFIERS else tuple(specs)
+    if len(specs) != 1 or parse_spec(specs[0])[0] not in SWEEP_CLASSIFIERS:
+        raise LayertapError(f"sweep fits one linear probe per tap, not {','.join(specs)}: --classifiers logreg (C by "
+                            "cross-validation on train) or probe (streamed, C on val); layertap classify compares "
+                            "other classifiers")
+    return specs[0]
 
 
 def tap_combinations(rows: list[dict], top: int = 3) -> list[str]:

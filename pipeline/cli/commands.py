@@ -104,8 +104,8 @@ def cmd_sweep(args) -> int:
     from pipeline.classification.classify import sweep
 
     report = None if not args.progress else (lambda r: print(f"  {r['tap']:<18} val acc {r['val_accuracy']:.3f}"))
-    run_dir, rows = sweep(_store_for(args), out_dir=args.models, run=args.run, seed=args.seed, progress=report,
-                          memory_budget_gib=args.memory_budget, bars=args.progress)
+    settings = settings_from_args(ClassifySettings, args, store=_store_for(args), layers=args.layers)
+    run_dir, rows = sweep(settings, progress=report, bars=args.progress)
     print(f"\n{sweep_table(rows)}\n\nplot: {run_dir / 'sweep.png'}; table: {run_dir / 'sweep.md'}")
     _print_answer(collect_rows(run_dir))
     return 0

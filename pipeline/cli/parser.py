@@ -9,7 +9,7 @@ from pipeline.backbones.registry import BACKBONES
 from pipeline.classification.settings import ClassifySettings
 from pipeline.cli import commands as c
 from pipeline.core.runtime import __version__
-from pipeline.core.settings import add_settings_options
+from pipeline.core.settings import add_settings_options, split_list
 from pipeline.data.gpu_decode import DECODER_CHOICES
 from pipeline.extraction.engines import ENGINES
 from pipeline.extraction.extract import ExtractSettings
@@ -98,15 +98,20 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
         if options and name in commands:  # another command's options are not built: no stage imports another
             options(p)
 
-    def extraction(*stage_settings):
-        """The extraction flags; for a stage on a store, --store first and the stage's own flags."""
+    def extraction(*stage_settings, own=()):
+        """The extraction flags; for a stage on a store, --store first, ``own`` (``(flags, kwargs)``: where the
+        command's flag differs from its settings field's) and the stage's own flags."""
         def add(p):
             added = set()
             if stage_settings:
-                p.add_argument_group("stage two").add_argument(
-                    "--store", help="a feature store; without it, the store the extraction flags below describe "
-                                    "is used (extracted first if missing: a cache hit decodes nothing)")
-                added = add_settings_options(p, *stage_settings)
+                group = p.add_argument_group("stage two")
+                group.add_argument("--store", help="a feature store; without it, the store the extraction flags "
+                                                   "below describe is used (extracted first if missing: a cache "
+                                                   "hit decodes nothing)")
+                for flags, kwargs in own:
+                    group.add_argument(*flags, **kwargs)
+                    added.add(flags[-1])
+                added = add_settings_options(p, *stage_settings, added=added)
             add_settings_options(p, ExtractSettings, *(e.Options for e in ENGINES.values()), added=added)
         return add
 
@@ -125,7 +130,10 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
                         "val accuracy (which chooses) and test accuracy, per-class precision/recall/F1, confusion "
                         "matrices, fit time and trainable parameters.", epilog=CLASSIFY_EXAMPLES)
     command("sweep", c.cmd_sweep, "linear-probe accuracy of every tap, low to high, as a table and a plot",
-            extraction(ClassifySettings),
+            extraction(ClassifySettings, own=[(["--classifiers"], dict(
+                type=split_list, default=("logreg",), metavar="NAME",
+                help="the linear probe fit on each tap: logreg (C by cross-validation on train) or probe "
+                     "(streamed, C on val; on the GPU where there is one) (default: logreg)"))]),
             description="Which layer should I use? For every tap of the store: val and test accuracy of the linear "
                         "probe, feature dimensions, the forward-pass cost of reaching the tap, and the Dense-head "
                         "parameters flatten and avg pooling imply; then which layers: the pairs of the three best "
