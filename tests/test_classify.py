@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -117,6 +118,22 @@ def test_sweep_has_a_row_per_tap_low_to_high_and_a_plot(stores, tmp_path):
     assert rows[0]["gflops"] < rows[1]["gflops"] and 0 < rows[1]["flops_share"] < 1
     assert rows[0]["flatten_dims"] == 16 * 16 * 64 and rows[0]["dense_avg"] == 64 * 256 + 256
     assert (run_dir / "sweep.png").stat().st_size > 1000 and "block2_pool" in (run_dir / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("logreg", r"logreg chooses C by cross-validation .* takes 2 train images a class; .* has 1 of blue, green, red"),
+    ("linsvm", r"linsvm chooses C by cross-validation"),
+    ("knn", r"knn votes among the 5 nearest train images; .* has 3"),
+])
+def test_too_few_train_images_for_a_classifier_is_one_line_whose_fix_trains(tmp_path, spec, says):
+    """One train image a class: scikit-learn's "n_splits=2 cannot be greater than the number of members in each
+    class" (or "Expected n_neighbors <= n_samples_fit") named neither the store nor a way out."""
+    data = make_split_folder(tmp_path / "data", train=1, val=2, test=2)
+    store = str(extract_features(tiny_settings(data, tmp_path / "f", layers=("block1_pool",))).store_path)
+    with pytest.raises(LayertapError, match=says) as caught:
+        classify(ClassifySettings(store=store, classifiers=(spec,), out_dir=str(tmp_path / "m")))
+    fix = re.search(r"\((\w+:\{.*?\})\)", str(caught.value)).group(1)  # the spec the message suggests
+    assert classify(ClassifySettings(store=store, classifiers=(fix,), out_dir=str(tmp_path / "m"))).rows
 
 
 def test_missing_tap_says_how_to_extract_it(stores, tmp_path):
