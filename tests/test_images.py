@@ -81,6 +81,17 @@ def test_bad_files_are_skipped_with_reasons(class_folder):
         decode_image(class_folder / "red/truncated.jpg", 32)
 
 
+def test_a_file_that_is_no_image_decoded_directly_gives_the_scan_s_reason_not_pillow_s(tmp_path):
+    """``predict``'s in-memory path decodes without a scan: a text file said "cannot decode:
+    UnidentifiedImageError: cannot identify image file <_io.BufferedReader name=3>"."""
+    (tmp_path / "notes.jpg").write_bytes(b"hello, world\n")
+    (tmp_path / "header.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # a PNG signature, nothing after
+    with pytest.raises(BadImageError, match=r"^not an image \(first bytes b'hello, w'; JPEG, PNG"):
+        decode_image(tmp_path / "notes.jpg", 32)
+    with pytest.raises(BadImageError, match=r"^cannot decode: a PNG file whose header Pillow cannot read"):
+        decode_image(tmp_path / "header.jpg", 32)
+
+
 def test_pixel_limit_skips_large_images(class_folder):
     photo((200, 40, 40), size=(100, 100)).save(class_folder / "red" / "large.jpg")
     images = scan_images(find_images(class_folder), max_pixels=5000)  # the others are 48x40

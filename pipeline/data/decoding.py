@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from pipeline.core.errors import LayertapError
 from pipeline.core.parallel import default_workers, follow_owner, kill_pool, ordered_map, progress_bar, worker_context
-from pipeline.data.headers import bomb_reason
+from pipeline.data.headers import bomb_reason, not_an_image, sniff_format
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
     BadImageError,
@@ -61,7 +61,7 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
         BadImageError: the image cannot be decoded; the message says why.
     """
     try:
-        with _opened(path, expected) as source, Image.open(source) as im:
+        with _opened(path, expected) as source, _open_image(source) as im:
             if im.width * im.height > max_pixels:
                 raise BadImageError(bomb_reason(im.width, im.height, max_pixels))
             if draft and im.format == "JPEG":
@@ -80,6 +80,19 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "squash", dra
         raise BadImageError(f"decompression bomb: over Pillow's own limit ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - a bad image is reported, never fatal
         raise BadImageError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+def _open_image(source):
+    """Pillow's image of the open file ``source``; one Pillow cannot identify says what its first bytes are, not
+    "cannot identify image file <_io.BufferedReader name=3>"."""
+    try:
+        return Image.open(source)
+    except Image.UnidentifiedImageError:
+        source.seek(0)
+        head = source.read(16)
+        reason = ("empty file" if not head else not_an_image(head) or
+                  f"cannot decode: a {sniff_format(head)} file whose header Pillow cannot read (damaged or truncated)")
+        raise BadImageError(reason) from None
 
 
 @contextmanager

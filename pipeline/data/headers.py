@@ -29,6 +29,13 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+def not_an_image(head: bytes) -> str | None:
+    """Why a file whose first bytes are ``head`` is not read as an image (no format's signature), or None."""
+    if sniff_format(head) is None:
+        return f"not an image (first bytes {head[:8]!r}; JPEG, PNG, BMP, GIF, WebP and TIFF are read)"
+    return None
+
+
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman JPEGs (what nvJPEG decodes)
 
 

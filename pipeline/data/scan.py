@@ -37,7 +37,7 @@ from pipeline.core.evaluation import check_two_classes
 from pipeline.core.parallel import default_workers, ordered_map, progress_bar
 from pipeline.core.runtime import collector_paused
 from pipeline.core.text import plural
-from pipeline.data.headers import bomb_reason, gpu_jpeg, jpeg_header, sniff_format
+from pipeline.data.headers import bomb_reason, gpu_jpeg, jpeg_header, not_an_image, sniff_format
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageList,
@@ -348,12 +348,6 @@ def _checked(record: ImageRecord, probe: Probe, max_pixels: int, stat: tuple | N
                        stat[:2] if stat else None, probe.jpeg)
 
 
-def _not_an_image(head: bytes) -> str | None:
-    if sniff_format(head) is None:
-        return f"not an image (first bytes {head[:8]!r}; JPEG, PNG, BMP, GIF, WebP and TIFF are read)"
-    return None
-
-
 def probe_file(path: Path):
     """Read a file once: its content hash, format and size in pixels, or why it is not an image.
 
@@ -361,7 +355,7 @@ def probe_file(path: Path):
         The :class:`Probe` and whether it lasts as long as the bytes do (a file that could not be
         read is probed again next time).
     """
-    data, reason = or_reason(partial(read_file, head_reason=_not_an_image), path)
+    data, reason = or_reason(partial(read_file, head_reason=not_an_image), path)
     if reason:  # what the bytes or the kind of file say lasts; a failed read (permissions, I/O) is tried again
         return Probe(reason=reason), not reason.startswith("cannot read")
     fmt = sniff_format(data[:16])
