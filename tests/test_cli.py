@@ -116,6 +116,9 @@ def test_classify_then_predict_to_csv(split_folder, tmp_path, capsys):
     assert main(["predict", str(model.parent), str(split_folder / "test")]) != 0
     assert f"it is a run folder: give one of its 4 model folders, such as {best} (best on val); it has " \
            f"block1_pool-knn, block1_pool-logreg, block2_pool-knn" in capsys.readouterr().err
+    assert main(["predict", str(model.parent / "block9_pool-logreg"), str(split_folder / "test")]) != 0
+    assert f"block9_pool-logreg does not exist; {model.parent} is a run folder: give one of its 4 model folders" \
+        in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "predictions.csv"
     assert main(["predict", str(model), str(split_folder / "test"), str(tmp_path / "bad.png"), "--output",

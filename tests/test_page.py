@@ -128,6 +128,10 @@ def test_report_rewrites_the_page_from_the_model_folders(run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "holds no model folder" in capsys.readouterr().err
+    model = Path(run.summary.recommended["model_dir"])
+    assert main(["report", str(model)]) == 2
+    assert f"{model} is a model folder; a page is of its run, all its models compared: layertap report " \
+           f"{model.parent}" in capsys.readouterr().err
 
 
 CHECK = """<script>window.addEventListener('load', () => { document.body.setAttribute('data-images',

@@ -219,6 +219,8 @@ def _load_keras(name: str, data: bytes):
 
 def _read_folder(model_dir: Path) -> tuple[dict, str, str, bytes]:
     """The manifest, format, model file name and the model file's checked bytes of a model folder."""
+    if not model_dir.exists():
+        raise FileNotFoundError(f"{model_dir} does not exist; {_models_in(model_dir.parent, model_dir.parent)}")
     if not (model_dir / MANIFEST).is_file():
         raise FileNotFoundError(f"{model_dir} is not a layertap model folder (no {MANIFEST}); {_models_in(model_dir)}")
     try:
@@ -276,8 +278,9 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _models_in(folder: Path) -> str:
-    """What to give instead of ``folder``: one of its model folders if it is a run folder (the best on val first)."""
+def _models_in(folder: Path, name: str | Path = "it") -> str:
+    """What to give instead of ``folder`` (``name`` in the sentence): one of its model folders if it is a run folder
+    (the best on val first)."""
     models = sorted(p.parent.name for p in folder.glob(f"*/{MANIFEST}")
                     if not p.parent.name.startswith(".") and ".tmp-" not in p.parent.name)  # writers' leftovers
     if not models:
@@ -287,7 +290,7 @@ def _models_in(folder: Path) -> str:
     except (OSError, ValueError, LookupError, TypeError):
         best = None
     first, why = (best, " (best on val)") if best in models else (models[0], "")
-    return (f"it is a run folder: give one of its {len(models)} model folders, such as {folder / first}{why}; "
+    return (f"{name} is a run folder: give one of its {len(models)} model folders, such as {folder / first}{why}; "
             f"it has {', '.join(models)}")
 
 

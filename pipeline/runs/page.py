@@ -49,6 +49,9 @@ def write_run_page(run_dir, store_key: str | None = None, test_sha: str | None =
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LayertapError(f"{run_dir} is not a run folder; runs are the folders in models/ (classify --models)")
+    if (run_dir / "manifest.json").is_file():
+        raise LayertapError(f"{run_dir} is a model folder; a page is of its run, all its models compared: "
+                            f"layertap report {run_dir.parent}")
     summary = collect_rows(run_dir, store_key, test_sha)
     if not summary.rows:
         raise LayertapError(f"{run_dir} holds no model folder to report on; train some first: "
