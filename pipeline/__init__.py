@@ -2,11 +2,13 @@
 
 The public API, for notebooks and scripts (the ``layertap`` command calls the same functions)::
 
-    from pipeline import ExtractSettings, extract_features, ClassifySettings, classify, \\
+    from pipeline import ExtractSettings, extract_features, ClassifySettings, classify, sweep, \\
         FinetuneSettings, finetune, predict, FeatureStore
 
     store = extract_features(ExtractSettings(data="photos/", weights="imagenet")).store_path
-    run_dir, rows, models = classify(ClassifySettings(store=str(store), classifiers=("logreg",)))
+    run_dir, rows = sweep(ClassifySettings(store=str(store)))  # which layer? one linear probe per tap
+    result = classify(ClassifySettings(store=str(store), classifiers=("logreg",)))
+    print(result.best, result.summary.recommended["model_dir"])
     model_dir, metrics = finetune(FinetuneSettings(store=str(store)))
     predict(model_dir, ["new.jpg"])
 
