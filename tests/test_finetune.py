@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -224,6 +225,15 @@ def test_without_a_stage_two_run_the_probe_is_the_baseline(staged, tmp_path, hea
     # without phase 2, phase 1 is tested on the stored features: only the 8 test images that check the
     # composition are decoded, plus train and val where phase 1 trains on images
     assert len(decoded) == {"store": 8, "images": 8 + 18 + 9}[phase1]
+    # the probe is kept as stage two's model folder, as classify writes it: the page compares both stages, and
+    # "use the stage-two model" names a folder that predicts
+    probe_dir = model_dir.parent / f"{metrics['tap']}-logreg"
+    kept = json.loads((model_dir.parent / "comparison.json").read_text())["rows"]
+    assert sorted(Path(row["model_dir"]).name for row in kept) == sorted([probe_dir.name, model_dir.name])
+    probe = json.loads((probe_dir / "metrics.json").read_text())
+    assert probe["accuracy"] == metrics["probe"]["accuracy"]
+    assert probe["test_rows_sha256"] == metrics["test_rows_sha256"]
+    assert predict(probe_dir, [staged["data"]])
 
 
 def test_wrong_preprocessing_is_caught_before_training(staged, tmp_path, monkeypatch):

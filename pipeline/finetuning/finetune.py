@@ -56,7 +56,7 @@ from pipeline.heads.dense import build_dense_head
 from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_model
 from pipeline.runs.page import write_run_page
 from pipeline.runs.per_image import read_metrics
-from pipeline.runs.reports import write_finetune_report
+from pipeline.runs.reports import write_finetune_report, write_model_report
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import Splits, resolve_splits, test_rows_sha256
 
@@ -138,6 +138,8 @@ def finetune(settings: FinetuneSettings) -> tuple[Path, dict]:
     job = _Job(settings, store, run_dir)
     job.choose_rows_and_tap()
     job.fit_baselines()
+    if not job.stage_two:
+        job.keep_probe()
     job.build_network()
     images, decode_seconds = job.decode(_data_root(store, settings.data_root))
     # Exact where nothing rounds and the images are decoded as at extraction: a store a GPU decoder made is
@@ -203,6 +205,19 @@ class _Job:
         else:
             self.best_baseline = {**self.probe_baseline, "classifier": f"{self.tap} + logreg",
                                   "source": "no stage-two run: the probe"}
+
+    def keep_probe(self) -> None:
+        """Write the probe as stage two's model folder ``<tap>-logreg``, what ``classify --layers <tap>
+        --classifiers logreg`` writes, where no stage-two run exists: the page then recommends across both stages,
+        and where fine-tuning buys nothing its "use the stage-two model" names a folder to predict with and export."""
+        _, probe, metrics = self._fit_probe(self.tap)
+        s, model_dir = self.settings, self.run_dir / f"{self.tap}-logreg"
+        metrics = {**metrics, "split_source": self.split_source,
+                   "test_rows_sha256": test_rows_sha256(self.store, self.splits)}
+        recipe = {"store": s.store, "classifiers": ["logreg"], "layers": [self.tap], "seed": s.seed,
+                  "test_fraction": s.test_fraction, "val_fraction": s.val_fraction, "by": "layertap finetune"}
+        save_model(probe, model_dir, model_manifest(self.store, self.tap, "logreg", recipe))
+        write_model_report(model_dir, metrics, self.store.class_names, title=f"{self.tap} + logreg")
 
     def build_network(self) -> None:
         """The store's backbone (weights checked), cut at the tap, composed with phase 1's head."""
