@@ -20,10 +20,10 @@ def rows_by_fingerprint(store: FeatureStore) -> dict[str, dict[str, np.ndarray]]
     return {fp: {tap: features[tap][i] for tap in TAPS} for i, fp in enumerate(store.rows.fingerprints)}
 
 
-def damage(store: FeatureStore) -> None:
+def damage(store: FeatureStore, row: int = 5) -> None:
     """Zero 64 bytes of one row's block2_pool features inside the file (its chunk then fails its checksum)."""
     raw = bytearray(store.path.read_bytes())
-    at = raw.find(store.features("block2_pool")[5].tobytes()[:64])
+    at = raw.find(store.features("block2_pool")[row].tobytes()[:64])
     assert at > 0
     raw[at:at + 64] = bytes(64)
     store.path.write_bytes(bytes(raw))
@@ -257,7 +257,8 @@ def test_a_stopped_run_s_committed_shards_serve_the_next_run_after_its_image_lis
                for fp, row in stopped.items() for tap in TAPS)
 
 
-@pytest.mark.parametrize("change", ["an image of its shards removed", "its lock held", "fewer taps"])
+@pytest.mark.parametrize("change", ["an image of its shards removed", "its lock held", "fewer taps",
+                                    "a shard found damaged"])
 def test_a_stopped_run_s_folder_is_kept_while_the_new_store_lacks_a_row_or_a_tap_of_it_or_a_process_holds_it(
         tmp_path, monkeypatch, change):
     import subprocess
@@ -279,11 +280,13 @@ def test_a_stopped_run_s_folder_is_kept_while_the_new_store_lacks_a_row_or_a_tap
         assert holder.stdout.readline().strip() == "held"
     if change == "fewer taps":
         taps = TAPS[:1]
+    if change == "a shard found damaged":  # its rows are computed again; the shard is not the new store's to judge
+        damage(FeatureStore(calls[1], kind="shard"), row=1)
     try:
         second = extract_features(tiny_settings(data, tmp_path / "f", layers=taps))
     finally:
         if holder:
             holder.kill()
             holder.wait()
-    assert second.n_reused >= 7, "its rows were reused all the same"
+    assert second.n_reused >= (4 if change == "a shard found damaged" else 7), "its rows were reused all the same"
     assert sorted(parts.rglob("shard-*.h5")) == sorted(calls), "the stopped run's folder is left as it was"

@@ -63,6 +63,7 @@ class Donors:
     earlier: int = 0  # the first this many sources are earlier work; after them come this run's computed shards
     reused: int = 0  # rows written from earlier sources so far
     used: set[int] = field(default_factory=set)  # the sources a lookup found a row in
+    dropped: set[int] = field(default_factory=set)  # the sources found damaged
     readers: dict[tuple[Path, str], TapReader] = field(default_factory=dict)
 
     @property
@@ -91,8 +92,13 @@ class Donors:
 
     def drop(self, source: int) -> None:
         """Look up nothing more in one source (found damaged); the others keep their numbers."""
+        self.dropped.add(source)
         self.segments = [tuple(column[keep] for column in segment)
                          for segment in self.segments for keep in [segment[1] != source]]
+
+    def keys_of(self, sources) -> np.ndarray:
+        """The fingerprints of ``sources`` (indices), as bytes."""
+        return np.concatenate([keys[np.isin(source, list(sources))] for keys, source, _ in self.segments])
 
     def names(self) -> list[str]:
         """The earlier sources rows were found in, as a person finds them: a store's file name, or the
@@ -204,21 +210,27 @@ def retire_stopped(donors: Donors | None, store: FeatureStore) -> list[Path]:
     """Remove each stopped run's folder of shards that this run took rows from, once ``store`` (complete) holds
     every row of it, for every tap of it, and no process holds that run's lock: going back to that image list
     then takes all its rows from ``store`` by content, so nothing is lost, and stopped work does not pile up in
-    ``--out``. A folder with a row or a tap ``store`` lacks, or a shard that cannot be read, is left.
+    ``--out``. A folder with a row or a tap ``store`` lacks, or a shard that is not a source of ``donors`` (one
+    that could not be read, or was found damaged), is left. The shards are not opened again: ``donors`` holds
+    their taps and fingerprints.
 
     Returns:
         The folders removed (``<store>.parts/<taps>``).
     """
     if donors is None:
         return []
-    folders = dict.fromkeys(_taps_folder(source.path) for i, source in enumerate(donors.stores[:donors.earlier])
-                            if i in donors.used and _parts_of(source.path))
+    by_folder: dict[Path, list[int]] = {}
+    for i, source in enumerate(donors.stores[:donors.earlier]):
+        if _parts_of(source.path):
+            by_folder.setdefault(_taps_folder(source.path), []).append(i)
     removed = []
-    for folder in folders:
+    for folder, sources in by_folder.items():
+        if donors.used.isdisjoint(sources):
+            continue  # nothing was taken from it: not this run's to judge
         parts = folder.parent
         try:
             with store_lock(parts.with_suffix(".h5")):
-                if not _covered(folder, store):
+                if not _covered(folder, sources, donors, store):
                     continue
                 shutil.rmtree(folder)
                 if not any(parts.iterdir()):
@@ -230,26 +242,21 @@ def retire_stopped(donors: Donors | None, store: FeatureStore) -> list[Path]:
     return removed
 
 
-def _covered(folder: Path, store: FeatureStore) -> bool:
-    """Whether every shard in ``folder`` (a stopped run's ``<taps>`` folder) has only rows and taps ``store`` has,
-    with its model settings; the stopped rows are held, ``store``'s fingerprints streamed."""
-    wanted = {k: store.manifest.raw.get(k) for k in MODEL_FIELDS}
-    keys = []
+def _covered(folder: Path, sources: list[int], donors: Donors, store: FeatureStore) -> bool:
+    """Whether the shards in ``folder`` are exactly the ``sources`` of ``donors``, undamaged, with only taps and
+    rows ``store`` has (``store``'s fingerprints streamed)."""
+    listed = {*folder.glob("shard-*.h5"), *folder.glob("computed/shard-*.h5")}
+    if (listed != {donors.stores[i].path for i in sources} or not donors.dropped.isdisjoint(sources)
+            or any(not set(donors.stores[i].taps) <= set(store.taps) for i in sources)):
+        return False
+    stopped = np.unique(donors.keys_of(sources))
+    found = np.zeros(len(stopped), bool)
     try:
-        for path in [*folder.glob("shard-*.h5"), *folder.glob("computed/shard-*.h5")]:
-            shard = FeatureStore(path, kind="shard")
-            if not set(shard.taps) <= set(store.taps) or any(shard.manifest.raw.get(k) != v for k, v in wanted.items()):
-                return False
-            keys.append(shard.columns(["fingerprints"])["fingerprints"].astype(bytes))
-        if not keys:
-            return True
-        stopped = np.unique(np.concatenate(keys))
-        found = np.zeros(len(stopped), bool)
         for _, values in store.column_slices("fingerprints"):
             values = values.astype(bytes)
             at = np.minimum(np.searchsorted(stopped, values), len(stopped) - 1)
             found[at[stopped[at] == values]] = True
-    except (LayertapError, OSError):
+    except LayertapError:
         return False
     return bool(found.all())
 
