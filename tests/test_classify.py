@@ -18,6 +18,7 @@ from pipeline.runs.artifacts import load_model
 from pipeline.runs.per_image import read_metrics
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits
+from pipeline.store.splits import test_rows_sha256 as rows_sha256  # not collected as a test
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def test_the_best_model_and_finetunes_tap_are_chosen_on_val_never_on_test(tmp_pa
     def probe(tap):
         return train_one(store, store.features(tap), "logreg", splits)
 
-    assert choose_tap(store, None, stage_two_rows(store, result.run_dir, splits), probe)[0] == "a"
+    stage_two = stage_two_rows(store, result.run_dir, rows_sha256(store, splits))
+    assert choose_tap(store, None, stage_two, probe)[0] == "a"
     assert choose_tap(store, None, [], probe)[0] == "a"  # no stage-two run: the probes, on val
 
 

@@ -28,9 +28,9 @@ from pipeline.core.taps import JOIN, canonical_tap, is_multi_tap, tap_parts
 from pipeline.core.text import size_text
 from pipeline.data.decoding import available_memory
 from pipeline.heads.classifiers import BUILTIN, parse_spec, train_one
-from pipeline.runs.artifacts import model_manifest, run_folder, save_model
+from pipeline.runs.artifacts import run_folder, save_classifier
 from pipeline.runs.page import write_run_page
-from pipeline.runs.reports import write_model_report, write_sweep
+from pipeline.runs.reports import write_sweep
 from pipeline.runs.summary import RunSummary
 from pipeline.store.feature_store import FeatureStore
 from pipeline.store.splits import resolve_splits, test_rows_sha256
@@ -159,8 +159,7 @@ def _train_and_save(store, X, tap: str, spec: str, splits, split_info: dict, run
         estimator, metrics = train_one(store, X(), spec, splits, settings.seed)
     metrics |= split_info
     model_dir = run_dir / f"{tap}-{classifier_name(spec)}"
-    save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
-    write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
+    save_classifier(estimator, model_dir, store, tap, spec, metrics, settings)
     return estimator, metrics, model_dir
 
 

@@ -53,15 +53,15 @@ from pipeline.finetuning.compose import (
 from pipeline.finetuning.settings import FinetuneSettings
 from pipeline.heads.classifiers import build_probe_head, probe_weights, train_one
 from pipeline.heads.dense import build_dense_head
-from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_model
+from pipeline.runs.artifacts import KerasImageModel, model_manifest, run_folder, save_classifier, save_model
 from pipeline.runs.page import write_run_page
 from pipeline.runs.per_image import read_metrics
-from pipeline.runs.reports import write_finetune_report, write_model_report
+from pipeline.runs.reports import write_finetune_report
 from pipeline.store.feature_store import FeatureStore
-from pipeline.store.splits import Splits, resolve_splits, test_rows_sha256
+from pipeline.store.splits import resolve_splits, test_rows_sha256
 
 log = logging.getLogger(__name__)
-def stage_two_rows(store: FeatureStore, run_dir: Path, splits: Splits) -> list[dict]:
+def stage_two_rows(store: FeatureStore, run_dir: Path, test_sha: str) -> list[dict]:
     """Stage two's table rows for this store, best on val first, each with its ``metrics``; only models
     tested on exactly these test images, and only tables ranked on val (older ones ranked on test). Stage
     three's rows of the table (an earlier fine-tuning) are not a baseline."""
@@ -71,7 +71,7 @@ def stage_two_rows(store: FeatureStore, run_dir: Path, splits: Splits) -> list[d
     comparison = json.loads(path.read_text())
     if comparison.get("store_key") != store.key or comparison.get("chosen_by") != "val accuracy":
         return []
-    test_sha, rows = test_rows_sha256(store, splits), []
+    rows = []
     for row in comparison["rows"]:
         if row.get("stage", "two") != "two":
             continue
@@ -178,11 +178,12 @@ class _Job:
 
     def choose_rows_and_tap(self) -> None:
         s, store = self.settings, self.store
-        self.splits, self.split_source = resolve_splits(store, s.seed, s.test_fraction, s.val_fraction)
+        self.splits, source = resolve_splits(store, s.seed, s.test_fraction, s.val_fraction)
+        self.split_info = {"split_source": source, "test_rows_sha256": test_rows_sha256(store, self.splits)}
         self.train, self.val, self.test = (self.splits.rows(name) for name in ("train", "val", "test"))
         labels = store.labels
         self.y = {"train": labels[self.train], "val": labels[self.val], "test": labels[self.test]}
-        self.stage_two = stage_two_rows(store, self.run_dir, self.splits)
+        self.stage_two = stage_two_rows(store, self.run_dir, self.split_info["test_rows_sha256"])
         self.tap, self.tap_reason = choose_tap(store, s.layer, self.stage_two, lambda tap: self._fit_probe(tap)[1:])
         self.X = self._fit_probe(self.tap)[0]  # the probe on the chosen tap is phase 1's start: fit it now
 
@@ -211,13 +212,11 @@ class _Job:
         --classifiers logreg`` writes, where no stage-two run exists: the page then recommends across both stages,
         and where fine-tuning buys nothing its "use the stage-two model" names a folder to predict with and export."""
         _, probe, metrics = self._fit_probe(self.tap)
-        s, model_dir = self.settings, self.run_dir / f"{self.tap}-logreg"
-        metrics = {**metrics, "split_source": self.split_source,
-                   "test_rows_sha256": test_rows_sha256(self.store, self.splits)}
+        s = self.settings
         recipe = {"store": s.store, "classifiers": ["logreg"], "layers": [self.tap], "seed": s.seed,
                   "test_fraction": s.test_fraction, "val_fraction": s.val_fraction, "by": "layertap finetune"}
-        save_model(probe, model_dir, model_manifest(self.store, self.tap, "logreg", recipe))
-        write_model_report(model_dir, metrics, self.store.class_names, title=f"{self.tap} + logreg")
+        save_classifier(probe, self.run_dir / f"{self.tap}-logreg", self.store, self.tap, "logreg",
+                        {**metrics, **self.split_info}, recipe)
 
     def build_network(self) -> None:
         """The store's backbone (weights checked), cut at the tap, composed with phase 1's head."""
@@ -348,7 +347,7 @@ class _Job:
             "unfreeze_from": self.unfreeze_from, "phases": self.phases, "history": self.curves,
             "augmentation": self.augmentation, "precision": self.precision, **extra,
             "n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test),
-            "split_source": self.split_source, "test_rows_sha256": test_rows_sha256(self.store, self.splits),
+            **self.split_info,
             "store_key": self.store.key,
             "fit_seconds": sum(p["seconds"] for p in self.phases), "trainable_params": self.phases[-1]["trainable"],
             "chosen": {"kept": self.kept, "tap": self.tap, "unfreeze_from": self.unfreeze_from},

@@ -36,6 +36,7 @@ from pipeline.backbones.weights import sha256_file
 from pipeline.core.errors import LayertapError
 from pipeline.core.runtime import import_keras, versions
 from pipeline.runs.atomic import folder_lock, replace_folder, restore_aside, temporary_beside
+from pipeline.runs.reports import write_model_report
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -82,6 +83,14 @@ class KerasImageModel:
     def save_artifact(self, folder: Path) -> tuple[str, str, dict]:
         self.model.save(folder / MODEL_FILES["keras-images"])
         return "keras-images", MODEL_FILES["keras-images"], {}
+
+
+def save_classifier(estimator, model_dir: Path, store, tap: str, spec: str, metrics: dict, settings) -> None:
+    """A stage-two classifier's model folder: the model and its manifest (:func:`save_model`), ``metrics.json``,
+    ``per_image.npz``, ``report.md`` and ``confusion.png``; what ``classify`` writes, and ``finetune`` for the
+    probe it measures its gain against."""
+    save_model(estimator, model_dir, model_manifest(store, tap, spec, settings))
+    write_model_report(model_dir, metrics, store.class_names, title=f"{tap} + {spec}")
 
 
 def save_model(estimator, model_dir: Path, manifest: dict) -> Path:
