@@ -127,9 +127,9 @@ def train_one(store, X: np.ndarray, spec: str, splits, seed: int = 0):
         raise LayertapError(f"{store.path.name}: no val rows to choose on; split it with "
                             "pipeline.store.splits.resolve_splits")
     estimator = make_classifier(spec, cv_splits=int(min(3, counts.min())), seed=seed)
+    name = parse_spec(spec)[0]  # a fix below is a spec of the same classifier
     if isinstance(estimator, GridSearchCV) and counts.min() < 2:
         few = [store.class_names[i] for i in np.flatnonzero(counts < 2)]
-        name = parse_spec(spec)[0]
         raise LayertapError(f"{spec} chooses C by cross-validation on the train rows, which takes 2 train images a "
                             f"class; {store.path.name} has 1 of {', '.join(few)}: add images, give a split (or a "
                             f"smaller --test-fraction / --val-fraction) with more train images, fix C "
@@ -138,7 +138,7 @@ def train_one(store, X: np.ndarray, spec: str, splits, seed: int = 0):
     if getattr(neighbours, "n_neighbors", 0) > train.sum():
         raise LayertapError(f"{spec} votes among the {neighbours.n_neighbors} nearest train images; "
                             f"{store.path.name} has {int(train.sum())}: add images, give a split with more train "
-                            f"images, or fewer neighbours (knn:{{\"n_neighbors\": {int(train.sum())}}})")
+                            f"images, or fewer neighbours ({name}:{{\"n_neighbors\": {int(train.sum())}}})")
     started = time.perf_counter()
     if takes_validation_data(estimator):
         estimator.fit(X[train], y[train], validation_data=(X[val], y[val]))
